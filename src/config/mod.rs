@@ -1,0 +1,522 @@
+//! Configuration: the TOML file as written (`file` structs, serde with
+//! `deny_unknown_fields`) and the resolved, validated [`Config`] the rest of
+//! Pitcher uses, with defaults filled in and names resolved to indices.
+//!
+//! Owns: parsing, validation and error reporting with file, line and reason.
+//! Must not: open sockets, touch the filesystem beyond reading the file.
+
+pub mod addr;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub use addr::{BackendAddr, BackendSpec, ListenAddr, SockAddr};
+
+/// A configuration that was refused, with where and why.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line and column, when the error has a place in the file.
+    pub line_col: Option<(usize, usize)>,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line_col {
+            Some((l, c)) => write!(f, "{}:{}:{}: {}", self.file.display(), l, c, self.reason),
+            None => write!(f, "{}: {}", self.file.display(), self.reason),
+        }
+    }
+}
+
+/// Number of worker processes: a count or `"auto"` (one per core).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    Auto,
+    Count(usize),
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(i64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) if (1..=512).contains(&n) => Ok(Workers::Count(n as usize)),
+            Raw::N(n) => Err(serde::de::Error::custom(format!("workers = {n}: expected 1 to 512 or \"auto\""))),
+            Raw::S(s) if s == "auto" => Ok(Workers::Auto),
+            Raw::S(s) => Err(serde::de::Error::custom(format!("workers = {s:?}: expected a number or \"auto\""))),
+        }
+    }
+}
+
+/// Where the error log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    Stderr,
+    File(PathBuf),
+}
+
+/// The file as written. Every field is documented in `conf/pitcher.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    workers: Option<Workers>,
+    pid_file: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
+    error_log: Option<String>,
+    log_level: Option<Spanned<String>>,
+    user: Option<String>,
+    group: Option<String>,
+    drain_timeout_ms: Option<u64>,
+    #[serde(default)]
+    listeners: Vec<FileListener>,
+    #[serde(default)]
+    clusters: Vec<Spanned<FileCluster>>,
+    #[serde(default)]
+    routes: Vec<FileRoute>,
+    #[serde(default)]
+    timeouts: FileTimeouts,
+    #[serde(default)]
+    limits: FileLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListener {
+    address: Spanned<ListenAddr>,
+    backlog: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    name: Spanned<String>,
+    backends: Spanned<Vec<BackendSpec>>,
+    keepalive: Option<usize>,
+    keepalive_timeout_ms: Option<u64>,
+    retries: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoute {
+    host: Option<Spanned<String>>,
+    path_prefix: Option<Spanned<String>>,
+    cluster: Spanned<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTimeouts {
+    client_header_ms: Option<u64>,
+    client_body_ms: Option<u64>,
+    client_write_ms: Option<u64>,
+    keepalive_idle_ms: Option<u64>,
+    upstream_connect_ms: Option<u64>,
+    upstream_read_ms: Option<u64>,
+    upstream_write_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_header_bytes: Option<usize>,
+    max_headers: Option<usize>,
+    max_body_bytes: Option<u64>,
+    max_connections: Option<usize>,
+}
+
+/// A listening socket to bind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub address: ListenAddr,
+    /// `listen(2)` backlog.
+    pub backlog: u32,
+}
+
+/// A named group of backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub name: String,
+    pub backends: Vec<BackendSpec>,
+    /// Idle upstream connections kept per backend, per worker.
+    pub keepalive: usize,
+    /// How long an idle pooled upstream connection is kept.
+    pub keepalive_timeout: Duration,
+    /// How many other backends a request that could not be sent is tried on.
+    pub retries: u32,
+}
+
+/// How a route matches the request's host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// Any host (the route has no `host`).
+    Any,
+    /// Exactly this host (lower case, no port).
+    Exact(String),
+    /// `*.example.com`: stored as `.example.com`; matches any host ending in it.
+    Suffix(String),
+}
+
+/// One routing rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub host: HostMatch,
+    pub path_prefix: String,
+    /// Index into [`Config::clusters`].
+    pub cluster: usize,
+}
+
+/// Every wait has a timeout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From the first byte of a request head (or the connection) to its end.
+    pub client_header: Duration,
+    /// Longest wait for the next piece of a request body.
+    pub client_body: Duration,
+    /// Longest wait for a client to accept more response bytes.
+    pub client_write: Duration,
+    /// Idle time allowed between requests on a client connection.
+    pub keepalive_idle: Duration,
+    pub upstream_connect: Duration,
+    /// Longest wait for the next bytes of a response from a backend.
+    pub upstream_read: Duration,
+    /// Longest wait for a backend to accept more request bytes.
+    pub upstream_write: Duration,
+}
+
+/// Size limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: u64,
+    /// Client connections per worker.
+    pub max_connections: usize,
+}
+
+/// The resolved configuration: no `Option`s left, names resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file it was read from (for messages and reloads).
+    pub source: PathBuf,
+    pub workers: usize,
+    pub pid_file: PathBuf,
+    pub control_socket: PathBuf,
+    pub error_log: LogTarget,
+    pub log_level: slog::Level,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub drain_timeout: Duration,
+    pub listeners: Vec<ListenerConfig>,
+    pub clusters: Vec<ClusterConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+}
+
+/// Default `listen(2)` backlog: long, so that a burst or a restart does not
+/// cause SYN retransmits.
+pub const DEFAULT_BACKLOG: u32 = 4096;
+/// Smallest header limit accepted: a request line and a Host must fit.
+pub const MIN_HEADER_BYTES: usize = 1024;
+/// Largest header limit accepted; it sizes every connection's read buffer.
+pub const MAX_HEADER_BYTES: usize = 1 << 20;
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line_col: None,
+            reason: format!("cannot read: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates configuration text; `path` is used in messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let err_at = |span: Option<std::ops::Range<usize>>, reason: String| ConfigError {
+            file: path.to_path_buf(),
+            line_col: span.map(|s| line_col(text, s.start)),
+            reason,
+        };
+        let file: FileConfig = toml::from_str(text).map_err(|e| err_at(e.span(), e.message().to_string()))?;
+        resolve(path, file).map_err(|(span, reason)| err_at(span, reason))
+    }
+
+    /// Index of the cluster with this name.
+    pub fn cluster_index(&self, name: &str) -> Option<usize> {
+        self.clusters.iter().position(|c| c.name == name)
+    }
+}
+
+type Resolve<T> = Result<T, (Option<std::ops::Range<usize>>, String)>;
+
+fn ms(v: Option<u64>, default_ms: u64) -> Duration {
+    Duration::from_millis(v.unwrap_or(default_ms))
+}
+
+fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
+    let workers = match f.workers.unwrap_or(Workers::Count(1)) {
+        Workers::Count(n) => n,
+        Workers::Auto => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    };
+    let log_level = match &f.log_level {
+        None => slog::Level::Info,
+        Some(s) => match s.get_ref().as_str() {
+            "critical" | "crit" => slog::Level::Critical,
+            "error" => slog::Level::Error,
+            "warn" | "warning" => slog::Level::Warning,
+            "info" => slog::Level::Info,
+            "debug" => slog::Level::Debug,
+            "trace" => slog::Level::Trace,
+            other => {
+                return Err((
+                    Some(s.span()),
+                    format!("log_level {other:?}: expected one of critical, error, warn, info, debug, trace"),
+                ))
+            }
+        },
+    };
+    let error_log = match f.error_log.as_deref() {
+        None | Some("stderr") => LogTarget::Stderr,
+        Some(p) => LogTarget::File(PathBuf::from(p)),
+    };
+
+    if f.listeners.is_empty() {
+        return Err((None, "no [[listeners]]: at least one listening address is needed".into()));
+    }
+    let mut listeners: Vec<ListenerConfig> = Vec::with_capacity(f.listeners.len());
+    for l in &f.listeners {
+        let address = l.address.get_ref().clone();
+        if listeners.iter().any(|x| x.address == address) {
+            return Err((Some(l.address.span()), format!("listener {address} is given twice")));
+        }
+        let backlog = l.backlog.unwrap_or(DEFAULT_BACKLOG);
+        if backlog == 0 {
+            return Err((Some(l.address.span()), "backlog must be at least 1".into()));
+        }
+        listeners.push(ListenerConfig { address, backlog });
+    }
+
+    let mut clusters: Vec<ClusterConfig> = Vec::with_capacity(f.clusters.len());
+    for c in &f.clusters {
+        let span = c.span();
+        let c = c.get_ref();
+        let name = c.name.get_ref().clone();
+        if name.is_empty() {
+            return Err((Some(c.name.span()), "cluster name is empty".into()));
+        }
+        if clusters.iter().any(|x| x.name == name) {
+            return Err((Some(c.name.span()), format!("cluster {name:?} is defined twice")));
+        }
+        if c.backends.get_ref().is_empty() {
+            return Err((Some(c.backends.span()), format!("cluster {name:?} has no backends")));
+        }
+        let backends = c.backends.get_ref().clone();
+        for (i, b) in backends.iter().enumerate() {
+            if backends[..i].iter().any(|x| x.addr == b.addr) {
+                return Err((
+                    Some(c.backends.span()),
+                    format!("backend {} is listed twice in cluster {name:?}", b.addr),
+                ));
+            }
+        }
+        let _ = span;
+        clusters.push(ClusterConfig {
+            name,
+            backends,
+            keepalive: c.keepalive.unwrap_or(64),
+            keepalive_timeout: ms(c.keepalive_timeout_ms, 60_000),
+            retries: c.retries.unwrap_or(1).min(16),
+        });
+    }
+
+    let mut routes = Vec::with_capacity(f.routes.len());
+    for r in &f.routes {
+        let cname = r.cluster.get_ref();
+        let cluster = clusters
+            .iter()
+            .position(|c| &c.name == cname)
+            .ok_or_else(|| (Some(r.cluster.span()), format!("route names cluster {cname:?}, which is not defined")))?;
+        let host = match &r.host {
+            None => HostMatch::Any,
+            Some(h) => parse_host_match(h.get_ref()).map_err(|e| (Some(h.span()), e))?,
+        };
+        let path_prefix = match &r.path_prefix {
+            None => "/".to_string(),
+            Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
+            Some(p) => return Err((Some(p.span()), format!("path_prefix {:?} must start with '/'", p.get_ref()))),
+        };
+        routes.push(RouteConfig { host, path_prefix, cluster });
+    }
+
+    let t = &f.timeouts;
+    let timeouts = Timeouts {
+        client_header: ms(t.client_header_ms, 10_000),
+        client_body: ms(t.client_body_ms, 60_000),
+        client_write: ms(t.client_write_ms, 60_000),
+        keepalive_idle: ms(t.keepalive_idle_ms, 75_000),
+        upstream_connect: ms(t.upstream_connect_ms, 3_000),
+        upstream_read: ms(t.upstream_read_ms, 60_000),
+        upstream_write: ms(t.upstream_write_ms, 60_000),
+    };
+    for (name, d) in [
+        ("client_header_ms", timeouts.client_header),
+        ("client_body_ms", timeouts.client_body),
+        ("client_write_ms", timeouts.client_write),
+        ("keepalive_idle_ms", timeouts.keepalive_idle),
+        ("upstream_connect_ms", timeouts.upstream_connect),
+        ("upstream_read_ms", timeouts.upstream_read),
+        ("upstream_write_ms", timeouts.upstream_write),
+    ] {
+        if d.is_zero() {
+            return Err((None, format!("[timeouts] {name} must be greater than 0")));
+        }
+    }
+
+    let l = &f.limits;
+    let limits = Limits {
+        max_header_bytes: l.max_header_bytes.unwrap_or(16 * 1024),
+        max_headers: l.max_headers.unwrap_or(100),
+        max_body_bytes: l.max_body_bytes.unwrap_or(100 * 1024 * 1024),
+        max_connections: l.max_connections.unwrap_or(10_000),
+    };
+    if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&limits.max_header_bytes) {
+        return Err((
+            None,
+            format!(
+                "[limits] max_header_bytes = {}: expected {MIN_HEADER_BYTES} to {MAX_HEADER_BYTES}",
+                limits.max_header_bytes
+            ),
+        ));
+    }
+    if !(1..=1000).contains(&limits.max_headers) {
+        return Err((None, format!("[limits] max_headers = {}: expected 1 to 1000", limits.max_headers)));
+    }
+    if limits.max_connections == 0 {
+        return Err((None, "[limits] max_connections must be at least 1".into()));
+    }
+
+    Ok(Config {
+        source: path.to_path_buf(),
+        workers,
+        pid_file: f.pid_file.unwrap_or_else(|| PathBuf::from("/run/pitcher.pid")),
+        control_socket: f.control_socket.unwrap_or_else(|| PathBuf::from("/run/pitcher.sock")),
+        error_log,
+        log_level,
+        user: f.user,
+        group: f.group,
+        drain_timeout: ms(f.drain_timeout_ms, 30_000),
+        listeners,
+        clusters,
+        routes,
+        timeouts,
+        limits,
+    })
+}
+
+fn parse_host_match(h: &str) -> Result<HostMatch, String> {
+    let h = h.trim().to_ascii_lowercase();
+    if h.is_empty() || h == "*" {
+        return Ok(HostMatch::Any);
+    }
+    if let Some(suffix) = h.strip_prefix("*.") {
+        if suffix.is_empty() || suffix.contains('*') {
+            return Err(format!("host pattern {h:?}: a wildcard is \"*.suffix\""));
+        }
+        return Ok(HostMatch::Suffix(format!(".{suffix}")));
+    }
+    if h.contains('*') {
+        return Err(format!("host pattern {h:?}: '*' is allowed only as the first label, as in \"*.example.com\""));
+    }
+    if h.contains(':') && !h.starts_with('[') {
+        return Err(format!("host pattern {h:?}: give the host without a port"));
+    }
+    Ok(HostMatch::Exact(h))
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
+    let col = offset - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+workers = 2
+pid_file = "/tmp/p.pid"
+[[listeners]]
+address = "127.0.0.1:8080"
+[[clusters]]
+name = "app"
+backends = ["127.0.0.1:9001", "127.0.0.1:9002 weight=3", "unix:/run/app.sock"]
+[[routes]]
+host = "*.example.com"
+path_prefix = "/api"
+cluster = "app"
+[timeouts]
+client_header_ms = 5000
+"#;
+
+    #[test]
+    fn resolves_a_good_file() {
+        let c = Config::parse(Path::new("t.toml"), GOOD).unwrap();
+        assert_eq!(c.workers, 2);
+        assert_eq!(c.clusters[0].backends.len(), 3);
+        assert_eq!(c.routes[0].host, HostMatch::Suffix(".example.com".into()));
+        assert_eq!(c.timeouts.client_header, Duration::from_millis(5000));
+        assert_eq!(c.timeouts.upstream_connect, Duration::from_millis(3000));
+        assert_eq!(c.listeners[0].backlog, DEFAULT_BACKLOG);
+    }
+
+    #[test]
+    fn unknown_key_has_file_and_line() {
+        let bad = GOOD.replace("client_header_ms = 5000", "client_header_ms = 5000\nbogus = 1");
+        let e = Config::parse(Path::new("t.toml"), &bad).unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("t.toml:15:"), "{s}");
+        assert!(s.contains("bogus"), "{s}");
+    }
+
+    #[test]
+    fn bad_backend_and_unknown_cluster_have_lines() {
+        let bad = GOOD.replace("weight=3", "weight=0");
+        let e = Config::parse(Path::new("t.toml"), &bad).unwrap_err();
+        assert_eq!(e.line_col.unwrap().0, 8, "{e}");
+        let bad = GOOD.replace("cluster = \"app\"", "cluster = \"nope\"");
+        let e = Config::parse(Path::new("t.toml"), &bad).unwrap_err();
+        assert_eq!(e.line_col.unwrap().0, 12, "{e}");
+        assert!(e.reason.contains("nope"));
+    }
+
+    #[test]
+    fn the_shipped_examples_parse() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/conf");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "toml") {
+                Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 1);
+    }
+}

@@ -1,0 +1,486 @@
+//! Request and response heads, parsed with `httparse` and kept as byte
+//! ranges into an owned copy of the head (hyper's idea): the head outlives
+//! the read buffer it came from, and hooks can edit it without re-parsing.
+//!
+//! Owns: head parsing, the framing decision of RFC 9112 §6, and the
+//! refusal of ambiguous framing. Must not: do I/O.
+
+use std::ops::Range;
+
+use super::HttpError;
+
+/// A header field as ranges into [`Head::buf`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    pub name: Range<usize>,
+    pub value: Range<usize>,
+}
+
+/// HTTP version of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    Http10,
+    Http11,
+}
+
+/// How a message body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body at all.
+    None,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until the connection closes (responses only).
+    Close,
+}
+
+/// The parts of a head common to requests and responses.
+#[derive(Debug, Clone, Default)]
+pub struct Head {
+    /// The head's bytes; ranges point into it. Edits append to it.
+    pub buf: Vec<u8>,
+    pub fields: Vec<Field>,
+}
+
+impl Head {
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.fields.clear();
+    }
+
+    pub fn name(&self, f: &Field) -> &[u8] {
+        &self.buf[f.name.clone()]
+    }
+
+    pub fn value(&self, f: &Field) -> &[u8] {
+        &self.buf[f.value.clone()]
+    }
+
+    /// Iterates over (name, value) pairs.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields.iter().map(|f| (&self.buf[f.name.clone()], &self.buf[f.value.clone()]))
+    }
+
+    /// First value of a header, by case-insensitive name.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter().find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v)| v)
+    }
+
+    /// Removes every field with this name.
+    pub fn remove(&mut self, name: &str) {
+        let buf = &self.buf;
+        self.fields.retain(|f| !buf[f.name.clone()].eq_ignore_ascii_case(name.as_bytes()));
+    }
+
+    /// Appends a field.
+    pub fn append(&mut self, name: &str, value: &[u8]) {
+        let n0 = self.buf.len();
+        self.buf.extend_from_slice(name.as_bytes());
+        let v0 = self.buf.len();
+        self.buf.extend_from_slice(value);
+        self.fields.push(Field { name: n0..v0, value: v0..self.buf.len() });
+    }
+
+    /// Replaces every field with this name by one field.
+    pub fn set(&mut self, name: &str, value: &[u8]) {
+        self.remove(name);
+        self.append(name, value);
+    }
+
+    /// Copies parsed httparse headers, recording their ranges.
+    fn copy_fields(&mut self, raw: &[u8], headers: &[httparse::Header<'_>]) -> Result<(), HttpError> {
+        let base = raw.as_ptr() as usize;
+        let off = self.buf.len();
+        self.buf.extend_from_slice(raw);
+        for h in headers {
+            let n = h.name.as_ptr() as usize - base + off;
+            let v = h.value.as_ptr() as usize - base + off;
+            // httparse allows obs-text and HTAB in values; controls were refused
+            // by it already, but NUL and other CTLs are refused here to be sure.
+            if h.value.iter().any(|&b| b < 0x20 && b != b'\t' || b == 0x7f) {
+                return Err(HttpError::BadHeader);
+            }
+            self.fields.push(Field { name: n..n + h.name.len(), value: v..v + h.value.len() });
+        }
+        Ok(())
+    }
+
+    /// Framing from Content-Length / Transfer-Encoding, refusing ambiguity:
+    /// both present, differing lengths, non-decimal lengths, or a
+    /// transfer coding whose final coding is not `chunked`.
+    fn body_framing(&self, is_request: bool) -> Result<Framing, HttpError> {
+        let mut length: Option<u64> = None;
+        let mut te: Option<Vec<u8>> = None;
+        for (name, value) in self.iter() {
+            if name.eq_ignore_ascii_case(b"content-length") {
+                for part in value.split(|&b| b == b',') {
+                    let n = parse_decimal(trim(part)).ok_or(HttpError::BadContentLength)?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(HttpError::BadContentLength);
+                    }
+                    length = Some(n);
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                let t = te.get_or_insert_with(Vec::new);
+                if !t.is_empty() {
+                    t.push(b',');
+                }
+                t.extend_from_slice(value);
+            }
+        }
+        match (te, length) {
+            (Some(_), Some(_)) => Err(HttpError::LengthAndChunked),
+            (Some(te), None) => {
+                let last = te.rsplit(|&b| b == b',').next().map(trim).unwrap_or(b"");
+                let codings = te.split(|&b| b == b',').map(trim);
+                let chunked_count = codings.clone().filter(|c| c.eq_ignore_ascii_case(b"chunked")).count();
+                if last.eq_ignore_ascii_case(b"chunked") && chunked_count == 1 {
+                    // Any coding before chunked must be a valid token.
+                    if codings.clone().any(|c| c.is_empty() || !c.iter().all(|&b| is_tchar(b))) {
+                        return Err(HttpError::BadTransferEncoding);
+                    }
+                    Ok(Framing::Chunked)
+                } else if is_request {
+                    if chunked_count > 0 || te.iter().any(|&b| !(is_tchar(b) || b == b',' || b == b' ' || b == b'\t')) {
+                        Err(HttpError::BadTransferEncoding)
+                    } else {
+                        Err(HttpError::UnknownTransferEncoding)
+                    }
+                } else {
+                    Ok(Framing::Close)
+                }
+            }
+            (None, Some(0)) if is_request => Ok(Framing::None),
+            (None, Some(n)) => Ok(Framing::Length(n)),
+            (None, None) if is_request => Ok(Framing::None),
+            (None, None) => Ok(Framing::Close),
+        }
+    }
+
+    /// Does a comma-separated header (e.g. Connection) list `token`?
+    pub fn has_token(&self, name: &str, token: &str) -> bool {
+        self.iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .any(|(_, v)| v.split(|&b| b == b',').any(|t| trim(t).eq_ignore_ascii_case(token.as_bytes())))
+    }
+}
+
+/// A parsed request head.
+#[derive(Debug, Clone, Default)]
+pub struct RequestHead {
+    pub head: Head,
+    pub method: Range<usize>,
+    /// The request target in origin form (`/path?query`); absolute-form
+    /// targets are normalised and their authority becomes the host.
+    pub target: Range<usize>,
+    pub version: Option<Version>,
+    /// Host, lower-cased, without port (from the target or the Host field).
+    pub host: Range<usize>,
+    pub framing: Option<Framing>,
+}
+
+impl RequestHead {
+    pub fn method(&self) -> &[u8] {
+        &self.head.buf[self.method.clone()]
+    }
+    pub fn target(&self) -> &[u8] {
+        &self.head.buf[self.target.clone()]
+    }
+    /// Path part of the target (before `?`).
+    pub fn path(&self) -> &[u8] {
+        let t = self.target();
+        &t[..t.iter().position(|&b| b == b'?').unwrap_or(t.len())]
+    }
+    pub fn host(&self) -> &[u8] {
+        &self.head.buf[self.host.clone()]
+    }
+    pub fn version(&self) -> Version {
+        self.version.unwrap_or(Version::Http11)
+    }
+    pub fn framing(&self) -> Framing {
+        self.framing.unwrap_or(Framing::None)
+    }
+    pub fn is_head(&self) -> bool {
+        self.method() == b"HEAD"
+    }
+
+    /// Does the client want the connection kept open after this exchange?
+    pub fn keep_alive(&self) -> bool {
+        match self.version() {
+            Version::Http11 => !self.head.has_token("connection", "close"),
+            Version::Http10 => self.head.has_token("connection", "keep-alive"),
+        }
+    }
+
+    /// Sets the target (used by rewriting hooks).
+    pub fn set_target(&mut self, target: &[u8]) {
+        let t0 = self.head.buf.len();
+        self.head.buf.extend_from_slice(target);
+        self.target = t0..self.head.buf.len();
+    }
+
+    /// Parses a request head at the front of `raw`.
+    /// `Ok(None)`: incomplete. `Ok(Some(n))`: the head is `raw[..n]`.
+    pub fn parse(&mut self, raw: &[u8], max_headers: usize) -> Result<Option<usize>, HttpError> {
+        let mut storage = [httparse::EMPTY_HEADER; MAX_PARSE_HEADERS];
+        let headers = &mut storage[..max_headers.min(MAX_PARSE_HEADERS)];
+        let mut req = httparse::Request::new(headers);
+        let n = match req.parse(raw) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(HttpError::TooManyHeaders),
+            Err(httparse::Error::Version) => return Err(HttpError::BadVersion),
+            Err(_) => return Err(HttpError::BadRequest),
+        };
+        self.head.clear();
+        // Refuse bare LF line ends: httparse accepts them, RFC 9112 lets a
+        // proxy refuse them, and a backend may read them differently.
+        if has_bare_lf(&raw[..n]) {
+            return Err(HttpError::BadRequest);
+        }
+        let method = req.method.ok_or(HttpError::BadRequest)?;
+        let target = req.path.ok_or(HttpError::BadRequest)?;
+        let version = match req.version {
+            Some(1) => Version::Http11,
+            Some(0) => Version::Http10,
+            _ => return Err(HttpError::BadVersion),
+        };
+        let base = raw.as_ptr() as usize;
+        let m = method.as_ptr() as usize - base;
+        let t = target.as_ptr() as usize - base;
+        self.method = m..m + method.len();
+        self.target = t..t + target.len();
+        self.version = Some(version);
+        self.head.copy_fields(&raw[..n], req.headers)?;
+
+        // Host: from an absolute-form target, else from the Host field.
+        let mut host: Option<Range<usize>> = None;
+        let tgt = &self.head.buf[self.target.clone()];
+        if tgt.len() > 7 && (tgt[..7].eq_ignore_ascii_case(b"http://") || tgt.starts_with(b"https://")) {
+            let scheme_len = if tgt[4] == b':' { 7 } else { 8 };
+            let rest = &tgt[scheme_len..];
+            let auth_len = rest.iter().position(|&b| b == b'/' || b == b'?').unwrap_or(rest.len());
+            let a0 = self.target.start + scheme_len;
+            host = Some(a0..a0 + auth_len);
+            let path0 = a0 + auth_len;
+            if path0 == self.target.end || self.head.buf[path0] == b'?' {
+                // "http://h" or "http://h?q": origin form needs a "/".
+                let q = self.head.buf[path0..self.target.end].to_vec();
+                let mut t = b"/".to_vec();
+                t.extend_from_slice(&q);
+                self.set_target(&t);
+            } else {
+                self.target = path0..self.target.end;
+            }
+        } else if !(tgt.starts_with(b"/") || (tgt == b"*" && self.method() == b"OPTIONS")) {
+            return Err(HttpError::BadRequest);
+        }
+        let mut host_fields = self.head.fields.iter().filter(|f| self.head.name(f).eq_ignore_ascii_case(b"host"));
+        let host_field = host_fields.next().map(|f| f.value.clone());
+        if host_fields.next().is_some() {
+            return Err(HttpError::BadRequest);
+        }
+        let host = match (host, host_field) {
+            (Some(h), _) => h,
+            (None, Some(h)) => h,
+            (None, None) if version == Version::Http10 => 0..0,
+            (None, None) => return Err(HttpError::MissingHost),
+        };
+        self.host = normalise_host(&mut self.head.buf, host)?;
+        self.framing = Some(self.head.body_framing(true)?);
+        Ok(Some(n))
+    }
+}
+
+/// A parsed response head.
+#[derive(Debug, Clone, Default)]
+pub struct ResponseHead {
+    pub head: Head,
+    pub status: u16,
+    pub reason: Range<usize>,
+    pub version: Option<Version>,
+}
+
+impl ResponseHead {
+    pub fn reason(&self) -> &[u8] {
+        &self.head.buf[self.reason.clone()]
+    }
+
+    /// Parses a response head at the front of `raw`.
+    pub fn parse(&mut self, raw: &[u8], max_headers: usize) -> Result<Option<usize>, HttpError> {
+        let mut storage = [httparse::EMPTY_HEADER; MAX_PARSE_HEADERS];
+        let headers = &mut storage[..max_headers.min(MAX_PARSE_HEADERS)];
+        let mut resp = httparse::Response::new(headers);
+        let n = match resp.parse(raw) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(HttpError::BadResponse),
+        };
+        self.head.clear();
+        let code = resp.code.ok_or(HttpError::BadResponse)?;
+        if !(100..=999).contains(&code) {
+            return Err(HttpError::BadResponse);
+        }
+        self.status = code;
+        self.version = Some(if resp.version == Some(0) { Version::Http10 } else { Version::Http11 });
+        let reason = resp.reason.unwrap_or("");
+        let base = raw.as_ptr() as usize;
+        let r = if reason.is_empty() { 0 } else { reason.as_ptr() as usize - base };
+        self.reason = r..r + reason.len();
+        self.head.copy_fields(&raw[..n], resp.headers).map_err(|_| HttpError::BadResponse)?;
+        Ok(Some(n))
+    }
+
+    /// Body framing of this response to a request (`head_request`: the
+    /// request was HEAD). RFC 9112 §6.3.
+    pub fn framing(&self, head_request: bool) -> Result<Framing, HttpError> {
+        if head_request || self.status < 200 || self.status == 204 || self.status == 304 {
+            return Ok(Framing::None);
+        }
+        self.head.body_framing(false).map_err(|_| HttpError::BadResponse)
+    }
+
+    /// Will the backend keep the connection open after this response?
+    pub fn keep_alive(&self) -> bool {
+        match self.version {
+            Some(Version::Http10) => self.head.has_token("connection", "keep-alive"),
+            _ => !self.head.has_token("connection", "close"),
+        }
+    }
+}
+
+/// Most header fields httparse is given room for.
+pub const MAX_PARSE_HEADERS: usize = 256;
+
+fn normalise_host(buf: &mut [u8], r: Range<usize>) -> Result<Range<usize>, HttpError> {
+    let h = &buf[r.clone()];
+    let h = trim(h);
+    let start = r.start + (h.as_ptr() as usize - buf[r.clone()].as_ptr() as usize);
+    // Strip the port (IPv6 literals keep their brackets).
+    let end_rel = if h.starts_with(b"[") {
+        h.iter().position(|&b| b == b']').map(|i| i + 1).ok_or(HttpError::BadRequest)?
+    } else {
+        h.iter().position(|&b| b == b':').unwrap_or(h.len())
+    };
+    if h[..end_rel].iter().any(|&b| b <= b' ' || b == b'/' || b == b'@' || b >= 0x7f) {
+        return Err(HttpError::BadRequest);
+    }
+    let out = start..start + end_rel;
+    buf[out.clone()].make_ascii_lowercase();
+    Ok(out)
+}
+
+fn has_bare_lf(raw: &[u8]) -> bool {
+    raw.iter().enumerate().any(|(i, &b)| b == b'\n' && (i == 0 || raw[i - 1] != b'\r'))
+}
+
+pub fn trim(s: &[u8]) -> &[u8] {
+    let start = s.iter().position(|&b| b != b' ' && b != b'\t').unwrap_or(s.len());
+    let end = s.iter().rposition(|&b| b != b' ' && b != b'\t').map(|i| i + 1).unwrap_or(start);
+    &s[start..end.max(start)]
+}
+
+/// A plain decimal of at most 18 digits (no sign, no spaces inside).
+fn parse_decimal(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 18 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(s.iter().fold(0u64, |n, &d| n * 10 + (d - b'0') as u64))
+}
+
+/// RFC 9110 token character.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError> {
+        let mut r = RequestHead::default();
+        Ok(r.parse(raw, 100)?.map(|n| (r, n)))
+    }
+
+    #[test]
+    fn parses_at_every_split() {
+        let raw = b"POST http://Example.COM:8080/a/b?x=1 HTTP/1.1\r\nHost: ignored\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhello";
+        let head_len = raw.len() - 5;
+        for split in 0..head_len {
+            assert!(parse(&raw[..split]).unwrap().is_none(), "split {split}");
+        }
+        let (r, n) = parse(raw).unwrap().unwrap();
+        assert_eq!(n, head_len);
+        assert_eq!(r.method(), b"POST");
+        assert_eq!(r.target(), b"/a/b?x=1");
+        assert_eq!(r.path(), b"/a/b");
+        assert_eq!(r.host(), b"example.com");
+        assert_eq!(r.framing(), Framing::Length(5));
+        assert_eq!(r.head.get("x-a"), Some(&b"b"[..]));
+    }
+
+    #[test]
+    fn host_field_port_and_case() {
+        let (r, _) = parse(b"GET / HTTP/1.1\r\nHost: WWW.Example.com:81\r\n\r\n").unwrap().unwrap();
+        assert_eq!(r.host(), b"www.example.com");
+        assert!(r.keep_alive());
+        let (r, _) = parse(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(!r.keep_alive());
+        assert_eq!(r.host(), b"");
+    }
+
+    #[test]
+    fn refuses_ambiguous_framing() {
+        let cases: &[(&[u8], HttpError)] = &[
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                HttpError::LengthAndChunked,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                HttpError::BadContentLength,
+            ),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\n", HttpError::BadContentLength),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+                HttpError::BadTransferEncoding,
+            ),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", HttpError::UnknownTransferEncoding),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                HttpError::BadTransferEncoding,
+            ),
+            (b"GET / HTTP/1.1\r\n\r\n", HttpError::MissingHost),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", HttpError::BadRequest),
+            (b"GET / HTTP/1.1\nHost: a\r\n\r\n", HttpError::BadRequest),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(parse(raw).unwrap_err(), *want, "{}", String::from_utf8_lossy(raw));
+        }
+        let (r, _) = parse(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\n").unwrap().unwrap();
+        assert_eq!(r.framing(), Framing::Length(3));
+        let (r, _) = parse(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: CHUNKED\r\n\r\n").unwrap().unwrap();
+        assert_eq!(r.framing(), Framing::Chunked);
+    }
+
+    #[test]
+    fn response_framing() {
+        let mut r = ResponseHead::default();
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n";
+        for split in 0..raw.len() {
+            assert!(r.parse(&raw[..split], 100).unwrap().is_none());
+        }
+        assert_eq!(r.parse(raw, 100).unwrap(), Some(raw.len()));
+        assert_eq!(r.framing(false).unwrap(), Framing::Length(10));
+        assert_eq!(r.framing(true).unwrap(), Framing::None);
+        r.parse(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", 100).unwrap();
+        assert_eq!(r.framing(false).unwrap(), Framing::None);
+        r.parse(b"HTTP/1.1 200 OK\r\n\r\n", 100).unwrap();
+        assert_eq!(r.framing(false).unwrap(), Framing::Close);
+        r.parse(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 100).unwrap();
+        assert_eq!(r.framing(false).unwrap(), Framing::Chunked);
+        assert!(!r.keep_alive());
+    }
+}

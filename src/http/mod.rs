@@ -1,0 +1,89 @@
+//! HTTP/1.1 message handling without I/O: head parsing ([`head`]), chunked
+//! framing ([`chunked`]) and the serialisation of the heads Pitcher sends
+//! ([`write`]). The proxy state machine sits on top of this module.
+
+pub mod chunked;
+pub mod head;
+pub mod write;
+
+pub use chunked::{ChunkedError, ChunkedScanner};
+pub use head::{Field, Framing, Head, RequestHead, ResponseHead, Version};
+
+/// Why a message was refused. Each maps to one status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HttpError {
+    #[error("malformed request")]
+    BadRequest,
+    #[error("malformed header field")]
+    BadHeader,
+    #[error("unsupported HTTP version")]
+    BadVersion,
+    #[error("missing Host header")]
+    MissingHost,
+    #[error("invalid Content-Length")]
+    BadContentLength,
+    #[error("both Content-Length and Transfer-Encoding")]
+    LengthAndChunked,
+    #[error("invalid Transfer-Encoding")]
+    BadTransferEncoding,
+    #[error("unknown transfer coding")]
+    UnknownTransferEncoding,
+    #[error("too many header fields")]
+    TooManyHeaders,
+    #[error("request line too long")]
+    UriTooLong,
+    #[error("request header fields too large")]
+    HeadersTooLarge,
+    #[error("request body too large")]
+    BodyTooLarge,
+    #[error("malformed chunked body: {0}")]
+    Chunked(ChunkedError),
+    #[error("malformed response from backend")]
+    BadResponse,
+}
+
+impl HttpError {
+    /// The status a client is answered with.
+    pub fn status(self) -> u16 {
+        match self {
+            HttpError::UnknownTransferEncoding => 501,
+            HttpError::BadVersion => 505,
+            HttpError::TooManyHeaders | HttpError::HeadersTooLarge => 431,
+            HttpError::UriTooLong => 414,
+            HttpError::BodyTooLarge => 413,
+            HttpError::BadResponse => 502,
+            _ => 400,
+        }
+    }
+}
+
+/// Standard reason phrase of the statuses Pitcher generates.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Unknown",
+    }
+}
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1) that are never forwarded, plus the
+/// framing fields Pitcher always writes itself. `upgrade` is handled apart.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    const HOP: [&[u8]; 7] =
+        [b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"content-length"];
+    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}

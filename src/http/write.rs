@@ -1,0 +1,252 @@
+//! Serialisation of the heads Pitcher sends: the request to a backend, the
+//! response to a client, and Pitcher's own error responses. Every head
+//! Pitcher forwards is re-framed here (RFC 9112): the framing fields of the
+//! received message are dropped and written anew from the framing Pitcher
+//! actually uses, so an ambiguous message can never pass through.
+
+use std::net::IpAddr;
+
+use super::head::{trim, RequestHead, ResponseHead};
+use super::{is_hop_by_hop, reason, Framing, Head};
+
+/// How the body Pitcher sends is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutFraming {
+    None,
+    Length(u64),
+    /// `Transfer-Encoding: chunked` (forwarded or re-framed).
+    Chunked,
+    /// Delimited by closing the connection (HTTP/1.0 clients).
+    Close,
+}
+
+impl OutFraming {
+    pub fn from_request(f: Framing) -> OutFraming {
+        match f {
+            Framing::None => OutFraming::None,
+            Framing::Length(n) => OutFraming::Length(n),
+            Framing::Chunked => OutFraming::Chunked,
+            Framing::Close => OutFraming::Close,
+        }
+    }
+}
+
+/// Is this field hop-by-hop for `head`: a fixed hop-by-hop name or a name
+/// listed in its Connection field?
+fn skip_field(head: &Head, name: &[u8], keep_upgrade: bool) -> bool {
+    if is_hop_by_hop(name) {
+        return true;
+    }
+    if name.eq_ignore_ascii_case(b"upgrade") {
+        return !keep_upgrade;
+    }
+    head.iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
+        .any(|(_, v)| v.split(|&b| b == b',').any(|t| trim(t).eq_ignore_ascii_case(name)))
+}
+
+fn push_num(out: &mut Vec<u8>, n: u64) {
+    let mut b = itoa::Buffer::new();
+    out.extend_from_slice(b.format(n).as_bytes());
+}
+
+fn push_framing(out: &mut Vec<u8>, f: OutFraming) {
+    match f {
+        OutFraming::Length(n) => {
+            out.extend_from_slice(b"Content-Length: ");
+            push_num(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        OutFraming::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        OutFraming::None | OutFraming::Close => {}
+    }
+}
+
+/// Writes the request head sent to a backend: origin-form target,
+/// HTTP/1.1, hop-by-hop fields removed, X-Forwarded-For appended,
+/// X-Forwarded-Proto set, Host passed through (added from an absolute-form
+/// target when missing). `upgrade`: keep Upgrade and send `Connection: upgrade`.
+pub fn request_head(out: &mut Vec<u8>, req: &RequestHead, client_ip: Option<IpAddr>, upgrade: bool) {
+    let head = &req.head;
+    out.extend_from_slice(req.method());
+    out.push(b' ');
+    out.extend_from_slice(req.target());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut xff_seen = false;
+    let mut host_seen = false;
+    for (name, value) in head.iter() {
+        if skip_field(head, name, upgrade) || name.eq_ignore_ascii_case(b"x-forwarded-proto") {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            if !xff_seen {
+                // All values, in order, joined, then the client.
+                out.extend_from_slice(b"X-Forwarded-For: ");
+                let mut first = true;
+                for (n, v) in head.iter() {
+                    if n.eq_ignore_ascii_case(b"x-forwarded-for") && !trim(v).is_empty() {
+                        if !first {
+                            out.extend_from_slice(b", ");
+                        }
+                        out.extend_from_slice(trim(v));
+                        first = false;
+                    }
+                }
+                if !first {
+                    out.extend_from_slice(b", ");
+                }
+                push_ip(out, client_ip);
+                out.extend_from_slice(b"\r\n");
+                xff_seen = true;
+            }
+            continue;
+        }
+        host_seen |= name.eq_ignore_ascii_case(b"host");
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !host_seen && !req.host().is_empty() {
+        out.extend_from_slice(b"Host: ");
+        out.extend_from_slice(req.host());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !xff_seen {
+        out.extend_from_slice(b"X-Forwarded-For: ");
+        push_ip(out, client_ip);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
+    if upgrade {
+        out.extend_from_slice(b"Connection: upgrade\r\n");
+    }
+    push_framing(out, OutFraming::from_request(req.framing()));
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The client's IP, or `unix` for a client on a Unix-domain listener.
+fn push_ip(out: &mut Vec<u8>, ip: Option<IpAddr>) {
+    use std::io::Write;
+    match ip {
+        Some(ip) => {
+            let _ = write!(out, "{ip}");
+        }
+        None => out.extend_from_slice(b"unix"),
+    }
+}
+
+/// What the response says about the client connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnHeader {
+    /// Nothing (HTTP/1.1 keep-alive is the default).
+    Default,
+    /// `Connection: keep-alive` (HTTP/1.0 client that asked for it).
+    KeepAlive,
+    /// `Connection: close`.
+    Close,
+    /// `Connection: upgrade` (101 to a tunnel).
+    Upgrade,
+}
+
+/// Writes the response head sent to a client: hop-by-hop fields removed,
+/// framing written from `framing`, Connection from `conn`.
+pub fn response_head(out: &mut Vec<u8>, resp: &ResponseHead, framing: OutFraming, conn: ConnHeader) {
+    let head = &resp.head;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_num(out, resp.status as u64);
+    out.push(b' ');
+    out.extend_from_slice(resp.reason());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in head.iter() {
+        // A response without a body (HEAD, 304) keeps the length fields of
+        // the representation it describes.
+        let length_field =
+            name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"transfer-encoding");
+        if skip_field(head, name, conn == ConnHeader::Upgrade) && !(framing == OutFraming::None && length_field) {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    push_framing(out, framing);
+    push_conn(out, conn);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_conn(out: &mut Vec<u8>, conn: ConnHeader) {
+    match conn {
+        ConnHeader::Default => {}
+        ConnHeader::KeepAlive => out.extend_from_slice(b"Connection: keep-alive\r\n"),
+        ConnHeader::Close => out.extend_from_slice(b"Connection: close\r\n"),
+        ConnHeader::Upgrade => out.extend_from_slice(b"Connection: upgrade\r\n"),
+    }
+}
+
+/// Writes a complete response generated by Pitcher itself, with a short
+/// text body (none for HEAD requests), `extra` header lines (each ending in
+/// CRLF) and the Connection field.
+pub fn local_response(out: &mut Vec<u8>, status: u16, extra: &[u8], conn: ConnHeader, head_request: bool) {
+    let reason = reason(status);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_num(out, status as u64);
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\nServer: pitcher\r\nContent-Type: text/plain\r\n");
+    out.extend_from_slice(extra);
+    let body_len = 3 + 1 + reason.len() + 1;
+    push_framing(out, OutFraming::Length(body_len as u64));
+    push_conn(out, conn);
+    out.extend_from_slice(b"\r\n");
+    if !head_request {
+        push_num(out, status as u64);
+        out.push(b' ');
+        out.extend_from_slice(reason.as_bytes());
+        out.push(b'\n');
+    }
+}
+
+/// The head of a chunk of `n` bytes in a re-framed body.
+pub fn chunk_head(out: &mut Vec<u8>, n: usize) {
+    use std::io::Write;
+    let _ = write!(out, "{n:x}\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_head_rewrites_hop_by_hop_and_forwarding() {
+        let mut r = RequestHead::default();
+        let raw = b"GET /x HTTP/1.1\r\nHost: a.example\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nUpgrade: h2c\r\nAccept: */*\r\n\r\n";
+        r.parse(raw, 100).unwrap().unwrap();
+        let mut out = Vec::new();
+        request_head(&mut out, &r, Some("127.0.0.1".parse().unwrap()), false);
+        let s = String::from_utf8(out).unwrap();
+        assert_eq!(
+            s,
+            "GET /x HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-For: 1.2.3.4, 127.0.0.1\r\nAccept: */*\r\nX-Forwarded-Proto: http\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn response_head_reframes() {
+        let mut r = ResponseHead::default();
+        r.parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close, X-Drop\r\nX-Drop: y\r\nKeep-Alive: t=5\r\nX-Keep: z\r\n\r\n", 100).unwrap();
+        let mut out = Vec::new();
+        response_head(&mut out, &r, OutFraming::Length(5), ConnHeader::Default);
+        assert_eq!(String::from_utf8(out).unwrap(), "HTTP/1.1 200 OK\r\nX-Keep: z\r\nContent-Length: 5\r\n\r\n");
+    }
+
+    #[test]
+    fn local_response_has_length() {
+        let mut out = Vec::new();
+        local_response(&mut out, 502, b"", ConnHeader::Close, false);
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
+        assert!(s.ends_with("\r\nContent-Length: 16\r\nConnection: close\r\n\r\n502 Bad Gateway\n"), "{s}");
+    }
+}

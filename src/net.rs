@@ -1,0 +1,275 @@
+//! Sockets: TCP and Unix-domain streams and listeners behind one type each,
+//! binding with a chosen backlog, and readiness bookkeeping for the
+//! edge-triggered event loop. No HTTP here.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
+
+use mio::event::Source;
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::{Interest, Registry, Token};
+use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
+
+use crate::config::{BackendAddr, ListenAddr, SockAddr};
+
+/// A connected stream, TCP or Unix.
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Starts a non-blocking connect to a backend.
+    pub fn connect(addr: &BackendAddr) -> io::Result<Stream> {
+        match &addr.0 {
+            SockAddr::Tcp(a) => {
+                let s = TcpStream::connect(*a)?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+            SockAddr::Unix(p) => Ok(Stream::Unix(UnixStream::connect(p)?)),
+        }
+    }
+
+    /// Checks a pending connect after a writable (or error) event:
+    /// `Ok(true)` connected, `Ok(false)` still in progress.
+    pub fn connect_result(&self) -> io::Result<bool> {
+        let err = match self {
+            Stream::Tcp(s) => s.take_error()?,
+            Stream::Unix(s) => s.take_error()?,
+        };
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let r = match self {
+            Stream::Tcp(s) => s.peer_addr().map(|_| ()),
+            Stream::Unix(s) => s.peer_addr().map(|_| ()),
+        };
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn shutdown_write(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Write),
+            Stream::Unix(s) => s.shutdown(Shutdown::Write),
+        };
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Source for Stream {
+    fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.register(r, t, i),
+            Stream::Unix(s) => s.register(r, t, i),
+        }
+    }
+    fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.reregister(r, t, i),
+            Stream::Unix(s) => s.reregister(r, t, i),
+        }
+    }
+    fn deregister(&mut self, r: &Registry) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.deregister(r),
+            Stream::Unix(s) => s.deregister(r),
+        }
+    }
+}
+
+/// A listening socket, TCP or Unix.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// The client's address as written into X-Forwarded-For: an IP, or
+/// `unix` for a client on a Unix-domain listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Ip(IpAddr),
+    Unix,
+}
+
+impl Listener {
+    /// Wraps a listening socket fd received from the master (or bound here).
+    pub fn from_fd(fd: OwnedFd, unix: bool) -> io::Result<Listener> {
+        let raw = fd.into_raw_fd();
+        // SAFETY: `raw` comes from an OwnedFd we own (just released), so no
+        // one else closes it; it is a listening socket of the given family,
+        // checked by the caller against the fd manifest.
+        Ok(if unix {
+            let l = unsafe { StdUnixListener::from_raw_fd(raw) };
+            l.set_nonblocking(true)?;
+            Listener::Unix(UnixListener::from_std(l))
+        } else {
+            let l = unsafe { std::net::TcpListener::from_raw_fd(raw) };
+            l.set_nonblocking(true)?;
+            Listener::Tcp(TcpListener::from_std(l))
+        })
+    }
+
+    /// Accepts one connection.
+    pub fn accept(&self) -> io::Result<(Stream, Peer)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, a) = l.accept()?;
+                let _ = s.set_nodelay(true);
+                Ok((Stream::Tcp(s), Peer::Ip(canonical_ip(a))))
+            }
+            Listener::Unix(l) => {
+                let (s, _) = l.accept()?;
+                Ok((Stream::Unix(s), Peer::Unix))
+            }
+        }
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+fn canonical_ip(a: SocketAddr) -> IpAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        ip => ip,
+    }
+}
+
+impl Source for Listener {
+    fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.register(r, t, i),
+            Listener::Unix(l) => l.register(r, t, i),
+        }
+    }
+    fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.reregister(r, t, i),
+            Listener::Unix(l) => l.reregister(r, t, i),
+        }
+    }
+    fn deregister(&mut self, r: &Registry) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.deregister(r),
+            Listener::Unix(l) => l.deregister(r),
+        }
+    }
+}
+
+/// Binds a listening socket with the given backlog (mio's own bind has a
+/// fixed one). TCP sockets get SO_REUSEADDR; a stale Unix socket file is
+/// removed first. The fd is close-on-exec and non-blocking.
+pub fn bind(addr: &ListenAddr, backlog: u32) -> io::Result<OwnedFd> {
+    let backlog = Backlog::new(backlog.min(i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN);
+    let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+    match &addr.0 {
+        SockAddr::Tcp(a) => {
+            let family = if a.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+            let fd = socket::socket(family, SockType::Stream, flags, None)?;
+            socket::setsockopt(&fd, socket::sockopt::ReuseAddr, &true)?;
+            if a.is_ipv6() {
+                socket::setsockopt(&fd, socket::sockopt::Ipv6V6Only, &true)?;
+            }
+            socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(*a))?;
+            socket::listen(&fd, backlog)?;
+            Ok(fd)
+        }
+        SockAddr::Unix(path) => {
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                use std::os::unix::fs::FileTypeExt;
+                if meta.file_type().is_socket() && StdUnixStream::connect(path).is_err() {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            let fd = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
+            socket::bind(fd.as_raw_fd(), &socket::UnixAddr::new(path.as_path())?)?;
+            socket::listen(&fd, backlog)?;
+            Ok(fd)
+        }
+    }
+}
+
+/// The local address of a bound TCP listening fd (to report port 0 binds).
+pub fn local_addr(fd: RawFd) -> Option<SocketAddr> {
+    let ss: SockaddrStorage = socket::getsockname(fd).ok()?;
+    if let Some(v4) = ss.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    ss.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+}
+
+/// Readiness of one socket, as learnt from edge-triggered events: set by
+/// events, cleared when an operation would block.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Readiness {
+    pub readable: bool,
+    pub writable: bool,
+    /// The peer closed its side (EPOLLRDHUP) or the socket has an error:
+    /// reads will not block any more, so `readable` stays set.
+    pub read_closed: bool,
+}
+
+impl Readiness {
+    pub fn update(&mut self, ev: &mio::event::Event) {
+        if ev.is_readable() {
+            self.readable = true;
+        }
+        if ev.is_writable() {
+            self.writable = true;
+        }
+        if ev.is_read_closed() || ev.is_error() {
+            self.read_closed = true;
+            self.readable = true;
+        }
+        if ev.is_write_closed() || ev.is_error() {
+            self.writable = true;
+        }
+    }
+
+    /// A read returned fewer bytes than asked, or would block.
+    pub fn drained(&mut self) {
+        if !self.read_closed {
+            self.readable = false;
+        }
+    }
+}

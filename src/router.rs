@@ -1,0 +1,119 @@
+//! Routing: from a request's host and path to a cluster, nginx-style. The
+//! host picks a group of routes first (an exact host beats the longest
+//! `*.suffix` wildcard, which beats routes without a host); within that
+//! group the longest matching path prefix wins. Built once per
+//! configuration; lookups allocate nothing.
+
+use std::collections::HashMap;
+
+use crate::config::{Config, HostMatch};
+
+#[derive(Debug, Default)]
+struct Group {
+    /// (path prefix, cluster index), longest prefix first.
+    prefixes: Vec<(Vec<u8>, usize)>,
+}
+
+impl Group {
+    fn add(&mut self, prefix: &str, cluster: usize) {
+        // The first route given for a prefix wins, as in the file's order.
+        if !self.prefixes.iter().any(|(p, _)| p == prefix.as_bytes()) {
+            self.prefixes.push((prefix.as_bytes().to_vec(), cluster));
+            self.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+        }
+    }
+
+    fn lookup(&self, path: &[u8]) -> Option<usize> {
+        self.prefixes.iter().find(|(p, _)| path.starts_with(p)).map(|(_, c)| *c)
+    }
+}
+
+/// The routing table of one configuration.
+#[derive(Debug, Default)]
+pub struct Router {
+    exact: HashMap<Vec<u8>, Group>,
+    /// (".suffix", group), longest suffix first.
+    suffix: Vec<(Vec<u8>, Group)>,
+    any: Option<Group>,
+}
+
+impl Router {
+    pub fn new(config: &Config) -> Router {
+        let mut r = Router::default();
+        for route in &config.routes {
+            let group = match &route.host {
+                HostMatch::Any => r.any.get_or_insert_with(Group::default),
+                HostMatch::Exact(h) => r.exact.entry(h.as_bytes().to_vec()).or_default(),
+                HostMatch::Suffix(s) => {
+                    let i = match r.suffix.iter().position(|(x, _)| x == s.as_bytes()) {
+                        Some(i) => i,
+                        None => {
+                            r.suffix.push((s.as_bytes().to_vec(), Group::default()));
+                            r.suffix.len() - 1
+                        }
+                    };
+                    &mut r.suffix[i].1
+                }
+            };
+            group.add(&route.path_prefix, route.cluster);
+        }
+        r.suffix.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        r
+    }
+
+    /// The cluster for a (lower-case, port-less) host and a path.
+    pub fn lookup(&self, host: &[u8], path: &[u8]) -> Option<usize> {
+        let group = self
+            .exact
+            .get(host)
+            .or_else(|| self.suffix.iter().find(|(s, _)| host.ends_with(s) && host.len() > s.len()).map(|(_, g)| g))
+            .or(self.any.as_ref())?;
+        group.lookup(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn host_then_longest_prefix() {
+        let c = Config::parse(
+            Path::new("t"),
+            r#"
+[[listeners]]
+address = "127.0.0.1:1"
+[[clusters]]
+name = "a"
+backends = ["127.0.0.1:2"]
+[[clusters]]
+name = "b"
+backends = ["127.0.0.1:3"]
+[[clusters]]
+name = "c"
+backends = ["127.0.0.1:4"]
+[[routes]]
+cluster = "a"
+[[routes]]
+path_prefix = "/api"
+cluster = "b"
+[[routes]]
+host = "*.example.com"
+cluster = "c"
+[[routes]]
+host = "x.example.com"
+path_prefix = "/only"
+cluster = "a"
+"#,
+        )
+        .unwrap();
+        let r = Router::new(&c);
+        assert_eq!(r.lookup(b"other", b"/"), Some(0));
+        assert_eq!(r.lookup(b"other", b"/api/v1"), Some(1));
+        assert_eq!(r.lookup(b"w.example.com", b"/api"), Some(2));
+        assert_eq!(r.lookup(b"example.com", b"/"), Some(0));
+        assert_eq!(r.lookup(b"x.example.com", b"/only/x"), Some(0));
+        assert_eq!(r.lookup(b"x.example.com", b"/"), None);
+    }
+}

@@ -1,0 +1,619 @@
+//! The `Proxy` phase of a session: choosing a backend, connecting or
+//! reusing a pooled connection, streaming the request up and the response
+//! down with bounded buffers, and turning every failure into either a
+//! retry, a 502/504, or a closed client connection.
+//!
+//! Body bytes are never copied: request bytes go from the client's read
+//! buffer to the backend socket and response bytes from the upstream read
+//! buffer to the client socket, behind the head in one `writev`.
+
+use std::io::{self, IoSlice, Write};
+use std::time::Duration;
+
+use mio::Interest;
+
+use crate::http::head::MAX_PARSE_HEADERS;
+use crate::http::write::{self as hw, ConnHeader, OutFraming};
+use crate::http::{Framing, HttpError, Version};
+use crate::net::{Readiness, Stream};
+
+use super::session::{read_into, Body, Phase, RespMode, Session, Step};
+use super::timer::{Timed, Timers};
+use super::{token, Core, KIND_UPSTREAM};
+
+/// A connection to a backend: in use by a session, or idle in its pool.
+#[derive(Debug)]
+pub struct UpConn {
+    pub key: usize,
+    pub stream: Stream,
+    pub rd: Readiness,
+    pub buf: Option<crate::buffer::Buf>,
+    pub connecting: bool,
+    /// Slab index of the session using it; `None` while pooled.
+    pub owner: Option<usize>,
+    pub cluster: usize,
+    pub backend: usize,
+    /// Taken from the pool for the current request.
+    pub reused: bool,
+    pub timed: Timed,
+}
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Fail {
+    #[error("connect failed: {0}")]
+    Connect(io::Error),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("write to backend failed: {0}")]
+    UpstreamWrite(io::Error),
+    /// EOF or reset before the response head was complete.
+    #[error("backend closed the connection before responding")]
+    UpstreamClosed,
+    #[error("backend timed out")]
+    UpstreamTimeout,
+    #[error("malformed response from backend")]
+    BadResponse,
+    /// The backend closed in the middle of a body.
+    #[error("backend closed the connection in the middle of the response body")]
+    Truncated,
+    #[error("client closed the connection")]
+    ClientGone,
+    /// The request body is malformed or too large.
+    #[error("request body: {0}")]
+    RequestBody(HttpError),
+}
+
+impl Core {
+    /// Picks a backend and connects to it (or takes a pooled connection).
+    /// Connections that fail at once move on to the next backend. Returns
+    /// the status to answer with when no backend can be had.
+    pub(super) fn connect_upstream(&mut self, s: &mut Session) -> Result<(), u16> {
+        let sid = s.key >> 2;
+        let cluster = &mut self.rt.clusters[s.ex.cluster];
+        loop {
+            if s.ex.failed > cluster.retries {
+                return Err(502);
+            }
+            let Some(b) = cluster.pick(s.ex.tried) else { return Err(502) };
+            if b < 64 {
+                s.ex.tried |= 1 << b;
+            }
+            s.ex.backend = b;
+            let backend = &mut cluster.backends[b];
+            if let Some(ui) = backend.idle.pop() {
+                let u = &mut self.ups[ui];
+                u.owner = Some(sid);
+                u.reused = true;
+                u.buf = Some(self.bufs.get());
+                Timers::clear(&mut u.timed);
+                backend.active += 1;
+                s.ex.up = Some(ui);
+                return Ok(());
+            }
+            match Stream::connect(&backend.addr) {
+                Ok(stream) => {
+                    let entry = self.ups.vacant_entry();
+                    let key = token(KIND_UPSTREAM, entry.key()).0;
+                    let mut u = UpConn {
+                        key,
+                        stream,
+                        rd: Readiness::default(),
+                        buf: Some(self.bufs.get()),
+                        connecting: true,
+                        owner: Some(sid),
+                        cluster: s.ex.cluster,
+                        backend: b,
+                        reused: false,
+                        timed: Timed::default(),
+                    };
+                    if let Err(e) =
+                        self.registry.register(&mut u.stream, mio::Token(key), Interest::READABLE | Interest::WRITABLE)
+                    {
+                        slog::error!(self.log, "cannot register upstream socket"; "error" => %e);
+                        if let Some(b) = u.buf.take() {
+                            self.bufs.put(b);
+                        }
+                        return Err(502);
+                    }
+                    s.ex.up = Some(entry.key());
+                    entry.insert(u);
+                    backend.active += 1;
+                    let at = self.now + self.rt.config.timeouts.upstream_connect;
+                    self.timers.set(&mut s.timed, s.key, at);
+                    return Ok(());
+                }
+                Err(e) => {
+                    slog::warn!(self.log, "connect to backend failed"; "backend" => %backend.addr, "cluster" => &cluster.name, "error" => %e);
+                    s.ex.failed += 1;
+                }
+            }
+        }
+    }
+
+    /// Gives up the session's upstream connection: back to its backend's
+    /// pool when `reusable`, else closed.
+    pub(super) fn release_upstream(&mut self, s: &mut Session, reusable: bool) {
+        let Some(ui) = s.ex.up.take() else { return };
+        let u = &mut self.ups[ui];
+        let (c, b) = (u.cluster, u.backend);
+        let cluster = self.rt.clusters.get_mut(c).filter(|_| true);
+        let backend = cluster.and_then(|cl| cl.backends.get_mut(b));
+        if let Some(be) = backend {
+            be.active = be.active.saturating_sub(1);
+        }
+        if let Some(buf) = u.buf.take() {
+            let clean = buf.is_empty();
+            self.bufs.put(buf);
+            if reusable && clean && !u.rd.read_closed {
+                let cl = &mut self.rt.clusters[c];
+                if cl.backends[b].idle.len() < cl.keepalive {
+                    u.owner = None;
+                    u.reused = false;
+                    cl.backends[b].idle.push(ui);
+                    let at = self.now + cl.keepalive_timeout;
+                    self.timers.set(&mut u.timed, u.key, at);
+                    return;
+                }
+            }
+        }
+        self.close_upstream(ui);
+    }
+
+    /// Closes an upstream connection and forgets it.
+    pub(super) fn close_upstream(&mut self, ui: usize) {
+        if self.ups.contains(ui) {
+            let mut u = self.ups.remove(ui);
+            if let Some(buf) = u.buf.take() {
+                self.bufs.put(buf);
+            }
+            // Closing the fd removes it from the epoll set; deregistering
+            // first would only cost a syscall.
+        }
+    }
+
+    /// An event on a pooled, idle connection: the backend closed it or sent
+    /// something unasked. Either way it is no longer usable.
+    pub(super) fn idle_upstream_event(&mut self, ui: usize) {
+        let mut probe = [0u8; 1];
+        let u = &mut self.ups[ui];
+        let usable = match io::Read::read(&mut u.stream, &mut probe) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => !u.rd.read_closed,
+            _ => false,
+        };
+        if !usable {
+            self.drop_idle(ui);
+        }
+    }
+
+    /// Removes an idle connection from its pool and closes it.
+    pub(super) fn drop_idle(&mut self, ui: usize) {
+        let u = &self.ups[ui];
+        if let Some(be) = self.rt.clusters.get_mut(u.cluster).and_then(|c| c.backends.get_mut(u.backend)) {
+            if let Some(pos) = be.idle.iter().position(|&x| x == ui) {
+                be.idle.swap_remove(pos);
+            }
+        }
+        self.close_upstream(ui);
+    }
+
+    pub(super) fn step_proxy(&mut self, s: &mut Session) -> Step {
+        loop {
+            let Some(ui) = s.ex.up else { return Step::Close };
+            let mut moved = false;
+            let u = &mut self.ups[ui];
+            if u.connecting {
+                if !u.rd.writable && !u.rd.read_closed {
+                    return Step::Blocked;
+                }
+                match u.stream.connect_result() {
+                    Ok(true) => {
+                        u.connecting = false;
+                        u.rd.writable = true;
+                        moved = true;
+                    }
+                    Ok(false) => {
+                        u.rd.writable = false;
+                        return Step::Blocked;
+                    }
+                    Err(e) => return self.fail(s, Fail::Connect(e)),
+                }
+            }
+            match self.pump_request(s, ui) {
+                Ok(m) => moved |= m,
+                Err(f) => return self.fail(s, f),
+            }
+            match self.pump_response(s, ui) {
+                Ok(m) => moved |= m,
+                Err(f) => return self.fail(s, f),
+            }
+            if s.phase != Phase::Proxy {
+                return Step::Again;
+            }
+            if s.ex.resp_head_done && self.response_done(s, ui) {
+                return self.finish(s);
+            }
+            if !moved {
+                return Step::Blocked;
+            }
+            s.progressed = true;
+        }
+    }
+
+    /// Client to backend: the request head, then body bytes as they come.
+    fn pump_request(&mut self, s: &mut Session, ui: usize) -> Result<bool, Fail> {
+        let mut moved = false;
+        let max_body = self.rt.config.limits.max_body_bytes;
+        let u = &mut self.ups[ui];
+        loop {
+            // Scan newly read body bytes.
+            if let Some(inb) = s.inb.as_ref() {
+                if !s.ex.req_body.complete() && inb.len() > s.ex.req_ready {
+                    let n = s.ex.req_body.scan(&inb.data()[s.ex.req_ready..]).map_err(Fail::RequestBody)?;
+                    s.ex.req_ready += n;
+                    if let Body::Chunked(sc) = &s.ex.req_body {
+                        if sc.data_total > max_body {
+                            return Err(Fail::RequestBody(HttpError::BodyTooLarge));
+                        }
+                    }
+                }
+            }
+            // Write what we have.
+            while u.rd.writable {
+                let head = &s.ex.up_out[s.ex.up_out_pos..];
+                let body = match s.inb.as_ref() {
+                    Some(b) => &b.data()[..s.ex.req_ready],
+                    None => &[][..],
+                };
+                if head.is_empty() && body.is_empty() {
+                    break;
+                }
+                let r = if body.is_empty() {
+                    u.stream.write(head)
+                } else {
+                    u.stream.write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
+                };
+                match r {
+                    Ok(n) => {
+                        moved = true;
+                        let h = n.min(head.len());
+                        s.ex.up_out_pos += h;
+                        let b = n - h;
+                        if b > 0 {
+                            if let Some(inb) = s.inb.as_mut() {
+                                inb.consume(b);
+                            }
+                            s.ex.req_ready -= b;
+                            s.ex.req_body_sent += b as u64;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => u.rd.writable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(Fail::UpstreamWrite(e)),
+                }
+            }
+            // Read more of the body when there is room.
+            if s.ex.req_body.complete() || !s.rd.readable {
+                return Ok(moved);
+            }
+            let inb = s.inb.get_or_insert_with(|| self.bufs.get());
+            match read_into(&mut s.stream, &mut s.rd, inb) {
+                Ok(Some(0)) | Err(_) => return Err(Fail::ClientGone),
+                Ok(Some(_)) => moved = true,
+                Ok(None) => return Ok(moved),
+            }
+        }
+    }
+
+    /// Backend to client: the response head, then body bytes as they come.
+    fn pump_response(&mut self, s: &mut Session, ui: usize) -> Result<bool, Fail> {
+        let mut moved = false;
+        loop {
+            let mut step = false;
+            let u = &mut self.ups[ui];
+            let Some(ubuf) = u.buf.as_mut() else { return Err(Fail::UpstreamClosed) };
+            // Read when there is room (bounded: a slow client stops us here).
+            if !s.ex.resp_eof && u.rd.readable && ubuf.room() > 0 {
+                match read_into(&mut u.stream, &mut u.rd, ubuf) {
+                    Ok(Some(0)) | Err(_) => {
+                        s.ex.resp_eof = true;
+                        step = true;
+                    }
+                    Ok(Some(n)) => {
+                        s.ex.resp_bytes += n as u64;
+                        step = true;
+                    }
+                    Ok(None) => {}
+                }
+            }
+            if !s.ex.resp_head_done {
+                match s.resp.parse(ubuf.data(), MAX_PARSE_HEADERS) {
+                    Ok(Some(n)) => {
+                        ubuf.consume(n);
+                        self.response_head(s)?;
+                        moved = true;
+                        if s.phase != Phase::Proxy {
+                            return Ok(true);
+                        }
+                        continue;
+                    }
+                    Ok(None) if ubuf.room() == 0 => return Err(Fail::BadResponse),
+                    Ok(None) if s.ex.resp_eof => {
+                        return Err(if ubuf.is_empty() { Fail::UpstreamClosed } else { Fail::BadResponse })
+                    }
+                    Ok(None) => {}
+                    Err(_) => return Err(Fail::BadResponse),
+                }
+                moved |= step;
+                if !step {
+                    return Ok(moved);
+                }
+                continue;
+            }
+            // Scan new body bytes (the decoder scans as it writes).
+            if s.ex.resp_mode != RespMode::Decode && !s.ex.resp_body.complete() && ubuf.len() > s.ex.resp_ready {
+                let n = s.ex.resp_body.scan(&ubuf.data()[s.ex.resp_ready..]).map_err(|_| Fail::BadResponse)?;
+                s.ex.resp_ready += n;
+            }
+            step |= self.write_response_body(s, ui)?;
+            moved |= step;
+            if !step {
+                break;
+            }
+        }
+        if s.ex.resp_eof && !s.ex.resp_body.complete() {
+            if let Body::Close = s.ex.resp_body {
+                if s.ex.resp_mode == RespMode::Reframe
+                    && s.ex.resp_ready == 0
+                    && s.ex.chunk_left == 0
+                    && !s.ex.last_chunk_queued
+                {
+                    s.out.extend_from_slice(b"0\r\n\r\n");
+                    s.ex.last_chunk_queued = true;
+                    moved |= self.write_response_body(s, ui)?;
+                }
+            } else {
+                let buffered = self.ups[ui].buf.as_ref().map_or(0, |b| b.len());
+                let pending = if s.ex.resp_mode == RespMode::Decode { buffered } else { s.ex.resp_ready };
+                if pending == 0 {
+                    return Err(Fail::Truncated);
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    /// A response head arrived: decide the framing towards the client and
+    /// queue the head.
+    fn response_head(&mut self, s: &mut Session) -> Result<(), Fail> {
+        let status = s.resp.status;
+        let client_v11 = s.req.version() == Version::Http11;
+        if status == 101 {
+            if !s.ex.upgrade {
+                return Err(Fail::BadResponse);
+            }
+            hw::response_head(&mut s.out, &s.resp, OutFraming::None, ConnHeader::Upgrade);
+            s.ex.resp_head_done = true;
+            s.phase = Phase::Tunnel;
+            return Ok(());
+        }
+        if status < 200 {
+            // Interim responses (100 Continue, 103) go to HTTP/1.1 clients.
+            if client_v11 {
+                hw::response_head(&mut s.out, &s.resp, OutFraming::None, ConnHeader::Default);
+            }
+            return Ok(());
+        }
+        let framing = s.resp.framing(s.ex.head_request).map_err(|_| Fail::BadResponse)?;
+        let mut keep = s.ex.client_keep;
+        let (mode, out) = match framing {
+            Framing::None => (RespMode::Pass, OutFraming::None),
+            Framing::Length(n) => (RespMode::Pass, OutFraming::Length(n)),
+            Framing::Chunked if client_v11 => (RespMode::Pass, OutFraming::Chunked),
+            Framing::Chunked => {
+                keep = false;
+                (RespMode::Decode, OutFraming::Close)
+            }
+            Framing::Close if client_v11 && keep => (RespMode::Reframe, OutFraming::Chunked),
+            Framing::Close => {
+                keep = false;
+                (RespMode::Pass, OutFraming::Close)
+            }
+        };
+        s.ex.client_keep = keep;
+        s.ex.upstream_keep = s.resp.keep_alive() && framing != Framing::Close;
+        s.ex.resp_mode = mode;
+        s.ex.resp_body = Body::from_framing(framing);
+        let conn = match (keep, client_v11) {
+            (false, _) => ConnHeader::Close,
+            (true, true) => ConnHeader::Default,
+            (true, false) => ConnHeader::KeepAlive,
+        };
+        hw::response_head(&mut s.out, &s.resp, out, conn);
+        s.ex.resp_head_done = true;
+        Ok(())
+    }
+
+    /// Writes queued head bytes and available body bytes to the client.
+    fn write_response_body(&mut self, s: &mut Session, ui: usize) -> Result<bool, Fail> {
+        let u = &mut self.ups[ui];
+        let Some(ubuf) = u.buf.as_mut() else { return Ok(false) };
+        let mut moved = false;
+        loop {
+            let body: &[u8] = match s.ex.resp_mode {
+                RespMode::Pass => &ubuf.data()[..s.ex.resp_ready],
+                RespMode::Reframe => {
+                    if s.ex.chunk_left == 0 && s.ex.resp_ready > 0 {
+                        hw::chunk_head(&mut s.out, s.ex.resp_ready);
+                        s.ex.chunk_left = s.ex.resp_ready;
+                    }
+                    &ubuf.data()[..s.ex.chunk_left]
+                }
+                RespMode::Decode => {
+                    let Body::Chunked(sc) = &mut s.ex.resp_body else { return Err(Fail::BadResponse) };
+                    let n = sc.scan_framing(ubuf.data()).map_err(|_| Fail::BadResponse)?;
+                    if n > 0 {
+                        ubuf.consume(n);
+                        moved = true;
+                    }
+                    let d = (sc.data_left().min(ubuf.len() as u64)) as usize;
+                    &ubuf.data()[..d]
+                }
+            };
+            let (total, n) = s.write_client(body).map_err(|_| Fail::ClientGone)?;
+            if total == 0 {
+                return Ok(moved);
+            }
+            moved = true;
+            if n == 0 {
+                continue;
+            }
+            ubuf.consume(n);
+            match s.ex.resp_mode {
+                RespMode::Pass => s.ex.resp_ready -= n,
+                RespMode::Reframe => {
+                    s.ex.resp_ready -= n;
+                    s.ex.chunk_left -= n;
+                    if s.ex.chunk_left == 0 {
+                        s.out.extend_from_slice(b"\r\n");
+                    }
+                }
+                RespMode::Decode => {
+                    if let Body::Chunked(sc) = &mut s.ex.resp_body {
+                        sc.consume_data(n);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The response has been completely written to the client.
+    fn response_done(&self, s: &Session, ui: usize) -> bool {
+        if s.out_pos < s.out.len() {
+            return false;
+        }
+        let body_done = match (&s.ex.resp_body, s.ex.resp_mode) {
+            (Body::Close, RespMode::Reframe) => s.ex.last_chunk_queued,
+            (Body::Close, _) => s.ex.resp_eof && self.ups[ui].buf.as_ref().is_none_or(|b| b.is_empty()),
+            (b, _) => b.complete(),
+        };
+        body_done && s.ex.resp_ready == 0
+    }
+
+    /// The exchange is over: pool or close the upstream connection, then
+    /// the next request or close.
+    fn finish(&mut self, s: &mut Session) -> Step {
+        let request_sent = s.ex.request_sent();
+        let reusable = s.ex.upstream_keep && request_sent && !s.ex.resp_eof;
+        self.release_upstream(s, reusable);
+        // A body still being received would be read as the next request.
+        let keep = s.ex.client_keep && request_sent;
+        self.end_exchange(s, keep)
+    }
+
+    /// Turns a failure into a retry, an error response, or a close.
+    fn fail(&mut self, s: &mut Session, f: Fail) -> Step {
+        let started = s.ex.resp_head_done || s.out_pos < s.out.len();
+        let (backend, reused) = match s.ex.up.map(|u| &self.ups[u]) {
+            Some(u) => (self.rt.clusters[u.cluster].backends[u.backend].addr.to_string(), u.reused),
+            None => (String::new(), false),
+        };
+        let method = String::from_utf8_lossy(s.req.method()).into_owned();
+        let path = String::from_utf8_lossy(s.req.target()).into_owned();
+        match f {
+            Fail::ClientGone => {
+                slog::debug!(self.log, "client closed during exchange"; "method" => &method, "path" => &path, "backend" => &backend);
+                self.release_upstream(s, false);
+                return Step::Close;
+            }
+            Fail::RequestBody(e) if !started => {
+                self.release_upstream(s, false);
+                return self.refuse(s, e);
+            }
+            Fail::Connect(_) | Fail::ConnectTimeout => {
+                slog::warn!(self.log, "connect to backend failed"; "method" => &method, "path" => &path, "backend" => &backend, "error" => %f);
+                self.release_upstream(s, false);
+                s.ex.failed += 1;
+                return self.retry(s, if matches!(f, Fail::ConnectTimeout) { 504 } else { 502 });
+            }
+            Fail::UpstreamClosed | Fail::UpstreamWrite(_)
+                if !started && reused && s.ex.req_body_sent == 0 && s.ex.replays < 4 =>
+            {
+                // A pooled connection the backend had closed: nothing was
+                // processed, so sending again on a new connection is safe.
+                slog::debug!(self.log, "pooled connection was closed by the backend; resending"; "backend" => &backend);
+                self.release_upstream(s, false);
+                s.ex.replays += 1;
+                if s.ex.backend < 64 {
+                    s.ex.tried &= !(1u64 << s.ex.backend);
+                }
+                return self.retry(s, 502);
+            }
+            _ => {}
+        }
+        let status = match f {
+            Fail::UpstreamTimeout => 504,
+            Fail::RequestBody(e) => e.status(),
+            _ => 502,
+        };
+        slog::error!(self.log, "backend failed"; "method" => &method, "path" => &path, "backend" => &backend,
+            "error" => %f, "status" => status, "response_started" => started);
+        self.release_upstream(s, false);
+        if started {
+            return Step::Close;
+        }
+        s.ex.client_keep = s.ex.client_keep && s.ex.req_body.complete();
+        self.respond(s, status)
+    }
+
+    /// Connects again for the same request (nothing was sent yet).
+    fn retry(&mut self, s: &mut Session, status_if_none: u16) -> Step {
+        s.ex.up_out_pos = 0;
+        s.ex.resp_eof = false;
+        s.ex.resp_bytes = 0;
+        match self.connect_upstream(s) {
+            Ok(()) => {
+                s.progressed = true;
+                Step::Again
+            }
+            Err(_) => self.respond(s, status_if_none),
+        }
+    }
+
+    /// What a session in the Proxy phase waits on, as a timeout.
+    pub(super) fn proxy_wait(&self, s: &Session) -> Duration {
+        let t = &self.rt.config.timeouts;
+        if !s.ex.resp_head_done {
+            if !s.ex.req_body.complete() && s.ex.req_ready == 0 {
+                return t.client_body;
+            }
+            if !s.ex.request_sent() {
+                return t.upstream_write;
+            }
+            return t.upstream_read;
+        }
+        if s.out_pos < s.out.len() || s.ex.resp_ready > 0 || !s.rd.writable {
+            t.client_write
+        } else {
+            t.upstream_read
+        }
+    }
+
+    /// The Proxy phase's deadline passed.
+    pub(super) fn proxy_timeout(&mut self, s: &mut Session) -> Step {
+        match s.ex.up.map(|u| self.ups[u].connecting) {
+            Some(true) => self.fail(s, Fail::ConnectTimeout),
+            _ if !s.ex.resp_head_done && !s.ex.req_body.complete() && s.ex.req_ready == 0 => {
+                s.ex.client_keep = false;
+                self.release_upstream(s, false);
+                self.respond(s, 408)
+            }
+            _ if !s.ex.resp_head_done => self.fail(s, Fail::UpstreamTimeout),
+            _ => {
+                slog::warn!(self.log, "timeout while streaming a response; closing"; "path" => %String::from_utf8_lossy(s.req.target()));
+                self.release_upstream(s, false);
+                Step::Close
+            }
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! A client connection and the exchange in flight on it: the proxy state
+//! machine. The worker's event loop calls [`Core::drive`] when a socket of
+//! the session is ready or its deadline passes; `drive` moves bytes until
+//! nothing more can move, and says whether the session lives on.
+//!
+//! Phases of a session: `Head` (reading a request head; idle between
+//! requests), `Proxy` (an exchange with a backend, see `proxy.rs`),
+//! `Local` (writing a response Pitcher made itself), `Tunnel` (after a
+//! 101, bytes both ways), `Linger` (our side is done, the client's unread
+//! input is drained before closing so the last response is not reset).
+//!
+//! Owns: the client socket, its buffers, the parsed request and response.
+//! Must not: block, or know about processes and signals.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::time::{Duration, Instant};
+
+use crate::buffer::Buf;
+use crate::http::write::{self as hw, ConnHeader};
+use crate::http::{ChunkedScanner, Framing, HttpError, RequestHead, ResponseHead, Version};
+use crate::net::{Peer, Readiness, Stream};
+
+use super::timer::Timed;
+use super::Core;
+
+/// How long a closing connection's unread input is drained.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Head,
+    Proxy,
+    Local { keep: bool },
+    Tunnel,
+    Linger,
+}
+
+/// Body framing state of one direction, as scanned so far.
+#[derive(Debug, Clone, Default)]
+pub enum Body {
+    #[default]
+    None,
+    /// Bytes not yet scanned.
+    Length(u64),
+    Chunked(ChunkedScanner),
+    /// Until the sender closes.
+    Close,
+}
+
+impl Body {
+    pub fn from_framing(f: Framing) -> Body {
+        match f {
+            Framing::None | Framing::Length(0) => Body::None,
+            Framing::Length(n) => Body::Length(n),
+            Framing::Chunked => Body::Chunked(ChunkedScanner::new()),
+            Framing::Close => Body::Close,
+        }
+    }
+
+    /// Every byte of the body has been scanned (Close: never, until EOF).
+    pub fn complete(&self) -> bool {
+        match self {
+            Body::None => true,
+            Body::Length(n) => *n == 0,
+            Body::Chunked(s) => s.is_done(),
+            Body::Close => false,
+        }
+    }
+
+    /// Scans `data` (bytes that follow those already scanned); returns how
+    /// many belong to the body.
+    pub fn scan(&mut self, data: &[u8]) -> Result<usize, HttpError> {
+        Ok(match self {
+            Body::None => 0,
+            Body::Length(left) => {
+                let n = (*left).min(data.len() as u64);
+                *left -= n;
+                n as usize
+            }
+            Body::Chunked(s) => s.scan_through(data).map_err(HttpError::Chunked)?,
+            Body::Close => data.len(),
+        })
+    }
+}
+
+/// How the response body goes to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RespMode {
+    /// As received (length, chunked, or close-delimited to a closing client).
+    #[default]
+    Pass,
+    /// Close-delimited from the backend, re-framed as chunked.
+    Reframe,
+    /// Chunked from the backend, decoded for an HTTP/1.0 client.
+    Decode,
+}
+
+/// The state of one request/response exchange. Reset between requests;
+/// its vectors keep their capacity.
+#[derive(Debug, Default)]
+pub struct Exchange {
+    pub cluster: usize,
+    pub backend: usize,
+    /// Slab index of the upstream connection in use.
+    pub up: Option<usize>,
+    /// Backends tried for this request (bit per backend index).
+    pub tried: u64,
+    /// Connect attempts that failed.
+    pub failed: u32,
+    /// Resends on a fresh connection after a pooled one turned out closed.
+    pub replays: u32,
+    pub head_request: bool,
+    pub upgrade: bool,
+    pub client_keep: bool,
+    /// Request head for the backend, and how much of it is written.
+    pub up_out: Vec<u8>,
+    pub up_out_pos: usize,
+    pub req_body: Body,
+    /// Scanned request body bytes at the front of the client buffer.
+    pub req_ready: usize,
+    pub req_body_sent: u64,
+    pub resp_head_done: bool,
+    pub resp_body: Body,
+    pub resp_mode: RespMode,
+    pub resp_ready: usize,
+    pub resp_eof: bool,
+    /// Reframe mode: data bytes left of the chunk being written.
+    pub chunk_left: usize,
+    pub last_chunk_queued: bool,
+    pub upstream_keep: bool,
+    /// Bytes received from the backend for this request.
+    pub resp_bytes: u64,
+    pub started: Option<Instant>,
+}
+
+impl Exchange {
+    fn reset(&mut self) {
+        let up_out = std::mem::take(&mut self.up_out);
+        *self = Exchange { up_out, ..Exchange::default() };
+        self.up_out.clear();
+    }
+
+    /// The whole request (head and body) has reached the backend.
+    pub fn request_sent(&self) -> bool {
+        self.up_out_pos == self.up_out.len() && self.req_body.complete() && self.req_ready == 0
+    }
+}
+
+/// A client connection.
+#[derive(Debug)]
+pub struct Session {
+    /// Token value of the client socket (also the timer key).
+    pub key: usize,
+    pub stream: Stream,
+    pub peer: Peer,
+    pub rd: Readiness,
+    /// Bytes read from the client.
+    pub inb: Option<Buf>,
+    /// Bytes for the client not taken from a backend's buffer (heads,
+    /// chunk framing, local responses), and how much is written.
+    pub out: Vec<u8>,
+    pub out_pos: usize,
+    pub phase: Phase,
+    pub req: RequestHead,
+    pub resp: ResponseHead,
+    pub ex: Exchange,
+    pub timed: Timed,
+    /// When the first byte of the current request head arrived.
+    pub head_started: Option<Instant>,
+    pub requests: u64,
+    /// Set by any byte moved or phase change during one `drive`.
+    pub progressed: bool,
+}
+
+impl Session {
+    pub fn new(key: usize, stream: Stream, peer: Peer) -> Session {
+        Session {
+            key,
+            stream,
+            peer,
+            rd: Readiness { readable: true, writable: true, read_closed: false },
+            inb: None,
+            out: Vec::new(),
+            out_pos: 0,
+            phase: Phase::Head,
+            req: RequestHead::default(),
+            resp: ResponseHead::default(),
+            ex: Exchange::default(),
+            timed: Timed::default(),
+            head_started: None,
+            requests: 0,
+            progressed: false,
+        }
+    }
+
+    pub fn has_input(&self) -> bool {
+        self.inb.as_ref().is_some_and(|b| !b.is_empty())
+    }
+
+    fn out_pending(&self) -> bool {
+        self.out_pos < self.out.len()
+    }
+
+    /// Writes `out` then `body` to the client until done or blocked;
+    /// returns (all bytes written, body bytes written).
+    pub fn write_client(&mut self, body: &[u8]) -> io::Result<(usize, usize)> {
+        let mut total = 0;
+        let mut written_body = 0;
+        while self.rd.writable {
+            let head = &self.out[self.out_pos..];
+            let rest = &body[written_body..];
+            if head.is_empty() && rest.is_empty() {
+                break;
+            }
+            let r = if head.is_empty() {
+                self.stream.write(rest)
+            } else if rest.is_empty() {
+                self.stream.write(head)
+            } else {
+                self.stream.write_vectored(&[IoSlice::new(head), IoSlice::new(rest)])
+            };
+            match r {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.progressed = true;
+                    total += n;
+                    let h = n.min(head.len());
+                    self.out_pos += h;
+                    if self.out_pos == self.out.len() {
+                        self.out.clear();
+                        self.out_pos = 0;
+                    }
+                    written_body += n - h;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.rd.writable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((total, written_body))
+    }
+}
+
+/// What a phase step says to `drive`.
+pub enum Step {
+    /// The phase changed or more may be possible: step again.
+    Again,
+    /// Nothing can move until the next event or deadline.
+    Blocked,
+    /// Close the session.
+    Close,
+}
+
+/// Reads from `stream` into `buf`: `Ok(Some(n))` bytes (0 = EOF),
+/// `Ok(None)` would block. A short read marks the socket drained, which is
+/// safe with edge-triggered epoll because EPOLLRDHUP reports a close.
+pub fn read_into(stream: &mut Stream, rd: &mut Readiness, buf: &mut Buf) -> io::Result<Option<usize>> {
+    let spare = buf.spare();
+    let want = spare.len();
+    if want == 0 {
+        return Ok(None);
+    }
+    loop {
+        match stream.read(spare) {
+            Ok(n) => {
+                if n < want {
+                    rd.drained();
+                }
+                buf.fill(n);
+                return Ok(Some(n));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                rd.drained();
+                return Ok(None);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Core {
+    /// Moves everything that can move for session `s`. Returns `false` when
+    /// the session is to be closed.
+    pub fn drive(&mut self, s: &mut Session) -> bool {
+        loop {
+            let step = match s.phase {
+                Phase::Head => self.step_head(s),
+                Phase::Proxy => self.step_proxy(s),
+                Phase::Local { keep } => self.step_local(s, keep),
+                Phase::Tunnel => self.step_tunnel(s),
+                Phase::Linger => self.step_linger(s),
+            };
+            match step {
+                Step::Again => continue,
+                Step::Blocked => break,
+                Step::Close => return false,
+            }
+        }
+        if std::mem::take(&mut s.progressed) {
+            self.rearm(s);
+        }
+        true
+    }
+
+    /// Reads and parses a request head.
+    fn step_head(&mut self, s: &mut Session) -> Step {
+        let limits = &self.rt.config.limits;
+        loop {
+            if let Some(inb) = s.inb.as_mut().filter(|b| !b.is_empty()) {
+                match s.req.parse(inb.data(), limits.max_headers) {
+                    Ok(Some(n)) => {
+                        inb.consume(n);
+                        s.requests += 1;
+                        s.progressed = true;
+                        return self.start_request(s);
+                    }
+                    Ok(None) if inb.len() >= limits.max_header_bytes => {
+                        let e = if inb.data().contains(&b'\n') {
+                            HttpError::HeadersTooLarge
+                        } else {
+                            HttpError::UriTooLong
+                        };
+                        return self.refuse(s, e);
+                    }
+                    Ok(None) => {}
+                    Err(e) => return self.refuse(s, e),
+                }
+            } else if !s.rd.readable {
+                // Idle between requests: give the buffer back.
+                if let Some(b) = s.inb.take() {
+                    self.bufs.put(b);
+                }
+            }
+            if !s.rd.readable {
+                return Step::Blocked;
+            }
+            let inb = s.inb.get_or_insert_with(|| self.bufs.get());
+            match read_into(&mut s.stream, &mut s.rd, inb) {
+                Ok(Some(0)) | Err(_) => return Step::Close,
+                Ok(Some(_)) => {
+                    s.progressed = true;
+                    if s.head_started.is_none() {
+                        s.head_started = Some(self.now);
+                    }
+                }
+                Ok(None) => {}
+            }
+        }
+    }
+
+    /// A request head was parsed: route it and start the exchange.
+    fn start_request(&mut self, s: &mut Session) -> Step {
+        s.head_started = None;
+        s.ex.reset();
+        s.ex.started = Some(self.now);
+        s.ex.head_request = s.req.is_head();
+        s.ex.client_keep = s.req.keep_alive() && !self.draining;
+        s.ex.req_body = Body::from_framing(s.req.framing());
+        if let Framing::Length(n) = s.req.framing() {
+            if n > self.rt.config.limits.max_body_bytes {
+                return self.refuse(s, HttpError::BodyTooLarge);
+            }
+        }
+        let Some(cluster) = self.rt.router.lookup(s.req.host(), s.req.path()) else {
+            return self.respond(s, 404);
+        };
+        s.ex.cluster = cluster;
+        s.ex.upgrade = s.req.head.has_token("connection", "upgrade") && s.req.head.get("upgrade").is_some();
+        let client = match s.peer {
+            Peer::Ip(ip) => Some(ip),
+            Peer::Unix => None,
+        };
+        hw::request_head(&mut s.ex.up_out, &s.req, client, s.ex.upgrade);
+        s.phase = Phase::Proxy;
+        match self.connect_upstream(s) {
+            Ok(()) => Step::Again,
+            Err(status) => self.respond(s, status),
+        }
+    }
+
+    /// Answers a malformed request: the client stream cannot be trusted,
+    /// so the connection is closed after the response.
+    pub(super) fn refuse(&mut self, s: &mut Session, e: HttpError) -> Step {
+        slog::debug!(self.log, "request refused"; "reason" => %e, "status" => e.status(), "peer" => ?s.peer);
+        s.ex.client_keep = false;
+        self.respond(s, e.status())
+    }
+
+    /// Sends a response made by Pitcher. The connection stays open only if
+    /// the client wants it and the request's body is fully read.
+    pub(super) fn respond(&mut self, s: &mut Session, status: u16) -> Step {
+        self.release_upstream(s, false);
+        let body_read = s.ex.req_body.complete() && s.ex.req_ready == 0;
+        let keep = s.ex.client_keep && body_read && status != 408;
+        let conn = match (keep, s.req.version()) {
+            (false, _) => ConnHeader::Close,
+            (true, Version::Http10) => ConnHeader::KeepAlive,
+            (true, Version::Http11) => ConnHeader::Default,
+        };
+        s.out.clear();
+        s.out_pos = 0;
+        hw::local_response(&mut s.out, status, b"", conn, s.ex.head_request);
+        s.phase = Phase::Local { keep };
+        s.progressed = true;
+        Step::Again
+    }
+
+    fn step_local(&mut self, s: &mut Session, keep: bool) -> Step {
+        if s.write_client(&[]).is_err() {
+            return Step::Close;
+        }
+        if s.out_pending() {
+            return Step::Blocked;
+        }
+        self.end_exchange(s, keep)
+    }
+
+    /// The response is fully written: next request, or close.
+    pub(super) fn end_exchange(&mut self, s: &mut Session, keep: bool) -> Step {
+        s.progressed = true;
+        if keep {
+            s.phase = Phase::Head;
+            return Step::Again;
+        }
+        // Unread input (a body we refused, pipelined requests) would make
+        // the kernel reset the connection and lose the response: drain it.
+        if s.has_input() || !s.ex.req_body.complete() || s.rd.readable && !s.rd.read_closed {
+            s.stream.shutdown_write();
+            s.phase = Phase::Linger;
+            self.timers.set(&mut s.timed, s.key, self.now + LINGER);
+            return Step::Again;
+        }
+        Step::Close
+    }
+
+    fn step_linger(&mut self, s: &mut Session) -> Step {
+        let mut scratch = [0u8; 4096];
+        loop {
+            if !s.rd.readable {
+                return Step::Blocked;
+            }
+            match s.stream.read(&mut scratch) {
+                Ok(0) => return Step::Close,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.rd.drained(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Step::Close,
+            }
+        }
+    }
+
+    /// Sets the session's deadline for what it now waits on.
+    fn rearm(&mut self, s: &mut Session) {
+        let t = &self.rt.config.timeouts;
+        let at = match s.phase {
+            Phase::Head => match s.head_started {
+                Some(t0) => t0 + t.client_header,
+                None if s.requests == 0 => self.now + t.client_header,
+                None => self.now + t.keepalive_idle,
+            },
+            Phase::Proxy => match s.ex.up.map(|u| self.ups[u].connecting) {
+                // The connect deadline was set when connecting began.
+                Some(true) => return,
+                _ => self.now + self.proxy_wait(s),
+            },
+            Phase::Local { .. } => self.now + t.client_write,
+            Phase::Tunnel => self.now + t.upstream_read,
+            Phase::Linger => return,
+        };
+        self.timers.set(&mut s.timed, s.key, at);
+    }
+
+    /// A deadline passed. Returns `false` to close the session.
+    pub fn timeout(&mut self, s: &mut Session) -> bool {
+        match s.phase {
+            Phase::Head if s.head_started.is_some() => {
+                slog::debug!(self.log, "client header timeout"; "peer" => ?s.peer);
+                s.ex.client_keep = false;
+                s.ex.head_request = false;
+                let _ = self.respond(s, 408);
+                self.drive(s)
+            }
+            Phase::Proxy => {
+                let step = self.proxy_timeout(s);
+                match step {
+                    Step::Close => false,
+                    _ => self.drive(s),
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// Bytes in both directions after a 101 Switching Protocols.
+    fn step_tunnel(&mut self, s: &mut Session) -> Step {
+        let Some(ui) = s.ex.up else { return Step::Close };
+        loop {
+            let mut moved = false;
+            let u = &mut self.ups[ui];
+            let Some(ubuf) = u.buf.as_mut() else { return Step::Close };
+            // Backend to client.
+            let data = ubuf.data();
+            match s.write_client(data) {
+                Ok((_, n)) if n > 0 => {
+                    ubuf.consume(n);
+                    moved = true;
+                }
+                Ok(_) => {}
+                Err(_) => return Step::Close,
+            }
+            if u.rd.readable && ubuf.room() > 0 {
+                match read_into(&mut u.stream, &mut u.rd, ubuf) {
+                    Ok(Some(0)) | Err(_) => {
+                        if ubuf.is_empty() {
+                            return Step::Close;
+                        }
+                    }
+                    Ok(Some(_)) => moved = true,
+                    Ok(None) => {}
+                }
+            }
+            // Client to backend.
+            let inb = s.inb.get_or_insert_with(|| self.bufs.get());
+            while u.rd.writable && !inb.is_empty() {
+                match u.stream.write(inb.data()) {
+                    Ok(n) => {
+                        inb.consume(n);
+                        moved = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => u.rd.writable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return Step::Close,
+                }
+            }
+            if s.rd.readable && inb.room() > 0 {
+                match read_into(&mut s.stream, &mut s.rd, inb) {
+                    Ok(Some(0)) | Err(_) => return Step::Close,
+                    Ok(Some(_)) => moved = true,
+                    Ok(None) => {}
+                }
+            }
+            if moved {
+                s.progressed = true;
+            } else {
+                return Step::Blocked;
+            }
+        }
+    }
+}
