@@ -354,20 +354,23 @@ impl ResponseHead {
 /// Most header fields httparse is given room for.
 pub const MAX_PARSE_HEADERS: usize = 256;
 
-fn normalise_host(buf: &mut [u8], r: Range<usize>) -> Result<Range<usize>, HttpError> {
-    let h = &buf[r.clone()];
-    let h = trim(h);
-    let start = r.start + (h.as_ptr() as usize - buf[r.clone()].as_ptr() as usize);
+/// Copies the host of `r` (trimmed, port stripped, lower-cased) to the end
+/// of `buf` and returns its range; the field itself is left as received.
+fn normalise_host(buf: &mut Vec<u8>, r: Range<usize>) -> Result<Range<usize>, HttpError> {
+    let h = trim(&buf[r.clone()]);
     // Strip the port (IPv6 literals keep their brackets).
-    let end_rel = if h.starts_with(b"[") {
+    let end = if h.starts_with(b"[") {
         h.iter().position(|&b| b == b']').map(|i| i + 1).ok_or(HttpError::BadRequest)?
     } else {
         h.iter().position(|&b| b == b':').unwrap_or(h.len())
     };
-    if h[..end_rel].iter().any(|&b| b <= b' ' || b == b'/' || b == b'@' || b >= 0x7f) {
+    let h = &h[..end];
+    if h.iter().any(|&b| b <= b' ' || b == b'/' || b == b'@' || b >= 0x7f) {
         return Err(HttpError::BadRequest);
     }
-    let out = start..start + end_rel;
+    let (start, len) = (h.as_ptr() as usize - buf.as_ptr() as usize, h.len());
+    let out = buf.len()..buf.len() + len;
+    buf.extend_from_within(start..start + len);
     buf[out.clone()].make_ascii_lowercase();
     Ok(out)
 }
