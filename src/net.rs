@@ -56,6 +56,16 @@ impl Stream {
         }
     }
 
+    /// Disables Nagle's algorithm on a TCP stream. Needed as soon as a
+    /// connection carries more than one write per exchange or more than one
+    /// exchange: a small write after an unacknowledged one would otherwise
+    /// wait for the peer's delayed ACK.
+    pub fn set_nodelay(&self) {
+        if let Stream::Tcp(s) = self {
+            let _ = s.set_nodelay(true);
+        }
+    }
+
     pub fn shutdown_write(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Write),
@@ -149,8 +159,10 @@ impl Listener {
     pub fn accept(&self) -> io::Result<(Stream, Peer)> {
         match self {
             Listener::Tcp(l) => {
+                // TCP_NODELAY is set later, only if the connection needs it
+                // (see `Stream::set_nodelay`): one syscall less per
+                // connection that is answered in one write and closed.
                 let (s, a) = l.accept()?;
-                let _ = s.set_nodelay(true);
                 Ok((Stream::Tcp(s), Peer::Ip(canonical_ip(a))))
             }
             Listener::Unix(l) => {

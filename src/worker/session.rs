@@ -170,6 +170,10 @@ pub struct Session {
     pub requests: u64,
     /// Set by any byte moved or phase change during one `drive`.
     pub progressed: bool,
+    /// TCP_NODELAY is set on the client socket.
+    pub nodelay: bool,
+    /// Writes to the client since the connection's last exchange ended.
+    pub writes: u32,
 }
 
 impl Session {
@@ -190,6 +194,8 @@ impl Session {
             head_started: None,
             requests: 0,
             progressed: false,
+            nodelay: false,
+            writes: 0,
         }
     }
 
@@ -212,6 +218,11 @@ impl Session {
             if head.is_empty() && rest.is_empty() {
                 break;
             }
+            if self.writes > 0 && !self.nodelay {
+                self.stream.set_nodelay();
+                self.nodelay = true;
+            }
+            self.writes += 1;
             let r = if head.is_empty() {
                 self.stream.write(rest)
             } else if rest.is_empty() {
@@ -419,7 +430,12 @@ impl Core {
     /// The response is fully written: next request, or close.
     pub(super) fn end_exchange(&mut self, s: &mut Session, keep: bool) -> Step {
         s.progressed = true;
+        s.writes = 0;
         if keep {
+            if !s.nodelay {
+                s.stream.set_nodelay();
+                s.nodelay = true;
+            }
             s.phase = Phase::Head;
             return Step::Again;
         }
