@@ -1,0 +1,81 @@
+//! `pitcher -t -c FILE`: a good file is reported ok, a bad one is refused
+//! with `<file>:<line>:` of the offending line and what is wrong with it.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A complete, valid configuration with pid file and control socket in `dir`.
+fn good_config(dir: &std::path::Path) -> String {
+    ConfigBuilder::new()
+        .top(&format!("pid_file = \"{}/p.pid\"", dir.display()))
+        .top(&format!("control_socket = \"{}/p.sock\"", dir.display()))
+        .cluster_with("app", ["127.0.0.1:9001", "127.0.0.1:9002 weight=3"], "retries = 1")
+        .route(Some("*.example.com"), "/", "app")
+        .route(None, "/", "app")
+        .section("[timeouts]\nupstream_read_ms = 1000")
+        .build(free_port())
+}
+
+/// Writes `text` to `<dir>/pitcher.toml`.
+fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+    let path = dir.path().join("pitcher.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// 1-based number of the first line equal to `line` (after trimming).
+fn line_of(text: &str, line: &str) -> usize {
+    text.lines().position(|l| l.trim() == line).unwrap_or_else(|| panic!("{line:?} not in\n{text}")) + 1
+}
+
+fn check(path: &std::path::Path) -> RunOutput {
+    run_pitcher(&["-t", "-c", path.to_str().expect("utf-8 path")], RUN_TIMEOUT)
+}
+
+#[test]
+fn config_test_accepts_a_good_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, &good_config(dir.path()));
+
+    let out = check(&path);
+    assert!(out.status.success(), "exit {}; output:\n{}", out.status, out.all());
+    assert!(out.all().contains("configuration ok"), "output:\n{}", out.all());
+}
+
+#[test]
+fn config_test_refuses_an_unknown_key_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = good_config(dir.path()).replace("retries = 1", "retries = 1\nbogus_key = 7");
+    let path = write(&dir, &text);
+    let line = line_of(&text, "bogus_key = 7");
+
+    let out = check(&path);
+    assert!(!out.status.success(), "a bad file passed; output:\n{}", out.all());
+    let where_ = format!("{}:{line}:", path.display());
+    assert!(out.all().contains(&where_), "expected {where_:?} in:\n{}", out.all());
+    assert!(out.all().contains("bogus_key"), "the key is not named:\n{}", out.all());
+    assert!(!out.all().contains("configuration ok"), "output:\n{}", out.all());
+}
+
+#[test]
+fn config_test_refuses_a_route_to_an_undefined_cluster_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = good_config(dir.path()).replace(
+        "host = \"*.example.com\"\npath_prefix = \"/\"\ncluster = \"app\"",
+        "host = \"*.example.com\"\npath_prefix = \"/\"\ncluster = \"nope\"",
+    );
+    let path = write(&dir, &text);
+    let line = line_of(&text, "cluster = \"nope\"");
+
+    let out = check(&path);
+    assert!(!out.status.success(), "a bad file passed; output:\n{}", out.all());
+    let where_ = format!("{}:{line}:", path.display());
+    assert!(out.all().contains(&where_), "expected {where_:?} in:\n{}", out.all());
+    assert!(out.all().contains("nope"), "the cluster is not named:\n{}", out.all());
+}
