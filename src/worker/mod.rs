@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use mio::{Events, Interest, Poll, Registry, Token};
 use slab::Slab;
 use slog::Logger;
@@ -28,7 +29,7 @@ use crate::buffer::BufPool;
 use crate::config::{Config, ListenAddr, SockAddr};
 use crate::net::Listener;
 use crate::router::Router;
-use crate::upstream::Cluster;
+use crate::upstream::{Backends, Cluster};
 
 pub use proxy::UpConn;
 pub use session::Session;
@@ -59,16 +60,23 @@ pub struct WorkerInit {
     pub stop: Arc<AtomicBool>,
 }
 
-/// The configuration-derived state requests are served with.
-pub struct Runtime {
+/// The configuration-derived state requests are served with. Immutable
+/// once built (balancing counters are `Cell`s); a reload builds a new one
+/// and swaps the pointer. A session holds the snapshot its current request
+/// started with, so requests in flight finish on it.
+#[derive(Debug)]
+pub struct Snapshot {
     pub config: Arc<Config>,
     pub router: Router,
     pub clusters: Vec<Cluster>,
 }
 
-impl Runtime {
-    pub fn new(config: Arc<Config>) -> Runtime {
-        Runtime { router: Router::new(&config), clusters: config.clusters.iter().map(Cluster::new).collect(), config }
+impl Snapshot {
+    /// Builds a snapshot, giving its backends ids in the worker's table.
+    pub fn build(config: Arc<Config>, backends: &mut Backends) -> Snapshot {
+        backends.retire_all();
+        let clusters = config.clusters.iter().map(|c| Cluster::new(c, backends)).collect();
+        Snapshot { router: Router::new(&config), clusters, config }
     }
 }
 
@@ -77,7 +85,9 @@ impl Runtime {
 pub struct Core {
     registry: Registry,
     ups: Slab<UpConn>,
-    rt: Runtime,
+    /// The configuration new requests are served with.
+    current: ArcSwap<Snapshot>,
+    backends: Backends,
     timers: Timers,
     bufs: BufPool,
     now: Instant,
@@ -113,6 +123,8 @@ impl Worker {
             listeners.push(ListenerSlot { listener, addr, pending: false });
         }
         let buf_size = init.config.limits.max_header_bytes.max(MIN_BUFFER);
+        let mut backends = Backends::default();
+        let snapshot = Snapshot::build(init.config, &mut backends);
         Ok(Worker {
             poll,
             sessions: Slab::with_capacity(1024),
@@ -120,7 +132,8 @@ impl Worker {
             core: Core {
                 registry,
                 ups: Slab::with_capacity(1024),
-                rt: Runtime::new(init.config),
+                current: ArcSwap::from_pointee(snapshot),
+                backends,
                 timers: Timers::default(),
                 bufs: BufPool::new(buf_size, POOLED_BUFFERS),
                 now: Instant::now(),
@@ -205,7 +218,8 @@ impl Worker {
     }
 
     fn accept(&mut self, i: usize) {
-        let max = self.core.rt.config.limits.max_connections;
+        let snap = self.core.current.load_full();
+        let max = snap.config.limits.max_connections;
         for _ in 0..ACCEPT_BATCH {
             let (mut stream, peer) = match self.listeners[i].listener.accept() {
                 Ok(x) => x,
@@ -238,8 +252,8 @@ impl Worker {
                 slog::error!(self.core.log, "cannot register client socket"; "error" => %e);
                 continue;
             }
-            let s = entry.insert(Session::new(key, stream, peer));
-            let at = self.core.now + self.core.rt.config.timeouts.client_header;
+            let s = entry.insert(Session::new(key, stream, peer, snap.clone()));
+            let at = self.core.now + snap.config.timeouts.client_header;
             self.core.timers.set(&mut s.timed, key, at);
             if !self.core.drive(s) {
                 self.close_session(idx);

@@ -31,7 +31,7 @@ pub struct UpConn {
     pub connecting: bool,
     /// Slab index of the session using it; `None` while pooled.
     pub owner: Option<usize>,
-    pub cluster: usize,
+    /// Id in the worker's backend table.
     pub backend: usize,
     /// Taken from the pool for the current request.
     pub reused: bool,
@@ -70,7 +70,7 @@ impl Core {
     /// the status to answer with when no backend can be had.
     pub(super) fn connect_upstream(&mut self, s: &mut Session) -> Result<(), u16> {
         let sid = s.key >> 2;
-        let cluster = &mut self.rt.clusters[s.ex.cluster];
+        let cluster = &s.snap.clusters[s.ex.cluster];
         loop {
             if s.ex.failed > cluster.retries {
                 return Err(502);
@@ -80,7 +80,8 @@ impl Core {
                 s.ex.tried |= 1 << b;
             }
             s.ex.backend = b;
-            let backend = &mut cluster.backends[b];
+            let id = cluster.members[b].id;
+            let backend = self.backends.get_mut(id);
             if let Some(ui) = backend.idle.pop() {
                 let u = &mut self.ups[ui];
                 u.owner = Some(sid);
@@ -102,8 +103,7 @@ impl Core {
                         buf: Some(self.bufs.get()),
                         connecting: true,
                         owner: Some(sid),
-                        cluster: s.ex.cluster,
-                        backend: b,
+                        backend: id,
                         reused: false,
                         timed: Timed::default(),
                     };
@@ -119,7 +119,7 @@ impl Core {
                     s.ex.up = Some(entry.key());
                     entry.insert(u);
                     backend.active += 1;
-                    let at = self.now + self.rt.config.timeouts.upstream_connect;
+                    let at = self.now + s.snap.config.timeouts.upstream_connect;
                     self.timers.set(&mut s.timed, s.key, at);
                     return Ok(());
                 }
@@ -136,25 +136,19 @@ impl Core {
     pub(super) fn release_upstream(&mut self, s: &mut Session, reusable: bool) {
         let Some(ui) = s.ex.up.take() else { return };
         let u = &mut self.ups[ui];
-        let (c, b) = (u.cluster, u.backend);
-        let cluster = self.rt.clusters.get_mut(c).filter(|_| true);
-        let backend = cluster.and_then(|cl| cl.backends.get_mut(b));
-        if let Some(be) = backend {
-            be.active = be.active.saturating_sub(1);
-        }
+        let be = self.backends.get_mut(u.backend);
+        be.active = be.active.saturating_sub(1);
         if let Some(buf) = u.buf.take() {
             let clean = buf.is_empty();
             self.bufs.put(buf);
-            if reusable && clean && !u.rd.read_closed {
-                let cl = &mut self.rt.clusters[c];
-                if cl.backends[b].idle.len() < cl.keepalive {
-                    u.owner = None;
-                    u.reused = false;
-                    cl.backends[b].idle.push(ui);
-                    let at = self.now + cl.keepalive_timeout;
-                    self.timers.set(&mut u.timed, u.key, at);
-                    return;
-                }
+            let cluster = &s.snap.clusters[s.ex.cluster];
+            if reusable && clean && !u.rd.read_closed && !be.retired && be.idle.len() < cluster.keepalive {
+                u.owner = None;
+                u.reused = false;
+                be.idle.push(ui);
+                let at = self.now + cluster.keepalive_timeout;
+                self.timers.set(&mut u.timed, u.key, at);
+                return;
             }
         }
         self.close_upstream(ui);
@@ -188,11 +182,9 @@ impl Core {
 
     /// Removes an idle connection from its pool and closes it.
     pub(super) fn drop_idle(&mut self, ui: usize) {
-        let u = &self.ups[ui];
-        if let Some(be) = self.rt.clusters.get_mut(u.cluster).and_then(|c| c.backends.get_mut(u.backend)) {
-            if let Some(pos) = be.idle.iter().position(|&x| x == ui) {
-                be.idle.swap_remove(pos);
-            }
+        let be = self.backends.get_mut(self.ups[ui].backend);
+        if let Some(pos) = be.idle.iter().position(|&x| x == ui) {
+            be.idle.swap_remove(pos);
         }
         self.close_upstream(ui);
     }
@@ -243,7 +235,7 @@ impl Core {
     /// Client to backend: the request head, then body bytes as they come.
     fn pump_request(&mut self, s: &mut Session, ui: usize) -> Result<bool, Fail> {
         let mut moved = false;
-        let max_body = self.rt.config.limits.max_body_bytes;
+        let max_body = s.snap.config.limits.max_body_bytes;
         let u = &mut self.ups[ui];
         loop {
             // Scan newly read body bytes.
@@ -405,7 +397,7 @@ impl Core {
             return Ok(());
         }
         let framing = s.resp.framing(s.ex.head_request).map_err(|_| Fail::BadResponse)?;
-        let mut keep = s.ex.client_keep;
+        let mut keep = s.ex.client_keep && !self.draining;
         let (mode, out) = match framing {
             Framing::None => (RespMode::Pass, OutFraming::None),
             Framing::Length(n) => (RespMode::Pass, OutFraming::Length(n)),
@@ -515,7 +507,7 @@ impl Core {
     fn fail(&mut self, s: &mut Session, f: Fail) -> Step {
         let started = s.ex.resp_head_done || s.out_pos < s.out.len();
         let (backend, reused) = match s.ex.up.map(|u| &self.ups[u]) {
-            Some(u) => (self.rt.clusters[u.cluster].backends[u.backend].addr.to_string(), u.reused),
+            Some(u) => (self.backends.get(u.backend).addr.to_string(), u.reused),
             None => (String::new(), false),
         };
         let method = String::from_utf8_lossy(s.req.method()).into_owned();
@@ -582,7 +574,7 @@ impl Core {
 
     /// What a session in the Proxy phase waits on, as a timeout.
     pub(super) fn proxy_wait(&self, s: &Session) -> Duration {
-        let t = &self.rt.config.timeouts;
+        let t = &s.snap.config.timeouts;
         if !s.ex.resp_head_done {
             if !s.ex.req_body.complete() && s.ex.req_ready == 0 {
                 return t.client_body;

@@ -13,6 +13,7 @@
 //! Must not: block, or know about processes and signals.
 
 use std::io::{self, IoSlice, Read, Write};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::buffer::Buf;
@@ -21,7 +22,7 @@ use crate::http::{ChunkedScanner, Framing, HttpError, RequestHead, ResponseHead,
 use crate::net::{Peer, Readiness, Stream};
 
 use super::timer::Timed;
-use super::Core;
+use super::{Core, Snapshot};
 
 /// How long a closing connection's unread input is drained.
 pub const LINGER: Duration = Duration::from_secs(2);
@@ -168,6 +169,9 @@ pub struct Session {
     /// When the first byte of the current request head arrived.
     pub head_started: Option<Instant>,
     pub requests: u64,
+    /// The configuration the current request started with (for an idle
+    /// connection: the one current when its last request started).
+    pub snap: Arc<Snapshot>,
     /// Set by any byte moved or phase change during one `drive`.
     pub progressed: bool,
     /// TCP_NODELAY is set on the client socket.
@@ -177,7 +181,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(key: usize, stream: Stream, peer: Peer) -> Session {
+    pub fn new(key: usize, stream: Stream, peer: Peer, snap: Arc<Snapshot>) -> Session {
         Session {
             key,
             stream,
@@ -193,6 +197,7 @@ impl Session {
             timed: Timed::default(),
             head_started: None,
             requests: 0,
+            snap,
             progressed: false,
             nodelay: false,
             writes: 0,
@@ -316,9 +321,9 @@ impl Core {
 
     /// Reads and parses a request head.
     fn step_head(&mut self, s: &mut Session) -> Step {
-        let limits = &self.rt.config.limits;
         loop {
             if let Some(inb) = s.inb.as_mut().filter(|b| !b.is_empty()) {
+                let limits = &s.snap.config.limits;
                 match s.req.parse(inb.data(), limits.max_headers) {
                     Ok(Some(n)) => {
                         inb.consume(n);
@@ -364,16 +369,17 @@ impl Core {
     fn start_request(&mut self, s: &mut Session) -> Step {
         s.head_started = None;
         s.ex.reset();
+        s.snap = self.current.load_full();
         s.ex.started = Some(self.now);
         s.ex.head_request = s.req.is_head();
         s.ex.client_keep = s.req.keep_alive() && !self.draining;
         s.ex.req_body = Body::from_framing(s.req.framing());
         if let Framing::Length(n) = s.req.framing() {
-            if n > self.rt.config.limits.max_body_bytes {
+            if n > s.snap.config.limits.max_body_bytes {
                 return self.refuse(s, HttpError::BodyTooLarge);
             }
         }
-        let Some(cluster) = self.rt.router.lookup(s.req.host(), s.req.path()) else {
+        let Some(cluster) = s.snap.router.lookup(s.req.host(), s.req.path()) else {
             return self.respond(s, 404);
         };
         s.ex.cluster = cluster;
@@ -468,7 +474,7 @@ impl Core {
 
     /// Sets the session's deadline for what it now waits on.
     fn rearm(&mut self, s: &mut Session) {
-        let t = &self.rt.config.timeouts;
+        let t = &s.snap.config.timeouts;
         let at = match s.phase {
             Phase::Head => match s.head_started {
                 Some(t0) => t0 + t.client_header,
