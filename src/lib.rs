@@ -6,9 +6,12 @@
 //! the event loop and proxy state machine on top of them.
 
 pub mod buffer;
+pub mod channel;
 pub mod config;
+pub mod control;
 pub mod http;
 pub mod log;
+pub mod master;
 pub mod net;
 pub mod router;
 pub mod upstream;

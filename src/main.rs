@@ -1,15 +1,20 @@
 //! The `pitcher` command: parses the command line and hands over to the
-//! master, a worker, or a one-shot action (`-t`). Errors end here as a
-//! message on stderr and a non-zero exit status.
+//! master, a worker, or a one-shot action (`-t`, `-s`, `ctl`). Errors end
+//! here as a message on stderr and a non-zero exit status.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
+use pitcher::channel::{self, Channel, ToWorker};
 use pitcher::config::Config;
+use pitcher::control::{self, Request};
+use pitcher::master::{Handover, Master, MasterArgs};
 
 /// Default configuration file.
 const DEFAULT_CONFIG: &str = "/etc/pitcher/pitcher.toml";
@@ -18,42 +23,267 @@ const DEFAULT_CONFIG: &str = "/etc/pitcher/pitcher.toml";
 #[command(name = "pitcher", version, about = "HTTP/1.1 reverse proxy: master + mio workers")]
 struct Cli {
     /// Configuration file.
-    #[arg(short = 'c', long = "config", default_value = DEFAULT_CONFIG)]
+    #[arg(short = 'c', long = "config", default_value = DEFAULT_CONFIG, global = true)]
     config: PathBuf,
     /// Test the configuration file and exit.
     #[arg(short = 't', long = "test")]
     test: bool,
+    /// Send a command to the running master: reload, upgrade, quit, stop, reopen.
+    #[arg(short = 's', long = "signal", value_name = "SIGNAL")]
+    signal: Option<String>,
+    /// Keep the master in the foreground (for systemd and supervisord).
+    #[arg(long = "foreground", short = 'f')]
+    foreground: bool,
     /// Run one worker in the foreground, without a master (for debugging).
     #[arg(long = "single-process")]
     single_process: bool,
+    /// Worker mode: started by the master, never by hand.
+    #[arg(long = "worker", hide = true)]
+    worker: bool,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Ask the running master (through its control socket).
+    Ctl {
+        /// Print the master's JSON answer.
+        #[arg(long)]
+        json: bool,
+        /// status
+        #[arg(required = true)]
+        words: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(&cli.config) {
-        Ok(c) => c,
+    if cli.worker {
+        return worker_main(&cli);
+    }
+    if let Some(Cmd::Ctl { json, words }) = &cli.command {
+        return ctl(&cli.config, *json, words);
+    }
+    if let Some(sig) = &cli.signal {
+        return signal(&cli.config, sig);
+    }
+    let path = absolute(&cli.config);
+    let (config, text) = match load(&path) {
+        Ok(x) => x,
         Err(e) => {
             eprintln!("pitcher: {e}");
             if cli.test {
-                eprintln!("pitcher: configuration file {} test failed", cli.config.display());
+                eprintln!("pitcher: configuration file {} test failed", path.display());
             }
             return ExitCode::FAILURE;
         }
     };
     if cli.test {
-        println!("pitcher: configuration ok: {}", cli.config.display());
+        println!("pitcher: configuration ok: {}", path.display());
         return ExitCode::SUCCESS;
     }
     if cli.single_process {
         return single_process(config);
     }
-    eprintln!("pitcher: master mode is not available yet; use --single-process");
-    ExitCode::FAILURE
+    master_main(&cli, path, config, text)
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn load(path: &Path) -> Result<(Config, String), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let config = Config::parse(path, &text).map_err(|e| e.to_string())?;
+    Ok((config, text))
+}
+
+/// The master: bind (or receive, after an upgrade), detach, supervise.
+fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> ExitCode {
+    let handover = match Channel::from_env(channel::UPGRADE_FD_ENV) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("pitcher: bad upgrade channel: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut inherited = Vec::new();
+    if let Some(ch) = &handover {
+        match Handover::receive(ch) {
+            Ok(l) => inherited = l,
+            Err(e) => {
+                eprintln!("pitcher: cannot receive the listeners from the old master: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let mut listeners = Vec::new();
+    for l in &config.listeners {
+        let name = l.address.to_string();
+        if let Some(i) = inherited.iter().position(|(e, _)| e.name == name) {
+            let (_, fd) = inherited.swap_remove(i);
+            if let Err(e) = pitcher::net::set_backlog(&fd, l.backlog) {
+                eprintln!("pitcher: cannot set the backlog of {name}: {e}");
+            }
+            listeners.push((l.clone(), fd));
+            continue;
+        }
+        match pitcher::net::bind(&l.address, l.backlog) {
+            Ok(fd) => listeners.push((l.clone(), fd)),
+            Err(e) => {
+                eprintln!("pitcher: cannot listen on {}: {e}", l.address);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    drop(inherited); // Listeners the new configuration no longer has.
+    if !cli.foreground && handover.is_none() {
+        // Before any thread exists (the log thread starts below).
+        if let Err(e) = nix::unistd::daemon(true, false) {
+            eprintln!("pitcher: cannot daemonize: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let log = match pitcher::log::build(&config.error_log, config.log_level, "master") {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("pitcher: cannot open the error log: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let args = MasterArgs {
+        config_path: path,
+        exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+        argv: std::env::args_os().skip(1).collect::<Vec<OsString>>(),
+    };
+    let logger = log.logger.clone();
+    match Master::start(args, config, text, listeners, log, handover) {
+        Ok(m) => {
+            let code = m.run();
+            drop(logger);
+            ExitCode::from(code as u8)
+        }
+        Err(e) => {
+            slog::crit!(logger, "master failed to start"; "error" => %e);
+            eprintln!("pitcher: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--worker`: receive configuration and listeners from the master, drop
+/// privileges, serve.
+fn worker_main(cli: &Cli) -> ExitCode {
+    let ch = match Channel::from_env(channel::WORKER_FD_ENV) {
+        Ok(Some(ch)) => ch,
+        Ok(None) => {
+            eprintln!("pitcher: --worker is for processes started by the master");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("pitcher: worker: bad channel: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = ch.set_read_timeout(Some(Duration::from_secs(10)));
+    let (config_path, text, entries, fds) = match ch.recv::<ToWorker>() {
+        Ok(Some((ToWorker::Configure { config_path, config_text, listeners, .. }, fds))) => {
+            (config_path, config_text, listeners, fds)
+        }
+        other => {
+            eprintln!("pitcher: worker: expected a configuration from the master, got {other:?}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = ch.set_read_timeout(None);
+    let config = match Config::parse(Path::new(&config_path), &text) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pitcher: worker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = channel::check_manifest(&entries, &fds) {
+        eprintln!("pitcher: worker: listener manifest refused: {e}");
+        return ExitCode::FAILURE;
+    }
+    let log = match pitcher::log::build(&config.error_log, config.log_level, "worker") {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("pitcher: worker: cannot open the error log: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = drop_privileges(&config) {
+        slog::crit!(log.logger, "cannot drop privileges"; "error" => &e);
+        eprintln!("pitcher: worker: cannot drop privileges: {e}");
+        return ExitCode::FAILURE;
+    }
+    let _ = cli;
+    let (stop, quit) = match worker_signals() {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("pitcher: worker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let init = pitcher::worker::WorkerInit {
+        config: Arc::new(config),
+        listeners: entries.into_iter().zip(fds).collect(),
+        log: log.logger.clone(),
+        log_file: log.file.clone(),
+        stop,
+        quit,
+        channel: Some(ch),
+    };
+    match pitcher::worker::run(init) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            slog::crit!(log.logger, "worker failed"; "error" => %e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// TERM/INT stop at once, QUIT drains; HUP, USR1 and USR2 are the
+/// master's business and must not kill a worker that receives them.
+fn worker_signals() -> std::io::Result<(Arc<AtomicBool>, Arc<AtomicBool>)> {
+    use signal_hook::consts::*;
+    let stop = Arc::new(AtomicBool::new(false));
+    let quit = Arc::new(AtomicBool::new(false));
+    let ignored = Arc::new(AtomicBool::new(false));
+    for sig in [SIGTERM, SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    signal_hook::flag::register(SIGQUIT, quit.clone())?;
+    for sig in [SIGHUP, SIGUSR1, SIGUSR2] {
+        signal_hook::flag::register(sig, ignored.clone())?;
+    }
+    Ok((stop, quit))
+}
+
+/// Switches to the configured user and group when running as root.
+fn drop_privileges(config: &Config) -> Result<(), String> {
+    use nix::unistd::{setgid, setgroups, setuid, Group, User};
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let Some(name) = &config.user else { return Ok(()) };
+    let user = User::from_name(name).map_err(|e| e.to_string())?.ok_or_else(|| format!("no user {name:?}"))?;
+    let gid = match &config.group {
+        Some(g) => Group::from_name(g).map_err(|e| e.to_string())?.ok_or_else(|| format!("no group {g:?}"))?.gid,
+        None => user.gid,
+    };
+    setgroups(&[gid]).map_err(|e| format!("setgroups: {e}"))?;
+    setgid(gid).map_err(|e| format!("setgid: {e}"))?;
+    setuid(user.uid).map_err(|e| format!("setuid: {e}"))?;
+    Ok(())
 }
 
 /// `--single-process`: bind the listeners here and run one worker.
 fn single_process(config: Config) -> ExitCode {
-    let (log, _guard) = match pitcher::log::build(&config.error_log, config.log_level, "worker") {
+    let log = match pitcher::log::build(&config.error_log, config.log_level, "worker") {
         Ok(l) => l,
         Err(e) => {
             eprintln!("pitcher: cannot open the error log: {e}");
@@ -63,26 +293,136 @@ fn single_process(config: Config) -> ExitCode {
     let mut listeners = Vec::new();
     for l in &config.listeners {
         match pitcher::net::bind(&l.address, l.backlog) {
-            Ok(fd) => listeners.push((l.address.clone(), fd)),
+            Ok(fd) => {
+                use std::os::fd::AsRawFd;
+                listeners.push((channel::entry_for(&l.address, fd.as_raw_fd()), fd));
+            }
             Err(e) => {
                 eprintln!("pitcher: cannot listen on {}: {e}", l.address);
                 return ExitCode::FAILURE;
             }
         }
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGQUIT] {
-        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
-            eprintln!("pitcher: cannot install signal handler: {e}");
+    let (stop, quit) = match worker_signals() {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("pitcher: cannot install signal handlers: {e}");
             return ExitCode::FAILURE;
         }
-    }
-    let init = pitcher::worker::WorkerInit { config: Arc::new(config), listeners, log: log.clone(), stop };
+    };
+    let init = pitcher::worker::WorkerInit {
+        config: Arc::new(config),
+        listeners,
+        log: log.logger.clone(),
+        log_file: log.file.clone(),
+        stop,
+        quit,
+        channel: None,
+    };
     match pitcher::worker::run(init) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            slog::crit!(log, "worker failed"; "error" => %e);
+            slog::crit!(log.logger, "worker failed"; "error" => %e);
             eprintln!("pitcher: worker failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where the master of this configuration file listens and writes its pid.
+/// Read leniently, so that `-s reload` reaches the master even when the
+/// file now has an error (the master then reports it).
+fn control_paths(config: &Path) -> Result<(PathBuf, PathBuf), String> {
+    let text = std::fs::read_to_string(config).map_err(|e| format!("{}: cannot read: {e}", config.display()))?;
+    let v: toml::Table = match toml::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => return Err(Config::parse(config, &text).err().map(|e| e.to_string()).unwrap_or(e.to_string())),
+    };
+    let get = |k: &str, d: &str| PathBuf::from(v.get(k).and_then(|x| x.as_str()).unwrap_or(d));
+    Ok((get("control_socket", "/run/pitcher.sock"), get("pid_file", "/run/pitcher.pid")))
+}
+
+/// `-s SIGNAL`: through the control socket, or by pid file and kill(2)
+/// when the socket is not there.
+fn signal(config: &Path, sig: &str) -> ExitCode {
+    let unix_sig = match sig {
+        "reload" => nix::sys::signal::Signal::SIGHUP,
+        "upgrade" => nix::sys::signal::Signal::SIGUSR2,
+        "quit" => nix::sys::signal::Signal::SIGQUIT,
+        "stop" => nix::sys::signal::Signal::SIGTERM,
+        "reopen" => nix::sys::signal::Signal::SIGUSR1,
+        other => {
+            eprintln!("pitcher: unknown signal {other:?}: expected reload, upgrade, quit, stop or reopen");
+            return ExitCode::from(2);
+        }
+    };
+    let (socket, pid_file) = match control_paths(config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("pitcher: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match control::send(&socket, &Request { cmd: sig.to_string(), args: Vec::new() }) {
+        Ok(reply) if reply.ok => {
+            println!("pitcher: {}", reply.message);
+            ExitCode::SUCCESS
+        }
+        Ok(reply) => {
+            eprintln!("pitcher: {sig} failed: {}", reply.message);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            let Some(pid) = pitcher::master::read_pid(&pid_file) else {
+                eprintln!(
+                    "pitcher: cannot reach the master: {}: {e}; no pid in {}",
+                    socket.display(),
+                    pid_file.display()
+                );
+                return ExitCode::FAILURE;
+            };
+            match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), unix_sig) {
+                Ok(()) => {
+                    println!("pitcher: control socket unavailable ({e}); sent {unix_sig} to master pid {pid}");
+                    ExitCode::SUCCESS
+                }
+                Err(k) => {
+                    eprintln!("pitcher: cannot signal master pid {pid}: {k}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// `ctl WORDS...`: ask the master and print its answer.
+fn ctl(config: &Path, json: bool, words: &[String]) -> ExitCode {
+    let (socket, _) = match control_paths(config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("pitcher: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let req = Request { cmd: words[0].clone(), args: words[1..].to_vec() };
+    match control::send(&socket, &req) {
+        Ok(reply) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+            } else {
+                println!("{}", reply.message);
+                if !reply.data.is_null() {
+                    println!("{}", serde_json::to_string_pretty(&reply.data).unwrap_or_default());
+                }
+            }
+            if reply.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("pitcher: cannot reach the master at {}: {e}", socket.display());
             ExitCode::FAILURE
         }
     }

@@ -285,3 +285,11 @@ impl Readiness {
         }
     }
 }
+
+/// Changes the backlog of a listening socket (Linux applies a second
+/// `listen(2)` to the queue in place).
+pub fn set_backlog(fd: &OwnedFd, backlog: u32) -> io::Result<()> {
+    let backlog = Backlog::new(backlog.min(i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN);
+    socket::listen(fd, backlog)?;
+    Ok(())
+}

@@ -7,8 +7,8 @@
 //! keeps the address, so pools of unchanged clusters are not lost. Sockets
 //! live in the worker's connection slab; this module holds slab indices.
 
-use std::cell::Cell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::config::{BackendAddr, ClusterConfig};
@@ -74,8 +74,9 @@ pub struct Member {
     /// Id in the worker's [`Backends`].
     pub id: usize,
     pub weight: i64,
-    /// Smooth WRR running weight.
-    current: Cell<i64>,
+    /// Smooth WRR running weight. Atomic only so that a snapshot is `Sync`
+    /// (one worker thread uses it; relaxed loads and stores are plain moves).
+    current: AtomicI64,
 }
 
 /// A cluster of one configuration snapshot.
@@ -95,7 +96,7 @@ impl Cluster {
             members: c
                 .backends
                 .iter()
-                .map(|b| Member { id: backends.id_for(&b.addr), weight: b.weight as i64, current: Cell::new(0) })
+                .map(|b| Member { id: backends.id_for(&b.addr), weight: b.weight as i64, current: AtomicI64::new(0) })
                 .collect(),
             keepalive: c.keepalive,
             keepalive_timeout: c.keepalive_timeout,
@@ -113,8 +114,8 @@ impl Cluster {
             if i < 64 && tried & (1 << i) != 0 {
                 continue;
             }
-            let cur = m.current.get() + m.weight;
-            m.current.set(cur);
+            let cur = m.current.load(Relaxed) + m.weight;
+            m.current.store(cur, Relaxed);
             total += m.weight;
             if best.is_none_or(|(_, b)| cur > b) {
                 best = Some((i, cur));
@@ -122,7 +123,7 @@ impl Cluster {
         }
         let (i, _) = best?;
         let m = &self.members[i];
-        m.current.set(m.current.get() - total);
+        m.current.store(m.current.load(Relaxed) - total, Relaxed);
         Some(i)
     }
 }

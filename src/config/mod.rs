@@ -77,6 +77,7 @@ struct FileConfig {
     user: Option<String>,
     group: Option<String>,
     drain_timeout_ms: Option<u64>,
+    upgrade_timeout_ms: Option<u64>,
     #[serde(default)]
     listeners: Vec<FileListener>,
     #[serde(default)]
@@ -217,6 +218,8 @@ pub struct Config {
     pub user: Option<String>,
     pub group: Option<String>,
     pub drain_timeout: Duration,
+    /// How long a new master may take to report ready before rollback.
+    pub upgrade_timeout: Duration,
     pub listeners: Vec<ListenerConfig>,
     pub clusters: Vec<ClusterConfig>,
     pub routes: Vec<RouteConfig>,
@@ -418,6 +421,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         user: f.user,
         group: f.group,
         drain_timeout: ms(f.drain_timeout_ms, 30_000),
+        upgrade_timeout: ms(f.upgrade_timeout_ms, 10_000),
         listeners,
         clusters,
         routes,

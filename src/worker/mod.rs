@@ -21,12 +21,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
 use slab::Slab;
 use slog::Logger;
 
 use crate::buffer::BufPool;
-use crate::config::{Config, ListenAddr, SockAddr};
+use crate::channel::{check_manifest, Channel, ListenerEntry, ToMaster, ToWorker};
+use crate::config::Config;
+use crate::log::LogFile;
 use crate::net::Listener;
 use crate::router::Router;
 use crate::upstream::{Backends, Cluster};
@@ -38,6 +41,7 @@ use timer::Timers;
 pub(crate) const KIND_LISTENER: usize = 0;
 pub(crate) const KIND_CLIENT: usize = 1;
 pub(crate) const KIND_UPSTREAM: usize = 2;
+pub(crate) const KIND_CONTROL: usize = 3;
 
 pub(crate) fn token(kind: usize, index: usize) -> Token {
     Token(index << 2 | kind)
@@ -53,15 +57,21 @@ const MIN_BUFFER: usize = 16 * 1024;
 /// What a worker is started with.
 pub struct WorkerInit {
     pub config: Arc<Config>,
-    /// Listening sockets, in the order of `config.listeners`.
-    pub listeners: Vec<(ListenAddr, OwnedFd)>,
+    /// Listening sockets and their manifest entries.
+    pub listeners: Vec<(ListenerEntry, OwnedFd)>,
     pub log: Logger,
-    /// Set from a signal handler: stop the loop.
+    /// The log file to reopen on request, if logging to a file.
+    pub log_file: Option<LogFile>,
+    /// Set from a signal handler: stop the loop now.
     pub stop: Arc<AtomicBool>,
+    /// Set from a signal handler: drain and stop.
+    pub quit: Arc<AtomicBool>,
+    /// The channel to the master (absent in `--single-process` mode).
+    pub channel: Option<Channel>,
 }
 
 /// The configuration-derived state requests are served with. Immutable
-/// once built (balancing counters are `Cell`s); a reload builds a new one
+/// once built (balancing counters are relaxed atomics); a reload builds a new one
 /// and swaps the pointer. A session holds the snapshot its current request
 /// started with, so requests in flight finish on it.
 #[derive(Debug)]
@@ -98,7 +108,7 @@ pub struct Core {
 
 struct ListenerSlot {
     listener: Listener,
-    addr: ListenAddr,
+    entry: ListenerEntry,
     /// More connections may be waiting (the accept batch ran out).
     pending: bool,
 }
@@ -107,20 +117,30 @@ struct ListenerSlot {
 pub struct Worker {
     poll: Poll,
     sessions: Slab<Session>,
-    listeners: Vec<ListenerSlot>,
+    listeners: Slab<ListenerSlot>,
     core: Core,
     stop: Arc<AtomicBool>,
+    quit: Arc<AtomicBool>,
+    channel: Option<Channel>,
+    log_file: Option<LogFile>,
+    /// When draining ends at the latest.
+    drain_deadline: Option<Instant>,
 }
+
+/// Token of the channel to the master.
+const CHANNEL: Token = Token(KIND_CONTROL);
 
 impl Worker {
     pub fn new(init: WorkerInit) -> io::Result<Worker> {
         let poll = Poll::new()?;
         let registry = poll.registry().try_clone()?;
-        let mut listeners = Vec::with_capacity(init.listeners.len());
-        for (i, (addr, fd)) in init.listeners.into_iter().enumerate() {
-            let mut listener = Listener::from_fd(fd, matches!(addr.0, SockAddr::Unix(_)))?;
-            registry.register(&mut listener, token(KIND_LISTENER, i), Interest::READABLE)?;
-            listeners.push(ListenerSlot { listener, addr, pending: false });
+        let mut listeners = Slab::new();
+        for (entry, fd) in init.listeners {
+            add_listener(&registry, &mut listeners, entry, fd)?;
+        }
+        if let Some(ch) = &init.channel {
+            ch.set_nonblocking(true)?;
+            registry.register(&mut SourceFd(&ch.raw_fd()), CHANNEL, Interest::READABLE)?;
         }
         let buf_size = init.config.limits.max_header_bytes.max(MIN_BUFFER);
         let mut backends = Backends::default();
@@ -141,17 +161,33 @@ impl Worker {
                 draining: false,
             },
             stop: init.stop,
+            quit: init.quit,
+            channel: init.channel,
+            log_file: init.log_file,
+            drain_deadline: None,
         })
     }
 
     /// Runs until asked to stop.
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
-        for l in &self.listeners {
-            slog::info!(self.core.log, "listening"; "address" => %l.addr, "fd" => l.listener.raw_fd());
+        for (_, l) in &self.listeners {
+            slog::info!(self.core.log, "listening"; "address" => &l.entry.local, "fd" => l.listener.raw_fd());
+        }
+        if let Some(ch) = &self.channel {
+            ch.send(&ToMaster::Ready { pid: std::process::id() }, &[])?;
         }
         while !self.stop.load(Ordering::Relaxed) {
-            let any_pending = self.listeners.iter().any(|l| l.pending);
+            if self.quit.swap(false, Ordering::Relaxed) {
+                let t = self.core.current.load().config.drain_timeout;
+                self.start_drain(t);
+            }
+            if let Some(deadline) = self.drain_deadline {
+                if self.sessions.is_empty() || Instant::now() >= deadline {
+                    break;
+                }
+            }
+            let any_pending = self.listeners.iter().any(|(_, l)| l.pending);
             let timeout = if any_pending {
                 Some(Duration::ZERO)
             } else {
@@ -188,11 +224,11 @@ impl Worker {
                         }
                     }
                     KIND_UPSTREAM => self.upstream_event(idx, ev),
-                    _ => {}
+                    _ => self.channel_event(),
                 }
             }
-            for i in 0..self.listeners.len() {
-                if self.listeners[i].pending {
+            for i in 0..self.listeners.capacity() {
+                if self.listeners.get(i).is_some_and(|l| l.pending) {
                     self.accept(i);
                 }
             }
@@ -230,7 +266,7 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // EMFILE and the like: stop accepting until the next event.
-                    slog::error!(self.core.log, "accept failed"; "error" => %e, "listener" => %self.listeners[i].addr);
+                    slog::error!(self.core.log, "accept failed"; "error" => %e, "listener" => &self.listeners[i].entry.local);
                     self.listeners[i].pending = false;
                     return;
                 }
@@ -304,7 +340,127 @@ impl Worker {
     }
 }
 
-/// Runs a worker until `init.stop` is set.
+/// Registers a listening socket received (or bound) for this worker.
+fn add_listener(
+    registry: &Registry,
+    slots: &mut Slab<ListenerSlot>,
+    entry: ListenerEntry,
+    fd: OwnedFd,
+) -> io::Result<()> {
+    let mut listener = Listener::from_fd(fd, entry.local.starts_with("unix:"))?;
+    let e = slots.vacant_entry();
+    registry.register(&mut listener, token(KIND_LISTENER, e.key()), Interest::READABLE)?;
+    e.insert(ListenerSlot { listener, entry, pending: false });
+    Ok(())
+}
+
+impl Worker {
+    /// Messages from the master.
+    fn channel_event(&mut self) {
+        loop {
+            let Some(ch) = self.channel.as_ref() else { return };
+            match ch.recv::<ToWorker>() {
+                Ok(None) => return,
+                Ok(Some((ToWorker::Configure { seq, config_path, config_text, listeners }, fds))) => {
+                    let error = self.reconfigure(&config_path, &config_text, listeners, fds).err();
+                    match &error {
+                        None => slog::info!(self.core.log, "configuration reloaded"; "seq" => seq),
+                        Some(e) => slog::error!(self.core.log, "reload refused"; "seq" => seq, "error" => e),
+                    }
+                    if let Some(ch) = &self.channel {
+                        let _ = ch.send(&ToMaster::Configured { seq, error }, &[]);
+                    }
+                }
+                Ok(Some((ToWorker::Drain { timeout_ms }, _))) => self.start_drain(Duration::from_millis(timeout_ms)),
+                Ok(Some((ToWorker::Reopen, _))) => {
+                    if let Some(f) = &self.log_file {
+                        if let Err(e) = f.reopen() {
+                            slog::error!(self.core.log, "cannot reopen the log file"; "error" => %e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    // The master is gone (or the channel broke): finish what
+                    // is in flight and leave, rather than serve unmanaged.
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        slog::warn!(self.core.log, "master is gone; draining");
+                    } else {
+                        slog::error!(self.core.log, "master channel failed; draining"; "error" => %e);
+                    }
+                    if let Some(ch) = self.channel.take() {
+                        let _ = self.core.registry.deregister(&mut SourceFd(&ch.raw_fd()));
+                    }
+                    let t = self.core.current.load().config.drain_timeout;
+                    self.start_drain(t);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Applies a configuration: listeners added and removed, then the new
+    /// snapshot swapped in. Requests in flight keep the snapshot they have.
+    fn reconfigure(
+        &mut self,
+        path: &str,
+        text: &str,
+        entries: Vec<ListenerEntry>,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), String> {
+        let config = Config::parse(std::path::Path::new(path), text).map_err(|e| e.to_string())?;
+        check_manifest(&entries, &fds)?;
+        if self.drain_deadline.is_none() {
+            let stale: Vec<usize> =
+                self.listeners.iter().filter(|(_, l)| !entries.contains(&l.entry)).map(|(i, _)| i).collect();
+            for i in stale {
+                let mut slot = self.listeners.remove(i);
+                let _ = self.core.registry.deregister(&mut slot.listener);
+                slog::info!(self.core.log, "listener closed"; "address" => &slot.entry.local);
+            }
+            for (entry, fd) in entries.into_iter().zip(fds) {
+                if self.listeners.iter().any(|(_, l)| l.entry == entry) {
+                    continue; // Already listening: the duplicate fd is dropped.
+                }
+                slog::info!(self.core.log, "listening"; "address" => &entry.local);
+                add_listener(&self.core.registry, &mut self.listeners, entry, fd).map_err(|e| e.to_string())?;
+            }
+        }
+        let buf_size = config.limits.max_header_bytes.max(MIN_BUFFER);
+        if buf_size != self.core.bufs.size() {
+            self.core.bufs = BufPool::new(buf_size, POOLED_BUFFERS);
+        }
+        let snapshot = Snapshot::build(Arc::new(config), &mut self.core.backends);
+        self.core.current.store(Arc::new(snapshot));
+        // Idle connections to backends no cluster names any more.
+        let retired: Vec<usize> = self
+            .core
+            .ups
+            .iter()
+            .filter(|(_, u)| u.owner.is_none() && self.core.backends.get(u.backend).retired)
+            .map(|(i, _)| i)
+            .collect();
+        for ui in retired {
+            self.core.drop_idle(ui);
+        }
+        Ok(())
+    }
+
+    /// Stops accepting; requests in flight finish (answered with
+    /// `Connection: close`), idle connections last until the deadline.
+    fn start_drain(&mut self, timeout: Duration) {
+        if self.drain_deadline.is_some() {
+            return;
+        }
+        slog::info!(self.core.log, "draining"; "sessions" => self.sessions.len(), "timeout_ms" => timeout.as_millis() as u64);
+        for (_, mut slot) in std::mem::take(&mut self.listeners) {
+            let _ = self.core.registry.deregister(&mut slot.listener);
+        }
+        self.core.draining = true;
+        self.drain_deadline = Some(Instant::now() + timeout);
+    }
+}
+
+/// Runs a worker until it is stopped or has drained.
 pub fn run(init: WorkerInit) -> io::Result<()> {
     let mut w = Worker::new(init)?;
     w.run()

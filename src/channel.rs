@@ -1,0 +1,207 @@
+//! The channels between processes: master ↔ worker, and old master ↔ new
+//! master during a binary upgrade. A channel is a `SOCK_SEQPACKET` Unix
+//! socket pair: each message is one packet (JSON), file descriptors travel
+//! with the packet that names them (`sendfd`), and the peer's exit reads as
+//! end-of-file. Listening sockets always travel with a manifest of names
+//! that the receiver checks against the fds themselves.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
+use sendfd::{RecvWithFd, SendWithFd};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ListenAddr, SockAddr};
+
+/// Largest message (a configuration file travels in one).
+pub const MAX_MESSAGE: usize = 4 << 20;
+/// Most fds one message carries (the kernel's SCM_RIGHTS limit is 253).
+pub const MAX_FDS: usize = 250;
+/// Environment variable naming a worker's channel fd.
+pub const WORKER_FD_ENV: &str = "PITCHER_WORKER_FD";
+/// Environment variable naming a new master's channel to the old one.
+pub const UPGRADE_FD_ENV: &str = "PITCHER_UPGRADE_FD";
+
+/// One listening socket in a manifest: its configured address and the
+/// address it is actually bound to (they differ for port 0).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerEntry {
+    pub name: String,
+    pub local: String,
+}
+
+/// Master to worker.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToWorker {
+    /// The configuration to serve (first message, and every reload), with
+    /// every listening fd attached in manifest order.
+    Configure { seq: u64, config_path: String, config_text: String, listeners: Vec<ListenerEntry> },
+    /// Stop accepting, finish what is in flight, exit.
+    Drain { timeout_ms: u64 },
+    /// Reopen log files.
+    Reopen,
+}
+
+/// Worker to master.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToMaster {
+    /// Configured and accepting.
+    Ready { pid: u32 },
+    /// Outcome of a `Configure` after the first.
+    Configured { seq: u64, error: Option<String> },
+}
+
+/// Old master ↔ new master during a binary upgrade.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Handoff {
+    /// Old to new: the listening sockets, fds attached.
+    Listeners { listeners: Vec<ListenerEntry> },
+    /// New to old: workers are accepting; the old generation may go.
+    Ready { pid: u32 },
+}
+
+/// One end of a channel.
+#[derive(Debug)]
+pub struct Channel {
+    // A SOCK_SEQPACKET socket: std has no type for it, and UnixStream's
+    // fd-level operations (and sendfd's sendmsg/recvmsg) are what it needs.
+    sock: UnixStream,
+}
+
+impl Channel {
+    /// A connected pair; both ends close-on-exec.
+    pub fn pair() -> io::Result<(Channel, Channel)> {
+        let (a, b) = socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
+        for fd in [&a, &b] {
+            let _ = socket::setsockopt(fd, socket::sockopt::SndBuf, &MAX_MESSAGE);
+        }
+        Ok((Channel { sock: UnixStream::from(a) }, Channel { sock: UnixStream::from(b) }))
+    }
+
+    /// Makes this end inheritable across exec (for a child about to be
+    /// spawned); returns its fd number.
+    pub fn inheritable(&self) -> io::Result<RawFd> {
+        fcntl(self.sock.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))?;
+        Ok(self.sock.as_raw_fd())
+    }
+
+    /// Takes the channel fd named by an environment variable.
+    pub fn from_env(var: &str) -> io::Result<Option<Channel>> {
+        let Ok(v) = std::env::var(var) else { return Ok(None) };
+        let fd: RawFd = v.parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{var}={v:?}")))?;
+        // The fd must be an open socket; fstat-like check via getsockopt.
+        socket::getsockopt(&unsafe_borrow(fd), socket::sockopt::SockType)
+            .map_err(|e| io::Error::other(format!("{var}={fd} is not a socket: {e}")))?;
+        // SAFETY: the parent passed this fd, open and not close-on-exec, for
+        // this process alone (checked just above that it is a socket); we
+        // take sole ownership here and nothing else in this process uses it.
+        let sock = unsafe { UnixStream::from_raw_fd(fd) };
+        fcntl(sock.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+        Ok(Some(Channel { sock }))
+    }
+
+    pub fn set_nonblocking(&self, nb: bool) -> io::Result<()> {
+        self.sock.set_nonblocking(nb)
+    }
+
+    pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        self.sock.set_read_timeout(t)
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// Sends one message with `fds` attached.
+    pub fn send<T: Serialize>(&self, msg: &T, fds: &[RawFd]) -> io::Result<()> {
+        let bytes = serde_json::to_vec(msg).map_err(io::Error::other)?;
+        if bytes.len() > MAX_MESSAGE {
+            return Err(io::Error::other(format!("message of {} bytes exceeds {MAX_MESSAGE}", bytes.len())));
+        }
+        if fds.len() > MAX_FDS {
+            return Err(io::Error::other(format!("{} fds exceed {MAX_FDS} per message", fds.len())));
+        }
+        let n = self.sock.send_with_fd(&bytes, fds)?;
+        if n != bytes.len() {
+            return Err(io::Error::other("short send on a seqpacket channel"));
+        }
+        Ok(())
+    }
+
+    /// Receives one message. `Ok(None)`: nothing now (non-blocking).
+    /// `Err(UnexpectedEof)`: the peer is gone.
+    pub fn recv<T: DeserializeOwned>(&self) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut raw = [0 as RawFd; MAX_FDS];
+        let (n, nfds) = match self.sock.recv_with_fd(&mut buf, &mut raw) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut fds = Vec::with_capacity(nfds);
+        for &fd in &raw[..nfds] {
+            // SAFETY: recvmsg just installed these fds in our table; nobody
+            // else knows them, so we own each one exactly once.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            let _ = fcntl(owned.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+            fds.push(owned);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let msg = serde_json::from_slice(&buf[..n]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        Ok(Some((msg, fds)))
+    }
+}
+
+/// A borrowed fd for a getsockopt check.
+fn unsafe_borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: used only for one getsockopt call on an fd number given to us
+    // by our parent; a closed fd makes the call fail with EBADF, nothing worse.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}
+
+/// The manifest entry for a bound listening fd.
+pub fn entry_for(addr: &ListenAddr, fd: RawFd) -> ListenerEntry {
+    let local = match &addr.0 {
+        SockAddr::Tcp(_) => crate::net::local_addr(fd).map(|a| a.to_string()).unwrap_or_default(),
+        SockAddr::Unix(p) => format!("unix:{}", p.display()),
+    };
+    ListenerEntry { name: addr.to_string(), local }
+}
+
+/// Checks received fds against their manifest: same count, and each fd is
+/// a listening socket bound where the manifest says.
+pub fn check_manifest(entries: &[ListenerEntry], fds: &[OwnedFd]) -> Result<(), String> {
+    if entries.len() != fds.len() {
+        return Err(format!("manifest names {} listeners but {} fds arrived", entries.len(), fds.len()));
+    }
+    for (e, fd) in entries.iter().zip(fds) {
+        let listening = socket::getsockopt(fd, socket::sockopt::AcceptConn).unwrap_or(false);
+        if !listening {
+            return Err(format!("fd {} for {} is not a listening socket", fd.as_raw_fd(), e.name));
+        }
+        if e.local.starts_with("unix:") {
+            let ok = socket::getsockname::<socket::UnixAddr>(fd.as_raw_fd())
+                .ok()
+                .and_then(|a| a.path().map(|p| format!("unix:{}", p.display())))
+                .is_some_and(|p| p == e.local);
+            if !ok {
+                return Err(format!("fd {} is not bound to {}", fd.as_raw_fd(), e.local));
+            }
+        } else {
+            let actual = crate::net::local_addr(fd.as_raw_fd()).map(|a| a.to_string()).unwrap_or_default();
+            if actual != e.local {
+                return Err(format!("fd {} is bound to {actual}, manifest says {}", fd.as_raw_fd(), e.local));
+            }
+        }
+    }
+    Ok(())
+}

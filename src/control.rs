@@ -1,0 +1,57 @@
+//! The control socket protocol (`pitcher -s ...`, `pitcher ctl ...`): one
+//! JSON request line, one JSON reply line, over the master's Unix socket
+//! (mode 0600). The client side is here too; the master answers in
+//! `master::control`.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A command to the master.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    /// `reload`, `upgrade`, `quit`, `stop`, `reopen`, `status`.
+    pub cmd: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+/// The master's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    pub message: String,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+impl Reply {
+    pub fn ok(message: impl Into<String>) -> Reply {
+        Reply { ok: true, message: message.into(), data: serde_json::Value::Null }
+    }
+    pub fn err(message: impl Into<String>) -> Reply {
+        Reply { ok: false, message: message.into(), data: serde_json::Value::Null }
+    }
+}
+
+/// How long a client waits for the master's answer (a reload waits for
+/// every worker, an upgrade for the new master).
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sends one command to the master listening at `socket`.
+pub fn send(socket: &Path, req: &Request) -> io::Result<Reply> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut line = serde_json::to_vec(req).map_err(io::Error::other)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply)?;
+    if reply.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the master closed the control connection"));
+    }
+    serde_json::from_str(&reply).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}

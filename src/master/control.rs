@@ -1,0 +1,213 @@
+//! The master's side of the control socket: accept a connection, read one
+//! request line, act, answer. Answers that depend on workers (a reload is
+//! done when every worker confirmed it) or on a new master (an upgrade is
+//! done when it is ready or rolled back) wait in [`Pending`].
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+
+use mio::unix::SourceFd;
+use mio::Interest;
+
+use crate::control::{Reply, Request};
+
+use super::{Master, State, CONTROL};
+
+/// Longest wait for every worker to confirm a reload.
+const RELOAD_CONFIRM: Duration = Duration::from_secs(10);
+
+/// An answer waiting for something to finish.
+pub struct Pending {
+    stream: StdUnixStream,
+    kind: PendingKind,
+    deadline: Instant,
+}
+
+pub enum PendingKind {
+    Reload { seq: u64 },
+    Upgrade,
+}
+
+/// (device, inode) of a file, to tell our socket from a successor's.
+pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+impl Master {
+    /// Binds the control socket (replacing a stale or predecessor's file).
+    pub(super) fn bind_control(&mut self) -> std::io::Result<()> {
+        if let Some(old) = self.control.take() {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&old.as_raw_fd()));
+        }
+        let path = self.config.control_socket.clone();
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot bind the control socket {}: {e}", path.display()))
+        })?;
+        l.set_nonblocking(true)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        self.poll.registry().register(&mut SourceFd(&l.as_raw_fd()), CONTROL, Interest::READABLE)?;
+        self.control = Some(l);
+        self.control_id = file_id(&path);
+        Ok(())
+    }
+
+    /// Is the control socket file still the one this master bound?
+    pub(super) fn control_is_ours(&self) -> bool {
+        self.control_id.is_some() && file_id(&self.config.control_socket) == self.control_id
+    }
+
+    pub(super) fn accept_control(&mut self) {
+        loop {
+            let Some(l) = self.control.as_ref() else { return };
+            let std_stream = match l.accept() {
+                Ok((s, _)) => s,
+                Err(_) => return,
+            };
+            // Local tools write their request at once; a short blocking read
+            // keeps this simple without letting a silent client stall us.
+            let _ = std_stream.set_nonblocking(false);
+            let _ = std_stream.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut line = String::new();
+            let req: Result<Request, String> = match BufReader::new(&std_stream).read_line(&mut line) {
+                Ok(_) => serde_json::from_str(&line).map_err(|e| format!("bad request: {e}")),
+                Err(e) => Err(format!("cannot read the request: {e}")),
+            };
+            match req {
+                Ok(req) => self.command(std_stream, req),
+                Err(e) => answer(std_stream, &Reply::err(e)),
+            }
+        }
+    }
+
+    fn command(&mut self, stream: StdUnixStream, req: Request) {
+        slog::info!(self.logger(), "control command"; "cmd" => &req.cmd);
+        match req.cmd.as_str() {
+            "reload" => match self.reload() {
+                Ok(seq) => self.pending.push(Pending {
+                    stream,
+                    kind: PendingKind::Reload { seq },
+                    deadline: Instant::now() + RELOAD_CONFIRM,
+                }),
+                Err(e) => {
+                    slog::error!(self.logger(), "reload refused; the running configuration stays"; "error" => &e);
+                    answer(stream, &Reply::err(e));
+                }
+            },
+            "upgrade" => match self.start_upgrade(Some(stream)) {
+                Ok(()) => {}
+                Err((stream, e)) => {
+                    slog::error!(self.logger(), "upgrade refused"; "error" => &e);
+                    if let Some(s) = stream {
+                        answer(s, &Reply::err(e));
+                    }
+                }
+            },
+            "quit" => {
+                self.quit(false);
+                answer(stream, &Reply::ok("quitting: workers drain, then the master exits"));
+            }
+            "stop" => {
+                self.stop();
+                answer(stream, &Reply::ok("stopping"));
+            }
+            "reopen" => {
+                self.reopen();
+                answer(stream, &Reply::ok("log files reopened"));
+            }
+            "status" => {
+                let reply = Reply { data: self.status(), ..Reply::ok("running") };
+                answer(stream, &reply);
+            }
+            other => answer(stream, &Reply::err(format!("unknown command {other:?}"))),
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let workers: Vec<serde_json::Value> = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match &s.proc {
+                Some(p) => {
+                    serde_json::json!({"slot": i, "pid": p.pid.as_raw(), "ready": p.ready, "config_seq": p.acked})
+                }
+                None => serde_json::json!({"slot": i, "pid": null, "ready": false}),
+            })
+            .collect();
+        serde_json::json!({
+            "master_pid": std::process::id(),
+            "config": self.args.config_path,
+            "config_seq": self.seq,
+            "state": format!("{:?}", self.state),
+            "workers": workers,
+            "retiring": self.retiring.iter().map(|p| p.pid.as_raw()).collect::<Vec<_>>(),
+            "upgrade_pid": self.upgrade.as_ref().map(|u| u.pid.as_raw()),
+            "listeners": self.listeners.iter().map(|b| b.entry.local.clone()).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Answers the pending requests that are settled or timed out.
+    pub(super) fn reply_pending(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.pending.len() {
+            let settled = match self.pending[i].kind {
+                PendingKind::Reload { seq } => {
+                    let live: Vec<_> = self.slots.iter().filter_map(|s| s.proc.as_ref()).collect();
+                    let behind = live.iter().filter(|p| p.acked < seq).count();
+                    if behind == 0 {
+                        Some(Reply::ok(format!("configuration reloaded by {} workers", live.len())))
+                    } else if now >= self.pending[i].deadline || self.state != State::Running {
+                        Some(Reply::err(format!("{behind} of {} workers did not confirm the reload", live.len())))
+                    } else {
+                        None
+                    }
+                }
+                PendingKind::Upgrade => None,
+            };
+            match settled {
+                Some(reply) => {
+                    let p = self.pending.swap_remove(i);
+                    answer(p.stream, &reply);
+                }
+                None => i += 1,
+            }
+        }
+    }
+
+    /// Answers every pending upgrade request.
+    pub(super) fn settle_upgrade_replies(&mut self, reply: &Reply) {
+        let mut i = 0;
+        while i < self.pending.len() {
+            if matches!(self.pending[i].kind, PendingKind::Upgrade) {
+                let p = self.pending.swap_remove(i);
+                answer(p.stream, reply);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    pub(super) fn wait_for_upgrade(&mut self, stream: StdUnixStream) {
+        self.pending.push(Pending {
+            stream,
+            kind: PendingKind::Upgrade,
+            deadline: Instant::now() + Duration::from_secs(3600),
+        });
+    }
+}
+
+/// Writes the answer line (best effort: the client may have gone).
+pub fn answer(mut stream: StdUnixStream, reply: &Reply) {
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    if let Ok(mut line) = serde_json::to_vec(reply) {
+        line.push(b'\n');
+        let _ = stream.write_all(&line);
+    }
+}

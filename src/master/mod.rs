@@ -1,0 +1,599 @@
+//! The master process: owns the listening sockets, the pid file and the
+//! control socket, starts and supervises the workers, reloads the
+//! configuration into them and hands everything to a new binary on
+//! upgrade. It never touches request traffic.
+//!
+//! One `mio` loop watches: a self-pipe woken by signals (the handlers only
+//! set flags), the control socket, each worker's channel and, during an
+//! upgrade, the channel between the old and the new master. Deadlines
+//! (respawn back-off, upgrade timeout, stop) are checked on every turn; the
+//! loop wakes at least every `TICK`.
+
+mod control;
+mod upgrade;
+
+use std::ffi::OsString;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use slog::Logger;
+
+use crate::channel::{self, Channel, ListenerEntry, ToMaster, ToWorker, WORKER_FD_ENV};
+use crate::config::{Config, ListenerConfig};
+use crate::log::Log;
+
+pub use upgrade::Handover;
+
+/// Longest sleep of the master loop.
+const TICK: Duration = Duration::from_millis(100);
+/// A worker that dies sooner than this after starting counts as crashing.
+const MIN_HEALTHY_LIFE: Duration = Duration::from_secs(2);
+/// First and largest respawn delays for a crashing worker.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long workers get to exit after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+const SIGNALS: Token = Token(0);
+const CONTROL: Token = Token(1);
+const UPGRADE: Token = Token(2);
+/// Worker channels: `WORKER_BASE + pid`.
+const WORKER_BASE: usize = 16;
+
+/// How the master was started.
+pub struct MasterArgs {
+    /// Absolute path of the configuration file.
+    pub config_path: PathBuf,
+    /// The binary's path at start, for `SIGUSR2` (the file there may be
+    /// replaced later: that is the point of an upgrade).
+    pub exe: PathBuf,
+    /// The arguments the master was started with (after argv[0]).
+    pub argv: Vec<OsString>,
+}
+
+/// A bound listening socket.
+struct Bound {
+    config: ListenerConfig,
+    fd: OwnedFd,
+    entry: ListenerEntry,
+}
+
+/// A worker process.
+struct WorkerProc {
+    pid: Pid,
+    chan: Channel,
+    started: Instant,
+    ready: bool,
+    /// Last configuration sequence the worker confirmed.
+    acked: u64,
+}
+
+/// One of the `workers` places: a process, or a respawn pending.
+#[derive(Default)]
+struct Slot {
+    proc: Option<WorkerProc>,
+    respawn_at: Option<Instant>,
+    backoff: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Running,
+    /// Draining workers, then exit (QUIT, or replaced by a new master).
+    Quitting {
+        replaced: bool,
+    },
+    /// Workers were sent SIGTERM; exit when they are gone or at the deadline.
+    Stopping {
+        deadline: Instant,
+    },
+}
+
+/// Signal flags, set by handlers, read by the loop.
+struct Signals {
+    pipe: StdUnixStream,
+    hup: Arc<AtomicBool>,
+    usr1: Arc<AtomicBool>,
+    usr2: Arc<AtomicBool>,
+    quit: Arc<AtomicBool>,
+    term: Arc<AtomicBool>,
+    chld: Arc<AtomicBool>,
+}
+
+impl Signals {
+    fn install() -> io::Result<Signals> {
+        use signal_hook::consts::*;
+        let (read, write) = StdUnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        write.set_nonblocking(true)?;
+        let flag = || Arc::new(AtomicBool::new(false));
+        let s =
+            Signals { pipe: read, hup: flag(), usr1: flag(), usr2: flag(), quit: flag(), term: flag(), chld: flag() };
+        for (sig, f) in [
+            (SIGHUP, &s.hup),
+            (SIGUSR1, &s.usr1),
+            (SIGUSR2, &s.usr2),
+            (SIGQUIT, &s.quit),
+            (SIGTERM, &s.term),
+            (SIGINT, &s.term),
+            (SIGCHLD, &s.chld),
+        ] {
+            signal_hook::flag::register(sig, f.clone())?;
+            signal_hook::low_level::pipe::register(sig, write.try_clone()?)?;
+        }
+        Ok(s)
+    }
+
+    fn drain_pipe(&mut self) {
+        let mut buf = [0u8; 64];
+        while matches!(self.pipe.read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
+/// The master process state.
+pub struct Master {
+    args: MasterArgs,
+    log: Log,
+    config: Arc<Config>,
+    config_text: String,
+    listeners: Vec<Bound>,
+    slots: Vec<Slot>,
+    /// Workers being drained away (after a reload lowered `workers`).
+    retiring: Vec<WorkerProc>,
+    seq: u64,
+    poll: Poll,
+    signals: Signals,
+    control: Option<std::os::unix::net::UnixListener>,
+    /// (device, inode) of the control socket file this master bound.
+    control_id: Option<(u64, u64)>,
+    pending: Vec<control::Pending>,
+    upgrade: Option<upgrade::Upgrade>,
+    /// This master is the new one of an upgrade, not yet ready.
+    handover: Option<Channel>,
+    state: State,
+    /// When draining workers are killed anyway.
+    quit_deadline: Option<Instant>,
+}
+
+impl Master {
+    fn logger(&self) -> &Logger {
+        &self.log.logger
+    }
+
+    /// Starts a master with its listeners bound (or received) already.
+    pub fn start(
+        args: MasterArgs,
+        config: Config,
+        config_text: String,
+        listeners: Vec<(ListenerConfig, OwnedFd)>,
+        log: Log,
+        handover: Option<Channel>,
+    ) -> io::Result<Master> {
+        let poll = Poll::new()?;
+        let mut signals = Signals::install()?;
+        poll.registry().register(&mut SourceFd(&signals.pipe.as_raw_fd()), SIGNALS, Interest::READABLE)?;
+        signals.drain_pipe();
+        let listeners = listeners
+            .into_iter()
+            .map(|(c, fd)| {
+                let entry = channel::entry_for(&c.address, fd.as_raw_fd());
+                Bound { config: c, fd, entry }
+            })
+            .collect();
+        let mut m = Master {
+            args,
+            log,
+            config: Arc::new(config),
+            config_text,
+            listeners,
+            slots: Vec::new(),
+            retiring: Vec::new(),
+            seq: 1,
+            poll,
+            signals,
+            control: None,
+            control_id: None,
+            pending: Vec::new(),
+            upgrade: None,
+            handover,
+            state: State::Running,
+            quit_deadline: None,
+        };
+        m.write_pid_file()?;
+        m.bind_control()?;
+        for b in &m.listeners {
+            slog::info!(m.logger(), "listening"; "address" => &b.entry.local, "backlog" => b.config.backlog);
+        }
+        let n = m.config.workers;
+        m.slots.resize_with(n, Slot::default);
+        for i in 0..n {
+            m.spawn(i);
+        }
+        slog::info!(m.logger(), "master started"; "workers" => n, "config" => %m.args.config_path.display());
+        Ok(m)
+    }
+
+    /// Runs until the master exits; returns the exit status.
+    pub fn run(mut self) -> i32 {
+        let mut events = Events::with_capacity(64);
+        loop {
+            if let Err(e) = self.poll.poll(&mut events, Some(TICK)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    slog::crit!(self.logger(), "poll failed"; "error" => %e);
+                    return 1;
+                }
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    SIGNALS => self.signals.drain_pipe(),
+                    CONTROL => self.accept_control(),
+                    UPGRADE => self.upgrade_event(),
+                    Token(t) if t >= WORKER_BASE => self.worker_event(Pid::from_raw((t - WORKER_BASE) as i32)),
+                    _ => {}
+                }
+            }
+            self.handle_signals();
+            self.tick();
+            if let Some(code) = self.finished() {
+                self.cleanup();
+                slog::info!(self.logger(), "master exiting"; "status" => code);
+                return code;
+            }
+        }
+    }
+
+    fn handle_signals(&mut self) {
+        if self.signals.chld.swap(false, Ordering::Relaxed) {
+            self.reap();
+        }
+        if self.signals.term.swap(false, Ordering::Relaxed) {
+            self.stop();
+        }
+        if self.signals.quit.swap(false, Ordering::Relaxed) {
+            self.quit(false);
+        }
+        if self.signals.hup.swap(false, Ordering::Relaxed) {
+            match self.reload() {
+                Ok(seq) => slog::info!(self.logger(), "reload sent to workers (SIGHUP)"; "seq" => seq),
+                Err(e) => slog::error!(self.logger(), "reload refused; the running configuration stays"; "error" => %e),
+            }
+        }
+        if self.signals.usr1.swap(false, Ordering::Relaxed) {
+            self.reopen();
+        }
+        if self.signals.usr2.swap(false, Ordering::Relaxed) {
+            if let Err((_, e)) = self.start_upgrade(None) {
+                slog::error!(self.logger(), "upgrade refused"; "error" => %e);
+            }
+        }
+    }
+
+    /// Deadlines: respawns, upgrade timeout, pending replies, stop.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        if self.state == State::Running {
+            for i in 0..self.slots.len() {
+                if self.slots[i].proc.is_none() && self.slots[i].respawn_at.is_some_and(|t| t <= now) {
+                    self.spawn(i);
+                }
+            }
+        }
+        self.upgrade_tick(now);
+        self.handover_tick();
+        self.reply_pending(now);
+        if let Some(d) = self.quit_deadline {
+            if now >= d {
+                self.quit_deadline = None;
+                slog::warn!(self.logger(), "drain deadline passed; killing the remaining workers");
+                self.signal_workers(Signal::SIGKILL);
+            }
+        }
+        if let State::Stopping { deadline } = self.state {
+            if now >= deadline {
+                self.signal_workers(Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// `Some(status)` when the master should exit now.
+    fn finished(&self) -> Option<i32> {
+        let live = self.slots.iter().any(|s| s.proc.is_some()) || !self.retiring.is_empty();
+        match self.state {
+            State::Running => None,
+            State::Quitting { .. } | State::Stopping { .. } if !live => Some(0),
+            _ => None,
+        }
+    }
+
+    /// Starts the worker of slot `i`.
+    fn spawn(&mut self, i: usize) {
+        self.slots[i].respawn_at = None;
+        match self.spawn_process() {
+            Ok(p) => {
+                slog::info!(self.logger(), "worker started"; "slot" => i, "pid" => p.pid.as_raw());
+                self.slots[i].proc = Some(p);
+            }
+            Err(e) => {
+                let slot = &mut self.slots[i];
+                slot.backoff = (slot.backoff * 2).clamp(BACKOFF_START, BACKOFF_MAX);
+                slot.respawn_at = Some(Instant::now() + slot.backoff);
+                slog::error!(self.log.logger, "cannot start a worker"; "slot" => i, "error" => %e, "retry_in_ms" => slot.backoff.as_millis() as u64);
+            }
+        }
+    }
+
+    /// fork + exec of our own binary (`/proc/self/exe`, so a worker always
+    /// matches its master even if the file at our path was replaced), with
+    /// the channel as an inherited fd, then the configuration and the
+    /// listeners over the channel.
+    fn spawn_process(&mut self) -> io::Result<WorkerProc> {
+        let (mine, theirs) = Channel::pair()?;
+        let fd = theirs.inheritable()?;
+        let child = Command::new("/proc/self/exe")
+            .arg0("pitcher: worker process")
+            .arg("--worker")
+            .arg("-c")
+            .arg(&self.args.config_path)
+            .env(WORKER_FD_ENV, fd.to_string())
+            .env_remove(channel::UPGRADE_FD_ENV)
+            .stdin(Stdio::null())
+            .spawn()?;
+        drop(theirs);
+        let pid = Pid::from_raw(child.id() as i32);
+        // The child is reaped by waitpid(-1) on SIGCHLD; `Child` is not waited.
+        drop(child);
+        let p = WorkerProc { pid, chan: mine, started: Instant::now(), ready: false, acked: self.seq };
+        p.chan.send(&self.configure_message(), &self.listener_fds())?;
+        p.chan.set_nonblocking(true)?;
+        self.poll.registry().register(
+            &mut SourceFd(&p.chan.raw_fd()),
+            Token(WORKER_BASE + pid.as_raw() as usize),
+            Interest::READABLE,
+        )?;
+        Ok(p)
+    }
+
+    fn configure_message(&self) -> ToWorker {
+        ToWorker::Configure {
+            seq: self.seq,
+            config_path: self.args.config_path.to_string_lossy().into_owned(),
+            config_text: self.config_text.clone(),
+            listeners: self.listeners.iter().map(|b| b.entry.clone()).collect(),
+        }
+    }
+
+    fn listener_fds(&self) -> Vec<RawFd> {
+        self.listeners.iter().map(|b| b.fd.as_raw_fd()).collect()
+    }
+
+    /// Messages from a worker.
+    fn worker_event(&mut self, pid: Pid) {
+        loop {
+            let Some(p) = self.find_worker(pid) else { return };
+            match p.chan.recv::<ToMaster>() {
+                Ok(None) => return,
+                Ok(Some((ToMaster::Ready { .. }, _))) => {
+                    p.ready = true;
+                    slog::debug!(self.log.logger, "worker ready"; "pid" => pid.as_raw());
+                }
+                Ok(Some((ToMaster::Configured { seq, error }, _))) => {
+                    p.acked = p.acked.max(seq);
+                    if let Some(e) = error {
+                        slog::error!(self.log.logger, "worker refused a configuration"; "pid" => pid.as_raw(), "seq" => seq, "error" => e);
+                    }
+                }
+                Err(_) => {
+                    // Channel closed: the process is exiting; SIGCHLD follows.
+                    let fd = p.chan.raw_fd();
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn find_worker(&mut self, pid: Pid) -> Option<&mut WorkerProc> {
+        self.slots.iter_mut().filter_map(|s| s.proc.as_mut()).chain(self.retiring.iter_mut()).find(|p| p.pid == pid)
+    }
+
+    /// Collects exited children and restarts workers that died.
+    fn reap(&mut self) {
+        loop {
+            let status = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(s) => s,
+            };
+            let Some(pid) = status.pid() else { continue };
+            let how = match status {
+                WaitStatus::Exited(_, code) => format!("exit status {code}"),
+                WaitStatus::Signaled(_, sig, core) => {
+                    format!("killed by {sig}{}", if core { " (core dumped)" } else { "" })
+                }
+                other => format!("{other:?}"),
+            };
+            if self.upgrade_child_exited(pid, &how) {
+                continue;
+            }
+            if let Some(i) = self.retiring.iter().position(|p| p.pid == pid) {
+                self.retiring.remove(i);
+                slog::info!(self.logger(), "drained worker exited"; "pid" => pid.as_raw(), "how" => &how);
+                continue;
+            }
+            let Some(i) = self.slots.iter().position(|s| s.proc.as_ref().is_some_and(|p| p.pid == pid)) else {
+                slog::debug!(self.logger(), "reaped a child"; "pid" => pid.as_raw(), "how" => &how);
+                continue;
+            };
+            let p = self.slots[i].proc.take().expect("slot has the process");
+            let _ = self.poll.registry().deregister(&mut SourceFd(&p.chan.raw_fd()));
+            if self.state != State::Running {
+                slog::info!(self.logger(), "worker exited"; "slot" => i, "pid" => pid.as_raw(), "how" => &how);
+                continue;
+            }
+            let slot = &mut self.slots[i];
+            if p.started.elapsed() < MIN_HEALTHY_LIFE {
+                slot.backoff = (slot.backoff * 2).clamp(BACKOFF_START, BACKOFF_MAX);
+            } else {
+                slot.backoff = Duration::ZERO;
+            }
+            slot.respawn_at = Some(Instant::now() + slot.backoff);
+            slog::error!(self.log.logger, "worker died; restarting it"; "slot" => i, "pid" => pid.as_raw(), "how" => &how,
+                "restart_in_ms" => slot.backoff.as_millis() as u64);
+            if slot.backoff.is_zero() {
+                self.spawn(i);
+            }
+        }
+    }
+
+    /// Re-reads and validates the configuration and sends it to the
+    /// workers. Invalid: nothing changes. Returns the sequence number the
+    /// workers confirm.
+    pub fn reload(&mut self) -> Result<u64, String> {
+        if self.state != State::Running {
+            return Err("the master is stopping".into());
+        }
+        let path = self.args.config_path.clone();
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let config = Config::parse(&path, &text).map_err(|e| e.to_string())?;
+        // Listeners: keep the sockets of unchanged addresses, bind new ones.
+        let mut next = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            let bound = match self.listeners.iter().find(|b| b.config.address == l.address) {
+                Some(b) => {
+                    let fd =
+                        b.fd.try_clone().map_err(|e| format!("cannot duplicate the socket of {}: {e}", l.address))?;
+                    if b.config.backlog != l.backlog {
+                        crate::net::set_backlog(&fd, l.backlog).map_err(|e| format!("{}: {e}", l.address))?;
+                    }
+                    Bound { config: l.clone(), fd, entry: b.entry.clone() }
+                }
+                None => {
+                    let fd = crate::net::bind(&l.address, l.backlog)
+                        .map_err(|e| format!("cannot listen on {}: {e}", l.address))?;
+                    let entry = channel::entry_for(&l.address, fd.as_raw_fd());
+                    slog::info!(self.logger(), "listening"; "address" => &entry.local);
+                    Bound { config: l.clone(), fd, entry }
+                }
+            };
+            next.push(bound);
+        }
+        for old in &self.listeners {
+            if !next.iter().any(|b| b.config.address == old.config.address) {
+                slog::info!(self.logger(), "listener removed"; "address" => &old.entry.local);
+            }
+        }
+        self.listeners = next;
+        let workers = config.workers;
+        self.config = Arc::new(config);
+        self.config_text = text;
+        self.seq += 1;
+        let msg = self.configure_message();
+        let fds = self.listener_fds();
+        for p in self.slots.iter().filter_map(|s| s.proc.as_ref()) {
+            if let Err(e) = p.chan.send(&msg, &fds) {
+                slog::error!(self.log.logger, "cannot send the configuration to a worker"; "pid" => p.pid.as_raw(), "error" => %e);
+            }
+        }
+        self.resize(workers);
+        Ok(self.seq)
+    }
+
+    /// Starts or drains workers to have `n`.
+    fn resize(&mut self, n: usize) {
+        while self.slots.len() > n {
+            let slot = self.slots.pop().expect("non-empty");
+            if let Some(p) = slot.proc {
+                let _ = p.chan.send(&ToWorker::Drain { timeout_ms: self.config.drain_timeout.as_millis() as u64 }, &[]);
+                slog::info!(self.logger(), "draining a worker (fewer workers configured)"; "pid" => p.pid.as_raw());
+                self.retiring.push(p);
+            }
+        }
+        while self.slots.len() < n {
+            self.slots.push(Slot::default());
+            let i = self.slots.len() - 1;
+            self.spawn(i);
+        }
+    }
+
+    fn reopen(&mut self) {
+        if let Err(e) = self.log.reopen() {
+            slog::error!(self.logger(), "cannot reopen the error log"; "error" => %e);
+        }
+        for p in self.slots.iter().filter_map(|s| s.proc.as_ref()).chain(self.retiring.iter()) {
+            let _ = p.chan.send(&ToWorker::Reopen, &[]);
+        }
+        slog::info!(self.logger(), "log files reopened");
+    }
+
+    /// Graceful stop: workers drain, then the master exits.
+    fn quit(&mut self, replaced: bool) {
+        if matches!(self.state, State::Quitting { .. } | State::Stopping { .. }) {
+            return;
+        }
+        slog::info!(self.logger(), "quitting: draining workers"; "replaced" => replaced);
+        self.state = State::Quitting { replaced };
+        let drain = self.config.drain_timeout;
+        for p in self.slots.iter().filter_map(|s| s.proc.as_ref()).chain(self.retiring.iter()) {
+            let _ = p.chan.send(&ToWorker::Drain { timeout_ms: drain.as_millis() as u64 }, &[]);
+        }
+        self.quit_deadline = Some(Instant::now() + drain + STOP_GRACE);
+        // Stop accepting in the master too: it holds the sockets only to
+        // hand them on.
+        if !replaced {
+            self.listeners.clear();
+        }
+    }
+
+    /// Fast stop: SIGTERM to the workers, SIGKILL after a grace period.
+    fn stop(&mut self) {
+        if matches!(self.state, State::Stopping { .. }) {
+            return;
+        }
+        slog::info!(self.logger(), "stopping");
+        self.state = State::Stopping { deadline: Instant::now() + STOP_GRACE };
+        self.signal_workers(Signal::SIGTERM);
+    }
+
+    fn signal_workers(&self, sig: Signal) {
+        for p in self.slots.iter().filter_map(|s| s.proc.as_ref()).chain(self.retiring.iter()) {
+            let _ = kill(p.pid, sig);
+        }
+    }
+
+    fn write_pid_file(&self) -> io::Result<()> {
+        let path = &self.config.pid_file;
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot write the pid file {}: {e}", path.display())))
+    }
+
+    /// Removes what this master owns on its way out.
+    fn cleanup(&mut self) {
+        let replaced = matches!(self.state, State::Quitting { replaced: true });
+        if replaced {
+            let _ = std::fs::remove_file(upgrade::oldbin(&self.config.pid_file));
+            return;
+        }
+        if read_pid(&self.config.pid_file) == Some(std::process::id()) {
+            let _ = std::fs::remove_file(&self.config.pid_file);
+        }
+        if self.control_is_ours() {
+            let _ = std::fs::remove_file(&self.config.control_socket);
+        }
+    }
+}
+
+/// The pid in a pid file.
+pub fn read_pid(path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
