@@ -1,0 +1,595 @@
+#!/usr/bin/env bash
+# tools/bench.sh — Pitcher's performance benchmark: Pitcher vs nginx, both
+# as a one-worker reverse proxy in front of the same fast nginx origin.
+#
+# Layout on the machine (2 cores are enough):
+#   core 0 (ORIGIN_CPU, WRK_CPU): the origin nginx (1 worker) and wrk
+#   core 1 (PROXY_CPU):           the proxy under test, one at a time under
+#                                 load (both stay up, the idle one sleeps)
+#
+# Scenarios (SCENARIOS, default "ka close 64k"):
+#   ka     small body, keep-alive client connections
+#   close  small body, every request on a new connection (Connection: close)
+#   64k    64 KiB body, keep-alive
+#
+# For each scenario: a warm-up run per proxy, then ROUNDS rounds in which the
+# proxies run interleaved (A, B, A, B, ...). Each run records req/s, p50/p99
+# latency, the errors wrk saw, and the CPU time the proxy spent per request:
+# utime+stime of all the proxy's processes (the launched pid and all its
+# descendants, e.g. nginx master + worker) before and after the run, divided
+# by the number of requests wrk completed ("CPU µs/req"). A run during which
+# other work kept the proxy's core busy (more than OTHER_LOAD_MAX percent of
+# the run) is flagged in the errors column: compare only unflagged rows.
+#
+# Environment:
+#   ROUNDS=2 DURATION=10s WARMUP=3s CONNECTIONS=50 THREADS=1
+#   SCENARIOS="ka close 64k"
+#   PROXIES="pitcher nginx"      which proxies to run, in this order
+#   PITCHER_BIN                  unset: run `cargo build --release` (a no-op
+#                                 when up to date) and use
+#                                 target/release/pitcher; set: use that
+#                                 binary as it is
+#   PITCHER_ARGS=--single-process  arguments before `-c FILE`. The launched
+#                                 process must stay in the foreground; its
+#                                 children are accounted too, so
+#                                 PITCHER_ARGS=--foreground measures master
+#                                 + one worker (the config has workers = 1)
+#   ORIGIN_CPU=0 WRK_CPU=0 PROXY_CPU=1
+#   OTHER_LOAD_MAX=10            flag runs whose proxy core was busier than
+#                                 the proxy by more than this many percent
+#   KEEP_TMP=1                   keep the temp dir (configs, logs, raw wrk
+#                                 output) instead of deleting it
+#
+# Output: progress on stderr, a markdown table on stdout.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-2}
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-3s}
+CONNECTIONS=${CONNECTIONS:-50}
+THREADS=${THREADS:-1}
+SCENARIOS=${SCENARIOS:-"ka close 64k"}
+PROXIES=${PROXIES:-"pitcher nginx"}
+PITCHER_ARGS=${PITCHER_ARGS:---single-process}
+ORIGIN_CPU=${ORIGIN_CPU:-0}
+WRK_CPU=${WRK_CPU:-0}
+PROXY_CPU=${PROXY_CPU:-1}
+KEEP_TMP=${KEEP_TMP:-0}
+OTHER_LOAD_MAX=${OTHER_LOAD_MAX:-10}
+NGINX=/usr/sbin/nginx
+
+# The small body every scenario but 64k fetches (same bytes from all hops).
+SMALL_BODY='Hello from the origin!'
+LARGE_SIZE=65536
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+# Unset PITCHER_BIN: build and use target/release/pitcher.
+BUILD_PITCHER=0
+[[ -n ${PITCHER_BIN:-} ]] || BUILD_PITCHER=1
+PITCHER_BIN=${PITCHER_BIN:-target/release/pitcher}
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- processes
+
+# Every process this script starts in the background; cleanup() stops them.
+STARTED_PIDS=()
+TMP=""
+
+# proc_tree PID: prints PID and all its live descendants, one per line, by
+# walking the ppid field of /proc/*/stat.
+proc_tree() {
+    local -A kids=()
+    local f line rest pid
+    local -a st
+    for f in /proc/[0-9]*/stat; do
+        read -r line 2>/dev/null <"$f" || continue
+        pid=${line%% *}
+        rest=${line##*) }            # fields from 3 (state) on; comm may hold spaces
+        read -ra st <<<"$rest"
+        kids[${st[1]}]+=" $pid"
+    done
+    local -a queue=("$1")
+    local p c
+    while ((${#queue[@]})); do
+        p=${queue[0]}
+        queue=("${queue[@]:1}")
+        [[ -e /proc/$p ]] && printf '%s\n' "$p"
+        for c in ${kids[$p]:-}; do queue+=("$c"); done
+    done
+}
+
+# alive PID: the process exists and is not a zombie.
+alive() {
+    local line
+    read -r line 2>/dev/null <"/proc/$1/stat" || return 1
+    line=${line##*) }
+    [[ ${line:0:1} != Z ]]
+}
+
+# cpu_ticks PID: utime+stime (clock ticks) summed over PID and descendants.
+# Ticks are CLK_TCK (100/s, i.e. 10 ms) granular and each process's counters
+# are read separately, so one reading may be off by about a tick per process.
+# With DURATION=10s and 100k+ requests per run that is < 0.1 µs/req; short
+# runs (DURATION=3s) are correspondingly noisier. CPU time of a child that
+# exits during a run is not counted (the proxies under test do not fork per
+# request; a crashed/respawned worker would show up as errors anyway).
+cpu_ticks() {
+    local total=0 pid line
+    local -a st
+    while read -r pid; do
+        read -r line 2>/dev/null <"/proc/$pid/stat" || continue
+        read -ra st <<<"${line##*) }"
+        total=$((total + st[11] + st[12]))   # fields 14 (utime), 15 (stime)
+    done < <(proc_tree "$1")
+    echo "$total"
+}
+
+# core_busy_ticks CPU: all non-idle time of one core (user nice system irq
+# softirq steal in /proc/stat), in clock ticks. Compared with the proxy's own
+# ticks it shows whether other processes ran on the proxy's core during a
+# run. Both are tick-sampled, so they agree only to a few percent.
+core_busy_ticks() {
+    local line
+    local -a f
+    while read -r line; do
+        [[ $line == "cpu$1 "* ]] || continue
+        read -ra f <<<"$line"
+        echo "$((f[1] + f[2] + f[3] + f[6] + f[7] + f[8]))"
+        return 0
+    done </proc/stat
+    die "cpu$1 not found in /proc/stat"
+}
+
+# stop_tree PID: SIGTERM the process and wait up to 5 s for it; then SIGTERM
+# what is left of its descendants (a wrapper may have died without them) and
+# after 2 s more SIGKILL any survivor. All by pid.
+stop_tree() {
+    local root=$1 pid i left sig
+    local -a tree
+    mapfile -t tree < <(proc_tree "$root")
+    kill -TERM "$root" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        alive "$root" || break
+        sleep 0.1
+    done
+    for sig in TERM KILL; do
+        left=0
+        for pid in "${tree[@]}"; do
+            if alive "$pid"; then
+                if [[ $sig == KILL ]]; then log "pid $pid did not stop, sending SIGKILL"; fi
+                kill "-$sig" "$pid" 2>/dev/null || true
+                left=1
+            fi
+        done
+        ((left)) || break
+        for ((i = 0; i < 20 && left; i++)); do
+            sleep 0.1
+            left=0
+            for pid in "${tree[@]}"; do
+                if alive "$pid"; then left=1; fi
+            done
+        done
+    done
+    wait "$root" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$? i
+    trap - EXIT INT TERM
+    # Finish the cleanup even if a command fails or stderr has gone away.
+    set +e
+    trap '' PIPE
+    for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do
+        stop_tree "${STARTED_PIDS[i]}"
+    done
+    if [[ -n $TMP && -d $TMP ]]; then
+        if [[ $KEEP_TMP == 1 ]]; then log "kept $TMP"; else rm -rf "$TMP"; fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# free_ports N: N distinct free TCP ports on 127.0.0.1 (all bound at once so
+# they differ; there is a small race until our servers bind them).
+free_ports() {
+    python3 - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+# wait_http NAME PID PORT LOG: wait (max 10 s) until PORT answers HTTP; fail
+# with the log's tail if the process dies or never answers.
+wait_http() {
+    local name=$1 pid=$2 port=$3 logf=$4 i
+    for ((i = 0; i < 100; i++)); do
+        if ! alive "$pid"; then
+            tail -n 20 "$logf" >&2 || true
+            die "$name (pid $pid) exited during startup (log tail above; KEEP_TMP=1 keeps $logf)"
+        fi
+        if curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$port/"; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    tail -n 20 "$logf" >&2 || true
+    die "$name (pid $pid) did not answer on 127.0.0.1:$port within 10 s (log tail above; KEEP_TMP=1 keeps $logf)"
+}
+
+# check_proxy NAME PORT: the proxy must return exactly the origin's bodies.
+check_proxy() {
+    local name=$1 port=$2 body size
+    body=$(curl -sS --max-time 5 "http://127.0.0.1:$port/") ||
+        die "$name: GET / failed"
+    [[ $body == "$SMALL_BODY" ]] ||
+        die "$name: GET / returned '${body:0:200}', expected '$SMALL_BODY'"
+    size=$(curl -sS --max-time 5 -o /dev/null -w '%{size_download}' \
+        "http://127.0.0.1:$port/64k") || die "$name: GET /64k failed"
+    [[ $size == "$LARGE_SIZE" ]] ||
+        die "$name: GET /64k returned $size bytes, expected $LARGE_SIZE"
+}
+
+# ------------------------------------------------------------------ prereqs
+
+install_missing() {
+    local -a pkgs=()
+    command -v "$NGINX" >/dev/null || pkgs+=(nginx)
+    command -v wrk >/dev/null || pkgs+=(wrk)
+    command -v curl >/dev/null || pkgs+=(curl)
+    command -v taskset >/dev/null || pkgs+=(util-linux)
+    ((${#pkgs[@]})) || return 0
+    log "installing ${pkgs[*]} with apt-get"
+    apt-get update -qq || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null ||
+        die "apt-get install ${pkgs[*]} failed"
+}
+
+install_missing
+command -v python3 >/dev/null || die "python3 is required (free ports)"
+ncpu=$(nproc)
+for c in "$ORIGIN_CPU" "$WRK_CPU" "$PROXY_CPU"; do
+    ((c < ncpu)) || die "CPU $c does not exist (nproc=$ncpu); set ORIGIN_CPU/WRK_CPU/PROXY_CPU"
+done
+CLK_TCK=$(getconf CLK_TCK)
+
+for p in $PROXIES; do
+    [[ $p == pitcher || $p == nginx ]] || die "unknown proxy '$p' in PROXIES"
+done
+for s in $SCENARIOS; do
+    [[ $s == ka || $s == close || $s == 64k ]] || die "unknown scenario '$s' in SCENARIOS"
+done
+
+for v in ROUNDS CONNECTIONS THREADS; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
+done
+[[ $OTHER_LOAD_MAX =~ ^[0-9]+$ ]] || die "OTHER_LOAD_MAX must be a number of percent, not '$OTHER_LOAD_MAX'"
+for v in DURATION WARMUP; do
+    [[ ${!v} =~ ^[1-9][0-9]*[smh]?$ ]] || die "$v must be a wrk duration like 10s, not '${!v}'"
+done
+
+if [[ " $PROXIES " == *" pitcher "* ]]; then
+    # Without PITCHER_BIN the binary is always (re)built — a no-op when it is
+    # up to date — so a stale build is never measured by mistake.
+    if ((BUILD_PITCHER)); then
+        log "building Pitcher (cargo build --release)"
+        cargo build --release --quiet ||
+            die "cargo build --release failed (PITCHER_BIN=target/release/pitcher benchmarks the last build as it is)"
+    fi
+    [[ -x $PITCHER_BIN ]] || die "PITCHER_BIN=$PITCHER_BIN is not an executable"
+    PITCHER_BIN=$(realpath "$PITCHER_BIN")
+fi
+
+# Other load on the machine skews everything measured here: sample the CPU
+# use of the whole machine for a second before starting and warn if it is busy.
+machine_busy_percent() {
+    local -a a b
+    read -ra a </proc/stat
+    sleep 1
+    read -ra b </proc/stat
+    # cpu user nice system idle iowait irq softirq steal
+    local total=0 idle i
+    for ((i = 1; i <= 8; i++)); do total=$((total + b[i] - a[i])); done
+    idle=$((b[4] - a[4] + b[5] - a[5]))
+    echo $(((total - idle) * 100 / (total > 0 ? total : 1)))
+}
+BUSY=$(machine_busy_percent)
+if ((BUSY > 10)); then
+    log "WARNING: the machine is already ${BUSY}% busy (other processes); results will be noisy"
+fi
+
+TMP=$(mktemp -d /tmp/pitcher-bench.XXXXXX)
+# nginx workers run as an unprivileged user when started as root: let them
+# into the temp dir to read the static 64 KiB file.
+chmod 755 "$TMP"
+ports=$(free_ports 3) || die "could not pick free ports"
+read -r ORIGIN_PORT NGINX_PORT PITCHER_PORT <<<"$ports"
+
+# ------------------------------------------------------------------- origin
+
+# nginx_common DIR: directives every nginx instance here shares; everything
+# (pid, logs, temp paths) lives in DIR, nothing in /etc, /var or /run.
+nginx_common() {
+    cat <<EOF
+worker_processes 1;
+daemon off;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 4096; }
+EOF
+}
+nginx_http_common() {
+    cat <<EOF
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    client_body_temp_path $1/client_body;
+    proxy_temp_path $1/proxy;
+    fastcgi_temp_path $1/fastcgi;
+    uwsgi_temp_path $1/uwsgi;
+    scgi_temp_path $1/scgi;
+EOF
+}
+
+# start_nginx NAME DIR CPU PORT: validate DIR/nginx.conf, start nginx pinned
+# to CPU and wait for PORT. Sets REPLY to the master's pid.
+start_nginx() {
+    local name=$1 dir=$2 cpu=$3 port=$4
+    "$NGINX" -t -q -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" 2>"$dir/test.log" || {
+        cat "$dir/test.log" >&2
+        die "$name: nginx -t rejected $dir/nginx.conf"
+    }
+    taskset -c "$cpu" "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" \
+        >"$dir/stderr.log" 2>&1 &
+    REPLY=$!
+    STARTED_PIDS+=("$REPLY")
+    wait_http "$name" "$REPLY" "$port" "$dir/error.log"
+}
+
+ORIGIN_DIR=$TMP/origin
+mkdir -p "$ORIGIN_DIR/www"
+head -c "$LARGE_SIZE" /dev/zero | tr '\0' 'x' >"$ORIGIN_DIR/www/64k"
+chmod -R a+rX "$ORIGIN_DIR/www"
+{
+    nginx_common "$ORIGIN_DIR"
+    cat <<EOF
+http {
+$(nginx_http_common "$ORIGIN_DIR")
+    default_type application/octet-stream;
+    server {
+        listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
+        root $ORIGIN_DIR/www;
+        location / { return 200 "$SMALL_BODY"; }
+        location = /64k { }
+    }
+}
+EOF
+} >"$ORIGIN_DIR/nginx.conf"
+log "starting origin nginx on 127.0.0.1:$ORIGIN_PORT (cpu $ORIGIN_CPU)"
+start_nginx origin "$ORIGIN_DIR" "$ORIGIN_CPU" "$ORIGIN_PORT"
+check_proxy origin "$ORIGIN_PORT"
+
+# ------------------------------------------------------------------ proxies
+
+declare -A PROXY_PID PROXY_PORT
+
+launch_nginx() {
+    local dir=$TMP/nginx
+    mkdir -p "$dir"
+    {
+        nginx_common "$dir"
+        cat <<EOF
+http {
+$(nginx_http_common "$dir")
+    upstream origin {
+        server 127.0.0.1:$ORIGIN_PORT;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT backlog=4096;
+        location / {
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # Hold a 64 KiB response in memory (16 x 8k) and never spill a
+            # response to a temp file: a streaming proxy does not either.
+            proxy_buffers 16 8k;
+            proxy_max_temp_file_size 0;
+        }
+    }
+}
+EOF
+    } >"$dir/nginx.conf"
+    log "starting nginx proxy on 127.0.0.1:$NGINX_PORT (cpu $PROXY_CPU)"
+    start_nginx nginx "$dir" "$PROXY_CPU" "$NGINX_PORT"
+    PROXY_PID[nginx]=$REPLY
+    PROXY_PORT[nginx]=$NGINX_PORT
+}
+
+launch_pitcher() {
+    local dir=$TMP/pitcher cfg pid
+    local -a args
+    mkdir -p "$dir"
+    cfg=$dir/pitcher.toml
+    cat >"$cfg" <<EOF
+workers = 1
+pid_file = "$dir/pitcher.pid"
+control_socket = "$dir/pitcher.sock"
+error_log = "stderr"
+log_level = "warn"
+
+[[listeners]]
+address = "127.0.0.1:$PITCHER_PORT"
+backlog = 4096
+
+[[clusters]]
+name = "origin"
+backends = ["127.0.0.1:$ORIGIN_PORT"]
+keepalive = 64
+
+[[routes]]
+path_prefix = "/"
+cluster = "origin"
+EOF
+    "$PITCHER_BIN" -t -c "$cfg" >"$dir/test.log" 2>&1 || {
+        cat "$dir/test.log" >&2
+        die "pitcher: 'pitcher -t' rejected $cfg"
+    }
+    read -ra args <<<"$PITCHER_ARGS"
+    log "starting pitcher on 127.0.0.1:$PITCHER_PORT (cpu $PROXY_CPU): pitcher ${args[*]} -c $cfg"
+    taskset -c "$PROXY_CPU" "$PITCHER_BIN" "${args[@]}" -c "$cfg" >"$dir/stderr.log" 2>&1 &
+    pid=$!
+    STARTED_PIDS+=("$pid")
+    wait_http pitcher "$pid" "$PITCHER_PORT" "$dir/stderr.log"
+    PROXY_PID[pitcher]=$pid
+    PROXY_PORT[pitcher]=$PITCHER_PORT
+}
+
+for p in $PROXIES; do
+    "launch_$p"
+    check_proxy "$p" "${PROXY_PORT[$p]}"
+done
+
+# --------------------------------------------------------------------- runs
+
+RESULTS=$TMP/results.tsv
+: >"$RESULTS"
+
+scenario_title() {
+    case $1 in
+    ka) echo "small, keep-alive" ;;
+    close) echo "small, Connection: close" ;;
+    64k) echo "64 KiB, keep-alive" ;;
+    esac
+}
+
+# parse_wrk FILE: prints "requests rps p50_ms p99_ms errors detail" (tab
+# separated) from wrk --latency output.
+parse_wrk() {
+    awk '
+    function ms(v) {                       # wrk prints 512.00us, 1.23ms, 1.05s, 2.00m
+        if (v ~ /us$/) return v / 1000
+        if (v ~ /ms$/) return v + 0
+        if (v ~ /m$/)  return v * 60000
+        if (v ~ /s$/)  return v * 1000
+        return v + 0
+    }
+    $1 == "50%"                 { p50 = ms($2) }
+    $1 == "99%"                 { p99 = ms($2) }
+    $2 == "requests" && $3 == "in" { reqs = $1 }
+    $1 == "Requests/sec:"       { rps = $2 }
+    /Socket errors:/ {
+        gsub(",", "")
+        for (i = 3; i < NF; i += 2) if ($(i + 1) > 0) { sock[$i] = $(i + 1); nsock += $(i + 1) }
+    }
+    /Non-2xx or 3xx responses:/ { non2xx = $NF }
+    END {
+        detail = ""
+        if (non2xx > 0) detail = "non-2xx/3xx " non2xx
+        split("connect read write timeout", kinds, " ")
+        for (k = 1; k <= 4; k++) if (kinds[k] in sock)
+            detail = detail (detail == "" ? "" : ", ") kinds[k] " " sock[kinds[k]]
+        if (reqs == "" || rps == "") { print "parse error" > "/dev/stderr"; exit 1 }
+        printf "%d\t%.2f\t%.3f\t%.3f\t%d\t%s\n", reqs, rps, p50, p99, non2xx + nsock, (detail == "" ? "0" : detail)
+    }' "$1"
+}
+
+# run_wrk SCENARIO PROXY DURATION OUTFILE
+run_wrk() {
+    local scen=$1 proxy=$2 dur=$3 out=$4 path=/
+    local -a hdr=()
+    [[ $scen == close ]] && hdr=(-H 'Connection: close')
+    [[ $scen == 64k ]] && path=/64k
+    if ! taskset -c "$WRK_CPU" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$dur" --latency \
+        "${hdr[@]}" "http://127.0.0.1:${PROXY_PORT[$proxy]}$path" >"$out" 2>&1; then
+        cat "$out" >&2
+        die "wrk failed against $proxy"
+    fi
+    alive "${PROXY_PID[$proxy]}" || die "$proxy (pid ${PROXY_PID[$proxy]}) died during the run"
+}
+
+log "settings: rounds=$ROUNDS duration=$DURATION warmup=$WARMUP connections=$CONNECTIONS threads=$THREADS"
+for scen in $SCENARIOS; do
+    for p in $PROXIES; do
+        log "$(scenario_title "$scen"): warm-up $p ($WARMUP)"
+        run_wrk "$scen" "$p" "$WARMUP" "$TMP/wrk-$scen-$p-warmup.txt"
+    done
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for p in $PROXIES; do
+            out=$TMP/wrk-$scen-$p-$r.txt
+            c0=$(core_busy_ticks "$PROXY_CPU")
+            t0=$(cpu_ticks "${PROXY_PID[$p]}")
+            run_wrk "$scen" "$p" "$DURATION" "$out"
+            t1=$(cpu_ticks "${PROXY_PID[$p]}")
+            c1=$(core_busy_ticks "$PROXY_CPU")
+            IFS=$'\t' read -r reqs rps p50 p99 nerr detail < <(parse_wrk "$out") ||
+                die "could not parse wrk output $out"
+            ((reqs > 0)) || die "$p completed no request in $(scenario_title "$scen")"
+            read -r cpu other < <(awk -v t=$((t1 - t0)) -v c=$((c1 - c0)) \
+                -v hz="$CLK_TCK" -v n="$reqs" -v d="$DURATION" '
+                BEGIN {
+                    secs = d + 0; if (d ~ /m$/) secs *= 60; if (d ~ /h$/) secs *= 3600
+                    printf "%.2f %d\n", t * 1e6 / hz / n, 100 * (c - t) / hz / secs
+                }')
+            # Busy time of the proxy's core beyond the proxy's own: other
+            # processes competed with it, and the run is not a fair sample.
+            if ((other > OTHER_LOAD_MAX)); then
+                log "WARNING: cpu $PROXY_CPU was ${other}% busy with other work during this run"
+                detail+=" (⚠ cpu $PROXY_CPU ${other}% busy with other work)"
+            fi
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+                "$scen" "$p" "$r" "$rps" "$p50" "$p99" "$cpu" "$nerr" "$detail" "$other" >>"$RESULTS"
+            log "$(scenario_title "$scen"): $p round $r: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, $cpu µs/req CPU, other work on cpu $PROXY_CPU ${other}%, errors: $detail"
+        done
+    done
+done
+
+# -------------------------------------------------------------------- table
+
+echo
+echo "Pitcher benchmark — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo))"
+echo "machine ${BUSY}% busy before the start; wrk -t$THREADS -c$CONNECTIONS -d$DURATION on cpu $WRK_CPU, origin nginx on cpu $ORIGIN_CPU, proxy on cpu $PROXY_CPU; $("$NGINX" -v 2>&1 | sed 's/^nginx version: //')$(
+    [[ " $PROXIES " == *" pitcher "* ]] && printf ', pitcher %s (%s)' "$(git describe --always --dirty 2>/dev/null || echo 'uncommitted')" "$PITCHER_ARGS")"
+echo
+echo "| scenario | proxy | req/s | p50 ms | p99 ms | CPU µs/req | errors |"
+echo "|---|---|---:|---:|---:|---:|---|"
+for scen in $SCENARIOS; do
+    for p in $PROXIES; do
+        awk -F'\t' -v s="$scen" -v p="$p" -v title="$(scenario_title "$scen")" -v max="$OTHER_LOAD_MAX" '
+        $1 == s && $2 == p {
+            n++; rps += $4; p50 += $5; p99 += $6; cpu += $7; err += $8; flagged += ($10 > max)
+            printf "| %s | %s #%d | %.0f | %.3f | %.3f | %.2f | %s |\n", title, p, $3, $4, $5, $6, $7, $9
+        }
+        END {
+            if (n) printf "| %s | **%s mean** | **%.0f** | **%.3f** | **%.3f** | **%.2f** | %d%s |\n", title, p, rps / n, p50 / n, p99 / n, cpu / n, err,
+                (flagged ? sprintf(" (⚠ %d of %d runs disturbed)", flagged, n) : "")
+        }' "$RESULTS"
+    done
+done
+
+# Pitcher relative to nginx, from the means (only when both ran).
+if [[ " $PROXIES " == *" pitcher "* && " $PROXIES " == *" nginx "* ]]; then
+    echo
+    echo "| scenario | pitcher/nginx req/s | pitcher/nginx CPU per request |"
+    echo "|---|---:|---:|"
+    for scen in $SCENARIOS; do
+        awk -F'\t' -v s="$scen" -v title="$(scenario_title "$scen")" '
+        $1 == s { n[$2]++; rps[$2] += $4; cpu[$2] += $7 }
+        END {
+            if (n["pitcher"] && n["nginx"] && rps["nginx"] > 0 && cpu["nginx"] > 0)
+                printf "| %s | %.2fx | %.2fx |\n", title,
+                    (rps["pitcher"] / n["pitcher"]) / (rps["nginx"] / n["nginx"]),
+                    (cpu["pitcher"] / n["pitcher"]) / (cpu["nginx"] / n["nginx"])
+        }' "$RESULTS"
+    done
+fi
