@@ -10,9 +10,9 @@
 #   REQUESTS=9                    how many requests to send
 #   PITCHER_BIN=...               use this binary instead of building
 #                                 target/release/pitcher
-#   PITCHER_ARGS=--single-process arguments before `-c FILE`; the launched
+#   PITCHER_ARGS=--foreground     arguments before `-c FILE` (master + 2 workers;
+#                                 --single-process for one worker); the launched
 #                                 process must stay in the foreground
-#                                 (--foreground: master + one worker)
 set -euo pipefail
 
 usage() { sed -n '2,15s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
@@ -27,7 +27,7 @@ for arg in "$@"; do
 done
 
 REQUESTS=${REQUESTS:-9}
-PITCHER_ARGS=${PITCHER_ARGS:---single-process}
+PITCHER_ARGS=${PITCHER_ARGS:---foreground}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
