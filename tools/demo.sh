@@ -165,7 +165,7 @@ done
 
 CFG=$TMP/pitcher.toml
 cat >"$CFG" <<EOF
-workers = 1
+workers = 2
 pid_file = "$TMP/pitcher.pid"
 control_socket = "$TMP/pitcher.sock"
 error_log = "stderr"
