@@ -581,7 +581,11 @@ impl Master {
     fn cleanup(&mut self) {
         let replaced = matches!(self.state, State::Quitting { replaced: true });
         if replaced {
-            let _ = std::fs::remove_file(upgrade::oldbin(&self.config.pid_file));
+            // Only our own: a later upgrade may have written its .oldbin.
+            let oldbin = upgrade::oldbin(&self.config.pid_file);
+            if read_pid(&oldbin) == Some(std::process::id()) {
+                let _ = std::fs::remove_file(oldbin);
+            }
             return;
         }
         if read_pid(&self.config.pid_file) == Some(std::process::id()) {
