@@ -39,8 +39,16 @@ pub struct ListenerEntry {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToWorker {
     /// The configuration to serve (first message, and every reload), with
-    /// every listening fd attached in manifest order.
-    Configure { seq: u64, config_path: String, config_text: String, listeners: Vec<ListenerEntry> },
+    /// every listening fd attached in manifest order, then the shared
+    /// memory region's fd. `backend_slots` gives each backend address its
+    /// slot in that region.
+    Configure {
+        seq: u64,
+        config_path: String,
+        config_text: String,
+        listeners: Vec<ListenerEntry>,
+        backend_slots: Vec<(String, u32)>,
+    },
     /// Stop accepting, finish what is in flight, exit.
     Drain { timeout_ms: u64 },
     /// Reopen log files.
@@ -61,8 +69,9 @@ pub enum ToMaster {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Handoff {
-    /// Old to new: the listening sockets, fds attached.
-    Listeners { listeners: Vec<ListenerEntry> },
+    /// Old to new: the listening sockets, fds attached in manifest order,
+    /// then the shared memory region (its state outlives the old binary).
+    Listeners { listeners: Vec<ListenerEntry>, backend_slots: Vec<(String, u32)> },
     /// New to old: workers are accepting; the old generation may go.
     Ready { pid: u32 },
 }
@@ -175,6 +184,22 @@ pub fn entry_for(addr: &ListenAddr, fd: RawFd) -> ListenerEntry {
         SockAddr::Unix(p) => format!("unix:{}", p.display()),
     };
     ListenerEntry { name: addr.to_string(), local }
+}
+
+/// Splits the fds of a message into listeners and the shared region (the
+/// one fd after the listeners), checking the listeners against their
+/// manifest.
+pub fn split_fds(entries: &[ListenerEntry], mut fds: Vec<OwnedFd>) -> Result<(Vec<OwnedFd>, OwnedFd), String> {
+    if fds.len() != entries.len() + 1 {
+        return Err(format!(
+            "manifest names {} listeners and a shared region, but {} fds arrived",
+            entries.len(),
+            fds.len()
+        ));
+    }
+    let region = fds.pop().expect("one more than the listeners");
+    check_manifest(entries, &fds)?;
+    Ok((fds, region))
 }
 
 /// Checks received fds against their manifest: same count, and each fd is

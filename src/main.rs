@@ -14,7 +14,10 @@ use clap::{Parser, Subcommand};
 use pitcher::channel::{self, Channel, ToWorker};
 use pitcher::config::Config;
 use pitcher::control::{self, Request};
+use pitcher::master::daemon::{self, Notifier};
 use pitcher::master::{Handover, Master, MasterArgs};
+use pitcher::shm::Region;
+use pitcher::upstream::SlotTable;
 
 /// Default configuration file.
 const DEFAULT_CONFIG: &str = "/etc/pitcher/pitcher.toml";
@@ -109,9 +112,13 @@ fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> ExitCo
         }
     };
     let mut inherited = Vec::new();
+    let mut shared = None;
     if let Some(ch) = &handover {
         match Handover::receive(ch) {
-            Ok(l) => inherited = l,
+            Ok(r) => {
+                inherited = r.listeners;
+                shared = Some((r.region, r.backend_slots));
+            }
             Err(e) => {
                 eprintln!("pitcher: cannot receive the listeners from the old master: {e}");
                 return ExitCode::FAILURE;
@@ -138,43 +145,64 @@ fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> ExitCo
         }
     }
     drop(inherited); // Listeners the new configuration no longer has.
+    let mut notifier = Notifier::none();
     if !cli.foreground && handover.is_none() {
         // Before any thread exists (the log thread starts below).
-        if let Err(e) = nix::unistd::daemon(true, false) {
-            eprintln!("pitcher: cannot daemonize: {e}");
-            return ExitCode::FAILURE;
+        match daemon::detach() {
+            Ok(n) => notifier = n,
+            Err(e) => {
+                eprintln!("pitcher: cannot daemonize: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     }
     let log = match pitcher::log::build(&config.error_log, config.log_level, "master") {
         Ok(l) => l,
         Err(e) => {
+            notifier.fail(&format!("cannot open the error log: {e}"));
             eprintln!("pitcher: cannot open the error log: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let args = MasterArgs {
-        config_path: path,
-        exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
-        argv: std::env::args_os().skip(1).collect::<Vec<OsString>>(),
-    };
-    let logger = log.logger.clone();
-    match Master::start(args, config, text, listeners, log, handover) {
+    let args =
+        MasterArgs { config_path: path, exe: own_path(), argv: std::env::args_os().skip(1).collect::<Vec<OsString>>() };
+    match Master::start(args, config, text, listeners, log, handover, shared) {
         Ok(m) => {
-            let code = m.run();
-            drop(logger);
-            ExitCode::from(code as u8)
+            notifier.ok();
+            ExitCode::from(m.run() as u8)
         }
-        Err(e) => {
-            slog::crit!(logger, "master failed to start"; "error" => %e);
+        Err((e, log)) => {
+            slog::crit!(log.logger, "master failed to start"; "error" => %e);
+            drop(log); // Flushes the log before the process ends.
+            notifier.fail(&e.to_string());
             eprintln!("pitcher: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
+/// The path this binary was started from, as the operator sees it: argv[0]
+/// made absolute, or looked up in PATH. Not `current_exe()`, which resolves
+/// symlinks: an upgrade must start what the path names *now* (a symlink
+/// switched to a new release), not the file we were loaded from.
+fn own_path() -> PathBuf {
+    let fallback = || std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+    let Some(arg0) = std::env::args_os().next() else { return fallback() };
+    let p = PathBuf::from(&arg0);
+    if p.as_os_str().as_encoded_bytes().contains(&b'/') {
+        return absolute(&p);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(&p)).find(|c| c.is_file()))
+        .map(|c| absolute(&c))
+        .unwrap_or_else(fallback)
+}
+
 /// `--worker`: receive configuration and listeners from the master, drop
 /// privileges, serve.
 fn worker_main(cli: &Cli) -> ExitCode {
+    // Started from /proc/self/exe: show up as "pitcher" in ps -C, pidof, top.
+    let _ = nix::sys::prctl::set_name(c"pitcher");
     let ch = match Channel::from_env(channel::WORKER_FD_ENV) {
         Ok(Some(ch)) => ch,
         Ok(None) => {
@@ -187,9 +215,9 @@ fn worker_main(cli: &Cli) -> ExitCode {
         }
     };
     let _ = ch.set_read_timeout(Some(Duration::from_secs(10)));
-    let (config_path, text, entries, fds) = match ch.recv::<ToWorker>() {
-        Ok(Some((ToWorker::Configure { config_path, config_text, listeners, .. }, fds))) => {
-            (config_path, config_text, listeners, fds)
+    let (config_path, text, entries, slots, fds) = match ch.recv::<ToWorker>() {
+        Ok(Some((ToWorker::Configure { config_path, config_text, listeners, backend_slots, .. }, fds))) => {
+            (config_path, config_text, listeners, backend_slots, fds)
         }
         other => {
             eprintln!("pitcher: worker: expected a configuration from the master, got {other:?}");
@@ -204,10 +232,20 @@ fn worker_main(cli: &Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = channel::check_manifest(&entries, &fds) {
-        eprintln!("pitcher: worker: listener manifest refused: {e}");
-        return ExitCode::FAILURE;
-    }
+    let (fds, region) = match channel::split_fds(&entries, fds) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("pitcher: worker: listener manifest refused: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shared = match Region::open(region) {
+        Ok(r) => r.leak(),
+        Err(e) => {
+            eprintln!("pitcher: worker: cannot map the shared region: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let log = match pitcher::log::build(&config.error_log, config.log_level, "worker") {
         Ok(l) => l,
         Err(e) => {
@@ -236,6 +274,7 @@ fn worker_main(cli: &Cli) -> ExitCode {
         stop,
         quit,
         channel: Some(ch),
+        slots: SlotTable::from_entries(shared, &slots),
     };
     match pitcher::worker::run(init) {
         Ok(()) => ExitCode::SUCCESS,
@@ -310,6 +349,13 @@ fn single_process(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let shared = match Region::create() {
+        Ok(r) => r.leak(),
+        Err(e) => {
+            eprintln!("pitcher: cannot create the shared region: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let init = pitcher::worker::WorkerInit {
         config: Arc::new(config),
         listeners,
@@ -318,6 +364,7 @@ fn single_process(config: Config) -> ExitCode {
         stop,
         quit,
         channel: None,
+        slots: SlotTable::new(shared, true),
     };
     match pitcher::worker::run(init) {
         Ok(()) => ExitCode::SUCCESS,
@@ -331,15 +378,32 @@ fn single_process(config: Config) -> ExitCode {
 
 /// Where the master of this configuration file listens and writes its pid.
 /// Read leniently, so that `-s reload` reaches the master even when the
-/// file now has an error (the master then reports it).
+/// file now has an error (the master then reports it): when the file is
+/// not valid TOML any more, the two keys are looked for line by line.
 fn control_paths(config: &Path) -> Result<(PathBuf, PathBuf), String> {
     let text = std::fs::read_to_string(config).map_err(|e| format!("{}: cannot read: {e}", config.display()))?;
-    let v: toml::Table = match toml::from_str(&text) {
-        Ok(v) => v,
-        Err(e) => return Err(Config::parse(config, &text).err().map(|e| e.to_string()).unwrap_or(e.to_string())),
-    };
-    let get = |k: &str, d: &str| PathBuf::from(v.get(k).and_then(|x| x.as_str()).unwrap_or(d));
-    Ok((get("control_socket", "/run/pitcher.sock"), get("pid_file", "/run/pitcher.pid")))
+    let (mut socket, mut pid) = (None, None);
+    match toml::from_str::<toml::Table>(&text) {
+        Ok(v) => {
+            socket = v.get("control_socket").and_then(|x| x.as_str()).map(PathBuf::from);
+            pid = v.get("pid_file").and_then(|x| x.as_str()).map(PathBuf::from);
+        }
+        Err(_) => {
+            for line in text.lines().take_while(|l| !l.trim_start().starts_with('[')) {
+                let Some((k, v)) = line.split_once('=') else { continue };
+                let v = v.trim().trim_matches('"').to_string();
+                match k.trim() {
+                    "control_socket" => socket = Some(PathBuf::from(v)),
+                    "pid_file" => pid = Some(PathBuf::from(v)),
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok((
+        socket.unwrap_or_else(|| PathBuf::from("/run/pitcher.sock")),
+        pid.unwrap_or_else(|| PathBuf::from("/run/pitcher.pid")),
+    ))
 }
 
 /// `-s SIGNAL`: through the control socket, or by pid file and kill(2)
@@ -411,7 +475,7 @@ fn ctl(config: &Path, json: bool, words: &[String]) -> ExitCode {
                 println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
             } else {
                 println!("{}", reply.message);
-                if !reply.data.is_null() {
+                if !reply.data.is_null() && req.cmd == "status" {
                     println!("{}", serde_json::to_string_pretty(&reply.data).unwrap_or_default());
                 }
             }

@@ -6,6 +6,7 @@
 //! Must not: open sockets, touch the filesystem beyond reading the file.
 
 pub mod addr;
+pub mod upstream;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 pub use addr::{BackendAddr, BackendSpec, ListenAddr, SockAddr};
+pub use upstream::{Balance, HashKey, HealthCheck, Passive};
 
 /// A configuration that was refused, with where and why.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -88,6 +90,9 @@ struct FileConfig {
     timeouts: FileTimeouts,
     #[serde(default)]
     limits: FileLimits,
+    /// `[modules]`: an optional `order` list and one table per module.
+    #[serde(default)]
+    modules: std::collections::BTreeMap<String, Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,14 +110,25 @@ struct FileCluster {
     keepalive: Option<usize>,
     keepalive_timeout_ms: Option<u64>,
     retries: Option<u32>,
+    retry_budget_ms: Option<u64>,
+    lb: Option<Spanned<String>>,
+    hash_key: Option<Spanned<String>>,
+    slow_start_ms: Option<u64>,
+    health_check: Option<Spanned<upstream::FileHealthCheck>>,
+    passive: Option<Spanned<upstream::FilePassive>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileRoute {
+    name: Option<String>,
     host: Option<Spanned<String>>,
     path_prefix: Option<Spanned<String>>,
     cluster: Spanned<String>,
+    /// Modules for this route, in order (default: the global order).
+    modules: Option<Spanned<Vec<String>>>,
+    /// "normal" or "low": low-priority routes are shed first under overload.
+    priority: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,8 +169,19 @@ pub struct ClusterConfig {
     pub keepalive: usize,
     /// How long an idle pooled upstream connection is kept.
     pub keepalive_timeout: Duration,
-    /// How many other backends a request that could not be sent is tried on.
+    /// How many other backends a failed request is tried on: always when
+    /// nothing was sent, and for idempotent requests whose backend failed
+    /// before the response started.
     pub retries: u32,
+    /// Retries happen only this soon after the request started.
+    pub retry_budget: Duration,
+    pub lb: Balance,
+    pub hash_key: HashKey,
+    /// Traffic to a backend that was added, re-admitted or came back up
+    /// ramps linearly over this time (zero: no ramp).
+    pub slow_start: Duration,
+    pub health_check: Option<HealthCheck>,
+    pub passive: Passive,
 }
 
 /// How a route matches the request's host.
@@ -171,10 +198,29 @@ pub enum HostMatch {
 /// One routing rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
+    /// For logs and quotas: `name`, or `route<N>` (1-based, in file order).
+    pub name: String,
     pub host: HostMatch,
     pub path_prefix: String,
     /// Index into [`Config::clusters`].
     pub cluster: usize,
+    /// Module names for this route, in order; `None`: the global order.
+    pub modules: Option<Vec<String>>,
+    /// Shed first when the worker is overloaded (degrade level 2).
+    pub low_priority: bool,
+}
+
+/// One `[modules.NAME]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModuleConfig {
+    pub name: String,
+    pub enabled: bool,
+    /// Non-essential modules are switched off under overload.
+    pub essential: bool,
+    /// The module's own keys (without `enabled` and `essential`).
+    pub settings: toml::Table,
+    /// 1-based line of the table, for error messages.
+    pub line: usize,
 }
 
 /// Every wait has a timeout.
@@ -206,7 +252,7 @@ pub struct Limits {
 }
 
 /// The resolved configuration: no `Option`s left, names resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file it was read from (for messages and reloads).
     pub source: PathBuf,
@@ -225,6 +271,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// Module tables, in pipeline order (`[modules] order`, then the rest
+    /// in name order).
+    pub modules: Vec<ModuleConfig>,
 }
 
 /// Default `listen(2)` backlog: long, so that a burst or a restart does not
@@ -254,7 +303,11 @@ impl Config {
             reason,
         };
         let file: FileConfig = toml::from_str(text).map_err(|e| err_at(e.span(), e.message().to_string()))?;
-        resolve(path, file).map_err(|(span, reason)| err_at(span, reason))
+        let mut config = resolve(path, file).map_err(|(span, reason)| err_at(span, reason))?;
+        for m in &mut config.modules {
+            m.line = line_col(text, m.line).0;
+        }
+        Ok(config)
     }
 
     /// Index of the cluster with this name.
@@ -336,12 +389,28 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
             }
         }
         let _ = span;
+        let lb = upstream::balance(c.lb.as_ref()).map_err(|(sp, e)| (Some(sp), e))?;
+        let hash_key = upstream::hash_key(c.hash_key.as_ref()).map_err(|(sp, e)| (Some(sp), e))?;
+        let health_check = match &c.health_check {
+            None => None,
+            Some(h) => Some(upstream::health_check(h.get_ref()).map_err(|e| (Some(h.span()), e))?),
+        };
+        let passive = match &c.passive {
+            None => Passive::default(),
+            Some(p) => upstream::passive(Some(p.get_ref())).map_err(|e| (Some(p.span()), e))?,
+        };
         clusters.push(ClusterConfig {
             name,
             backends,
             keepalive: c.keepalive.unwrap_or(64),
             keepalive_timeout: ms(c.keepalive_timeout_ms, 60_000),
             retries: c.retries.unwrap_or(1).min(16),
+            retry_budget: ms(c.retry_budget_ms, 10_000),
+            lb,
+            hash_key,
+            slow_start: ms(c.slow_start_ms, 0),
+            health_check,
+            passive,
         });
     }
 
@@ -361,7 +430,30 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
             Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
             Some(p) => return Err((Some(p.span()), format!("path_prefix {:?} must start with '/'", p.get_ref()))),
         };
-        routes.push(RouteConfig { host, path_prefix, cluster });
+        let low_priority = match &r.priority {
+            None => false,
+            Some(p) => match p.get_ref().as_str() {
+                "normal" => false,
+                "low" => true,
+                other => return Err((Some(p.span()), format!("priority {other:?}: expected \"normal\" or \"low\""))),
+            },
+        };
+        let modules = match &r.modules {
+            None => None,
+            Some(list) => {
+                for m in list.get_ref() {
+                    if !f.modules.contains_key(m) || m == "order" {
+                        return Err((
+                            Some(list.span()),
+                            format!("route names module {m:?}, which has no [modules.{m}] table"),
+                        ));
+                    }
+                }
+                Some(list.get_ref().clone())
+            }
+        };
+        let name = r.name.clone().unwrap_or_else(|| format!("route{}", routes.len() + 1));
+        routes.push(RouteConfig { name, host, path_prefix, cluster, modules, low_priority });
     }
 
     let t = &f.timeouts;
@@ -411,6 +503,8 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         return Err((None, "[limits] max_connections must be at least 1".into()));
     }
 
+    let modules = resolve_modules(&f.modules)?;
+
     Ok(Config {
         source: path.to_path_buf(),
         workers,
@@ -427,7 +521,56 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         routes,
         timeouts,
         limits,
+        modules,
     })
+}
+
+/// `[modules]`: `order` (optional) and one table per module. `line` holds
+/// the byte offset of the table until `Config::parse` turns it into a line.
+fn resolve_modules(m: &std::collections::BTreeMap<String, Spanned<toml::Value>>) -> Resolve<Vec<ModuleConfig>> {
+    let mut order: Vec<String> = Vec::new();
+    if let Some(o) = m.get("order") {
+        let list = o
+            .get_ref()
+            .as_array()
+            .ok_or((Some(o.span()), "[modules] order must be a list of module names".to_string()))?;
+        for v in list {
+            let name =
+                v.as_str().ok_or((Some(o.span()), "[modules] order must be a list of module names".to_string()))?;
+            if !m.contains_key(name) || name == "order" {
+                return Err((
+                    Some(o.span()),
+                    format!("[modules] order names {name:?}, which has no [modules.{name}] table"),
+                ));
+            }
+            if order.iter().any(|x| x == name) {
+                return Err((Some(o.span()), format!("[modules] order names {name:?} twice")));
+            }
+            order.push(name.to_string());
+        }
+    }
+    for name in m.keys() {
+        if name != "order" && !order.contains(name) {
+            order.push(name.clone());
+        }
+    }
+    let mut out = Vec::with_capacity(order.len());
+    for name in order {
+        let v = &m[&name];
+        let mut table =
+            v.get_ref().as_table().cloned().ok_or((Some(v.span()), format!("[modules.{name}] must be a table")))?;
+        let flag = |t: &mut toml::Table, key: &str, default: bool| -> Resolve<bool> {
+            match t.remove(key) {
+                None => Ok(default),
+                Some(toml::Value::Boolean(b)) => Ok(b),
+                Some(_) => Err((Some(v.span()), format!("[modules.{name}] {key} must be true or false"))),
+            }
+        };
+        let enabled = flag(&mut table, "enabled", true)?;
+        let essential = flag(&mut table, "essential", true)?;
+        out.push(ModuleConfig { name, enabled, essential, settings: table, line: v.span().start });
+    }
+    Ok(out)
 }
 
 fn parse_host_match(h: &str) -> Result<HostMatch, String> {

@@ -107,12 +107,20 @@ impl Head {
         Ok(())
     }
 
-    /// Framing from Content-Length / Transfer-Encoding, refusing ambiguity:
-    /// both present, differing lengths, non-decimal lengths, or a
-    /// transfer coding whose final coding is not `chunked`.
+    /// Framing from Content-Length / Transfer-Encoding (RFC 9112 §6),
+    /// refusing ambiguity: both present, differing lengths, lengths that
+    /// are not plain decimals, a malformed coding list, or a list whose
+    /// only coding is not exactly `chunked`.
+    ///
+    /// Requests: `chunked` alone is the one transfer coding Pitcher
+    /// implements; a list of well-formed codings that is anything else is
+    /// refused with 501, a malformed one (empty elements, parameters,
+    /// `chunked` twice or not last) with 400. Responses: `chunked` alone,
+    /// else the response is refused (a backend may not apply codings the
+    /// request's TE did not offer, and Pitcher sends no TE).
     fn body_framing(&self, is_request: bool) -> Result<Framing, HttpError> {
         let mut length: Option<u64> = None;
-        let mut te: Option<Vec<u8>> = None;
+        let mut te = TransferCodings::default();
         for (name, value) in self.iter() {
             if name.eq_ignore_ascii_case(b"content-length") {
                 for part in value.split(|&b| b == b',') {
@@ -123,39 +131,24 @@ impl Head {
                     length = Some(n);
                 }
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                let t = te.get_or_insert_with(Vec::new);
-                if !t.is_empty() {
-                    t.push(b',');
-                }
-                t.extend_from_slice(value);
+                te.add(value);
             }
         }
-        match (te, length) {
-            (Some(_), Some(_)) => Err(HttpError::LengthAndChunked),
-            (Some(te), None) => {
-                let last = te.rsplit(|&b| b == b',').next().map(trim).unwrap_or(b"");
-                let codings = te.split(|&b| b == b',').map(trim);
-                let chunked_count = codings.clone().filter(|c| c.eq_ignore_ascii_case(b"chunked")).count();
-                if last.eq_ignore_ascii_case(b"chunked") && chunked_count == 1 {
-                    // Any coding before chunked must be a valid token.
-                    if codings.clone().any(|c| c.is_empty() || !c.iter().all(|&b| is_tchar(b))) {
-                        return Err(HttpError::BadTransferEncoding);
-                    }
+        match (te.seen, length) {
+            (true, Some(_)) => Err(HttpError::LengthAndChunked),
+            (true, None) => {
+                if te.malformed || te.chunked > 1 || (te.chunked == 1 && !te.last_chunked) {
+                    Err(HttpError::BadTransferEncoding)
+                } else if te.codings == 1 && te.last_chunked {
                     Ok(Framing::Chunked)
-                } else if is_request {
-                    if chunked_count > 0 || te.iter().any(|&b| !(is_tchar(b) || b == b',' || b == b' ' || b == b'\t')) {
-                        Err(HttpError::BadTransferEncoding)
-                    } else {
-                        Err(HttpError::UnknownTransferEncoding)
-                    }
                 } else {
-                    Ok(Framing::Close)
+                    Err(HttpError::UnknownTransferEncoding)
                 }
             }
-            (None, Some(0)) if is_request => Ok(Framing::None),
-            (None, Some(n)) => Ok(Framing::Length(n)),
-            (None, None) if is_request => Ok(Framing::None),
-            (None, None) => Ok(Framing::Close),
+            (false, Some(0)) if is_request => Ok(Framing::None),
+            (false, Some(n)) => Ok(Framing::Length(n)),
+            (false, None) if is_request => Ok(Framing::None),
+            (false, None) => Ok(Framing::Close),
         }
     }
 
@@ -164,6 +157,38 @@ impl Head {
         self.iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
             .any(|(_, v)| v.split(|&b| b == b',').any(|t| trim(t).eq_ignore_ascii_case(token.as_bytes())))
+    }
+}
+
+/// What the Transfer-Encoding fields of a message list, combined in order
+/// (RFC 9110 §5.3).
+#[derive(Debug, Default)]
+struct TransferCodings {
+    seen: bool,
+    /// Well-formed codings listed.
+    codings: usize,
+    /// How many of them are `chunked` (case-insensitive, RFC 9112 §7).
+    chunked: usize,
+    last_chunked: bool,
+    /// An element that is not a bare token: empty, with parameters, with
+    /// spaces or other bytes inside.
+    malformed: bool,
+}
+
+impl TransferCodings {
+    fn add(&mut self, value: &[u8]) {
+        self.seen = true;
+        for element in value.split(|&b| b == b',') {
+            let c = trim(element);
+            if c.is_empty() || !c.iter().all(|&b| is_tchar(b)) {
+                self.malformed = true;
+                continue;
+            }
+            let chunked = c.eq_ignore_ascii_case(b"chunked");
+            self.codings += 1;
+            self.chunked += usize::from(chunked);
+            self.last_chunked = chunked;
+        }
     }
 }
 
@@ -178,6 +203,9 @@ pub struct RequestHead {
     pub version: Option<Version>,
     /// Host, lower-cased, without port (from the target or the Host field).
     pub host: Range<usize>,
+    /// The authority of an absolute-form target, as received: it replaces
+    /// the Host field towards the backend (RFC 9112 §3.2.2).
+    pub authority: Option<Range<usize>>,
     pub framing: Option<Framing>,
 }
 
@@ -256,14 +284,23 @@ impl RequestHead {
         self.head.copy_fields(&raw[..n], req.headers)?;
 
         // Host: from an absolute-form target, else from the Host field.
-        let mut host: Option<Range<usize>> = None;
+        self.authority = None;
         let tgt = &self.head.buf[self.target.clone()];
-        if tgt.len() > 7 && (tgt[..7].eq_ignore_ascii_case(b"http://") || tgt.starts_with(b"https://")) {
-            let scheme_len = if tgt[4] == b':' { 7 } else { 8 };
+        let scheme_len = if starts_with_ignore_case(tgt, b"http://") {
+            7
+        } else if starts_with_ignore_case(tgt, b"https://") {
+            8
+        } else {
+            0
+        };
+        if scheme_len > 0 {
             let rest = &tgt[scheme_len..];
             let auth_len = rest.iter().position(|&b| b == b'/' || b == b'?').unwrap_or(rest.len());
+            if auth_len == 0 {
+                return Err(HttpError::BadRequest);
+            }
             let a0 = self.target.start + scheme_len;
-            host = Some(a0..a0 + auth_len);
+            self.authority = Some(a0..a0 + auth_len);
             let path0 = a0 + auth_len;
             if path0 == self.target.end || self.head.buf[path0] == b'?' {
                 // "http://h" or "http://h?q": origin form needs a "/".
@@ -282,14 +319,20 @@ impl RequestHead {
         if host_fields.next().is_some() {
             return Err(HttpError::BadRequest);
         }
-        let host = match (host, host_field) {
+        let host = match (self.authority.clone(), host_field) {
             (Some(h), _) => h,
             (None, Some(h)) => h,
             (None, None) if version == Version::Http10 => 0..0,
             (None, None) => return Err(HttpError::MissingHost),
         };
         self.host = normalise_host(&mut self.head.buf, host)?;
-        self.framing = Some(self.head.body_framing(true)?);
+        let framing = self.head.body_framing(true)?;
+        // RFC 9112 §6.1: the framing of an HTTP/1.0 message with
+        // Transfer-Encoding is faulty (1.0 has no chunked coding).
+        if version == Version::Http10 && self.head.get("transfer-encoding").is_some() {
+            return Err(HttpError::BadTransferEncoding);
+        }
+        self.framing = Some(framing);
         Ok(Some(n))
     }
 }
@@ -358,12 +401,17 @@ pub const MAX_PARSE_HEADERS: usize = 256;
 /// of `buf` and returns its range; the field itself is left as received.
 fn normalise_host(buf: &mut Vec<u8>, r: Range<usize>) -> Result<Range<usize>, HttpError> {
     let h = trim(&buf[r.clone()]);
-    // Strip the port (IPv6 literals keep their brackets).
+    // Strip the port (IPv6 literals keep their brackets); it must be
+    // digits (RFC 3986 §3.2.3 allows it empty).
     let end = if h.starts_with(b"[") {
         h.iter().position(|&b| b == b']').map(|i| i + 1).ok_or(HttpError::BadRequest)?
     } else {
         h.iter().position(|&b| b == b':').unwrap_or(h.len())
     };
+    let port = &h[end..];
+    if !port.is_empty() && (port[0] != b':' || !port[1..].iter().all(u8::is_ascii_digit)) {
+        return Err(HttpError::BadRequest);
+    }
     let h = &h[..end];
     if h.iter().any(|&b| b <= b' ' || b == b'/' || b == b'@' || b >= 0x7f) {
         return Err(HttpError::BadRequest);
@@ -373,6 +421,10 @@ fn normalise_host(buf: &mut Vec<u8>, r: Range<usize>) -> Result<Range<usize>, Ht
     buf.extend_from_within(start..start + len);
     buf[out.clone()].make_ascii_lowercase();
     Ok(out)
+}
+
+fn starts_with_ignore_case(s: &[u8], prefix: &[u8]) -> bool {
+    s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
 fn has_bare_lf(raw: &[u8]) -> bool {
@@ -458,6 +510,19 @@ mod tests {
             (b"GET / HTTP/1.1\r\n\r\n", HttpError::MissingHost),
             (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", HttpError::BadRequest),
             (b"GET / HTTP/1.1\nHost: a\r\n\r\n", HttpError::BadRequest),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", HttpError::UnknownTransferEncoding),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                HttpError::UnknownTransferEncoding,
+            ),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chun ked\r\n\r\n", HttpError::BadTransferEncoding),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked;x=1\r\n\r\n", HttpError::BadTransferEncoding),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked,\r\n\r\n", HttpError::BadTransferEncoding),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n\r\n", HttpError::BadTransferEncoding),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", HttpError::BadTransferEncoding),
+            (b"GET / HTTP/1.1\r\nHost: a:x\r\n\r\n", HttpError::BadRequest),
+            (b"GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n", HttpError::BadRequest),
+            (b"GET http://u@a/x HTTP/1.1\r\n\r\n", HttpError::BadRequest),
         ];
         for (raw, want) in cases {
             assert_eq!(parse(raw).unwrap_err(), *want, "{}", String::from_utf8_lossy(raw));
@@ -466,6 +531,17 @@ mod tests {
         assert_eq!(r.framing(), Framing::Length(3));
         let (r, _) = parse(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: CHUNKED\r\n\r\n").unwrap().unwrap();
         assert_eq!(r.framing(), Framing::Chunked);
+    }
+
+    #[test]
+    fn absolute_form_authority_replaces_host() {
+        let (r, _) = parse(b"GET HTTPS://Example.COM:8443?q HTTP/1.1\r\nHost: other\r\n\r\n").unwrap().unwrap();
+        assert_eq!(r.target(), b"/?q");
+        assert_eq!(r.host(), b"example.com");
+        assert_eq!(&r.head.buf[r.authority.clone().unwrap()], b"Example.COM:8443");
+        let (r, _) = parse(b"GET /x HTTP/1.1\r\nHost: [::1]:80\r\n\r\n").unwrap().unwrap();
+        assert_eq!(r.host(), b"[::1]");
+        assert!(r.authority.is_none());
     }
 
     #[test]
@@ -485,5 +561,9 @@ mod tests {
         r.parse(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 100).unwrap();
         assert_eq!(r.framing(false).unwrap(), Framing::Chunked);
         assert!(!r.keep_alive());
+        r.parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", 100).unwrap();
+        assert_eq!(r.framing(false), Err(HttpError::BadResponse));
+        r.parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", 100).unwrap();
+        assert_eq!(r.framing(false), Err(HttpError::BadResponse));
     }
 }

@@ -64,8 +64,10 @@ fn push_framing(out: &mut Vec<u8>, f: OutFraming) {
 
 /// Writes the request head sent to a backend: origin-form target,
 /// HTTP/1.1, hop-by-hop fields removed, X-Forwarded-For appended,
-/// X-Forwarded-Proto set, Host passed through (added from an absolute-form
-/// target when missing). `upgrade`: keep Upgrade and send `Connection: upgrade`.
+/// X-Forwarded-Proto set, Host passed through, or replaced by the authority
+/// of an absolute-form target (RFC 9112 §3.2.2), or sent empty when an
+/// HTTP/1.0 client gave neither (§3.2: every HTTP/1.1 request has one).
+/// `upgrade`: keep Upgrade and send `Connection: upgrade`.
 pub fn request_head(out: &mut Vec<u8>, req: &RequestHead, client_ip: Option<IpAddr>, upgrade: bool) {
     let head = &req.head;
     out.extend_from_slice(req.method());
@@ -75,7 +77,10 @@ pub fn request_head(out: &mut Vec<u8>, req: &RequestHead, client_ip: Option<IpAd
     let mut xff_seen = false;
     let mut host_seen = false;
     for (name, value) in head.iter() {
-        if skip_field(head, name, upgrade) || name.eq_ignore_ascii_case(b"x-forwarded-proto") {
+        // Host is end-to-end whatever the Connection field lists: a client
+        // must not be able to strip it on the way to the backend.
+        let is_host = name.eq_ignore_ascii_case(b"host");
+        if !is_host && skip_field(head, name, upgrade) || name.eq_ignore_ascii_case(b"x-forwarded-proto") {
             continue;
         }
         if name.eq_ignore_ascii_case(b"x-forwarded-for") {
@@ -101,15 +106,28 @@ pub fn request_head(out: &mut Vec<u8>, req: &RequestHead, client_ip: Option<IpAd
             }
             continue;
         }
-        host_seen |= name.eq_ignore_ascii_case(b"host");
+        if is_host {
+            if host_seen {
+                continue;
+            }
+            host_seen = true;
+            if let Some(a) = req.authority.clone() {
+                out.extend_from_slice(b"Host: ");
+                out.extend_from_slice(&head.buf[a]);
+                out.extend_from_slice(b"\r\n");
+                continue;
+            }
+        }
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
-    if !host_seen && !req.host().is_empty() {
+    if !host_seen {
         out.extend_from_slice(b"Host: ");
-        out.extend_from_slice(req.host());
+        if let Some(a) = req.authority.clone() {
+            out.extend_from_slice(&head.buf[a]);
+        }
         out.extend_from_slice(b"\r\n");
     }
     if !xff_seen {
@@ -221,7 +239,7 @@ mod tests {
     #[test]
     fn request_head_rewrites_hop_by_hop_and_forwarding() {
         let mut r = RequestHead::default();
-        let raw = b"GET /x HTTP/1.1\r\nHost: a.example\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nUpgrade: h2c\r\nAccept: */*\r\n\r\n";
+        let raw = b"GET /x HTTP/1.1\r\nHost: a.example\r\nConnection: keep-alive, X-Secret, Host\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nUpgrade: h2c\r\nAccept: */*\r\n\r\n";
         r.parse(raw, 100).unwrap().unwrap();
         let mut out = Vec::new();
         request_head(&mut out, &r, Some("127.0.0.1".parse().unwrap()), false);
@@ -230,6 +248,26 @@ mod tests {
             s,
             "GET /x HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-For: 1.2.3.4, 127.0.0.1\r\nAccept: */*\r\nX-Forwarded-Proto: http\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn request_head_host_from_absolute_form_or_empty() {
+        let mut r = RequestHead::default();
+        r.parse(b"GET http://Up.Example:81/p?q HTTP/1.1\r\nHost: spoofed\r\nX-A: 1\r\n\r\n", 100).unwrap().unwrap();
+        let mut out = Vec::new();
+        request_head(&mut out, &r, None, false);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /p?q HTTP/1.1\r\nHost: Up.Example:81\r\nX-A: 1\r\nX-Forwarded-For: unix\r\nX-Forwarded-Proto: http\r\n\r\n"
+        );
+        r.parse(b"GET http://a.example/ HTTP/1.1\r\n\r\n", 100).unwrap().unwrap();
+        let mut out = Vec::new();
+        request_head(&mut out, &r, None, false);
+        assert!(String::from_utf8(out).unwrap().contains("\r\nHost: a.example\r\n"));
+        r.parse(b"GET / HTTP/1.0\r\n\r\n", 100).unwrap().unwrap();
+        let mut out = Vec::new();
+        request_head(&mut out, &r, None, false);
+        assert!(String::from_utf8(out).unwrap().starts_with("GET / HTTP/1.1\r\nHost: \r\nX-Forwarded-For: unix\r\n"));
     }
 
     #[test]

@@ -125,6 +125,10 @@ impl Master {
                 let reply = Reply { data: self.status(), ..Reply::ok("running") };
                 answer(stream, &reply);
             }
+            "upstreams" => {
+                let (table, data) = self.upstreams();
+                answer(stream, &Reply { data, ..Reply::ok(table) });
+            }
             other => answer(stream, &Reply::err(format!("unknown command {other:?}"))),
         }
     }
@@ -151,6 +155,73 @@ impl Master {
             "upgrade_pid": self.upgrade.as_ref().map(|u| u.pid.as_raw()),
             "listeners": self.listeners.iter().map(|b| b.entry.local.clone()).collect::<Vec<_>>(),
         })
+    }
+
+    /// Every backend's shared state: the same answer whichever worker
+    /// serves traffic, since it is read from the shared region.
+    fn upstreams(&self) -> (String, serde_json::Value) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = crate::shm::now_ms();
+        let mut rows = Vec::new();
+        let mut text = format!(
+            "{:<16} {:<28} {:>6} {:<10} {:>10} {:>6} {:>7} {:>10} {:>9} {:>7}\n",
+            "CLUSTER", "BACKEND", "WEIGHT", "STATE", "EJECTED_MS", "RAMP%", "ACTIVE", "REQUESTS", "FAILURES", "PROBES"
+        );
+        for c in &self.config.clusters {
+            for b in &c.backends {
+                let Some(s) = self.backend_slots.peek(&b.addr) else { continue };
+                let down = s.down.load(Relaxed) == 1;
+                let until = s.ejected_until_ms.load(Relaxed);
+                let ejected_ms = until.saturating_sub(now);
+                let ramp_start = s.ramp_start_ms.load(Relaxed);
+                let slow_ms = c.slow_start.as_millis() as u64;
+                let ramp = if slow_ms == 0 || ramp_start == 0 || now >= ramp_start + slow_ms {
+                    100
+                } else if now < ramp_start {
+                    0
+                } else {
+                    (now - ramp_start) * 100 / slow_ms
+                };
+                let state = if down {
+                    "down"
+                } else if ejected_ms > 0 {
+                    "ejected"
+                } else if ramp < 100 {
+                    "slow_start"
+                } else {
+                    "healthy"
+                };
+                let row = serde_json::json!({
+                    "cluster": c.name,
+                    "backend": b.addr.to_string(),
+                    "weight": b.weight,
+                    "state": state,
+                    "health_checked": c.health_check.is_some(),
+                    "ejected_for_ms": ejected_ms,
+                    "ejections": s.ejections.load(Relaxed),
+                    "slow_start_percent": ramp,
+                    "active": s.active.load(Relaxed),
+                    "requests": s.requests.load(Relaxed),
+                    "failures": s.failures.load(Relaxed),
+                    "probes": s.probes.load(Relaxed),
+                });
+                text.push_str(&format!(
+                    "{:<16} {:<28} {:>6} {:<10} {:>10} {:>6} {:>7} {:>10} {:>9} {:>7}\n",
+                    c.name,
+                    b.addr.to_string(),
+                    b.weight,
+                    state,
+                    ejected_ms,
+                    ramp,
+                    row["active"],
+                    row["requests"],
+                    row["failures"],
+                    row["probes"]
+                ));
+                rows.push(row);
+            }
+        }
+        (text.trim_end().to_string(), serde_json::json!({ "backends": rows }))
     }
 
     /// Answers the pending requests that are settled or timed out.

@@ -10,6 +10,8 @@
 //! loop wakes at least every `TICK`.
 
 mod control;
+pub mod daemon;
+mod health;
 mod upgrade;
 
 use std::ffi::OsString;
@@ -33,8 +35,10 @@ use slog::Logger;
 use crate::channel::{self, Channel, ListenerEntry, ToMaster, ToWorker, WORKER_FD_ENV};
 use crate::config::{Config, ListenerConfig};
 use crate::log::Log;
+use crate::shm::Region;
+use crate::upstream::SlotTable;
 
-pub use upgrade::Handover;
+pub use upgrade::{Handover, Received};
 
 /// Longest sleep of the master loop.
 const TICK: Duration = Duration::from_millis(100);
@@ -162,6 +166,10 @@ pub struct Master {
     upgrade: Option<upgrade::Upgrade>,
     /// This master is the new one of an upgrade, not yet ready.
     handover: Option<Channel>,
+    /// Shared memory of the instance, and its backend slots.
+    region: Region,
+    backend_slots: SlotTable,
+    health: health::Checker,
     state: State,
     /// When draining workers are killed anyway.
     quit_deadline: Option<Instant>,
@@ -180,11 +188,19 @@ impl Master {
         listeners: Vec<(ListenerConfig, OwnedFd)>,
         log: Log,
         handover: Option<Channel>,
-    ) -> io::Result<Master> {
-        let poll = Poll::new()?;
-        let mut signals = Signals::install()?;
-        poll.registry().register(&mut SourceFd(&signals.pipe.as_raw_fd()), SIGNALS, Interest::READABLE)?;
-        signals.drain_pipe();
+        shared: Option<(Region, Vec<(String, u32)>)>,
+    ) -> Result<Master, (io::Error, Log)> {
+        let setup = || -> io::Result<(Poll, Signals)> {
+            let poll = Poll::new()?;
+            let mut signals = Signals::install()?;
+            poll.registry().register(&mut SourceFd(&signals.pipe.as_raw_fd()), SIGNALS, Interest::READABLE)?;
+            signals.drain_pipe();
+            Ok((poll, signals))
+        };
+        let (poll, signals) = match setup() {
+            Ok(x) => x,
+            Err(e) => return Err((e, log)),
+        };
         let listeners = listeners
             .into_iter()
             .map(|(c, fd)| {
@@ -192,6 +208,23 @@ impl Master {
                 Bound { config: c, fd, entry }
             })
             .collect();
+        // The shared region: the predecessor's after an upgrade (its state
+        // carries over), else a fresh one.
+        let (region, slots) = match shared {
+            Some((region, entries)) => {
+                let mut t = SlotTable::new(region.shared(), true);
+                t.extend(&entries);
+                (region, t)
+            }
+            None => {
+                let region = match Region::create() {
+                    Ok(r) => r,
+                    Err(e) => return Err((e, log)),
+                };
+                let t = SlotTable::new(region.shared(), true);
+                (region, t)
+            }
+        };
         let mut m = Master {
             args,
             log,
@@ -208,11 +241,18 @@ impl Master {
             pending: Vec::new(),
             upgrade: None,
             handover,
+            region,
+            backend_slots: slots,
+            health: health::Checker::default(),
             state: State::Running,
             quit_deadline: None,
         };
-        m.write_pid_file()?;
-        m.bind_control()?;
+        m.assign_slots(false);
+        m.health.configure(&m.config, &mut m.backend_slots, m.poll.registry());
+        if let Err(e) = m.write_pid_file().and_then(|()| m.bind_control()) {
+            m.cleanup();
+            return Err((e, m.log));
+        }
         for b in &m.listeners {
             slog::info!(m.logger(), "listening"; "address" => &b.entry.local, "backlog" => b.config.backlog);
         }
@@ -229,7 +269,8 @@ impl Master {
     pub fn run(mut self) -> i32 {
         let mut events = Events::with_capacity(64);
         loop {
-            if let Err(e) = self.poll.poll(&mut events, Some(TICK)) {
+            let wait = self.health.next_due(Instant::now()).map_or(TICK, |d| d.min(TICK));
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     slog::crit!(self.logger(), "poll failed"; "error" => %e);
                     return 1;
@@ -240,6 +281,9 @@ impl Master {
                     SIGNALS => self.signals.drain_pipe(),
                     CONTROL => self.accept_control(),
                     UPGRADE => self.upgrade_event(),
+                    Token(t) if t >= health::PROBE_BASE => {
+                        self.health.event(ev.token(), self.poll.registry(), &self.log.logger)
+                    }
                     Token(t) if t >= WORKER_BASE => self.worker_event(Pid::from_raw((t - WORKER_BASE) as i32)),
                     _ => {}
                 }
@@ -290,6 +334,9 @@ impl Master {
                 }
             }
         }
+        if self.state == State::Running {
+            self.health.tick(self.poll.registry(), &self.log.logger);
+        }
         self.upgrade_tick(now);
         self.handover_tick();
         self.reply_pending(now);
@@ -322,7 +369,7 @@ impl Master {
         self.slots[i].respawn_at = None;
         match self.spawn_process() {
             Ok(p) => {
-                slog::info!(self.logger(), "worker started"; "slot" => i, "pid" => p.pid.as_raw());
+                slog::info!(self.logger(), "worker started"; "slot" => i, "worker_pid" => p.pid.as_raw());
                 self.slots[i].proc = Some(p);
             }
             Err(e) => {
@@ -355,7 +402,7 @@ impl Master {
         // The child is reaped by waitpid(-1) on SIGCHLD; `Child` is not waited.
         drop(child);
         let p = WorkerProc { pid, chan: mine, started: Instant::now(), ready: false, acked: self.seq };
-        p.chan.send(&self.configure_message(), &self.listener_fds())?;
+        p.chan.send(&self.configure_message(), &self.message_fds())?;
         p.chan.set_nonblocking(true)?;
         self.poll.registry().register(
             &mut SourceFd(&p.chan.raw_fd()),
@@ -371,11 +418,37 @@ impl Master {
             config_path: self.args.config_path.to_string_lossy().into_owned(),
             config_text: self.config_text.clone(),
             listeners: self.listeners.iter().map(|b| b.entry.clone()).collect(),
+            backend_slots: self.backend_slots.entries(),
         }
     }
 
-    fn listener_fds(&self) -> Vec<RawFd> {
-        self.listeners.iter().map(|b| b.fd.as_raw_fd()).collect()
+    /// The fds that go with a `Configure` or a hand-over: every listener in
+    /// manifest order, then the shared region.
+    fn message_fds(&self) -> Vec<RawFd> {
+        let mut fds: Vec<RawFd> = self.listeners.iter().map(|b| b.fd.as_raw_fd()).collect();
+        fds.push(self.region.raw_fd());
+        fds
+    }
+
+    /// Gives every backend of the configuration a shared slot. A backend
+    /// that is new in a reload starts its slow start now.
+    fn assign_slots(&mut self, reload: bool) {
+        let now = crate::shm::now_ms();
+        for c in &self.config.clusters {
+            for b in &c.backends {
+                let known = self.backend_slots.contains(&b.addr);
+                match self.backend_slots.slot_of(&b.addr) {
+                    Some(n) if reload && !known => {
+                        self.backend_slots.shm(n).ramp_start_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Some(_) => {}
+                    None => {
+                        slog::warn!(self.log.logger, "shared slots are full; this backend has no shared health state";
+                        "backend" => %b.addr, "slots" => crate::shm::MAX_BACKENDS)
+                    }
+                }
+            }
+        }
     }
 
     /// Messages from a worker.
@@ -386,12 +459,12 @@ impl Master {
                 Ok(None) => return,
                 Ok(Some((ToMaster::Ready { .. }, _))) => {
                     p.ready = true;
-                    slog::debug!(self.log.logger, "worker ready"; "pid" => pid.as_raw());
+                    slog::debug!(self.log.logger, "worker ready"; "worker_pid" => pid.as_raw());
                 }
                 Ok(Some((ToMaster::Configured { seq, error }, _))) => {
                     p.acked = p.acked.max(seq);
                     if let Some(e) = error {
-                        slog::error!(self.log.logger, "worker refused a configuration"; "pid" => pid.as_raw(), "seq" => seq, "error" => e);
+                        slog::error!(self.log.logger, "worker refused a configuration"; "worker_pid" => pid.as_raw(), "seq" => seq, "error" => e);
                     }
                 }
                 Err(_) => {
@@ -428,17 +501,17 @@ impl Master {
             }
             if let Some(i) = self.retiring.iter().position(|p| p.pid == pid) {
                 self.retiring.remove(i);
-                slog::info!(self.logger(), "drained worker exited"; "pid" => pid.as_raw(), "how" => &how);
+                slog::info!(self.logger(), "drained worker exited"; "worker_pid" => pid.as_raw(), "how" => &how);
                 continue;
             }
             let Some(i) = self.slots.iter().position(|s| s.proc.as_ref().is_some_and(|p| p.pid == pid)) else {
-                slog::debug!(self.logger(), "reaped a child"; "pid" => pid.as_raw(), "how" => &how);
+                slog::debug!(self.logger(), "reaped a child"; "child_pid" => pid.as_raw(), "how" => &how);
                 continue;
             };
             let p = self.slots[i].proc.take().expect("slot has the process");
             let _ = self.poll.registry().deregister(&mut SourceFd(&p.chan.raw_fd()));
             if self.state != State::Running {
-                slog::info!(self.logger(), "worker exited"; "slot" => i, "pid" => pid.as_raw(), "how" => &how);
+                slog::info!(self.logger(), "worker exited"; "slot" => i, "worker_pid" => pid.as_raw(), "how" => &how);
                 continue;
             }
             let slot = &mut self.slots[i];
@@ -448,7 +521,7 @@ impl Master {
                 slot.backoff = Duration::ZERO;
             }
             slot.respawn_at = Some(Instant::now() + slot.backoff);
-            slog::error!(self.log.logger, "worker died; restarting it"; "slot" => i, "pid" => pid.as_raw(), "how" => &how,
+            slog::error!(self.log.logger, "worker died; restarting it"; "slot" => i, "worker_pid" => pid.as_raw(), "how" => &how,
                 "restart_in_ms" => slot.backoff.as_millis() as u64);
             if slot.backoff.is_zero() {
                 self.spawn(i);
@@ -498,11 +571,13 @@ impl Master {
         self.config = Arc::new(config);
         self.config_text = text;
         self.seq += 1;
+        self.assign_slots(true);
+        self.health.configure(&self.config, &mut self.backend_slots, self.poll.registry());
         let msg = self.configure_message();
-        let fds = self.listener_fds();
+        let fds = self.message_fds();
         for p in self.slots.iter().filter_map(|s| s.proc.as_ref()) {
             if let Err(e) = p.chan.send(&msg, &fds) {
-                slog::error!(self.log.logger, "cannot send the configuration to a worker"; "pid" => p.pid.as_raw(), "error" => %e);
+                slog::error!(self.log.logger, "cannot send the configuration to a worker"; "worker_pid" => p.pid.as_raw(), "error" => %e);
             }
         }
         self.resize(workers);
@@ -515,7 +590,7 @@ impl Master {
             let slot = self.slots.pop().expect("non-empty");
             if let Some(p) = slot.proc {
                 let _ = p.chan.send(&ToWorker::Drain { timeout_ms: self.config.drain_timeout.as_millis() as u64 }, &[]);
-                slog::info!(self.logger(), "draining a worker (fewer workers configured)"; "pid" => p.pid.as_raw());
+                slog::info!(self.logger(), "draining a worker (fewer workers configured)"; "worker_pid" => p.pid.as_raw());
                 self.retiring.push(p);
             }
         }
@@ -526,12 +601,25 @@ impl Master {
         }
     }
 
+    /// Reopens the error log (logrotate). Workers get the reopened file as
+    /// an fd: after dropping privileges they may not be allowed to open it.
     fn reopen(&mut self) {
         if let Err(e) = self.log.reopen() {
             slog::error!(self.logger(), "cannot reopen the error log"; "error" => %e);
         }
+        let file = match &self.config.error_log {
+            crate::config::LogTarget::File(p) => match std::fs::OpenOptions::new().create(true).append(true).open(p) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    slog::error!(self.logger(), "cannot open the error log for the workers"; "error" => %e);
+                    None
+                }
+            },
+            crate::config::LogTarget::Stderr => None,
+        };
+        let fds: Vec<RawFd> = file.iter().map(|f| f.as_raw_fd()).collect();
         for p in self.slots.iter().filter_map(|s| s.proc.as_ref()).chain(self.retiring.iter()) {
-            let _ = p.chan.send(&ToWorker::Reopen, &[]);
+            let _ = p.chan.send(&ToWorker::Reopen, &fds);
         }
         slog::info!(self.logger(), "log files reopened");
     }

@@ -23,8 +23,9 @@ use mio::Interest;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::channel::{check_manifest, Channel, Handoff, ListenerEntry, UPGRADE_FD_ENV, WORKER_FD_ENV};
+use crate::channel::{split_fds, Channel, Handoff, ListenerEntry, UPGRADE_FD_ENV, WORKER_FD_ENV};
 use crate::control::Reply;
+use crate::shm::Region;
 
 use super::{Master, State, UPGRADE};
 
@@ -53,7 +54,10 @@ impl Master {
             return Err((reply, format!("an upgrade is already in progress (new master pid {})", u.pid)));
         }
         if self.handover.is_some() {
-            return Err((reply, "this master is itself still starting from an upgrade".into()));
+            return Err((
+                reply,
+                "an upgrade is already in progress: this master is itself still starting from one".into(),
+            ));
         }
         if self.state != State::Running {
             return Err((reply, "the master is stopping".into()));
@@ -92,7 +96,8 @@ impl Master {
         let pid = Pid::from_raw(child.id() as i32);
         drop(child);
         let entries: Vec<ListenerEntry> = self.listeners.iter().map(|b| b.entry.clone()).collect();
-        let sent = mine.send(&Handoff::Listeners { listeners: entries }, &self.listener_fds());
+        let msg = Handoff::Listeners { listeners: entries, backend_slots: self.backend_slots.entries() };
+        let sent = mine.send(&msg, &self.message_fds());
         mine.set_nonblocking(true)?;
         self.poll.registry().register(&mut SourceFd(&mine.raw_fd()), UPGRADE, Interest::READABLE)?;
         let u = Upgrade { pid, chan: mine, deadline: Instant::now() + self.config.upgrade_timeout };
@@ -109,7 +114,22 @@ impl Master {
             Ok(None) => {}
             Ok(Some((Handoff::Ready { pid }, _))) => self.upgrade_succeeded(pid),
             Ok(Some((other, _))) => self.rollback(format!("unexpected message from the new master: {other:?}")),
-            Err(e) => self.rollback(format!("the new master closed its channel before it was ready ({e})")),
+            Err(e) => {
+                // Usually the process is exiting: say how, if it does soon.
+                let pid = u.pid;
+                for _ in 0..20 {
+                    match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                        Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => {
+                            return self.rollback(format!("the new master exited (exit status {code})"));
+                        }
+                        Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => {
+                            return self.rollback(format!("the new master was killed by {sig}"));
+                        }
+                        _ => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+                self.rollback(format!("the new master closed its channel before it was ready ({e})"))
+            }
         }
     }
 
@@ -158,7 +178,7 @@ impl Master {
             }
         }
         slog::error!(self.logger(), "upgrade failed; rolled back, the running master keeps serving"; "reason" => &reason, "new_master_pid" => u.pid.as_raw());
-        self.settle_upgrade_replies(&Reply::err(format!("upgrade failed, rolled back: {reason}")));
+        self.settle_upgrade_replies(&Reply::err(format!("rolled back, the running master keeps serving: {reason}")));
     }
 
     /// New master: once every worker accepts, tell the old master.
@@ -182,14 +202,23 @@ const HANDOFF_WAIT: Duration = Duration::from_secs(5);
 pub struct Handover;
 
 impl Handover {
-    /// Receives the listening sockets from the old master.
-    pub fn receive(chan: &Channel) -> std::io::Result<Vec<(ListenerEntry, OwnedFd)>> {
+    /// Receives the listening sockets and the shared region (with its
+    /// backend slots) from the old master.
+    pub fn receive(chan: &Channel) -> std::io::Result<Received> {
         chan.set_read_timeout(Some(HANDOFF_WAIT))?;
         let (msg, fds) = chan.recv::<Handoff>()?.ok_or_else(|| std::io::Error::other("no hand-over message"))?;
-        let Handoff::Listeners { listeners } = msg else {
+        let Handoff::Listeners { listeners, backend_slots } = msg else {
             return Err(std::io::Error::other("unexpected hand-over message"));
         };
-        check_manifest(&listeners, &fds).map_err(std::io::Error::other)?;
-        Ok(listeners.into_iter().zip(fds).collect())
+        let (fds, region) = split_fds(&listeners, fds).map_err(std::io::Error::other)?;
+        let region = Region::open(region)?;
+        Ok(Received { listeners: listeners.into_iter().zip(fds).collect(), region, backend_slots })
     }
+}
+
+/// What a new master receives from the old one.
+pub struct Received {
+    pub listeners: Vec<(ListenerEntry, OwnedFd)>,
+    pub region: Region,
+    pub backend_slots: Vec<(String, u32)>,
 }

@@ -27,12 +27,12 @@ use slab::Slab;
 use slog::Logger;
 
 use crate::buffer::BufPool;
-use crate::channel::{check_manifest, Channel, ListenerEntry, ToMaster, ToWorker};
+use crate::channel::{split_fds, Channel, ListenerEntry, ToMaster, ToWorker};
 use crate::config::Config;
 use crate::log::LogFile;
 use crate::net::Listener;
 use crate::router::Router;
-use crate::upstream::{Backends, Cluster};
+use crate::upstream::{Backends, Cluster, SlotTable};
 
 pub use proxy::UpConn;
 pub use session::Session;
@@ -49,10 +49,14 @@ pub(crate) fn token(kind: usize, index: usize) -> Token {
 
 /// Accepts taken from one listener per loop turn before others get a turn.
 const ACCEPT_BATCH: usize = 64;
+/// How long accepting pauses after a resource error such as EMFILE.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Free buffers a worker keeps for reuse.
 const POOLED_BUFFERS: usize = 1024;
-/// Smallest read buffer per connection direction.
+/// Smallest read buffer of a client connection.
 const MIN_BUFFER: usize = 16 * 1024;
+/// Smallest read buffer of an upstream connection.
+const UPSTREAM_BUFFER: usize = 64 * 1024;
 
 /// What a worker is started with.
 pub struct WorkerInit {
@@ -68,6 +72,8 @@ pub struct WorkerInit {
     pub quit: Arc<AtomicBool>,
     /// The channel to the master (absent in `--single-process` mode).
     pub channel: Option<Channel>,
+    /// Shared-memory slots of backend addresses.
+    pub slots: SlotTable,
 }
 
 /// The configuration-derived state requests are served with. Immutable
@@ -83,9 +89,9 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds a snapshot, giving its backends ids in the worker's table.
-    pub fn build(config: Arc<Config>, backends: &mut Backends) -> Snapshot {
+    pub fn build(config: Arc<Config>, backends: &mut Backends, slots: &mut SlotTable) -> Snapshot {
         backends.retire_all();
-        let clusters = config.clusters.iter().map(|c| Cluster::new(c, backends)).collect();
+        let clusters = config.clusters.iter().map(|c| Cluster::new(c, backends, slots)).collect();
         Snapshot { router: Router::new(&config), clusters, config }
     }
 }
@@ -98,8 +104,13 @@ pub struct Core {
     /// The configuration new requests are served with.
     current: ArcSwap<Snapshot>,
     backends: Backends,
+    slots: SlotTable,
     timers: Timers,
+    /// Read buffers of client connections.
     bufs: BufPool,
+    /// Read buffers of upstream connections: larger, so that a response
+    /// body moves in fewer, larger reads and writes.
+    up_bufs: BufPool,
     now: Instant,
     log: Logger,
     /// Answer with `Connection: close` and stop keeping connections.
@@ -125,6 +136,8 @@ pub struct Worker {
     log_file: Option<LogFile>,
     /// When draining ends at the latest.
     drain_deadline: Option<Instant>,
+    /// Accepting is paused after a resource error (EMFILE) until then.
+    accept_paused_until: Option<Instant>,
 }
 
 /// Token of the channel to the master.
@@ -144,7 +157,8 @@ impl Worker {
         }
         let buf_size = init.config.limits.max_header_bytes.max(MIN_BUFFER);
         let mut backends = Backends::default();
-        let snapshot = Snapshot::build(init.config, &mut backends);
+        let mut slots = init.slots;
+        let snapshot = Snapshot::build(init.config, &mut backends, &mut slots);
         Ok(Worker {
             poll,
             sessions: Slab::with_capacity(1024),
@@ -154,8 +168,10 @@ impl Worker {
                 ups: Slab::with_capacity(1024),
                 current: ArcSwap::from_pointee(snapshot),
                 backends,
+                slots,
                 timers: Timers::default(),
                 bufs: BufPool::new(buf_size, POOLED_BUFFERS),
+                up_bufs: BufPool::new(buf_size.max(UPSTREAM_BUFFER), POOLED_BUFFERS),
                 now: Instant::now(),
                 log: init.log,
                 draining: false,
@@ -165,6 +181,7 @@ impl Worker {
             channel: init.channel,
             log_file: init.log_file,
             drain_deadline: None,
+            accept_paused_until: None,
         })
     }
 
@@ -187,17 +204,25 @@ impl Worker {
                     break;
                 }
             }
+            let now = Instant::now();
+            let paused = self.accept_paused_until.filter(|&t| t > now);
             let any_pending = self.listeners.iter().any(|(_, l)| l.pending);
-            let timeout = if any_pending {
+            let timeout = if any_pending && paused.is_none() {
                 Some(Duration::ZERO)
             } else {
                 // Wake at least once a second to notice a stop request.
-                Some(
-                    self.core
-                        .timers
-                        .next_timeout(Instant::now())
-                        .map_or(Duration::from_secs(1), |t| t.min(Duration::from_secs(1))),
-                )
+                let mut t = self
+                    .core
+                    .timers
+                    .next_timeout(now)
+                    .map_or(Duration::from_secs(1), |t| t.min(Duration::from_secs(1)));
+                if let Some(p) = paused {
+                    t = t.min(p - now);
+                }
+                if let Some(d) = self.drain_deadline {
+                    t = t.min(d.saturating_duration_since(now));
+                }
+                Some(t)
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -227,9 +252,12 @@ impl Worker {
                     _ => self.channel_event(),
                 }
             }
-            for i in 0..self.listeners.capacity() {
-                if self.listeners.get(i).is_some_and(|l| l.pending) {
-                    self.accept(i);
+            if self.accept_paused_until.is_none_or(|t| t <= self.core.now) {
+                self.accept_paused_until = None;
+                for i in 0..self.listeners.capacity() {
+                    if self.listeners.get(i).is_some_and(|l| l.pending) {
+                        self.accept(i);
+                    }
                 }
             }
             self.run_timers();
@@ -265,9 +293,12 @@ impl Worker {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and the like: stop accepting until the next event.
-                    slog::error!(self.core.log, "accept failed"; "error" => %e, "listener" => &self.listeners[i].entry.local);
-                    self.listeners[i].pending = false;
+                    // EMFILE, ENFILE, ENOBUFS: the connection stays queued;
+                    // pause accepting briefly (connections that finish free
+                    // fds) rather than spin on the error.
+                    slog::error!(self.core.log, "accept failed; pausing accepts for 100 ms"; "error" => %e,
+                        "listener" => &self.listeners[i].entry.local);
+                    self.accept_paused_until = Some(self.core.now + ACCEPT_PAUSE);
                     return;
                 }
             };
@@ -361,8 +392,8 @@ impl Worker {
             let Some(ch) = self.channel.as_ref() else { return };
             match ch.recv::<ToWorker>() {
                 Ok(None) => return,
-                Ok(Some((ToWorker::Configure { seq, config_path, config_text, listeners }, fds))) => {
-                    let error = self.reconfigure(&config_path, &config_text, listeners, fds).err();
+                Ok(Some((ToWorker::Configure { seq, config_path, config_text, listeners, backend_slots }, fds))) => {
+                    let error = self.reconfigure(&config_path, &config_text, listeners, backend_slots, fds).err();
                     match &error {
                         None => slog::info!(self.core.log, "configuration reloaded"; "seq" => seq),
                         Some(e) => slog::error!(self.core.log, "reload refused"; "seq" => seq, "error" => e),
@@ -372,9 +403,18 @@ impl Worker {
                     }
                 }
                 Ok(Some((ToWorker::Drain { timeout_ms }, _))) => self.start_drain(Duration::from_millis(timeout_ms)),
-                Ok(Some((ToWorker::Reopen, _))) => {
+                Ok(Some((ToWorker::Reopen, mut fds))) => {
                     if let Some(f) = &self.log_file {
-                        if let Err(e) = f.reopen() {
+                        // The master sends the reopened file: this worker may
+                        // no longer have the rights to open it itself.
+                        let r = match fds.pop() {
+                            Some(fd) => {
+                                f.replace(std::fs::File::from(fd));
+                                Ok(())
+                            }
+                            None => f.reopen(),
+                        };
+                        if let Err(e) = r {
                             slog::error!(self.core.log, "cannot reopen the log file"; "error" => %e);
                         }
                     }
@@ -405,10 +445,13 @@ impl Worker {
         path: &str,
         text: &str,
         entries: Vec<ListenerEntry>,
+        backend_slots: Vec<(String, u32)>,
         fds: Vec<OwnedFd>,
     ) -> Result<(), String> {
         let config = Config::parse(std::path::Path::new(path), text).map_err(|e| e.to_string())?;
-        check_manifest(&entries, &fds)?;
+        // The region is the one this worker mapped at start; the copy is dropped.
+        let (fds, _region) = split_fds(&entries, fds)?;
+        self.core.slots = SlotTable::from_entries(self.core.slots.shared(), &backend_slots);
         if self.drain_deadline.is_none() {
             let stale: Vec<usize> =
                 self.listeners.iter().filter(|(_, l)| !entries.contains(&l.entry)).map(|(i, _)| i).collect();
@@ -428,8 +471,9 @@ impl Worker {
         let buf_size = config.limits.max_header_bytes.max(MIN_BUFFER);
         if buf_size != self.core.bufs.size() {
             self.core.bufs = BufPool::new(buf_size, POOLED_BUFFERS);
+            self.core.up_bufs = BufPool::new(buf_size.max(UPSTREAM_BUFFER), POOLED_BUFFERS);
         }
-        let snapshot = Snapshot::build(Arc::new(config), &mut self.core.backends);
+        let snapshot = Snapshot::build(Arc::new(config), &mut self.core.backends, &mut self.core.slots);
         self.core.current.store(Arc::new(snapshot));
         // Idle connections to backends no cluster names any more.
         let retired: Vec<usize> = self

@@ -3,9 +3,17 @@
 //! down with bounded buffers, and turning every failure into either a
 //! retry, a 502/504, or a closed client connection.
 //!
-//! Body bytes are never copied: request bytes go from the client's read
+//! Body bytes are not copied: request bytes go from the client's read
 //! buffer to the backend socket and response bytes from the upstream read
-//! buffer to the client socket, behind the head in one `writev`.
+//! buffer to the client socket, behind the head in one `writev`. (The one
+//! exception: small pieces of a re-framed chunked request body are copied
+//! behind their size line, so tiny chunks do not cost a write each.)
+//!
+//! What reaches a backend is re-framed by Pitcher: its own Content-Length,
+//! or its own chunk size lines with the client's extensions and trailers
+//! dropped. A request that turns out malformed after its head went up
+//! aborts the upstream connection before the body's end is sent, so the
+//! backend never receives a complete request from it.
 
 use std::io::{self, IoSlice, Write};
 use std::time::Duration;
@@ -16,10 +24,18 @@ use crate::http::head::MAX_PARSE_HEADERS;
 use crate::http::write::{self as hw, ConnHeader, OutFraming};
 use crate::http::{Framing, HttpError, Version};
 use crate::net::{Readiness, Stream};
+use crate::upstream::Outcome;
 
 use super::session::{read_into, Body, Phase, RespMode, Session, Step};
 use super::timer::{Timed, Timers};
 use super::{token, Core, KIND_UPSTREAM};
+
+/// Chunk data pieces up to this size are copied into the outgoing buffer
+/// with their framing rather than written from the read buffer on their own.
+const COPIED_CHUNK_DATA: usize = 1024;
+/// Re-framed request bytes queued for a backend before more client input
+/// is taken (backpressure for chunked bodies).
+const MAX_PENDING_FRAMED: usize = 16 * 1024;
 
 /// A connection to a backend: in use by a session, or idle in its pool.
 #[derive(Debug)]
@@ -75,20 +91,30 @@ impl Core {
             if s.ex.failed > cluster.retries {
                 return Err(502);
             }
-            let Some(b) = cluster.pick(s.ex.tried) else { return Err(502) };
+            let hash = cluster.request_hash(&s.req, s.peer);
+            let Some(b) = cluster.pick(s.ex.tried, hash, crate::shm::now_ms()) else { return Err(502) };
             if b < 64 {
                 s.ex.tried |= 1 << b;
             }
             s.ex.backend = b;
             let id = cluster.members[b].id;
+            // A pooled connection whose FIN (or stray bytes) arrived but
+            // has not been seen by the loop yet is dropped here rather than
+            // found closed after the request was written to it.
+            while let Some(&ui) = self.backends.get(id).idle.last() {
+                if self.idle_usable(ui) {
+                    break;
+                }
+                self.drop_idle(ui);
+            }
             let backend = self.backends.get_mut(id);
             if let Some(ui) = backend.idle.pop() {
                 let u = &mut self.ups[ui];
                 u.owner = Some(sid);
                 u.reused = true;
-                u.buf = Some(self.bufs.get());
+                u.buf = Some(self.up_bufs.get());
                 Timers::clear(&mut u.timed);
-                backend.active += 1;
+                backend.acquire();
                 s.ex.up = Some(ui);
                 return Ok(());
             }
@@ -100,7 +126,7 @@ impl Core {
                         key,
                         stream,
                         rd: Readiness::default(),
-                        buf: Some(self.bufs.get()),
+                        buf: Some(self.up_bufs.get()),
                         connecting: true,
                         owner: Some(sid),
                         backend: id,
@@ -112,19 +138,21 @@ impl Core {
                     {
                         slog::error!(self.log, "cannot register upstream socket"; "error" => %e);
                         if let Some(b) = u.buf.take() {
-                            self.bufs.put(b);
+                            self.up_bufs.put(b);
                         }
                         return Err(502);
                     }
                     s.ex.up = Some(entry.key());
                     entry.insert(u);
-                    backend.active += 1;
+                    backend.acquire();
                     let at = self.now + s.snap.config.timeouts.upstream_connect;
                     self.timers.set(&mut s.timed, s.key, at);
                     return Ok(());
                 }
                 Err(e) => {
-                    slog::warn!(self.log, "connect to backend failed"; "backend" => %backend.addr, "cluster" => &cluster.name, "error" => %e);
+                    slog::warn!(self.log, "connect to backend failed"; "method" => %String::from_utf8_lossy(s.req.method()),
+                        "path" => %String::from_utf8_lossy(s.req.target()), "backend" => %backend.addr,
+                        "cluster" => &cluster.name, "error" => %e);
                     s.ex.failed += 1;
                 }
             }
@@ -137,10 +165,10 @@ impl Core {
         let Some(ui) = s.ex.up.take() else { return };
         let u = &mut self.ups[ui];
         let be = self.backends.get_mut(u.backend);
-        be.active = be.active.saturating_sub(1);
+        be.release();
         if let Some(buf) = u.buf.take() {
             let clean = buf.is_empty();
-            self.bufs.put(buf);
+            self.up_bufs.put(buf);
             let cluster = &s.snap.clusters[s.ex.cluster];
             if reusable && clean && !u.rd.read_closed && !be.retired && be.idle.len() < cluster.keepalive {
                 u.owner = None;
@@ -159,7 +187,7 @@ impl Core {
         if self.ups.contains(ui) {
             let mut u = self.ups.remove(ui);
             if let Some(buf) = u.buf.take() {
-                self.bufs.put(buf);
+                self.up_bufs.put(buf);
             }
             // Closing the fd removes it from the epoll set; deregistering
             // first would only cost a syscall.
@@ -169,14 +197,19 @@ impl Core {
     /// An event on a pooled, idle connection: the backend closed it or sent
     /// something unasked. Either way it is no longer usable.
     pub(super) fn idle_upstream_event(&mut self, ui: usize) {
+        if !self.idle_usable(ui) {
+            self.drop_idle(ui);
+        }
+    }
+
+    /// An idle connection has nothing to read and is not closed: reading
+    /// would block. (EOF, an error or unasked bytes make it unusable.)
+    fn idle_usable(&mut self, ui: usize) -> bool {
         let mut probe = [0u8; 1];
         let u = &mut self.ups[ui];
-        let usable = match io::Read::read(&mut u.stream, &mut probe) {
+        match io::Read::read(&mut u.stream, &mut probe) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => !u.rd.read_closed,
             _ => false,
-        };
-        if !usable {
-            self.drop_idle(ui);
         }
     }
 
@@ -233,19 +266,58 @@ impl Core {
     }
 
     /// Client to backend: the request head, then body bytes as they come.
+    ///
+    /// A Content-Length body is forwarded as read. A chunked body is
+    /// re-framed: the client's size lines, extensions and trailers are
+    /// validated and dropped, and Pitcher's own size lines go out in their
+    /// place (queued in `up_out` only once the data before them is written,
+    /// so framing and data stay in order). An invalid byte is never
+    /// forwarded, and the body's end is only sent once the whole trailer
+    /// section was valid: a backend never receives a complete request from
+    /// a refused body.
     fn pump_request(&mut self, s: &mut Session, ui: usize) -> Result<bool, Fail> {
         let mut moved = false;
         let max_body = s.snap.config.limits.max_body_bytes;
         let u = &mut self.ups[ui];
         loop {
-            // Scan newly read body bytes.
-            if let Some(inb) = s.inb.as_ref() {
-                if !s.ex.req_body.complete() && inb.len() > s.ex.req_ready {
-                    let n = s.ex.req_body.scan(&inb.data()[s.ex.req_ready..]).map_err(Fail::RequestBody)?;
-                    s.ex.req_ready += n;
-                    if let Body::Chunked(sc) = &s.ex.req_body {
-                        if sc.data_total > max_body {
-                            return Err(Fail::RequestBody(HttpError::BodyTooLarge));
+            let mut progress = false;
+            // Take newly read body bytes.
+            if let Some(inb) = s.inb.as_mut() {
+                match &mut s.ex.req_body {
+                    Body::Chunked(sc) => {
+                        // Small pieces of data are copied behind their size
+                        // line, so a body of tiny chunks costs a write per
+                        // read, not one per chunk; larger ones are written
+                        // from the read buffer. `up_out` stays bounded.
+                        while s.ex.req_ready == 0
+                            && !sc.is_done()
+                            && !inb.is_empty()
+                            && s.ex.up_out.len() - s.ex.up_out_pos < MAX_PENDING_FRAMED
+                        {
+                            let n = sc
+                                .reframe(inb.data(), &mut s.ex.up_out)
+                                .map_err(|e| Fail::RequestBody(HttpError::Chunked(e)))?;
+                            if sc.data_total > max_body {
+                                return Err(Fail::RequestBody(HttpError::BodyTooLarge));
+                            }
+                            inb.consume(n);
+                            let d = sc.data_left().min(inb.len() as u64) as usize;
+                            if n == 0 && d == 0 {
+                                break;
+                            }
+                            progress = true;
+                            sc.consume_data(d);
+                            if d <= COPIED_CHUNK_DATA {
+                                s.ex.up_out.extend_from_slice(&inb.data()[..d]);
+                                inb.consume(d);
+                            } else {
+                                s.ex.req_ready = d;
+                            }
+                        }
+                    }
+                    body => {
+                        if !body.complete() && inb.len() > s.ex.req_ready {
+                            s.ex.req_ready += body.scan(&inb.data()[s.ex.req_ready..]).map_err(Fail::RequestBody)?;
                         }
                     }
                 }
@@ -267,10 +339,11 @@ impl Core {
                 };
                 match r {
                     Ok(n) => {
-                        moved = true;
+                        progress = true;
                         let h = n.min(head.len());
                         s.ex.up_out_pos += h;
                         let b = n - h;
+                        s.ex.body_out |= b > 0 || s.ex.up_out_pos > s.ex.up_head_len;
                         if b > 0 {
                             if let Some(inb) = s.inb.as_mut() {
                                 inb.consume(b);
@@ -283,6 +356,17 @@ impl Core {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(Fail::UpstreamWrite(e)),
                 }
+            }
+            // Once body bytes went out the request can not be replayed, so
+            // what was written need not be kept.
+            if s.ex.body_out && s.ex.up_out_pos == s.ex.up_out.len() {
+                s.ex.up_out.clear();
+                s.ex.up_out_pos = 0;
+                s.ex.up_head_len = 0;
+            }
+            if progress {
+                moved = true;
+                continue;
             }
             // Read more of the body when there is room.
             if s.ex.req_body.complete() || !s.rd.readable {
@@ -307,8 +391,13 @@ impl Core {
             // Read when there is room (bounded: a slow client stops us here).
             if !s.ex.resp_eof && u.rd.readable && ubuf.room() > 0 {
                 match read_into(&mut u.stream, &mut u.rd, ubuf) {
-                    Ok(Some(0)) | Err(_) => {
+                    Ok(Some(0)) => {
                         s.ex.resp_eof = true;
+                        step = true;
+                    }
+                    Err(_) => {
+                        s.ex.resp_eof = true;
+                        s.ex.resp_reset = true;
                         step = true;
                     }
                     Ok(Some(n)) => {
@@ -319,6 +408,12 @@ impl Core {
                 }
             }
             if !s.ex.resp_head_done {
+                // Interim responses (100 Continue) go out as they come: a
+                // client may be waiting for one before it sends the body.
+                if s.out_pending() {
+                    let (n, _) = s.write_client(&[]).map_err(|_| Fail::ClientGone)?;
+                    moved |= n > 0;
+                }
                 match s.resp.parse(ubuf.data(), MAX_PARSE_HEADERS) {
                     Ok(Some(n)) => {
                         ubuf.consume(n);
@@ -355,11 +450,12 @@ impl Core {
         }
         if s.ex.resp_eof && !s.ex.resp_body.complete() {
             if let Body::Close = s.ex.resp_body {
-                if s.ex.resp_mode == RespMode::Reframe
-                    && s.ex.resp_ready == 0
-                    && s.ex.chunk_left == 0
-                    && !s.ex.last_chunk_queued
-                {
+                let all_written = s.ex.resp_ready == 0 && s.ex.chunk_left == 0;
+                if s.ex.resp_reset && all_written {
+                    // A reset is not the end of a close-delimited body.
+                    return Err(Fail::Truncated);
+                }
+                if s.ex.resp_mode == RespMode::Reframe && all_written && !s.ex.last_chunk_queued {
                     s.out.extend_from_slice(b"0\r\n\r\n");
                     s.ex.last_chunk_queued = true;
                     moved |= self.write_response_body(s, ui)?;
@@ -397,7 +493,13 @@ impl Core {
             return Ok(());
         }
         let framing = s.resp.framing(s.ex.head_request).map_err(|_| Fail::BadResponse)?;
-        let mut keep = s.ex.client_keep && !self.draining;
+        self.record_outcome(s, if status >= 500 { Outcome::ServerError } else { Outcome::Success });
+        // A final response before the client sent its whole body (a
+        // backend refusing an upload, an `Expect: 100-continue` answered
+        // without 100): the rest of the body can not be told from a next
+        // request, so the connection closes, and the client is told so
+        // (RFC 9110 §10.1.1).
+        let mut keep = s.ex.client_keep && !self.draining && s.ex.req_body.complete();
         let (mode, out) = match framing {
             Framing::None => (RespMode::Pass, OutFraming::None),
             Framing::Length(n) => (RespMode::Pass, OutFraming::Length(n)),
@@ -498,8 +600,16 @@ impl Core {
         let request_sent = s.ex.request_sent();
         let reusable = s.ex.upstream_keep && request_sent && !s.ex.resp_eof;
         self.release_upstream(s, reusable);
-        // A body still being received would be read as the next request.
-        let keep = s.ex.client_keep && request_sent;
+        // Body bytes the backend did not take before answering are
+        // dropped, so they are not read as the next request; a body still
+        // being received keeps the connection from being reused at all.
+        if s.ex.req_body.complete() && s.ex.req_ready > 0 {
+            if let Some(inb) = s.inb.as_mut() {
+                inb.consume(s.ex.req_ready);
+            }
+            s.ex.req_ready = 0;
+        }
+        let keep = s.ex.client_keep && s.ex.req_body.complete();
         self.end_exchange(s, keep)
     }
 
@@ -524,15 +634,32 @@ impl Core {
             }
             Fail::Connect(_) | Fail::ConnectTimeout => {
                 slog::warn!(self.log, "connect to backend failed"; "method" => &method, "path" => &path, "backend" => &backend, "error" => %f);
+                let outcome = if matches!(f, Fail::ConnectTimeout) { Outcome::Timeout } else { Outcome::ConnectError };
+                self.record_outcome(s, outcome);
                 self.release_upstream(s, false);
                 s.ex.failed += 1;
                 return self.retry(s, if matches!(f, Fail::ConnectTimeout) { 504 } else { 502 });
             }
+            Fail::RequestBody(e) => {
+                // The response is under way: the client's broken body ends
+                // the exchange, and the connection.
+                slog::debug!(self.log, "request body refused during the response"; "method" => &method, "path" => &path,
+                    "backend" => &backend, "error" => %e);
+                self.release_upstream(s, false);
+                return Step::Close;
+            }
             Fail::UpstreamClosed | Fail::UpstreamWrite(_)
-                if !started && reused && s.ex.req_body_sent == 0 && s.ex.replays < 4 =>
+                if !started
+                    && reused
+                    && !s.ex.body_out
+                    && s.ex.replays < 4
+                    && (s.ex.up_out_pos == 0 || is_idempotent(s.req.method())) =>
             {
-                // A pooled connection the backend had closed: nothing was
-                // processed, so sending again on a new connection is safe.
+                // A pooled connection the backend had closed before the
+                // request reached it. Nothing of a response came, no body
+                // byte went out, and the method may be repeated (or nothing
+                // at all was written): sending again on a new connection is
+                // safe (RFC 9110 §9.2.2).
                 slog::debug!(self.log, "pooled connection was closed by the backend; resending"; "backend" => &backend);
                 self.release_upstream(s, false);
                 s.ex.replays += 1;
@@ -548,6 +675,26 @@ impl Core {
             Fail::RequestBody(e) => e.status(),
             _ => 502,
         };
+        // The backend failed this request: passive detection counts it, and
+        // an idempotent request none of whose body was sent goes to another
+        // backend while the retry count and the time budget allow.
+        if !matches!(f, Fail::RequestBody(_)) {
+            self.record_outcome(
+                s,
+                if matches!(f, Fail::UpstreamTimeout) { Outcome::Timeout } else { Outcome::ConnectError },
+            );
+            let cluster = &s.snap.clusters[s.ex.cluster];
+            let in_budget =
+                s.ex.started.is_some_and(|t0| self.now.saturating_duration_since(t0) < cluster.retry_budget);
+            if !started && !s.ex.body_out && is_idempotent(s.req.method()) && s.ex.failed < cluster.retries && in_budget
+            {
+                slog::warn!(self.log, "backend failed; retrying the request on another backend"; "method" => &method,
+                    "path" => &path, "backend" => &backend, "error" => %f);
+                self.release_upstream(s, false);
+                s.ex.failed += 1;
+                return self.retry(s, status);
+            }
+        }
         slog::error!(self.log, "backend failed"; "method" => &method, "path" => &path, "backend" => &backend,
             "error" => %f, "status" => status, "response_started" => started);
         self.release_upstream(s, false);
@@ -558,7 +705,18 @@ impl Core {
         self.respond(s, status)
     }
 
-    /// Connects again for the same request (nothing was sent yet).
+    /// Feeds passive failure detection with the outcome of the exchange on
+    /// the current backend; logs an ejection.
+    fn record_outcome(&mut self, s: &Session, outcome: Outcome) {
+        let cluster = &s.snap.clusters[s.ex.cluster];
+        if let Some(d) = cluster.record(s.ex.backend, outcome, crate::shm::now_ms()) {
+            let id = cluster.members[s.ex.backend].id;
+            slog::warn!(self.log, "backend ejected (passive detection)"; "backend" => %self.backends.get(id).addr,
+                "cluster" => &cluster.name, "for_ms" => d.as_millis() as u64, "last" => ?outcome);
+        }
+    }
+
+    /// Connects again for the same request (nothing of it was processed).
     fn retry(&mut self, s: &mut Session, status_if_none: u16) -> Step {
         s.ex.up_out_pos = 0;
         s.ex.resp_eof = false;
@@ -602,10 +760,18 @@ impl Core {
             }
             _ if !s.ex.resp_head_done => self.fail(s, Fail::UpstreamTimeout),
             _ => {
-                slog::warn!(self.log, "timeout while streaming a response; closing"; "path" => %String::from_utf8_lossy(s.req.target()));
+                let backend = s.ex.up.map(|u| self.backends.get(self.ups[u].backend).addr.to_string());
+                slog::warn!(self.log, "timeout while streaming a response; closing";
+                    "method" => %String::from_utf8_lossy(s.req.method()), "path" => %String::from_utf8_lossy(s.req.target()),
+                    "backend" => backend.unwrap_or_default());
                 self.release_upstream(s, false);
                 Step::Close
             }
         }
     }
+}
+
+/// Methods whose repetition has the effect of one request (RFC 9110 §9.2.2).
+fn is_idempotent(method: &[u8]) -> bool {
+    matches!(method, b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE" | b"PUT" | b"DELETE")
 }

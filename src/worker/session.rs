@@ -120,17 +120,32 @@ pub struct Exchange {
     /// Scanned request body bytes at the front of the client buffer.
     pub req_ready: usize,
     pub req_body_sent: u64,
+    /// Length of the request head at the front of `up_out` (0 once it was
+    /// dropped from there).
+    pub up_head_len: usize,
+    /// A byte of the body (data or framing) went to the backend: the
+    /// request can not be replayed.
+    pub body_out: bool,
     pub resp_head_done: bool,
     pub resp_body: Body,
     pub resp_mode: RespMode,
     pub resp_ready: usize,
     pub resp_eof: bool,
+    /// The backend's connection ended with an error (reset), not a FIN: a
+    /// close-delimited body is then truncated, not complete.
+    pub resp_reset: bool,
     /// Reframe mode: data bytes left of the chunk being written.
     pub chunk_left: usize,
     pub last_chunk_queued: bool,
     pub upstream_keep: bool,
     /// Bytes received from the backend for this request.
     pub resp_bytes: u64,
+    /// Tunnel: the client sent its FIN (or failed).
+    pub client_eof: bool,
+    /// Tunnel: the backend's FIN was passed on to the client.
+    pub client_shut: bool,
+    /// Tunnel: the client's FIN was passed on to the backend.
+    pub up_shut: bool,
     pub started: Option<Instant>,
 }
 
@@ -208,7 +223,7 @@ impl Session {
         self.inb.as_ref().is_some_and(|b| !b.is_empty())
     }
 
-    fn out_pending(&self) -> bool {
+    pub(super) fn out_pending(&self) -> bool {
         self.out_pos < self.out.len()
     }
 
@@ -295,6 +310,15 @@ pub fn read_into(stream: &mut Stream, rd: &mut Readiness, buf: &mut Buf) -> io::
     }
 }
 
+/// Why an incomplete or complete head over `max` bytes is refused: 414
+/// when its request line alone does not fit, else 431.
+fn head_too_large(data: &[u8], max: usize) -> HttpError {
+    match data.iter().position(|&b| b == b'\n') {
+        Some(i) if i < max => HttpError::HeadersTooLarge,
+        _ => HttpError::UriTooLong,
+    }
+}
+
 impl Core {
     /// Moves everything that can move for session `s`. Returns `false` when
     /// the session is to be closed.
@@ -324,23 +348,26 @@ impl Core {
         loop {
             if let Some(inb) = s.inb.as_mut().filter(|b| !b.is_empty()) {
                 let limits = &s.snap.config.limits;
+                // A buffer smaller than the limit (a reload raised it) is
+                // the limit: a full buffer cannot be read into.
+                let max = limits.max_header_bytes.min(inb.capacity());
                 match s.req.parse(inb.data(), limits.max_headers) {
+                    Ok(Some(n)) if n > max => {
+                        let e = head_too_large(inb.data(), max);
+                        return self.refuse_head(s, e);
+                    }
                     Ok(Some(n)) => {
                         inb.consume(n);
                         s.requests += 1;
                         s.progressed = true;
                         return self.start_request(s);
                     }
-                    Ok(None) if inb.len() >= limits.max_header_bytes => {
-                        let e = if inb.data().contains(&b'\n') {
-                            HttpError::HeadersTooLarge
-                        } else {
-                            HttpError::UriTooLong
-                        };
-                        return self.refuse(s, e);
+                    Ok(None) if inb.len() >= max => {
+                        let e = head_too_large(inb.data(), max);
+                        return self.refuse_head(s, e);
                     }
                     Ok(None) => {}
-                    Err(e) => return self.refuse(s, e),
+                    Err(e) => return self.refuse_head(s, e),
                 }
             } else if !s.rd.readable {
                 // Idle between requests: give the buffer back.
@@ -374,8 +401,22 @@ impl Core {
         s.ex.head_request = s.req.is_head();
         s.ex.client_keep = s.req.keep_alive() && !self.draining;
         s.ex.req_body = Body::from_framing(s.req.framing());
+        let max_body = s.snap.config.limits.max_body_bytes;
         if let Framing::Length(n) = s.req.framing() {
-            if n > s.snap.config.limits.max_body_bytes {
+            if n > max_body {
+                return self.refuse(s, HttpError::BodyTooLarge);
+            }
+        }
+        // A malformed or oversized chunked body that came with the head is
+        // refused before any backend is contacted. (Bytes that come later
+        // are checked as they are re-framed; see `pump_request`.)
+        if let Body::Chunked(sc) = &s.ex.req_body {
+            let mut probe = sc.clone();
+            let buffered = s.inb.as_ref().map_or(&[][..], |b| b.data());
+            if let Err(e) = probe.scan_through(buffered) {
+                return self.refuse(s, HttpError::Chunked(e));
+            }
+            if probe.data_total > max_body {
                 return self.refuse(s, HttpError::BodyTooLarge);
             }
         }
@@ -383,17 +424,29 @@ impl Core {
             return self.respond(s, 404);
         };
         s.ex.cluster = cluster;
-        s.ex.upgrade = s.req.head.has_token("connection", "upgrade") && s.req.head.get("upgrade").is_some();
+        // RFC 9110 §7.8: Upgrade in an HTTP/1.0 request is ignored.
+        s.ex.upgrade = s.req.version() == Version::Http11
+            && s.req.head.has_token("connection", "upgrade")
+            && s.req.head.get("upgrade").is_some();
         let client = match s.peer {
             Peer::Ip(ip) => Some(ip),
             Peer::Unix => None,
         };
         hw::request_head(&mut s.ex.up_out, &s.req, client, s.ex.upgrade);
+        s.ex.up_head_len = s.ex.up_out.len();
         s.phase = Phase::Proxy;
         match self.connect_upstream(s) {
             Ok(()) => Step::Again,
             Err(status) => self.respond(s, status),
         }
+    }
+
+    /// Refuses a request head that could not be parsed: nothing of the
+    /// previous exchange (a HEAD method, a body) applies to the answer.
+    fn refuse_head(&mut self, s: &mut Session, e: HttpError) -> Step {
+        s.ex.reset();
+        s.head_started = None;
+        self.refuse(s, e)
     }
 
     /// Answers a malformed request: the client stream cannot be trusted,
@@ -443,6 +496,11 @@ impl Core {
                 s.nodelay = true;
             }
             s.phase = Phase::Head;
+            // Bytes of a pipelined request already read: its head is late
+            // from now on, not idle.
+            if s.has_input() {
+                s.head_started = Some(self.now);
+            }
             return Step::Again;
         }
         // Unread input (a body we refused, pipelined requests) would make
@@ -514,7 +572,10 @@ impl Core {
         }
     }
 
-    /// Bytes in both directions after a 101 Switching Protocols.
+    /// Bytes in both directions after a 101 Switching Protocols. A FIN
+    /// from either side is passed on once everything that side sent has
+    /// been delivered (half-close); the session ends when both directions
+    /// are closed, on any error, or after the idle timeout.
     fn step_tunnel(&mut self, s: &mut Session) -> Step {
         let Some(ui) = s.ex.up else { return Step::Close };
         loop {
@@ -522,25 +583,27 @@ impl Core {
             let u = &mut self.ups[ui];
             let Some(ubuf) = u.buf.as_mut() else { return Step::Close };
             // Backend to client.
-            let data = ubuf.data();
-            match s.write_client(data) {
-                Ok((_, n)) if n > 0 => {
+            match s.write_client(ubuf.data()) {
+                Ok((total, n)) => {
                     ubuf.consume(n);
-                    moved = true;
+                    moved |= total > 0;
                 }
-                Ok(_) => {}
                 Err(_) => return Step::Close,
             }
-            if u.rd.readable && ubuf.room() > 0 {
+            if !s.ex.resp_eof && u.rd.readable && ubuf.room() > 0 {
                 match read_into(&mut u.stream, &mut u.rd, ubuf) {
                     Ok(Some(0)) | Err(_) => {
-                        if ubuf.is_empty() {
-                            return Step::Close;
-                        }
+                        s.ex.resp_eof = true;
+                        moved = true;
                     }
                     Ok(Some(_)) => moved = true,
                     Ok(None) => {}
                 }
+            }
+            if s.ex.resp_eof && ubuf.is_empty() && !s.out_pending() && !s.ex.client_shut {
+                s.stream.shutdown_write();
+                s.ex.client_shut = true;
+                moved = true;
             }
             // Client to backend.
             let inb = s.inb.get_or_insert_with(|| self.bufs.get());
@@ -555,12 +618,23 @@ impl Core {
                     Err(_) => return Step::Close,
                 }
             }
-            if s.rd.readable && inb.room() > 0 {
+            if !s.ex.client_eof && s.rd.readable && inb.room() > 0 {
                 match read_into(&mut s.stream, &mut s.rd, inb) {
-                    Ok(Some(0)) | Err(_) => return Step::Close,
+                    Ok(Some(0)) | Err(_) => {
+                        s.ex.client_eof = true;
+                        moved = true;
+                    }
                     Ok(Some(_)) => moved = true,
                     Ok(None) => {}
                 }
+            }
+            if s.ex.client_eof && inb.is_empty() && !s.ex.up_shut {
+                u.stream.shutdown_write();
+                s.ex.up_shut = true;
+                moved = true;
+            }
+            if s.ex.client_shut && s.ex.up_shut {
+                return Step::Close;
             }
             if moved {
                 s.progressed = true;

@@ -1,5 +1,6 @@
 //! Shared harness of the integration tests: the real `pitcher` binary
 //! ([`Pitcher`], [`ConfigBuilder`]), real backends ([`Backend`], [`Reply`]),
+//! a backend scripted with raw sockets ([`ScriptedBackend`]),
 //! a raw HTTP/1.1 client ([`Client`]), all on loopback sockets whose ports
 //! the kernel picks. Every process a test starts is stopped by its pid when
 //! its handle drops; every client socket has read and write timeouts.
@@ -10,7 +11,10 @@
 pub mod backend;
 pub mod client;
 pub mod http;
+pub mod master;
 pub mod pitcher;
+pub mod scripted;
+pub mod upstream;
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
@@ -19,6 +23,7 @@ pub use backend::{default_reply, Backend, RecordedRequest, Reply};
 pub use client::{get_once, get_request, request_bytes, Client, Response};
 pub use http::{pattern_bytes, pseudo_random_bytes, Framing, Headers};
 pub use pitcher::{run_pitcher, ConfigBuilder, Pitcher, RunOutput};
+pub use scripted::{read_head_exact, ScriptedBackend};
 
 /// Read and write timeout of every client socket.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,344 @@
+//! The hook pipeline: how modules take part in a request.
+//!
+//! A **module** is a named group of handlers, one per hook point it cares
+//! about. The core calls the points in this order (see `docs/modules.md`
+//! for the chart):
+//!
+//! ```text
+//! ACCEPT ─► [read head] ─► BEFORE_CLUSTER ─► [pick backend] ─► AFTER_CLUSTER
+//!   ─► [connect, send] ─► BACKEND_RESPONSE ─► [stream body] ─► REQUEST_FINISH
+//!   ─► (next request on the connection, or) FINISH
+//! ```
+//!
+//! Handlers run **on the worker's event loop and must not block**: no
+//! blocking I/O, no sleeping, no locks held for long. They see heads, a
+//! context and the current time, never sockets or `mio`. A handler may
+//! continue, answer the request itself ([`Verdict::Respond`]), or close the
+//! connection ([`Verdict::Close`]).
+//!
+//! Modules are compiled in and registered by name ([`registry`]); the
+//! configuration enables them (`[modules.NAME]`) and orders them, globally
+//! and per route. At run time a module can be switched off and on for all
+//! workers at once (a flag in shared memory, set through the control
+//! socket), and a non-essential module is switched off by the overload
+//! controller while the worker is overloaded.
+
+pub mod modules;
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slog::Logger;
+
+use crate::config::{Config, ModuleConfig, RouteConfig};
+use crate::http::{RequestHead, ResponseHead};
+use crate::shm::Shared;
+
+/// The six hook points, in the order a request meets them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    Accept = 0,
+    BeforeCluster = 1,
+    AfterCluster = 2,
+    BackendResponse = 3,
+    RequestFinish = 4,
+    Finish = 5,
+}
+
+impl Point {
+    pub const ALL: [Point; 6] = [
+        Point::Accept,
+        Point::BeforeCluster,
+        Point::AfterCluster,
+        Point::BackendResponse,
+        Point::RequestFinish,
+        Point::Finish,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Point::Accept => "ACCEPT",
+            Point::BeforeCluster => "BEFORE_CLUSTER",
+            Point::AfterCluster => "AFTER_CLUSTER",
+            Point::BackendResponse => "BACKEND_RESPONSE",
+            Point::RequestFinish => "REQUEST_FINISH",
+            Point::Finish => "FINISH",
+        }
+    }
+}
+
+/// What a handler decides.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Go on with the next handler, then the core.
+    Continue,
+    /// Answer the request with this response; no backend sees it (at
+    /// BACKEND_RESPONSE: the backend's response is dropped).
+    Respond(Response),
+    /// Close the client connection.
+    Close,
+}
+
+/// A response made by a module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// Empty: Pitcher's standard short text body for the status.
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn new(status: u16) -> Response {
+        Response { status, headers: Vec::new(), body: Vec::new() }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Response {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Response {
+        self.body = body.into();
+        self
+    }
+}
+
+/// Per-request values modules keep between their handlers (for example a
+/// quota to give back at REQUEST_FINISH): one `u64` per loaded module.
+#[derive(Debug, Default, Clone)]
+pub struct Vars {
+    values: Vec<u64>,
+}
+
+impl Vars {
+    pub fn get(&self, module: usize) -> u64 {
+        self.values.get(module).copied().unwrap_or(0)
+    }
+
+    pub fn set(&mut self, module: usize, v: u64) {
+        if self.values.len() <= module {
+            self.values.resize(module + 1, 0);
+        }
+        self.values[module] = v;
+    }
+
+    pub fn clear(&mut self) {
+        self.values.iter_mut().for_each(|v| *v = 0);
+    }
+}
+
+/// What every handler is given besides the message.
+pub struct Ctx<'a> {
+    pub now: Instant,
+    /// The client's IP (`None` on a Unix-domain listener).
+    pub client: Option<IpAddr>,
+    pub log: &'a Logger,
+    /// The route the request matched (request points only).
+    pub route: Option<&'a RouteConfig>,
+    /// The cluster chosen so far; a BEFORE_CLUSTER handler may replace it
+    /// (by name) to send the request elsewhere.
+    pub cluster: Option<String>,
+    /// The backend chosen (AFTER_CLUSTER and later).
+    pub backend: Option<&'a str>,
+    /// This module's index in the snapshot (for [`Vars`]).
+    pub module: usize,
+    /// The worker's overload level: 0 normal, 1 non-essential modules
+    /// off, 2 low-priority routes shed.
+    pub load_level: u32,
+    pub vars: &'a mut Vars,
+    /// State shared by all workers (global limits).
+    pub shared: &'static Shared,
+}
+
+/// A finished exchange, for REQUEST_FINISH.
+#[derive(Debug)]
+pub struct Finished<'a> {
+    pub method: &'a [u8],
+    pub target: &'a [u8],
+    pub host: &'a [u8],
+    pub status: u16,
+    /// Body bytes sent to the client.
+    pub bytes: u64,
+    pub duration: Duration,
+    /// Time from sending the request to the backend to the end of its
+    /// response (`None`: no backend was involved).
+    pub upstream_time: Option<Duration>,
+    pub backend: Option<&'a str>,
+    pub user_agent: &'a [u8],
+    pub referer: &'a [u8],
+}
+
+/// A client connection, for ACCEPT and FINISH.
+#[derive(Debug)]
+pub struct Connection {
+    pub client: Option<IpAddr>,
+    pub requests: u64,
+    pub duration: Duration,
+}
+
+/// A module's handlers. Every method has a no-op default: implement the
+/// points you need and list them in [`points`](Module::points).
+///
+/// Handlers run on the event loop: **they must not block**.
+pub trait Module: Send + Sync {
+    /// The points this module handles; the others are never called.
+    fn points(&self) -> &'static [Point];
+
+    fn accept(&self, _conn: &Connection, _ctx: &mut Ctx<'_>) -> Verdict {
+        Verdict::Continue
+    }
+    fn before_cluster(&self, _req: &mut RequestHead, _ctx: &mut Ctx<'_>) -> Verdict {
+        Verdict::Continue
+    }
+    fn after_cluster(&self, _req: &mut RequestHead, _ctx: &mut Ctx<'_>) -> Verdict {
+        Verdict::Continue
+    }
+    fn backend_response(&self, _resp: &mut ResponseHead, _ctx: &mut Ctx<'_>) -> Verdict {
+        Verdict::Continue
+    }
+    fn request_finish(&self, _done: &Finished<'_>, _ctx: &mut Ctx<'_>) {}
+    fn finish(&self, _conn: &Connection, _ctx: &mut Ctx<'_>) {}
+    /// Reopen files (SIGUSR1).
+    fn reopen(&self) {}
+}
+
+/// A module compiled into Pitcher: its name and how to build it from its
+/// `[modules.NAME]` table.
+pub struct Registration {
+    pub name: &'static str,
+    pub build: BuildFn,
+}
+
+/// Builds a module from its table; the error says what is wrong with it.
+pub type BuildFn = fn(&ModuleConfig, &Build) -> Result<Arc<dyn Module>, String>;
+
+/// What a module may use when it is built.
+pub struct Build<'a> {
+    pub config: &'a Config,
+    pub shared: &'static Shared,
+    pub log: &'a Logger,
+}
+
+/// Most registered modules (shared-memory flags are per registration).
+pub const MAX_MODULES: usize = crate::shm::MAX_MODULES;
+
+/// The modules compiled in, by name. Their index is their shared flag.
+pub fn registry() -> &'static [Registration] {
+    modules::REGISTRY
+}
+
+/// Index of a registered module.
+pub fn registry_index(name: &str) -> Option<usize> {
+    registry().iter().position(|r| r.name == name)
+}
+
+/// A loaded module of one snapshot.
+pub struct Loaded {
+    pub name: &'static str,
+    pub module: Arc<dyn Module>,
+    /// Index in [`registry`]: the shared on/off flag.
+    pub flag: usize,
+    pub essential: bool,
+}
+
+/// For each point, the loaded modules to call, in order.
+#[derive(Debug, Default, Clone)]
+pub struct Pipeline {
+    by_point: [Vec<usize>; 6],
+}
+
+impl Pipeline {
+    /// The modules (indices into [`Modules::loaded`]) to call at `p`.
+    pub fn at(&self, p: Point) -> &[usize] {
+        &self.by_point[p as usize]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_point.iter().all(|v| v.is_empty())
+    }
+}
+
+/// The modules of one configuration snapshot and the pipelines built from
+/// them: one global, one per route that names its own modules.
+#[derive(Default)]
+pub struct Modules {
+    pub loaded: Vec<Loaded>,
+    pub global: Pipeline,
+    /// Per route (index in `config.routes`); `None`: the global pipeline.
+    pub per_route: Vec<Option<Pipeline>>,
+}
+
+impl std::fmt::Debug for Modules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Modules").field("loaded", &self.loaded.iter().map(|l| l.name).collect::<Vec<_>>()).finish()
+    }
+}
+
+impl Modules {
+    /// Builds the enabled modules of `config`. Errors name the module's
+    /// table and line.
+    pub fn build(config: &Config, shared: &'static Shared, log: &Logger) -> Result<Modules, String> {
+        let mut out = Modules::default();
+        let b = Build { config, shared, log };
+        for mc in config.modules.iter().filter(|m| m.enabled) {
+            let flag = registry_index(&mc.name).ok_or_else(|| {
+                let known: Vec<&str> = registry().iter().map(|r| r.name).collect();
+                format!("line {}: [modules.{}]: no such module (compiled in: {})", mc.line, mc.name, known.join(", "))
+            })?;
+            let module = (registry()[flag].build)(mc, &b)
+                .map_err(|e| format!("line {}: [modules.{}]: {e}", mc.line, mc.name))?;
+            out.loaded.push(Loaded { name: registry()[flag].name, module, flag, essential: mc.essential });
+        }
+        let all: Vec<usize> = (0..out.loaded.len()).collect();
+        out.global = out.pipeline(&all);
+        for r in &config.routes {
+            out.per_route.push(r.modules.as_ref().map(|names| {
+                let idx: Vec<usize> =
+                    names.iter().filter_map(|n| out.loaded.iter().position(|l| l.name == n)).collect();
+                out.pipeline(&idx)
+            }));
+        }
+        Ok(out)
+    }
+
+    fn pipeline(&self, order: &[usize]) -> Pipeline {
+        let mut p = Pipeline::default();
+        for &i in order {
+            for &pt in self.loaded[i].module.points() {
+                p.by_point[pt as usize].push(i);
+            }
+        }
+        p
+    }
+
+    /// The pipeline of a route (`None`: before routing).
+    pub fn pipeline_for(&self, route: Option<usize>) -> &Pipeline {
+        match route.and_then(|r| self.per_route.get(r)).and_then(|p| p.as_ref()) {
+            Some(p) => p,
+            None => &self.global,
+        }
+    }
+
+    /// Is loaded module `i` on right now (not switched off at run time, and
+    /// not shed because `shedding` non-essential modules)?
+    pub fn active(&self, i: usize, shared: &Shared, shedding: bool) -> bool {
+        let l = &self.loaded[i];
+        (l.essential || !shedding) && shared.modules[l.flag].disabled.load(Relaxed) == 0
+    }
+
+    pub fn reopen(&self) {
+        for l in &self.loaded {
+            l.module.reopen();
+        }
+    }
+}
+
+/// Checks the module tables of a configuration (for `-t` and reloads) by
+/// building every enabled module; nothing is written to `shared`.
+pub fn validate(config: &Config, shared: &'static Shared) -> Result<(), String> {
+    let log = Logger::root(slog::Discard, slog::o!());
+    Modules::build(config, shared, &log).map(|_| ())
+}

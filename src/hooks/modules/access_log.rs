@@ -1,0 +1,251 @@
+//! `access_log`: one line per request at REQUEST_FINISH, as JSON or in the
+//! combined format, to a file and/or a syslog server over UDP.
+//!
+//! The event loop never waits for a log target: lines go into a bounded
+//! queue that a writer thread of this worker empties. A full queue (a slow
+//! disk, a missing syslog server) drops the line and counts it; the count
+//! is logged by the writer when it catches up. The file is reopened on
+//! SIGUSR1 (logrotate).
+//!
+//! ```toml
+//! [modules.access_log]
+//! path = "/var/log/pitcher/access.log"   # optional
+//! format = "json"                        # or "combined"
+//! syslog_udp = "127.0.0.1:514"           # optional
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+
+use crate::config::ModuleConfig;
+use crate::hooks::{Build, Ctx, Finished, Module, Point};
+
+/// Lines waiting for the writer before new ones are dropped.
+const QUEUE: usize = 16 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    path: Option<PathBuf>,
+    #[serde(default = "default_format")]
+    format: String,
+    syslog_udp: Option<String>,
+}
+
+fn default_format() -> String {
+    "json".into()
+}
+
+enum Msg {
+    Line(String),
+    Reopen,
+}
+
+struct AccessLog {
+    json: bool,
+    tx: SyncSender<Msg>,
+    dropped: Arc<AtomicU64>,
+}
+
+pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, String> {
+    let s: Settings = super::settings(&c.settings)?;
+    let json = match s.format.as_str() {
+        "json" => true,
+        "combined" => false,
+        other => return Err(format!("format = {other:?}: expected \"json\" or \"combined\"")),
+    };
+    let syslog: Option<SocketAddr> = match &s.syslog_udp {
+        None => None,
+        Some(a) => Some(a.parse().map_err(|_| format!("syslog_udp = {a:?}: expected IP:PORT"))?),
+    };
+    if s.path.is_none() && syslog.is_none() {
+        return Err("give a path, a syslog_udp address, or both".into());
+    }
+    let (tx, rx) = sync_channel(QUEUE);
+    let dropped = Arc::new(AtomicU64::new(0));
+    let writer = Writer { path: s.path, syslog, file: None, udp: None, dropped: dropped.clone(), log: b.log.clone() };
+    std::thread::Builder::new()
+        .name("access-log".into())
+        .spawn(move || writer.run(rx))
+        .map_err(|e| format!("cannot start the writer thread: {e}"))?;
+    Ok(Arc::new(AccessLog { json, tx, dropped }))
+}
+
+impl Module for AccessLog {
+    fn points(&self) -> &'static [Point] {
+        &[Point::RequestFinish]
+    }
+
+    fn request_finish(&self, d: &Finished<'_>, ctx: &mut Ctx<'_>) {
+        let line = if self.json { json_line(d, ctx) } else { combined_line(d, ctx) };
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Line(line)) {
+            self.dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn reopen(&self) {
+        let _ = self.tx.try_send(Msg::Reopen);
+    }
+}
+
+fn client(ctx: &Ctx<'_>) -> String {
+    ctx.client.map_or_else(|| "unix".to_string(), |ip| ip.to_string())
+}
+
+fn json_line(d: &Finished<'_>, ctx: &Ctx<'_>) -> String {
+    let v = serde_json::json!({
+        "time": iso8601(SystemTime::now()),
+        "client": client(ctx),
+        "method": String::from_utf8_lossy(d.method),
+        "path": String::from_utf8_lossy(d.target),
+        "host": String::from_utf8_lossy(d.host),
+        "status": d.status,
+        "bytes": d.bytes,
+        "duration_ms": d.duration.as_secs_f64() * 1000.0,
+        "backend": d.backend,
+        "upstream_ms": d.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
+        "route": ctx.route.map(|r| r.name.as_str()),
+        "user_agent": String::from_utf8_lossy(d.user_agent),
+    });
+    v.to_string()
+}
+
+/// nginx's combined format plus request time, backend and upstream time.
+fn combined_line(d: &Finished<'_>, ctx: &Ctx<'_>) -> String {
+    let q = |b: &[u8]| if b.is_empty() { "-".to_string() } else { String::from_utf8_lossy(b).replace('"', "\\\"") };
+    format!(
+        "{} - - [{}] \"{} {} HTTP/1.1\" {} {} \"{}\" \"{}\" rt={:.3} backend={} urt={}",
+        client(ctx),
+        iso8601(SystemTime::now()),
+        q(d.method),
+        q(d.target),
+        d.status,
+        d.bytes,
+        q(d.referer),
+        q(d.user_agent),
+        d.duration.as_secs_f64(),
+        d.backend.unwrap_or("-"),
+        d.upstream_time.map_or("-".to_string(), |t| format!("{:.3}", t.as_secs_f64())),
+    )
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC), without a date crate.
+pub fn iso8601(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// The writer thread: owns the file and the UDP socket.
+struct Writer {
+    path: Option<PathBuf>,
+    syslog: Option<SocketAddr>,
+    file: Option<BufWriter<File>>,
+    udp: Option<UdpSocket>,
+    dropped: Arc<AtomicU64>,
+    log: slog::Logger,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Msg>) {
+        self.open();
+        let mut reported = 0;
+        // Ends when the module is dropped (a reload built a new one).
+        while let Ok(msg) = rx.recv() {
+            self.handle(msg);
+            while let Ok(more) = rx.try_recv() {
+                self.handle(more);
+            }
+            if let Some(f) = self.file.as_mut() {
+                let _ = f.flush();
+            }
+            let dropped = self.dropped.load(Relaxed);
+            if dropped > reported {
+                slog::warn!(self.log, "access log lines dropped (target too slow)"; "dropped_total" => dropped);
+                reported = dropped;
+            }
+        }
+    }
+
+    fn open(&mut self) {
+        if let Some(p) = &self.path {
+            match OpenOptions::new().create(true).append(true).open(p) {
+                Ok(f) => self.file = Some(BufWriter::new(f)),
+                Err(e) => slog::error!(self.log, "cannot open the access log"; "path" => %p.display(), "error" => %e),
+            }
+        }
+        if let Some(a) = self.syslog {
+            let bind = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            match UdpSocket::bind(bind).and_then(|s| s.connect(a).map(|()| s)) {
+                Ok(s) => self.udp = Some(s),
+                Err(e) => slog::error!(self.log, "cannot open the syslog socket"; "address" => %a, "error" => %e),
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Line(line) => {
+                if let Some(f) = self.file.as_mut() {
+                    let _ = f.write_all(line.as_bytes()).and_then(|()| f.write_all(b"\n"));
+                }
+                if let Some(u) = &self.udp {
+                    // RFC 5424: facility local0 (16), severity info (6).
+                    let msg = format!(
+                        "<134>1 {} - pitcher {} access - {}",
+                        iso8601(SystemTime::now()),
+                        std::process::id(),
+                        line
+                    );
+                    let _ = u.send(msg.as_bytes());
+                }
+            }
+            Msg::Reopen => {
+                if let Some(f) = self.file.as_mut() {
+                    let _ = f.flush();
+                }
+                self.file = None;
+                self.udp = None;
+                self.open();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn iso8601_dates() {
+        assert_eq!(iso8601(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601(UNIX_EPOCH + Duration::from_millis(1_795_608_000_123)), "2026-11-25T12:00:00.123Z");
+        assert_eq!(iso8601(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+    }
+}

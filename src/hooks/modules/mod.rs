@@ -1,0 +1,29 @@
+//! The modules compiled into Pitcher. Each file is one module; this list
+//! gives them their names (and their shared on/off flag, by position:
+//! append, never reorder, so a flag keeps its meaning across an upgrade).
+
+mod access_log;
+mod degrade;
+mod headers;
+mod quota;
+mod throttle;
+mod trace;
+
+pub use degrade::{Controller, DegradeSettings};
+
+use super::Registration;
+
+pub static REGISTRY: &[Registration] = &[
+    Registration { name: "access_log", build: access_log::build },
+    Registration { name: "headers", build: headers::build },
+    Registration { name: "throttle", build: throttle::build },
+    Registration { name: "quota", build: quota::build },
+    Registration { name: "degrade", build: degrade::build },
+    Registration { name: "trace", build: trace::build },
+];
+
+/// Deserializes a module's settings table into its typed form, with the
+/// unknown keys refused.
+pub(crate) fn settings<T: serde::de::DeserializeOwned>(t: &toml::Table) -> Result<T, String> {
+    toml::Value::Table(t.clone()).try_into().map_err(|e: toml::de::Error| e.message().to_string())
+}

@@ -1,0 +1,72 @@
+//! `throttle`: a request-rate limit with burst that is global across all
+//! workers: one token bucket in shared memory, refilled from the shared
+//! clock, taken with compare-and-swap. Over the limit: 503 (or the
+//! configured status, e.g. 429) with `Retry-After`.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::config::ModuleConfig;
+use crate::hooks::{Build, Ctx, Module, Point, Response, Verdict};
+use crate::http::RequestHead;
+use crate::shm::now_ms;
+
+/// The shared limiter slot of the global throttle.
+pub const SLOT: usize = 0;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    rate_per_sec: u64,
+    #[serde(default = "default_burst")]
+    burst: u64,
+    #[serde(default = "default_status")]
+    status: u16,
+    #[serde(default = "default_retry_after")]
+    retry_after_secs: u64,
+}
+
+fn default_burst() -> u64 {
+    1
+}
+fn default_status() -> u16 {
+    503
+}
+fn default_retry_after() -> u64 {
+    1
+}
+
+struct Throttle {
+    s: Settings,
+    retry_after: String,
+}
+
+pub fn build(c: &ModuleConfig, _: &Build) -> Result<Arc<dyn Module>, String> {
+    let s: Settings = super::settings(&c.settings)?;
+    if s.rate_per_sec == 0 {
+        return Err("rate_per_sec must be at least 1".into());
+    }
+    if !(400..=599).contains(&s.status) {
+        return Err(format!("status {} must be a 4xx or 5xx", s.status));
+    }
+    Ok(Arc::new(Throttle { retry_after: s.retry_after_secs.to_string(), s }))
+}
+
+impl Module for Throttle {
+    fn points(&self) -> &'static [Point] {
+        &[Point::BeforeCluster]
+    }
+
+    fn before_cluster(&self, _req: &mut RequestHead, ctx: &mut Ctx<'_>) -> Verdict {
+        let l = &ctx.shared.limiters[SLOT];
+        if l.try_take(self.s.rate_per_sec, self.s.burst, now_ms()) {
+            return Verdict::Continue;
+        }
+        if l.rejected.load(Relaxed) % 1000 == 1 {
+            slog::info!(ctx.log, "throttling"; "rate_per_sec" => self.s.rate_per_sec, "rejected" => l.rejected.load(Relaxed));
+        }
+        Verdict::Respond(Response::new(self.s.status).header("Retry-After", &self.retry_after))
+    }
+}

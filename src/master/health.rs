@@ -1,0 +1,236 @@
+//! Active health checks, run by the master: one HTTP probe per backend per
+//! interval, however many workers there are, with the result written to
+//! the backend's shared state that every worker reads when it balances.
+//! The master never touches request traffic; a probe is its own small
+//! connection (`GET <path>`, `Connection: close`), driven by the master's
+//! event loop without blocking it.
+
+use std::io::{Read, Write};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use mio::{Interest, Registry, Token};
+use slog::Logger;
+
+use crate::config::{BackendAddr, Config, HealthCheck};
+use crate::net::Stream;
+use crate::shm::{now_ms, BackendShm};
+use crate::upstream::SlotTable;
+
+/// Probe tokens: `PROBE_BASE + target index` (above any pid-based token).
+pub const PROBE_BASE: usize = 1 << 40;
+/// Most bytes of a probe's answer read (the status line is enough).
+const MAX_ANSWER: usize = 1024;
+
+struct Probe {
+    stream: Stream,
+    connected: bool,
+    request: Vec<u8>,
+    written: usize,
+    answer: Vec<u8>,
+    deadline: Instant,
+}
+
+/// One backend address to check.
+struct Target {
+    addr: BackendAddr,
+    shm: &'static BackendShm,
+    hc: HealthCheck,
+    next_at: Instant,
+    probe: Option<Probe>,
+}
+
+/// The master's health checker.
+#[derive(Default)]
+pub struct Checker {
+    targets: Vec<Target>,
+}
+
+impl Checker {
+    /// Rebuilds the targets from a configuration; probes in flight are
+    /// dropped (their backends are probed again at once).
+    pub fn configure(&mut self, config: &Config, slots: &mut SlotTable, registry: &Registry) {
+        for t in &mut self.targets {
+            if let Some(mut p) = t.probe.take() {
+                let _ = registry.deregister(&mut p.stream);
+            }
+        }
+        self.targets.clear();
+        let now = Instant::now();
+        for c in &config.clusters {
+            let Some(hc) = &c.health_check else { continue };
+            for b in &c.backends {
+                if self.targets.iter().any(|t| t.addr == b.addr) {
+                    continue; // Probed once, with the first cluster's settings.
+                }
+                let Some(slot) = slots.slot_of(&b.addr) else { continue };
+                self.targets.push(Target {
+                    addr: b.addr.clone(),
+                    shm: slots.shm(slot),
+                    hc: hc.clone(),
+                    next_at: now,
+                    probe: None,
+                });
+            }
+        }
+    }
+
+    /// Time until the next probe is due or times out.
+    pub fn next_due(&self, now: Instant) -> Option<Duration> {
+        self.targets
+            .iter()
+            .map(|t| t.probe.as_ref().map_or(t.next_at, |p| p.deadline))
+            .min()
+            .map(|at| at.saturating_duration_since(now))
+    }
+
+    /// Starts due probes and fails those past their timeout.
+    pub fn tick(&mut self, registry: &Registry, log: &Logger) {
+        let now = Instant::now();
+        for i in 0..self.targets.len() {
+            let t = &mut self.targets[i];
+            if let Some(p) = &t.probe {
+                if now >= p.deadline {
+                    self.finish(i, false, "timeout", registry, log);
+                }
+                continue;
+            }
+            if now < t.next_at {
+                continue;
+            }
+            t.next_at = now + t.hc.interval;
+            match Stream::connect(&t.addr) {
+                Ok(mut stream) => {
+                    if let Err(e) =
+                        registry.register(&mut stream, Token(PROBE_BASE + i), Interest::READABLE | Interest::WRITABLE)
+                    {
+                        slog::error!(log, "cannot register a health probe"; "error" => %e);
+                        continue;
+                    }
+                    let request = format!(
+                        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: pitcher-health-check\r\nConnection: close\r\n\r\n",
+                        t.hc.path, t.addr
+                    )
+                    .into_bytes();
+                    t.probe = Some(Probe {
+                        stream,
+                        connected: false,
+                        request,
+                        written: 0,
+                        answer: Vec::new(),
+                        deadline: now + t.hc.timeout,
+                    });
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    self.finish(i, false, &reason, registry, log);
+                }
+            }
+        }
+    }
+
+    /// A probe socket is ready.
+    pub fn event(&mut self, token: Token, registry: &Registry, log: &Logger) {
+        let i = token.0 - PROBE_BASE;
+        let Some(t) = self.targets.get_mut(i) else { return };
+        let Some(p) = t.probe.as_mut() else { return };
+        if !p.connected {
+            match p.stream.connect_result() {
+                Ok(true) => p.connected = true,
+                Ok(false) => return,
+                Err(e) => {
+                    let reason = e.to_string();
+                    return self.finish(i, false, &reason, registry, log);
+                }
+            }
+        }
+        while p.written < p.request.len() {
+            match p.stream.write(&p.request[p.written..]) {
+                Ok(n) => p.written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    let reason = e.to_string();
+                    return self.finish(i, false, &reason, registry, log);
+                }
+            }
+        }
+        let mut buf = [0u8; 512];
+        loop {
+            match p.stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    p.answer.extend_from_slice(&buf[..n]);
+                    if p.answer.len() >= MAX_ANSWER || p.answer.windows(2).any(|w| w == b"\r\n") {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    let reason = e.to_string();
+                    return self.finish(i, false, &reason, registry, log);
+                }
+            }
+        }
+        let status = status_of(&p.answer);
+        let ok = status.is_some_and(|s| (t.hc.status_min..=t.hc.status_max).contains(&s));
+        let reason = match status {
+            Some(s) => format!("status {s}"),
+            None => "no HTTP status line".into(),
+        };
+        self.finish(i, ok, &reason, registry, log);
+    }
+
+    /// Records a probe's result in the shared state (rise/fall).
+    fn finish(&mut self, i: usize, ok: bool, reason: &str, registry: &Registry, log: &Logger) {
+        let t = &mut self.targets[i];
+        if let Some(mut p) = t.probe.take() {
+            let _ = registry.deregister(&mut p.stream);
+        }
+        let s = t.shm;
+        s.probes.fetch_add(1, Relaxed);
+        if ok {
+            s.probe_fail_run.store(0, Relaxed);
+            let run = s.probe_ok_run.fetch_add(1, Relaxed) + 1;
+            if s.down.load(Relaxed) == 1 && run >= t.hc.rise {
+                s.down.store(0, Relaxed);
+                s.ramp_start_ms.store(now_ms(), Relaxed);
+                slog::warn!(log, "backend is up again (health check)"; "backend" => %t.addr, "successes" => run);
+            }
+        } else {
+            s.probe_ok_run.store(0, Relaxed);
+            let run = s.probe_fail_run.fetch_add(1, Relaxed) + 1;
+            if s.down.load(Relaxed) == 0 && run >= t.hc.fall {
+                s.down.store(1, Relaxed);
+                slog::error!(log, "backend is down (health check)"; "backend" => %t.addr, "failures" => run, "reason" => reason);
+            }
+        }
+    }
+}
+
+/// The status code of an HTTP response's first line.
+fn status_of(answer: &[u8]) -> Option<u16> {
+    let line = answer.split(|&b| b == b'\r').next()?;
+    let mut parts = line.split(|&b| b == b' ');
+    let version = parts.next()?;
+    if !version.starts_with(b"HTTP/1.") {
+        return None;
+    }
+    let code = parts.next()?;
+    if code.len() != 3 {
+        return None;
+    }
+    std::str::from_utf8(code).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::status_of;
+
+    #[test]
+    fn reads_the_status_line() {
+        assert_eq!(status_of(b"HTTP/1.1 204 No Content\r\n"), Some(204));
+        assert_eq!(status_of(b"HTTP/1.0 503 x\r\n"), Some(503));
+        assert_eq!(status_of(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(status_of(b"HTTP/1.1 20"), None);
+    }
+}

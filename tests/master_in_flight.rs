@@ -1,0 +1,169 @@
+//! Connections that live across a reload or a binary upgrade: a slow
+//! request in flight finishes (on the old route after a reload, on the old
+//! worker after an upgrade), and an idle keep-alive connection to an old
+//! worker is answered with `Connection: close` when it sends its next
+//! request during the drain, and closed only at the drain deadline if it
+//! stays idle.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::master::{alive, request_in_thread, wait_gone, MasterRun};
+use common::*;
+
+/// The slow path of the backends below.
+const SLOW: &str = "/slow";
+const SLOW_DELAY: Duration = Duration::from_secs(2);
+
+/// A backend answering `ok from NAME`, and `slow from NAME` after
+/// [`SLOW_DELAY`] on [`SLOW`].
+fn slow_backend(name: &'static str) -> Backend {
+    Backend::with_handler(name, move |r| {
+        if r.path() == SLOW {
+            Reply::ok(format!("slow from {name}")).delayed(SLOW_DELAY)
+        } else {
+            default_reply(name)
+        }
+    })
+}
+
+fn config(a: &Backend, b: &Backend, to: &str, workers: usize, drain_ms: u64) -> ConfigBuilder {
+    ConfigBuilder::new()
+        .top(&format!("workers = {workers}"))
+        .top(&format!("drain_timeout_ms = {drain_ms}"))
+        .cluster("a", [a.spec()])
+        .cluster("b", [b.spec()])
+        .route(None, "/", to)
+}
+
+fn body_of_new_request(m: &MasterRun) -> String {
+    let r = get_once(m.addr(), "test.example", "/");
+    assert_eq!(r.status, 200, "{}{}", r.head_str(), r.body_str());
+    r.body_str()
+}
+
+#[test]
+fn slow_request_in_flight_during_a_reload_completes_on_the_old_route() {
+    let a = slow_backend("A");
+    let b = slow_backend("B");
+    let mut m = MasterRun::start(&config(&a, &b, "a", 2, 3000));
+
+    let slow = request_in_thread(m.addr(), "test.example", SLOW);
+    assert!(a.wait_for_requests(1, Duration::from_secs(5)), "the slow request reached A");
+    let t0 = Instant::now();
+    m.write_config(&config(&a, &b, "b", 2, 3000));
+    let out = m.signal_cmd("reload");
+    assert!(out.status.success(), "{out:?}");
+    // New requests go to B while the slow one is still being answered by A.
+    assert_eq!(body_of_new_request(&m), "ok from B");
+    assert!(!slow.is_finished(), "the slow request is still in flight after the reload ({:?})", t0.elapsed());
+
+    let r = slow.join().expect("thread").unwrap_or_else(|e| panic!("the in-flight request failed: {e}"));
+    assert_eq!(r.status, 200, "{}", r.head_str());
+    assert_eq!(r.body_str(), "slow from A", "finished on the route it started with");
+    assert!(!r.says_close(), "a reload closes nothing: {}", r.head_str());
+    assert_eq!(b.recorded().iter().filter(|q| q.path() == SLOW).count(), 0, "B never saw the slow request");
+    assert_eq!(body_of_new_request(&m), "ok from B");
+}
+
+#[test]
+fn slow_request_in_flight_during_an_upgrade_completes_then_the_old_generation_exits() {
+    let a = slow_backend("A");
+    let b = slow_backend("B");
+    let mut m = MasterRun::start(&config(&a, &b, "a", 2, 6000));
+    let old = m.pid().expect("pid file");
+    let old_workers = m.expect_status().worker_pids();
+
+    let slow = request_in_thread(m.addr(), "test.example", SLOW);
+    assert!(a.wait_for_requests(1, Duration::from_secs(5)), "the slow request reached A");
+    m.install_binary();
+    let out = m.signal_cmd("upgrade");
+    assert!(out.status.success(), "{out:?}");
+    let new = m.pid().expect("pid file after the upgrade");
+    m.track(new);
+    assert_ne!(new, old);
+    assert_eq!(out.stdout.trim(), format!("pitcher: upgrade complete: new master pid {new}"));
+    assert!(!slow.is_finished(), "the slow request is still in flight after the upgrade");
+    // The old generation is still there, draining.
+    assert!(alive(old), "the old master waits for its draining workers");
+    assert_eq!(body_of_new_request(&m), "ok from A");
+
+    let r = slow.join().expect("thread").unwrap_or_else(|e| panic!("the in-flight request failed: {e}"));
+    assert_eq!(r.status, 200, "{}", r.head_str());
+    assert_eq!(r.body_str(), "slow from A");
+    assert!(r.says_close(), "a draining worker answers with Connection: close: {}", r.head_str());
+
+    // Nothing else keeps the old generation: it goes well before the
+    // 6 s drain deadline.
+    assert!(wait_gone(old, Duration::from_secs(2)), "old master {old} exits once its workers drained");
+    for pid in old_workers {
+        assert!(!alive(pid), "old worker {pid} exited");
+    }
+    assert!(!m.oldbin().exists(), ".oldbin removed");
+    assert_eq!(m.expect_status().master_pid, new);
+}
+
+#[test]
+fn idle_keepalive_connection_to_an_old_worker_gets_an_answer_with_connection_close_during_the_drain() {
+    let a = slow_backend("A");
+    let b = slow_backend("B");
+    // One worker per generation: the connection is surely on the old one.
+    let mut m = MasterRun::start(&config(&a, &b, "a", 1, 4000));
+    let old = m.pid().expect("pid file");
+
+    let mut c = m.client();
+    let r = c.get("test.example", "/first");
+    assert_eq!(r.body_str(), "ok from A");
+    assert!(!r.says_close());
+
+    m.install_binary();
+    let out = m.signal_cmd("upgrade");
+    assert!(out.status.success(), "{out:?}");
+    m.track(m.pid().expect("pid file"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(alive(old), "the old generation is draining, kept by the idle connection");
+
+    let t0 = Instant::now();
+    let r = c
+        .try_send(&get_request("test.example", "/second"))
+        .map_err(|e| e.to_string())
+        .and_then(|()| c.try_read_response().map_err(|e| e.to_string()))
+        .unwrap_or_else(|e| panic!("the next request on the idle connection failed: {e}\n{}", m.log()));
+    assert_eq!(r.status, 200, "{}", r.head_str());
+    assert_eq!(r.body_str(), "ok from A");
+    assert!(r.says_close(), "the draining worker ends the connection politely: {}", r.head_str());
+    assert!(c.closed_by_peer(Duration::from_secs(2)), "the connection is closed after that answer");
+    assert_eq!(a.last_request().map(|q| q.target), Some("/second".to_string()));
+    // That was the old worker's last connection: the old generation goes
+    // now, not at the 4 s deadline.
+    assert!(wait_gone(old, Duration::from_secs(2)), "old master exits once its last connection ended");
+    assert!(t0.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn idle_keepalive_connection_to_an_old_worker_is_closed_only_at_the_drain_deadline() {
+    let a = slow_backend("A");
+    let b = slow_backend("B");
+    let mut m = MasterRun::start(&config(&a, &b, "a", 1, 2000));
+    let old = m.pid().expect("pid file");
+
+    let mut c = m.client();
+    assert_eq!(c.get("test.example", "/").body_str(), "ok from A");
+
+    m.install_binary();
+    let t0 = Instant::now();
+    let out = m.signal_cmd("upgrade");
+    assert!(out.status.success(), "{out:?}");
+    m.track(m.pid().expect("pid file"));
+
+    // Still open well within the deadline...
+    assert!(!c.closed_by_peer(Duration::from_millis(1000)), "closed {:?} after the upgrade", t0.elapsed());
+    assert!(alive(old));
+    // ...and closed at it.
+    assert!(c.closed_by_peer(Duration::from_secs(4)), "still open {:?} after the upgrade", t0.elapsed());
+    let closed_after = t0.elapsed();
+    assert!(closed_after >= Duration::from_millis(1500), "closed after {closed_after:?}, before the 2 s deadline");
+    assert!(wait_gone(old, Duration::from_secs(2)), "the old master exits after the deadline");
+    assert_eq!(body_of_new_request(&m), "ok from A");
+}
