@@ -23,6 +23,8 @@ pub const MAX_MESSAGE: usize = 4 << 20;
 pub const MAX_FDS: usize = 250;
 /// Environment variable naming a worker's channel fd.
 pub const WORKER_FD_ENV: &str = "PITCHER_WORKER_FD";
+/// Environment variable giving a worker its place among the workers.
+pub const WORKER_PLACE_ENV: &str = "PITCHER_WORKER_PLACE";
 /// Environment variable naming a new master's channel to the old one.
 pub const UPGRADE_FD_ENV: &str = "PITCHER_UPGRADE_FD";
 

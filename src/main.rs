@@ -275,6 +275,7 @@ fn worker_main(cli: &Cli) -> ExitCode {
         quit,
         channel: Some(ch),
         slots: SlotTable::from_entries(shared, &slots),
+        place: std::env::var(channel::WORKER_PLACE_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(0),
     };
     match pitcher::worker::run(init) {
         Ok(()) => ExitCode::SUCCESS,
@@ -365,6 +366,7 @@ fn single_process(config: Config) -> ExitCode {
         quit,
         channel: None,
         slots: SlotTable::new(shared, true),
+        place: 0,
     };
     match pitcher::worker::run(init) {
         Ok(()) => ExitCode::SUCCESS,

@@ -31,8 +31,10 @@ pub const MAX_LIMITERS: usize = 1024;
 pub const MAX_MODULES: usize = 64;
 /// Worker places whose load is published.
 pub const MAX_WORKERS: usize = 512;
+/// Worker places whose share of backend connections is tracked.
+pub const ACCOUNTED_WORKERS: usize = 128;
 /// Identifies a Pitcher region and its layout version.
-const MAGIC: u64 = 0x5049_5443_4845_5202; // "PITCHER" + layout 2
+const MAGIC: u64 = 0x5049_5443_4845_5203; // "PITCHER" + layout 3
 
 /// Shared state of one backend address.
 #[repr(C)]
@@ -58,6 +60,9 @@ pub struct BackendShm {
     pub probes: AtomicU64,
     /// Slow start ramps from this instant (shared ms; 0 = no ramp).
     pub ramp_start_ms: AtomicU64,
+    /// Each worker place's share of `active`, so that the master can take
+    /// back the connections of a worker that died.
+    pub active_by_worker: [AtomicU32; ACCOUNTED_WORKERS],
 }
 
 /// A token bucket shared by all workers (global throttle, quotas).
@@ -167,6 +172,26 @@ impl Region {
 
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+impl Shared {
+    /// A worker place's process died: its connections to backends are
+    /// gone, take them out of the shared counts.
+    pub fn forget_worker(&self, place: usize) {
+        if place >= ACCOUNTED_WORKERS {
+            return;
+        }
+        for b in self.backends.iter() {
+            let n = b.active_by_worker[place].swap(0, Relaxed);
+            if n > 0 {
+                let _ = b.active.fetch_update(Relaxed, Relaxed, |a| Some(a.saturating_sub(n)));
+            }
+        }
+        if let Some(w) = self.workers.get(place) {
+            w.in_flight.store(0, Relaxed);
+            w.level.store(0, Relaxed);
+        }
     }
 }
 

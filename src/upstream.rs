@@ -33,17 +33,23 @@ pub struct BackendRt {
 }
 
 impl BackendRt {
-    /// A request starts using a connection to this backend.
-    pub fn acquire(&mut self) {
+    /// A request of worker place `place` starts using a connection.
+    pub fn acquire(&mut self, place: usize) {
         self.active += 1;
         self.shm.active.fetch_add(1, Relaxed);
+        if let Some(c) = self.shm.active_by_worker.get(place) {
+            c.fetch_add(1, Relaxed);
+        }
     }
 
-    /// A request stops using a connection to this backend.
-    pub fn release(&mut self) {
+    /// A request of worker place `place` stops using a connection.
+    pub fn release(&mut self, place: usize) {
         if self.active > 0 {
             self.active -= 1;
             let _ = self.shm.active.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+            if let Some(c) = self.shm.active_by_worker.get(place) {
+                let _ = c.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+            }
         }
     }
 }

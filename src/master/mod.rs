@@ -77,6 +77,8 @@ struct Bound {
 /// A worker process.
 struct WorkerProc {
     pid: Pid,
+    /// Index of its slot: its place in the shared per-worker tables.
+    place: usize,
     chan: Channel,
     started: Instant,
     ready: bool,
@@ -367,7 +369,7 @@ impl Master {
     /// Starts the worker of slot `i`.
     fn spawn(&mut self, i: usize) {
         self.slots[i].respawn_at = None;
-        match self.spawn_process() {
+        match self.spawn_process(i) {
             Ok(p) => {
                 slog::info!(self.logger(), "worker started"; "slot" => i, "worker_pid" => p.pid.as_raw());
                 self.slots[i].proc = Some(p);
@@ -385,7 +387,7 @@ impl Master {
     /// matches its master even if the file at our path was replaced), with
     /// the channel as an inherited fd, then the configuration and the
     /// listeners over the channel.
-    fn spawn_process(&mut self) -> io::Result<WorkerProc> {
+    fn spawn_process(&mut self, place: usize) -> io::Result<WorkerProc> {
         let (mine, theirs) = Channel::pair()?;
         let fd = theirs.inheritable()?;
         let child = Command::new("/proc/self/exe")
@@ -394,6 +396,7 @@ impl Master {
             .arg("-c")
             .arg(&self.args.config_path)
             .env(WORKER_FD_ENV, fd.to_string())
+            .env(channel::WORKER_PLACE_ENV, place.to_string())
             .env_remove(channel::UPGRADE_FD_ENV)
             .stdin(Stdio::null())
             .spawn()?;
@@ -401,7 +404,7 @@ impl Master {
         let pid = Pid::from_raw(child.id() as i32);
         // The child is reaped by waitpid(-1) on SIGCHLD; `Child` is not waited.
         drop(child);
-        let p = WorkerProc { pid, chan: mine, started: Instant::now(), ready: false, acked: self.seq };
+        let p = WorkerProc { pid, place, chan: mine, started: Instant::now(), ready: false, acked: self.seq };
         p.chan.send(&self.configure_message(), &self.message_fds())?;
         p.chan.set_nonblocking(true)?;
         self.poll.registry().register(
@@ -500,7 +503,10 @@ impl Master {
                 continue;
             }
             if let Some(i) = self.retiring.iter().position(|p| p.pid == pid) {
-                self.retiring.remove(i);
+                let p = self.retiring.remove(i);
+                if p.place >= self.slots.len() {
+                    self.region.shared().forget_worker(p.place);
+                }
                 slog::info!(self.logger(), "drained worker exited"; "worker_pid" => pid.as_raw(), "how" => &how);
                 continue;
             }
@@ -510,6 +516,8 @@ impl Master {
             };
             let p = self.slots[i].proc.take().expect("slot has the process");
             let _ = self.poll.registry().deregister(&mut SourceFd(&p.chan.raw_fd()));
+            // Its backend connections died with it.
+            self.region.shared().forget_worker(i);
             if self.state != State::Running {
                 slog::info!(self.logger(), "worker exited"; "slot" => i, "worker_pid" => pid.as_raw(), "how" => &how);
                 continue;

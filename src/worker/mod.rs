@@ -74,6 +74,9 @@ pub struct WorkerInit {
     pub channel: Option<Channel>,
     /// Shared-memory slots of backend addresses.
     pub slots: SlotTable,
+    /// This worker's place among the master's workers (0 in
+    /// `--single-process`): its index in the shared per-worker tables.
+    pub place: usize,
 }
 
 /// The configuration-derived state requests are served with. Immutable
@@ -105,6 +108,8 @@ pub struct Core {
     current: ArcSwap<Snapshot>,
     backends: Backends,
     slots: SlotTable,
+    /// This worker's place (see [`WorkerInit::place`]).
+    place: usize,
     timers: Timers,
     /// Read buffers of client connections.
     bufs: BufPool,
@@ -169,6 +174,7 @@ impl Worker {
                 current: ArcSwap::from_pointee(snapshot),
                 backends,
                 slots,
+                place: init.place,
                 timers: Timers::default(),
                 bufs: BufPool::new(buf_size, POOLED_BUFFERS),
                 up_bufs: BufPool::new(buf_size.max(UPSTREAM_BUFFER), POOLED_BUFFERS),

@@ -114,7 +114,7 @@ impl Core {
                 u.reused = true;
                 u.buf = Some(self.up_bufs.get());
                 Timers::clear(&mut u.timed);
-                backend.acquire();
+                backend.acquire(self.place);
                 s.ex.up = Some(ui);
                 return Ok(());
             }
@@ -144,7 +144,7 @@ impl Core {
                     }
                     s.ex.up = Some(entry.key());
                     entry.insert(u);
-                    backend.acquire();
+                    backend.acquire(self.place);
                     let at = self.now + s.snap.config.timeouts.upstream_connect;
                     self.timers.set(&mut s.timed, s.key, at);
                     return Ok(());
@@ -165,7 +165,7 @@ impl Core {
         let Some(ui) = s.ex.up.take() else { return };
         let u = &mut self.ups[ui];
         let be = self.backends.get_mut(u.backend);
-        be.release();
+        be.release(self.place);
         if let Some(buf) = u.buf.take() {
             let clean = buf.is_empty();
             self.up_bufs.put(buf);
