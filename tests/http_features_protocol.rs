@@ -275,7 +275,7 @@ fn tunnel_is_closed_after_its_idle_timeout() {
     let p = ConfigBuilder::new()
         .cluster("app", [be.spec()])
         .route(None, "/", "app")
-        .section("[timeouts]\nupstream_read_ms = 300")
+        .section("[timeouts]\ntunnel_idle_ms = 300")
         .start();
     let mut c = p.client();
     c.send(UPGRADE);

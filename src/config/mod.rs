@@ -141,6 +141,7 @@ struct FileTimeouts {
     upstream_connect_ms: Option<u64>,
     upstream_read_ms: Option<u64>,
     upstream_write_ms: Option<u64>,
+    tunnel_idle_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -239,6 +240,8 @@ pub struct Timeouts {
     pub upstream_read: Duration,
     /// Longest wait for a backend to accept more request bytes.
     pub upstream_write: Duration,
+    /// Longest a tunnel (after a 101) may pass no byte in either direction.
+    pub tunnel_idle: Duration,
 }
 
 /// Size limits.
@@ -465,6 +468,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         upstream_connect: ms(t.upstream_connect_ms, 3_000),
         upstream_read: ms(t.upstream_read_ms, 60_000),
         upstream_write: ms(t.upstream_write_ms, 60_000),
+        tunnel_idle: ms(t.tunnel_idle_ms, 300_000),
     };
     for (name, d) in [
         ("client_header_ms", timeouts.client_header),
@@ -474,6 +478,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         ("upstream_connect_ms", timeouts.upstream_connect),
         ("upstream_read_ms", timeouts.upstream_read),
         ("upstream_write_ms", timeouts.upstream_write),
+        ("tunnel_idle_ms", timeouts.tunnel_idle),
     ] {
         if d.is_zero() {
             return Err((None, format!("[timeouts] {name} must be greater than 0")));

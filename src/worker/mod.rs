@@ -143,6 +143,9 @@ pub struct Worker {
     drain_deadline: Option<Instant>,
     /// Accepting is paused after a resource error (EMFILE) until then.
     accept_paused_until: Option<Instant>,
+    /// Connections refused over `max_connections`, and when last logged.
+    refused: u64,
+    refused_logged: Instant,
 }
 
 /// Token of the channel to the master.
@@ -188,6 +191,8 @@ impl Worker {
             log_file: init.log_file,
             drain_deadline: None,
             accept_paused_until: None,
+            refused: 0,
+            refused_logged: Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now),
         })
     }
 
@@ -309,11 +314,7 @@ impl Worker {
                 }
             };
             if self.sessions.len() >= max {
-                use std::io::Write;
-                let _ = stream.write(
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 24\r\nConnection: close\r\n\r\n503 Service Unavailable\n",
-                );
-                slog::warn!(self.core.log, "connection limit reached; refusing a connection"; "max_connections" => max);
+                self.refuse_connection(stream, max);
                 continue;
             }
             let entry = self.sessions.vacant_entry();
@@ -334,6 +335,31 @@ impl Worker {
         }
         // The batch ran out: `pending` stays set and the loop polls without
         // waiting, so other sockets get their turn first.
+    }
+
+    /// Over `max_connections`: a 503 and a close. What the client already
+    /// sent is read first and the close is a FIN, not a reset that could
+    /// destroy the 503 on its way.
+    fn refuse_connection(&mut self, mut stream: crate::net::Stream, max: usize) {
+        use std::io::{Read, Write};
+        let mut scratch = [0u8; 4096];
+        for _ in 0..4 {
+            match stream.read(&mut scratch) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+        let mut out = Vec::with_capacity(160);
+        crate::http::write::local_response(&mut out, 503, b"", crate::http::write::ConnHeader::Close, false);
+        let _ = stream.write(&out);
+        stream.shutdown_write();
+        self.refused += 1;
+        // One line per second at most under a connection storm.
+        if self.core.now.saturating_duration_since(self.refused_logged) >= Duration::from_secs(1) {
+            slog::warn!(self.core.log, "connection limit reached; refusing connections"; "max_connections" => max,
+                "refused_total" => self.refused);
+            self.refused_logged = self.core.now;
+        }
     }
 
     fn run_timers(&mut self) {

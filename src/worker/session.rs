@@ -545,7 +545,7 @@ impl Core {
                 _ => self.now + self.proxy_wait(s),
             },
             Phase::Local { .. } => self.now + t.client_write,
-            Phase::Tunnel => self.now + t.upstream_read,
+            Phase::Tunnel => self.now + t.tunnel_idle,
             Phase::Linger => return,
         };
         self.timers.set(&mut s.timed, s.key, at);
