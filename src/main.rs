@@ -54,7 +54,7 @@ enum Cmd {
         /// Print the master's JSON answer.
         #[arg(long)]
         json: bool,
-        /// status
+        /// status | upstreams | modules | module enable|disable NAME
         #[arg(required = true)]
         words: Vec<String>,
     },
@@ -96,9 +96,13 @@ fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
+/// Reads and validates a configuration, module settings included.
 fn load(path: &Path) -> Result<(Config, String), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     let config = Config::parse(path, &text).map_err(|e| e.to_string())?;
+    // Modules are checked against a scratch region (nothing is written to it).
+    let scratch = Region::create().map_err(|e| format!("cannot create a shared region: {e}"))?;
+    pitcher::hooks::validate(&config, scratch.leak())?;
     Ok((config, text))
 }
 

@@ -10,15 +10,15 @@ use crate::config::{Config, HostMatch};
 
 #[derive(Debug, Default)]
 struct Group {
-    /// (path prefix, cluster index), longest prefix first.
+    /// (path prefix, route index), longest prefix first.
     prefixes: Vec<(Vec<u8>, usize)>,
 }
 
 impl Group {
-    fn add(&mut self, prefix: &str, cluster: usize) {
+    fn add(&mut self, prefix: &str, route: usize) {
         // The first route given for a prefix wins, as in the file's order.
         if !self.prefixes.iter().any(|(p, _)| p == prefix.as_bytes()) {
-            self.prefixes.push((prefix.as_bytes().to_vec(), cluster));
+            self.prefixes.push((prefix.as_bytes().to_vec(), route));
             self.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
         }
     }
@@ -40,7 +40,7 @@ pub struct Router {
 impl Router {
     pub fn new(config: &Config) -> Router {
         let mut r = Router::default();
-        for route in &config.routes {
+        for (index, route) in config.routes.iter().enumerate() {
             let group = match &route.host {
                 HostMatch::Any => r.any.get_or_insert_with(Group::default),
                 HostMatch::Exact(h) => r.exact.entry(h.as_bytes().to_vec()).or_default(),
@@ -55,13 +55,14 @@ impl Router {
                     &mut r.suffix[i].1
                 }
             };
-            group.add(&route.path_prefix, route.cluster);
+            group.add(&route.path_prefix, index);
         }
         r.suffix.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         r
     }
 
-    /// The cluster for a (lower-case, port-less) host and a path.
+    /// The route (index in `config.routes`) for a (lower-case, port-less)
+    /// host and a path.
     pub fn lookup(&self, host: &[u8], path: &[u8]) -> Option<usize> {
         let group = self
             .exact
@@ -109,11 +110,12 @@ cluster = "a"
         )
         .unwrap();
         let r = Router::new(&c);
-        assert_eq!(r.lookup(b"other", b"/"), Some(0));
-        assert_eq!(r.lookup(b"other", b"/api/v1"), Some(1));
-        assert_eq!(r.lookup(b"w.example.com", b"/api"), Some(2));
-        assert_eq!(r.lookup(b"example.com", b"/"), Some(0));
-        assert_eq!(r.lookup(b"x.example.com", b"/only/x"), Some(0));
+        let cluster = |h: &[u8], p: &[u8]| r.lookup(h, p).map(|i| c.routes[i].cluster);
+        assert_eq!(cluster(b"other", b"/"), Some(0));
+        assert_eq!(cluster(b"other", b"/api/v1"), Some(1));
+        assert_eq!(cluster(b"w.example.com", b"/api"), Some(2));
+        assert_eq!(cluster(b"example.com", b"/"), Some(0));
+        assert_eq!(cluster(b"x.example.com", b"/only/x"), Some(0));
         assert_eq!(r.lookup(b"x.example.com", b"/"), None);
     }
 }

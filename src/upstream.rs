@@ -22,6 +22,8 @@ use crate::shm::BackendShm;
 #[derive(Debug)]
 pub struct BackendRt {
     pub addr: BackendAddr,
+    /// `addr` as text (for logs and modules, without formatting each time).
+    pub name: String,
     /// Shared state of this address (all workers).
     pub shm: &'static BackendShm,
     /// Slab indices of idle pooled connections, most recent last.
@@ -151,7 +153,14 @@ impl Backends {
         }
         let shm = slots.slot(addr).unwrap_or_else(|| overflow_slot());
         let id = self.list.len();
-        self.list.push(BackendRt { addr: addr.clone(), shm, idle: Vec::new(), active: 0, retired: false });
+        self.list.push(BackendRt {
+            addr: addr.clone(),
+            name: addr.to_string(),
+            shm,
+            idle: Vec::new(),
+            active: 0,
+            retired: false,
+        });
         self.by_addr.insert(addr.clone(), id);
         id
     }

@@ -138,9 +138,9 @@ pub struct Ctx<'a> {
     pub log: &'a Logger,
     /// The route the request matched (request points only).
     pub route: Option<&'a RouteConfig>,
-    /// The cluster chosen so far; a BEFORE_CLUSTER handler may replace it
-    /// (by name) to send the request elsewhere.
-    pub cluster: Option<String>,
+    /// The cluster chosen so far (index in `config.clusters`); a
+    /// BEFORE_CLUSTER handler may replace it ([`Ctx::choose_cluster`]).
+    pub cluster: Option<usize>,
     /// The backend chosen (AFTER_CLUSTER and later).
     pub backend: Option<&'a str>,
     /// This module's index in the snapshot (for [`Vars`]).
@@ -151,6 +151,27 @@ pub struct Ctx<'a> {
     pub vars: &'a mut Vars,
     /// State shared by all workers (global limits).
     pub shared: &'static Shared,
+    /// The configuration the request is served with.
+    pub config: &'a Config,
+}
+
+impl Ctx<'_> {
+    /// Sends the request to the cluster of this name (BEFORE_CLUSTER).
+    /// `false`: no such cluster.
+    pub fn choose_cluster(&mut self, name: &str) -> bool {
+        match self.config.cluster_index(name) {
+            Some(i) => {
+                self.cluster = Some(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The name of the chosen cluster.
+    pub fn cluster_name(&self) -> Option<&str> {
+        self.cluster.map(|i| self.config.clusters[i].name.as_str())
+    }
 }
 
 /// A finished exchange, for REQUEST_FINISH.

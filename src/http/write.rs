@@ -226,6 +226,43 @@ pub fn local_response(out: &mut Vec<u8>, status: u16, extra: &[u8], conn: ConnHe
     }
 }
 
+/// Writes a complete response made by a module: its header fields and
+/// body (Pitcher's short text body for the status when `body` is empty).
+pub fn module_response(
+    out: &mut Vec<u8>,
+    status: u16,
+    headers: &[(String, String)],
+    body: &[u8],
+    conn: ConnHeader,
+    head_request: bool,
+) {
+    let mut extra = Vec::new();
+    for (n, v) in headers {
+        extra.extend_from_slice(n.as_bytes());
+        extra.extend_from_slice(b": ");
+        extra.extend_from_slice(v.as_bytes());
+        extra.extend_from_slice(b"\r\n");
+    }
+    if body.is_empty() {
+        return local_response(out, status, &extra, conn, head_request);
+    }
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_num(out, status as u64);
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\nServer: pitcher\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-type")) {
+        out.extend_from_slice(b"Content-Type: text/plain\r\n");
+    }
+    out.extend_from_slice(&extra);
+    push_framing(out, OutFraming::Length(body.len() as u64));
+    push_conn(out, conn);
+    out.extend_from_slice(b"\r\n");
+    if !head_request {
+        out.extend_from_slice(body);
+    }
+}
+
 /// The head of a chunk of `n` bytes in a re-framed body.
 pub fn chunk_head(out: &mut Vec<u8>, n: usize) {
     use std::io::Write;

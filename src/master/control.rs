@@ -125,6 +125,14 @@ impl Master {
                 let reply = Reply { data: self.status(), ..Reply::ok("running") };
                 answer(stream, &reply);
             }
+            "modules" => {
+                let (table, data) = self.modules();
+                answer(stream, &Reply { data, ..Reply::ok(table) });
+            }
+            "module" => {
+                let reply = self.switch_module(&req.args);
+                answer(stream, &reply);
+            }
             "upstreams" => {
                 let (table, data) = self.upstreams();
                 answer(stream, &Reply { data, ..Reply::ok(table) });
@@ -155,6 +163,64 @@ impl Master {
             "upgrade_pid": self.upgrade.as_ref().map(|u| u.pid.as_raw()),
             "listeners": self.listeners.iter().map(|b| b.entry.local.clone()).collect::<Vec<_>>(),
         })
+    }
+
+    /// Modules of the configuration with their state, and each worker's
+    /// overload level.
+    fn modules(&self) -> (String, serde_json::Value) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let shared = self.region.shared();
+        let mut text = format!("{:<14} {:<8} {:<10} {:<9}\n", "MODULE", "ENABLED", "ESSENTIAL", "RUNTIME");
+        let mut rows = Vec::new();
+        for m in &self.config.modules {
+            let flag = crate::hooks::registry_index(&m.name);
+            let off = flag.is_some_and(|f| shared.modules[f].disabled.load(Relaxed) == 1);
+            let runtime = if !m.enabled {
+                "-"
+            } else if off {
+                "disabled"
+            } else {
+                "on"
+            };
+            text.push_str(&format!("{:<14} {:<8} {:<10} {:<9}\n", m.name, m.enabled, m.essential, runtime));
+            rows.push(serde_json::json!({"name": m.name, "enabled": m.enabled, "essential": m.essential,
+                "runtime_disabled": off, "state": runtime}));
+        }
+        let mut workers = Vec::new();
+        text.push_str(&format!("\n{:<8} {:<8} {:<6} {:>5} {:>9}\n", "WORKER", "PID", "LEVEL", "BUSY%", "IN_FLIGHT"));
+        for (i, slot) in self.slots.iter().enumerate() {
+            let Some(p) = &slot.proc else { continue };
+            let Some(w) = shared.workers.get(i) else { continue };
+            let (level, busy, in_flight) =
+                (w.level.load(Relaxed), w.busy_percent.load(Relaxed), w.in_flight.load(Relaxed));
+            text.push_str(&format!("{:<8} {:<8} {:<6} {:>5} {:>9}\n", i, p.pid.as_raw(), level, busy, in_flight));
+            workers.push(serde_json::json!({"slot": i, "pid": p.pid.as_raw(), "level": level, "busy_percent": busy,
+                "in_flight": in_flight, "level_changes": w.level_changes.load(Relaxed)}));
+        }
+        (text.trim_end().to_string(), serde_json::json!({"modules": rows, "workers": workers}))
+    }
+
+    /// `module enable|disable NAME`: a switch in shared memory, so every
+    /// worker sees it at its next request, and it outlives reloads.
+    fn switch_module(&self, args: &[String]) -> Reply {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (Some(action), Some(name)) = (args.first(), args.get(1)) else {
+            return Reply::err("usage: module enable|disable NAME");
+        };
+        let off = match action.as_str() {
+            "enable" => 0,
+            "disable" => 1,
+            other => return Reply::err(format!("unknown action {other:?}: expected enable or disable")),
+        };
+        let Some(flag) = crate::hooks::registry_index(name) else {
+            let known: Vec<&str> = crate::hooks::registry().iter().map(|r| r.name).collect();
+            return Reply::err(format!("no module {name:?} (compiled in: {})", known.join(", ")));
+        };
+        self.region.shared().modules[flag].disabled.store(off, Relaxed);
+        slog::warn!(self.logger(), "module switched at run time"; "module" => name, "action" => action);
+        let configured = self.config.modules.iter().any(|m| &m.name == name && m.enabled);
+        let note = if configured { "" } else { " (not enabled in the configuration)" };
+        Reply::ok(format!("module {name} {action}d for all workers{note}"))
     }
 
     /// Every backend's shared state: the same answer whichever worker

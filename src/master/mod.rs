@@ -547,6 +547,7 @@ impl Master {
         let path = self.args.config_path.clone();
         let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
         let config = Config::parse(&path, &text).map_err(|e| e.to_string())?;
+        crate::hooks::validate(&config, self.region.shared())?;
         // Listeners: keep the sockets of unchanged addresses, bind new ones.
         let mut next = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {

@@ -10,6 +10,7 @@
 //! index (`token(kind, index)`), so an event finds its owner in O(1) and a
 //! pooled upstream connection keeps its registration when it changes hands.
 
+mod hooks;
 mod proxy;
 mod session;
 mod timer;
@@ -29,9 +30,12 @@ use slog::Logger;
 use crate::buffer::BufPool;
 use crate::channel::{split_fds, Channel, ListenerEntry, ToMaster, ToWorker};
 use crate::config::Config;
+use crate::hooks::modules::{Controller, DegradeSettings};
+use crate::hooks::Modules;
 use crate::log::LogFile;
 use crate::net::Listener;
 use crate::router::Router;
+use crate::shm::Shared;
 use crate::upstream::{Backends, Cluster, SlotTable};
 
 pub use proxy::UpConn;
@@ -88,14 +92,22 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     pub router: Router,
     pub clusters: Vec<Cluster>,
+    /// The enabled modules and their pipelines.
+    pub modules: Modules,
 }
 
 impl Snapshot {
     /// Builds a snapshot, giving its backends ids in the worker's table.
-    pub fn build(config: Arc<Config>, backends: &mut Backends, slots: &mut SlotTable) -> Snapshot {
+    pub fn build(
+        config: Arc<Config>,
+        backends: &mut Backends,
+        slots: &mut SlotTable,
+        log: &Logger,
+    ) -> Result<Snapshot, String> {
+        let modules = Modules::build(&config, slots.shared(), log)?;
         backends.retire_all();
         let clusters = config.clusters.iter().map(|c| Cluster::new(c, backends, slots)).collect();
-        Snapshot { router: Router::new(&config), clusters, config }
+        Ok(Snapshot { router: Router::new(&config), clusters, config, modules })
     }
 }
 
@@ -108,6 +120,12 @@ pub struct Core {
     current: ArcSwap<Snapshot>,
     backends: Backends,
     slots: SlotTable,
+    /// The shared region.
+    shared: &'static Shared,
+    /// Overload level (0, 1: non-essential modules off, 2: shedding).
+    load_level: u32,
+    /// The overload detector, when `[modules.degrade]` is enabled.
+    degrade: Option<Controller>,
     /// This worker's place (see [`WorkerInit::place`]).
     place: usize,
     timers: Timers,
@@ -143,9 +161,20 @@ pub struct Worker {
     drain_deadline: Option<Instant>,
     /// Accepting is paused after a resource error (EMFILE) until then.
     accept_paused_until: Option<Instant>,
+    /// Load measurement for the overload controller.
+    load: LoadMeter,
     /// Connections refused over `max_connections`, and when last logged.
     refused: u64,
     refused_logged: Instant,
+}
+
+/// How often a worker measures its load.
+const LOAD_TICK: Duration = Duration::from_millis(100);
+
+/// Time the loop spent waiting in `epoll_wait` since `since`.
+struct LoadMeter {
+    since: Instant,
+    idle: Duration,
 }
 
 /// Token of the channel to the master.
@@ -166,7 +195,9 @@ impl Worker {
         let buf_size = init.config.limits.max_header_bytes.max(MIN_BUFFER);
         let mut backends = Backends::default();
         let mut slots = init.slots;
-        let snapshot = Snapshot::build(init.config, &mut backends, &mut slots);
+        let degrade = DegradeSettings::from_config(&init.config).map(Controller::new);
+        let snapshot = Snapshot::build(init.config, &mut backends, &mut slots, &init.log).map_err(io::Error::other)?;
+        let shared = slots.shared();
         Ok(Worker {
             poll,
             sessions: Slab::with_capacity(1024),
@@ -177,6 +208,9 @@ impl Worker {
                 current: ArcSwap::from_pointee(snapshot),
                 backends,
                 slots,
+                shared,
+                load_level: 0,
+                degrade,
                 place: init.place,
                 timers: Timers::default(),
                 bufs: BufPool::new(buf_size, POOLED_BUFFERS),
@@ -191,6 +225,7 @@ impl Worker {
             log_file: init.log_file,
             drain_deadline: None,
             accept_paused_until: None,
+            load: LoadMeter { since: Instant::now(), idle: Duration::ZERO },
             refused: 0,
             refused_logged: Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now),
         })
@@ -235,6 +270,8 @@ impl Worker {
                 }
                 Some(t)
             };
+            let timeout = if self.core.degrade.is_some() { timeout.map(|t| t.min(LOAD_TICK)) } else { timeout };
+            let before = Instant::now();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -242,6 +279,7 @@ impl Worker {
                 return Err(e);
             }
             self.core.now = Instant::now();
+            self.load.idle += self.core.now - before;
             for ev in events.iter() {
                 let t = ev.token().0;
                 let idx = t >> 2;
@@ -272,6 +310,7 @@ impl Worker {
                 }
             }
             self.run_timers();
+            self.measure_load();
         }
         slog::info!(self.core.log, "worker stopping"; "sessions" => self.sessions.len());
         Ok(())
@@ -329,12 +368,37 @@ impl Worker {
             let s = entry.insert(Session::new(key, stream, peer, snap.clone()));
             let at = self.core.now + snap.config.timeouts.client_header;
             self.core.timers.set(&mut s.timed, key, at);
-            if !self.core.drive(s) {
+            if !self.core.hook_accept(s) || !self.core.drive(s) {
                 self.close_session(idx);
             }
         }
         // The batch ran out: `pending` stays set and the loop polls without
         // waiting, so other sockets get their turn first.
+    }
+
+    /// Every `LOAD_TICK`: the share of time the loop was busy and the
+    /// requests in flight, published in shared memory and fed to the
+    /// overload controller.
+    fn measure_load(&mut self) {
+        let now = self.core.now;
+        let elapsed = now.saturating_duration_since(self.load.since);
+        if elapsed < LOAD_TICK {
+            return;
+        }
+        let busy = elapsed.saturating_sub(self.load.idle);
+        let busy_percent = (busy.as_micros() * 100 / elapsed.as_micros().max(1)) as u32;
+        self.load = LoadMeter { since: now, idle: Duration::ZERO };
+        let in_flight = self.sessions.iter().filter(|(_, s)| s.ex.finish_pending).count() as u32;
+        let w = self.core.shared.workers.get(self.core.place);
+        if let Some(w) = w {
+            w.pid.store(std::process::id(), Ordering::Relaxed);
+            w.busy_percent.store(busy_percent, Ordering::Relaxed);
+            w.in_flight.store(in_flight, Ordering::Relaxed);
+        }
+        let Some(c) = self.core.degrade.as_mut() else { return };
+        if let Some(level) = c.sample(now, busy_percent, in_flight) {
+            self.core.set_load_level(level, busy_percent, in_flight);
+        }
     }
 
     /// Over `max_connections`: a 503 and a close. What the client already
@@ -394,12 +458,44 @@ impl Worker {
             return;
         }
         let mut s = self.sessions.remove(idx);
+        if s.ex.finish_pending && s.ex.status == 0 {
+            s.ex.status = 499; // The client went away before a response (nginx's 499).
+        }
+        self.core.hook_finish(&mut s);
         self.core.release_upstream(&mut s, false);
         if let Some(b) = s.inb.take() {
             self.core.bufs.put(b);
         }
         // Dropping the stream closes the fd, which also removes it from the
         // epoll set.
+    }
+}
+
+impl Core {
+    /// The overload controller changed the level: log it and publish it.
+    pub(crate) fn set_load_level(&mut self, level: u32, busy_percent: u32, in_flight: u32) {
+        let old = std::mem::replace(&mut self.load_level, level);
+        let what = match level {
+            0 => "normal: all modules on",
+            1 => "overloaded: non-essential modules off",
+            _ => "overloaded: non-essential modules off, low-priority routes shed",
+        };
+        slog::warn!(self.log, "load level changed"; "from" => old, "to" => level, "state" => what,
+            "busy_percent" => busy_percent, "in_flight" => in_flight);
+        if let Some(w) = self.shared.workers.get(self.place) {
+            w.level.store(level, Ordering::Relaxed);
+            w.level_changes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A request started (the overload controller's count window).
+    pub(crate) fn count_request(&mut self) {
+        let now = self.now;
+        let Some(c) = self.degrade.as_mut() else { return };
+        if let Some(level) = c.request(now) {
+            let in_flight = self.shared.workers.get(self.place).map_or(0, |w| w.in_flight.load(Ordering::Relaxed));
+            self.set_load_level(level, 0, in_flight);
+        }
     }
 }
 
@@ -505,7 +601,18 @@ impl Worker {
             self.core.bufs = BufPool::new(buf_size, POOLED_BUFFERS);
             self.core.up_bufs = BufPool::new(buf_size.max(UPSTREAM_BUFFER), POOLED_BUFFERS);
         }
-        let snapshot = Snapshot::build(Arc::new(config), &mut self.core.backends, &mut self.core.slots);
+        let config = Arc::new(config);
+        match DegradeSettings::from_config(&config) {
+            Some(d) => match self.core.degrade.as_mut() {
+                Some(c) => c.update(d),
+                None => self.core.degrade = Some(Controller::new(d)),
+            },
+            None => {
+                self.core.degrade = None;
+                self.core.load_level = 0;
+            }
+        }
+        let snapshot = Snapshot::build(config, &mut self.core.backends, &mut self.core.slots, &self.core.log)?;
         self.core.current.store(Arc::new(snapshot));
         // Idle connections to backends no cluster names any more.
         let retired: Vec<usize> = self

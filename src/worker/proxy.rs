@@ -482,6 +482,7 @@ impl Core {
             }
             hw::response_head(&mut s.out, &s.resp, OutFraming::None, ConnHeader::Upgrade);
             s.ex.resp_head_done = true;
+            s.ex.status = 101;
             s.phase = Phase::Tunnel;
             return Ok(());
         }
@@ -494,6 +495,14 @@ impl Core {
         }
         let framing = s.resp.framing(s.ex.head_request).map_err(|_| Fail::BadResponse)?;
         self.record_outcome(s, if status >= 500 { Outcome::ServerError } else { Outcome::Success });
+        s.ex.status = status;
+        match self.hook_response(s) {
+            None => {}
+            // A module closed the connection.
+            Some(Step::Close) => return Err(Fail::ClientGone),
+            // A module answered instead: the session is in `Local` now.
+            Some(_) => return Ok(()),
+        }
         // A final response before the client sent its whole body (a
         // backend refusing an upload, an `Expect: 100-continue` answered
         // without 100): the rest of the body can not be told from a next

@@ -23,6 +23,7 @@ use crate::net::{Peer, Readiness, Stream};
 
 use super::timer::Timed;
 use super::{Core, Snapshot};
+use crate::hooks::Point;
 
 /// How long a closing connection's unread input is drained.
 pub const LINGER: Duration = Duration::from_secs(2);
@@ -147,6 +148,18 @@ pub struct Exchange {
     /// Tunnel: the client's FIN was passed on to the backend.
     pub up_shut: bool,
     pub started: Option<Instant>,
+    /// When the request started going to a backend (for upstream time).
+    pub upstream_started: Option<Instant>,
+    /// The status the client got (from the backend or from Pitcher).
+    pub status: u16,
+    /// Response body bytes written to the client.
+    pub bytes_out: u64,
+    /// The route matched, if any.
+    pub route: Option<usize>,
+    /// `cluster` holds a choice (from the route or a module).
+    pub cluster_chosen: bool,
+    /// REQUEST_FINISH is still owed for this exchange.
+    pub finish_pending: bool,
 }
 
 impl Exchange {
@@ -189,6 +202,10 @@ pub struct Session {
     pub snap: Arc<Snapshot>,
     /// Set by any byte moved or phase change during one `drive`.
     pub progressed: bool,
+    /// Per-request values of modules.
+    pub vars: crate::hooks::Vars,
+    /// When the connection was accepted.
+    pub accepted: Instant,
     /// TCP_NODELAY is set on the client socket.
     pub nodelay: bool,
     /// Writes to the client since the connection's last exchange ended.
@@ -214,6 +231,8 @@ impl Session {
             requests: 0,
             snap,
             progressed: false,
+            vars: crate::hooks::Vars::default(),
+            accepted: Instant::now(),
             nodelay: false,
             writes: 0,
         }
@@ -268,6 +287,7 @@ impl Session {
                 Err(e) => return Err(e),
             }
         }
+        self.ex.bytes_out += written_body as u64;
         Ok((total, written_body))
     }
 }
@@ -397,7 +417,10 @@ impl Core {
         s.head_started = None;
         s.ex.reset();
         s.snap = self.current.load_full();
+        s.vars.clear();
         s.ex.started = Some(self.now);
+        s.ex.finish_pending = true;
+        self.count_request();
         s.ex.head_request = s.req.is_head();
         s.ex.client_keep = s.req.keep_alive() && !self.draining;
         s.ex.req_body = Body::from_framing(s.req.framing());
@@ -420,25 +443,36 @@ impl Core {
                 return self.refuse(s, HttpError::BodyTooLarge);
             }
         }
-        let Some(cluster) = s.snap.router.lookup(s.req.host(), s.req.path()) else {
+        s.ex.route = s.snap.router.lookup(s.req.host(), s.req.path());
+        if let Some(r) = s.ex.route {
+            s.ex.cluster = s.snap.config.routes[r].cluster;
+            s.ex.cluster_chosen = true;
+        }
+        if let Some(step) = self.hook_request(s, Point::BeforeCluster) {
+            return step;
+        }
+        if !s.ex.cluster_chosen {
             return self.respond(s, 404);
-        };
-        s.ex.cluster = cluster;
+        }
         // RFC 9110 §7.8: Upgrade in an HTTP/1.0 request is ignored.
         s.ex.upgrade = s.req.version() == Version::Http11
             && s.req.head.has_token("connection", "upgrade")
             && s.req.head.get("upgrade").is_some();
+        s.phase = Phase::Proxy;
+        if let Err(status) = self.connect_upstream(s) {
+            return self.respond(s, status);
+        }
+        s.ex.upstream_started = Some(self.now);
+        if let Some(step) = self.hook_request(s, Point::AfterCluster) {
+            return step;
+        }
         let client = match s.peer {
             Peer::Ip(ip) => Some(ip),
             Peer::Unix => None,
         };
         hw::request_head(&mut s.ex.up_out, &s.req, client, s.ex.upgrade);
         s.ex.up_head_len = s.ex.up_out.len();
-        s.phase = Phase::Proxy;
-        match self.connect_upstream(s) {
-            Ok(()) => Step::Again,
-            Err(status) => self.respond(s, status),
-        }
+        Step::Again
     }
 
     /// Refuses a request head that could not be parsed: nothing of the
@@ -446,6 +480,8 @@ impl Core {
     fn refuse_head(&mut self, s: &mut Session, e: HttpError) -> Step {
         s.ex.reset();
         s.head_started = None;
+        s.ex.started = Some(self.now);
+        s.ex.finish_pending = true;
         self.refuse(s, e)
     }
 
@@ -461,6 +497,7 @@ impl Core {
     /// the client wants it and the request's body is fully read.
     pub(super) fn respond(&mut self, s: &mut Session, status: u16) -> Step {
         self.release_upstream(s, false);
+        s.ex.status = status;
         let body_read = s.ex.req_body.complete() && s.ex.req_ready == 0;
         let keep = s.ex.client_keep && body_read && status != 408;
         let conn = match (keep, s.req.version()) {
@@ -488,6 +525,7 @@ impl Core {
 
     /// The response is fully written: next request, or close.
     pub(super) fn end_exchange(&mut self, s: &mut Session, keep: bool) -> Step {
+        self.hook_request_finish(s);
         s.progressed = true;
         s.writes = 0;
         if keep {

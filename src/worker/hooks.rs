@@ -1,0 +1,254 @@
+//! Where the worker calls the hook pipeline: building each handler's
+//! context from the session, skipping modules switched off (at run time,
+//! or shed under overload), and turning a handler's verdict into the
+//! session's next step. With no module configured, every entry point
+//! returns after one check.
+
+use std::time::Instant;
+
+use crate::hooks::{Connection, Ctx, Finished, Modules, Point, Response, Verdict};
+use crate::http::write as hw;
+use crate::http::Version;
+use crate::net::Peer;
+
+use super::session::{Phase, Session, Step};
+use super::Core;
+
+fn client_ip(p: Peer) -> Option<std::net::IpAddr> {
+    match p {
+        Peer::Ip(ip) => Some(ip),
+        Peer::Unix => None,
+    }
+}
+
+impl Core {
+    /// Non-essential modules are off while the worker is overloaded.
+    fn shedding(&self) -> bool {
+        self.load_level >= 1
+    }
+
+    /// ACCEPT. `false`: a module closed the connection.
+    pub(super) fn hook_accept(&mut self, s: &mut Session) -> bool {
+        let snap = s.snap.clone();
+        let m: &Modules = &snap.modules;
+        let list = m.global.at(Point::Accept);
+        if list.is_empty() {
+            return true;
+        }
+        let conn = Connection { client: client_ip(s.peer), requests: 0, duration: Default::default() };
+        for &i in list {
+            if !m.active(i, self.shared, self.shedding()) {
+                continue;
+            }
+            let mut ctx = self.ctx(s, i, &snap);
+            if let Verdict::Close = m.loaded[i].module.accept(&conn, &mut ctx) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// BEFORE_CLUSTER and AFTER_CLUSTER: handlers may rewrite the request,
+    /// choose the cluster (before), or answer. `Some(step)`: they answered
+    /// or closed.
+    pub(super) fn hook_request(&mut self, s: &mut Session, point: Point) -> Option<Step> {
+        let snap = s.snap.clone();
+        let m = &snap.modules;
+        let list = m.pipeline_for(s.ex.route).at(point);
+        if list.is_empty() {
+            return None;
+        }
+        for &i in list {
+            if !m.active(i, self.shared, self.shedding()) {
+                continue;
+            }
+            let backend = self.backend_name(s);
+            let mut ctx = Ctx {
+                now: self.now,
+                client: client_ip(s.peer),
+                log: &self.log,
+                route: s.ex.route.map(|r| &snap.config.routes[r]),
+                cluster: s.ex.cluster_chosen.then_some(s.ex.cluster),
+                backend: backend.as_deref(),
+                module: i,
+                load_level: self.load_level,
+                vars: &mut s.vars,
+                shared: self.shared,
+                config: &snap.config,
+            };
+            let module = &m.loaded[i].module;
+            let verdict = match point {
+                Point::BeforeCluster => module.before_cluster(&mut s.req, &mut ctx),
+                _ => module.after_cluster(&mut s.req, &mut ctx),
+            };
+            if let Some(c) = ctx.cluster {
+                s.ex.cluster = c;
+                s.ex.cluster_chosen = true;
+            }
+            match verdict {
+                Verdict::Continue => {}
+                Verdict::Respond(r) => return Some(self.respond_module(s, &r)),
+                Verdict::Close => {
+                    self.release_upstream(s, false);
+                    return Some(Step::Close);
+                }
+            }
+        }
+        None
+    }
+
+    /// BACKEND_RESPONSE. `Some(step)`: a module replaced the response or
+    /// closed; the backend's response is dropped.
+    pub(super) fn hook_response(&mut self, s: &mut Session) -> Option<Step> {
+        let snap = s.snap.clone();
+        let m = &snap.modules;
+        let list = m.pipeline_for(s.ex.route).at(Point::BackendResponse);
+        if list.is_empty() {
+            return None;
+        }
+        for &i in list {
+            if !m.active(i, self.shared, self.shedding()) {
+                continue;
+            }
+            let backend = self.backend_name(s);
+            let mut ctx = Ctx {
+                now: self.now,
+                client: client_ip(s.peer),
+                log: &self.log,
+                route: s.ex.route.map(|r| &snap.config.routes[r]),
+                cluster: Some(s.ex.cluster),
+                backend: backend.as_deref(),
+                module: i,
+                load_level: self.load_level,
+                vars: &mut s.vars,
+                shared: self.shared,
+                config: &snap.config,
+            };
+            match m.loaded[i].module.backend_response(&mut s.resp, &mut ctx) {
+                Verdict::Continue => {}
+                Verdict::Respond(r) => {
+                    self.release_upstream(s, false);
+                    return Some(self.respond_module(s, &r));
+                }
+                Verdict::Close => {
+                    self.release_upstream(s, false);
+                    return Some(Step::Close);
+                }
+            }
+        }
+        None
+    }
+
+    /// REQUEST_FINISH, once per exchange that was started.
+    pub(super) fn hook_request_finish(&mut self, s: &mut Session) {
+        if !std::mem::take(&mut s.ex.finish_pending) {
+            return;
+        }
+        let snap = s.snap.clone();
+        let m = &snap.modules;
+        let list = m.pipeline_for(s.ex.route).at(Point::RequestFinish);
+        if list.is_empty() {
+            return;
+        }
+        let backend = self.backend_name(s);
+        let now = Instant::now();
+        let done = Finished {
+            method: s.req.method(),
+            target: s.req.target(),
+            host: s.req.host(),
+            status: s.ex.status,
+            bytes: s.ex.bytes_out,
+            duration: s.ex.started.map_or_else(Default::default, |t| now.saturating_duration_since(t)),
+            upstream_time: s.ex.upstream_started.map(|t| now.saturating_duration_since(t)),
+            backend: backend.as_deref(),
+            user_agent: s.req.head.get("user-agent").unwrap_or(b""),
+            referer: s.req.head.get("referer").unwrap_or(b""),
+        };
+        for &i in list {
+            // REQUEST_FINISH always runs for a module that ran before it
+            // (a quota gives back what it took), even if it was switched
+            // off in the meantime.
+            if !m.active(i, self.shared, self.shedding()) && s.vars.get(i) == 0 {
+                continue;
+            }
+            let mut ctx = Ctx {
+                now: self.now,
+                client: client_ip(s.peer),
+                log: &self.log,
+                route: s.ex.route.map(|r| &snap.config.routes[r]),
+                cluster: s.ex.cluster_chosen.then_some(s.ex.cluster),
+                backend: backend.as_deref(),
+                module: i,
+                load_level: self.load_level,
+                vars: &mut s.vars,
+                shared: self.shared,
+                config: &snap.config,
+            };
+            m.loaded[i].module.request_finish(&done, &mut ctx);
+        }
+    }
+
+    /// FINISH: the client connection is closing.
+    pub(super) fn hook_finish(&mut self, s: &mut Session) {
+        self.hook_request_finish(s);
+        let snap = s.snap.clone();
+        let m = &snap.modules;
+        let list = m.global.at(Point::Finish);
+        if list.is_empty() {
+            return;
+        }
+        let conn = Connection { client: client_ip(s.peer), requests: s.requests, duration: s.accepted.elapsed() };
+        for &i in list {
+            if !m.active(i, self.shared, self.shedding()) {
+                continue;
+            }
+            let mut ctx = self.ctx(s, i, &snap);
+            m.loaded[i].module.finish(&conn, &mut ctx);
+        }
+    }
+
+    fn ctx<'a>(&'a self, s: &'a mut Session, i: usize, snap: &'a super::Snapshot) -> Ctx<'a> {
+        Ctx {
+            now: self.now,
+            client: client_ip(s.peer),
+            log: &self.log,
+            route: None,
+            cluster: None,
+            backend: None,
+            module: i,
+            load_level: self.load_level,
+            vars: &mut s.vars,
+            shared: self.shared,
+            config: &snap.config,
+        }
+    }
+
+    /// The backend the exchange went to (it may have been released already).
+    fn backend_name(&self, s: &Session) -> Option<String> {
+        s.ex.upstream_started?;
+        let member = s.snap.clusters.get(s.ex.cluster)?.members.get(s.ex.backend)?;
+        Some(self.backends.get(member.id).name.clone())
+    }
+
+    /// Answers with a module's response.
+    fn respond_module(&mut self, s: &mut Session, r: &Response) -> Step {
+        if r.body.is_empty() && r.headers.is_empty() {
+            return self.respond(s, r.status);
+        }
+        self.release_upstream(s, false);
+        let body_read = s.ex.req_body.complete() && s.ex.req_ready == 0;
+        let keep = s.ex.client_keep && body_read;
+        let conn = match (keep, s.req.version()) {
+            (false, _) => hw::ConnHeader::Close,
+            (true, Version::Http10) => hw::ConnHeader::KeepAlive,
+            (true, Version::Http11) => hw::ConnHeader::Default,
+        };
+        s.out.clear();
+        s.out_pos = 0;
+        hw::module_response(&mut s.out, r.status, &r.headers, &r.body, conn, s.ex.head_request);
+        s.ex.status = r.status;
+        s.phase = Phase::Local { keep };
+        s.progressed = true;
+        Step::Again
+    }
+}
