@@ -204,6 +204,25 @@ pub fn now_ms() -> u64 {
     }
 }
 
+impl BackendShm {
+    /// Forgets the history of this slot (its address was added back by a
+    /// reload) and starts a slow start at `now_ms`. Connection counts stay:
+    /// they are live.
+    pub fn reset(&self, now_ms: u64) {
+        for c in [&self.consecutive_failures, &self.window_requests, &self.window_failures, &self.ejections] {
+            c.store(0, Relaxed);
+        }
+        for c in [&self.requests, &self.failures, &self.ejected_until_ms, &self.probes] {
+            c.store(0, Relaxed);
+        }
+        self.down.store(0, Relaxed);
+        self.probe_ok_run.store(0, Relaxed);
+        self.probe_fail_run.store(0, Relaxed);
+        self.window_start_ms.store(now_ms, Relaxed);
+        self.ramp_start_ms.store(now_ms, Relaxed);
+    }
+}
+
 impl LimiterShm {
     /// Takes one token from a bucket of `rate_per_sec` with room for
     /// `burst`; refills lazily from the shared clock. Lock-free: refills

@@ -439,7 +439,8 @@ impl Cluster {
         let by_time = p.window_failure_percent > 0
             && wreq >= p.window_min_requests
             && wfail as u64 * 100 >= p.window_failure_percent as u64 * wreq as u64;
-        if !(by_count || by_time) || s.ejected_until_ms.load(Relaxed) > now_ms {
+        let current = s.ejected_until_ms.load(Relaxed);
+        if !(by_count || by_time) || current > now_ms {
             return None;
         }
         // Cap: never more than max_ejected_percent of the cluster at once.
@@ -451,7 +452,11 @@ impl Cluster {
         let n = s.ejections.fetch_add(1, Relaxed).min(16);
         let ms = (p.ejection.as_millis() as u64).saturating_mul(1 << n).min(p.max_ejection.as_millis() as u64);
         let until = now_ms + ms;
-        s.ejected_until_ms.store(until, Relaxed);
+        // Only one worker ejects: the others lose this race and see it ejected.
+        if s.ejected_until_ms.compare_exchange(current, until, Relaxed, Relaxed).is_err() {
+            s.ejections.fetch_sub(1, Relaxed);
+            return None;
+        }
         // Re-admission ramps up from the end of the ejection.
         s.ramp_start_ms.store(until, Relaxed);
         s.consecutive_failures.store(0, Relaxed);

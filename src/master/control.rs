@@ -279,10 +279,10 @@ impl Master {
                     state,
                     ejected_ms,
                     ramp,
-                    row["active"],
-                    row["requests"],
-                    row["failures"],
-                    row["probes"]
+                    s.active.load(Relaxed),
+                    s.requests.load(Relaxed),
+                    s.failures.load(Relaxed),
+                    s.probes.load(Relaxed)
                 ));
                 rows.push(row);
             }

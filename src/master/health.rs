@@ -50,10 +50,13 @@ impl Checker {
     /// Rebuilds the targets from a configuration; probes in flight are
     /// dropped (their backends are probed again at once).
     pub fn configure(&mut self, config: &Config, slots: &mut SlotTable, registry: &Registry) {
+        // Probes keep their schedule across a reload (no burst of probes).
+        let mut next: Vec<(BackendAddr, Instant)> = Vec::new();
         for t in &mut self.targets {
             if let Some(mut p) = t.probe.take() {
                 let _ = registry.deregister(&mut p.stream);
             }
+            next.push((t.addr.clone(), t.next_at));
         }
         self.targets.clear();
         let now = Instant::now();
@@ -64,13 +67,27 @@ impl Checker {
                     continue; // Probed once, with the first cluster's settings.
                 }
                 let Some(slot) = slots.slot_of(&b.addr) else { continue };
+                let next_at = next.iter().find(|(a, _)| *a == b.addr).map_or(now, |(_, t)| *t);
                 self.targets.push(Target {
                     addr: b.addr.clone(),
                     shm: slots.shm(slot),
                     hc: hc.clone(),
-                    next_at: now,
+                    next_at,
                     probe: None,
                 });
+            }
+        }
+        // A backend no longer checked is no longer held down by old probes.
+        for c in &config.clusters {
+            for b in &c.backends {
+                if self.targets.iter().any(|t| t.addr == b.addr) {
+                    continue;
+                }
+                if let Some(s) = slots.peek(&b.addr) {
+                    s.down.store(0, Relaxed);
+                    s.probe_ok_run.store(0, Relaxed);
+                    s.probe_fail_run.store(0, Relaxed);
+                }
             }
         }
     }
@@ -107,9 +124,14 @@ impl Checker {
                         slog::error!(log, "cannot register a health probe"; "error" => %e);
                         continue;
                     }
+                    // A Unix-socket backend has no host name: "localhost".
+                    let host = match &t.addr.0 {
+                        crate::config::SockAddr::Tcp(a) => a.to_string(),
+                        crate::config::SockAddr::Unix(_) => "localhost".to_string(),
+                    };
                     let request = format!(
-                        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: pitcher-health-check\r\nConnection: close\r\n\r\n",
-                        t.hc.path, t.addr
+                        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: pitcher-health-check\r\nConnection: close\r\n\r\n",
+                        t.hc.path
                     )
                     .into_bytes();
                     t.probe = Some(Probe {

@@ -249,7 +249,7 @@ impl Master {
             state: State::Running,
             quit_deadline: None,
         };
-        m.assign_slots(false);
+        m.assign_slots(None);
         m.health.configure(&m.config, &mut m.backend_slots, m.poll.registry());
         if let Err(e) = m.write_pid_file().and_then(|()| m.bind_control()) {
             m.cleanup();
@@ -434,16 +434,16 @@ impl Master {
     }
 
     /// Gives every backend of the configuration a shared slot. A backend
-    /// that is new in a reload starts its slow start now.
-    fn assign_slots(&mut self, reload: bool) {
+    /// that a reload adds (or adds back) starts afresh: no old counters,
+    /// ejection or health verdict, and a slow start from now.
+    fn assign_slots(&mut self, previous: Option<&Config>) {
         let now = crate::shm::now_ms();
         for c in &self.config.clusters {
             for b in &c.backends {
-                let known = self.backend_slots.contains(&b.addr);
+                let added = previous
+                    .is_some_and(|p| !p.clusters.iter().any(|pc| pc.backends.iter().any(|pb| pb.addr == b.addr)));
                 match self.backend_slots.slot_of(&b.addr) {
-                    Some(n) if reload && !known => {
-                        self.backend_slots.shm(n).ramp_start_ms.store(now, std::sync::atomic::Ordering::Relaxed);
-                    }
+                    Some(n) if added => self.backend_slots.shm(n).reset(now),
                     Some(_) => {}
                     None => {
                         slog::warn!(self.log.logger, "shared slots are full; this backend has no shared health state";
@@ -577,10 +577,10 @@ impl Master {
         }
         self.listeners = next;
         let workers = config.workers;
-        self.config = Arc::new(config);
+        let previous = std::mem::replace(&mut self.config, Arc::new(config));
         self.config_text = text;
         self.seq += 1;
-        self.assign_slots(true);
+        self.assign_slots(Some(&previous));
         self.health.configure(&self.config, &mut self.backend_slots, self.poll.registry());
         let msg = self.configure_message();
         let fds = self.message_fds();
