@@ -29,6 +29,10 @@
 #                                 when up to date) and use
 #                                 target/release/pitcher; set: use that
 #                                 binary as it is
+#   PITCHER_MODULES=access_log,headers,throttle  modules enabled in
+#                                 Pitcher (default none), to measure what the
+#                                 hook pipeline costs; the throttle's rate is
+#                                 set far above the load so it only counts
 #   PITCHER_ARGS=--single-process  arguments before `-c FILE`. The launched
 #                                 process must stay in the foreground; its
 #                                 children are accounted too, so
@@ -51,6 +55,7 @@ THREADS=${THREADS:-1}
 SCENARIOS=${SCENARIOS:-"ka close 64k"}
 PROXIES=${PROXIES:-"pitcher nginx"}
 PITCHER_ARGS=${PITCHER_ARGS:---single-process}
+PITCHER_MODULES=${PITCHER_MODULES:-}
 ORIGIN_CPU=${ORIGIN_CPU:-0}
 WRK_CPU=${WRK_CPU:-0}
 PROXY_CPU=${PROXY_CPU:-1}
@@ -441,6 +446,15 @@ keepalive = 64
 path_prefix = "/"
 cluster = "origin"
 EOF
+    local m
+    for m in ${PITCHER_MODULES//,/ }; do
+        case $m in
+        access_log) printf '\n[modules.access_log]\npath = "%s/access.log"\nformat = "json"\n' "$dir" >>"$cfg" ;;
+        headers) printf '\n[modules.headers]\nresponse_set = { "X-Proxy" = "pitcher" }\nrequest_set = { "X-Bench" = "1" }\n' >>"$cfg" ;;
+        throttle) printf '\n[modules.throttle]\nrate_per_sec = 100000000\nburst = 100000000\n' >>"$cfg" ;;
+        *) die "unknown module '$m' in PITCHER_MODULES (access_log, headers, throttle)" ;;
+        esac
+    done
     "$PITCHER_BIN" -t -c "$cfg" >"$dir/test.log" 2>&1 || {
         cat "$dir/test.log" >&2
         die "pitcher: 'pitcher -t' rejected $cfg"
@@ -559,7 +573,7 @@ done
 echo
 echo "Pitcher benchmark — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo))"
 echo "machine ${BUSY}% busy before the start; wrk -t$THREADS -c$CONNECTIONS -d$DURATION on cpu $WRK_CPU, origin nginx on cpu $ORIGIN_CPU, proxy on cpu $PROXY_CPU; $("$NGINX" -v 2>&1 | sed 's/^nginx version: //')$(
-    [[ " $PROXIES " == *" pitcher "* ]] && printf ', pitcher %s (%s)' "$(git describe --always --dirty 2>/dev/null || echo 'uncommitted')" "$PITCHER_ARGS")"
+    [[ " $PROXIES " == *" pitcher "* ]] && printf ', pitcher %s (%s; modules: %s)' "$(git describe --always --dirty 2>/dev/null || echo 'uncommitted')" "$PITCHER_ARGS" "${PITCHER_MODULES:-none}")"
 echo
 echo "| scenario | proxy | req/s | p50 ms | p99 ms | CPU µs/req | errors |"
 echo "|---|---|---:|---:|---:|---:|---|"

@@ -241,6 +241,9 @@ pub struct Build<'a> {
     pub config: &'a Config,
     pub shared: &'static Shared,
     pub log: &'a Logger,
+    /// Only checking the settings (`pitcher -t`, a reload in the master):
+    /// open no file, start no thread.
+    pub check_only: bool,
 }
 
 /// Most registered modules (shared-memory flags are per registration).
@@ -302,15 +305,25 @@ impl Modules {
     /// Builds the enabled modules of `config`. Errors name the module's
     /// table and line.
     pub fn build(config: &Config, shared: &'static Shared, log: &Logger) -> Result<Modules, String> {
+        Modules::build_with(config, shared, log, false)
+    }
+
+    fn build_with(config: &Config, shared: &'static Shared, log: &Logger, check_only: bool) -> Result<Modules, String> {
         let mut out = Modules::default();
-        let b = Build { config, shared, log };
+        let b = Build { config, shared, log, check_only };
         for mc in config.modules.iter().filter(|m| m.enabled) {
             let flag = registry_index(&mc.name).ok_or_else(|| {
                 let known: Vec<&str> = registry().iter().map(|r| r.name).collect();
-                format!("line {}: [modules.{}]: no such module (compiled in: {})", mc.line, mc.name, known.join(", "))
+                format!(
+                    "{}:{}: [modules.{}]: no such module (compiled in: {})",
+                    config.source.display(),
+                    mc.line,
+                    mc.name,
+                    known.join(", ")
+                )
             })?;
             let module = (registry()[flag].build)(mc, &b)
-                .map_err(|e| format!("line {}: [modules.{}]: {e}", mc.line, mc.name))?;
+                .map_err(|e| format!("{}:{}: [modules.{}]: {e}", config.source.display(), mc.line, mc.name))?;
             out.loaded.push(Loaded { name: registry()[flag].name, module, flag, essential: mc.essential });
         }
         let all: Vec<usize> = (0..out.loaded.len()).collect();
@@ -361,5 +374,39 @@ impl Modules {
 /// building every enabled module; nothing is written to `shared`.
 pub fn validate(config: &Config, shared: &'static Shared) -> Result<(), String> {
     let log = Logger::root(slog::Discard, slog::o!());
-    Modules::build(config, shared, &log).map(|_| ())
+    Modules::build_with(config, shared, &log, true).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_examples_have_valid_modules() {
+        let region = crate::shm::Region::create().unwrap();
+        let shared = region.leak();
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/conf");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "toml") {
+                let c = Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                validate(&c, shared).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_modules_and_settings_name_file_and_line() {
+        let region = crate::shm::Region::create().unwrap();
+        let shared = region.leak();
+        let base =
+            "[[listeners]]\naddress = \"127.0.0.1:1\"\n[[clusters]]\nname = \"a\"\nbackends = [\"127.0.0.1:2\"]\n";
+        let c = Config::parse(std::path::Path::new("x.toml"), &format!("{base}[modules.nosuch]\n")).unwrap();
+        let e = validate(&c, shared).unwrap_err();
+        assert!(e.starts_with("x.toml:6: [modules.nosuch]: no such module"), "{e}");
+        let c =
+            Config::parse(std::path::Path::new("x.toml"), &format!("{base}[modules.throttle]\nburst = 1\n")).unwrap();
+        let e = validate(&c, shared).unwrap_err();
+        assert!(e.contains("x.toml:6: [modules.throttle]") && e.contains("rate_per_sec"), "{e}");
+    }
 }

@@ -71,6 +71,9 @@ pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, String> {
     }
     let (tx, rx) = sync_channel(QUEUE);
     let dropped = Arc::new(AtomicU64::new(0));
+    if b.check_only {
+        return Ok(Arc::new(AccessLog { json, tx, dropped }));
+    }
     let writer = Writer { path: s.path, syslog, file: None, udp: None, dropped: dropped.clone(), log: b.log.clone() };
     std::thread::Builder::new()
         .name("access-log".into())
@@ -100,22 +103,65 @@ fn client(ctx: &Ctx<'_>) -> String {
     ctx.client.map_or_else(|| "unix".to_string(), |ip| ip.to_string())
 }
 
+/// One JSON object, written directly (no intermediate value tree: this runs
+/// for every request).
 fn json_line(d: &Finished<'_>, ctx: &Ctx<'_>) -> String {
-    let v = serde_json::json!({
-        "time": iso8601(SystemTime::now()),
-        "client": client(ctx),
-        "method": String::from_utf8_lossy(d.method),
-        "path": String::from_utf8_lossy(d.target),
-        "host": String::from_utf8_lossy(d.host),
-        "status": d.status,
-        "bytes": d.bytes,
-        "duration_ms": d.duration.as_secs_f64() * 1000.0,
-        "backend": d.backend,
-        "upstream_ms": d.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
-        "route": ctx.route.map(|r| r.name.as_str()),
-        "user_agent": String::from_utf8_lossy(d.user_agent),
-    });
-    v.to_string()
+    use std::fmt::Write;
+    let mut o = String::with_capacity(256);
+    o.push_str("{\"time\":\"");
+    o.push_str(&iso8601(SystemTime::now()));
+    o.push_str("\",\"client\":");
+    json_str(&mut o, client(ctx).as_bytes());
+    o.push_str(",\"method\":");
+    json_str(&mut o, d.method);
+    o.push_str(",\"path\":");
+    json_str(&mut o, d.target);
+    o.push_str(",\"host\":");
+    json_str(&mut o, d.host);
+    let _ = write!(
+        o,
+        ",\"status\":{},\"bytes\":{},\"duration_ms\":{:.3}",
+        d.status,
+        d.bytes,
+        d.duration.as_secs_f64() * 1000.0
+    );
+    o.push_str(",\"backend\":");
+    match d.backend {
+        Some(b) => json_str(&mut o, b.as_bytes()),
+        None => o.push_str("null"),
+    }
+    match d.upstream_time {
+        Some(t) => {
+            let _ = write!(o, ",\"upstream_ms\":{:.3}", t.as_secs_f64() * 1000.0);
+        }
+        None => o.push_str(",\"upstream_ms\":null"),
+    }
+    o.push_str(",\"route\":");
+    match ctx.route {
+        Some(r) => json_str(&mut o, r.name.as_bytes()),
+        None => o.push_str("null"),
+    }
+    o.push_str(",\"user_agent\":");
+    json_str(&mut o, d.user_agent);
+    o.push('}');
+    o
+}
+
+/// A JSON string of bytes (invalid UTF-8 replaced).
+fn json_str(o: &mut String, b: &[u8]) {
+    use std::fmt::Write;
+    o.push('"');
+    for c in String::from_utf8_lossy(b).chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
 }
 
 /// nginx's combined format plus request time, backend and upstream time.
@@ -241,6 +287,15 @@ impl Writer {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn json_strings_are_escaped() {
+        let mut o = String::new();
+        json_str(&mut o, b"a\"b\\c\nd");
+        assert_eq!(o, r#""a\"b\\c\u000ad""#);
+        let v: serde_json::Value = serde_json::from_str(&o).unwrap();
+        assert_eq!(v, "a\"b\\c\nd");
+    }
 
     #[test]
     fn iso8601_dates() {
