@@ -29,6 +29,9 @@ impl Core {
 
     /// ACCEPT. `false`: a module closed the connection.
     pub(super) fn hook_accept(&mut self, s: &mut Session) -> bool {
+        if s.snap.modules.global.at(Point::Accept).is_empty() {
+            return true;
+        }
         let snap = s.snap.clone();
         let m: &Modules = &snap.modules;
         let list = m.global.at(Point::Accept);
@@ -52,6 +55,9 @@ impl Core {
     /// choose the cluster (before), or answer. `Some(step)`: they answered
     /// or closed.
     pub(super) fn hook_request(&mut self, s: &mut Session, point: Point) -> Option<Step> {
+        if s.snap.modules.pipeline_for(s.ex.route).at(point).is_empty() {
+            return None;
+        }
         let snap = s.snap.clone();
         let m = &snap.modules;
         let list = m.pipeline_for(s.ex.route).at(point);
@@ -100,6 +106,9 @@ impl Core {
     /// BACKEND_RESPONSE. `Some(step)`: a module replaced the response or
     /// closed; the backend's response is dropped.
     pub(super) fn hook_response(&mut self, s: &mut Session) -> Option<Step> {
+        if s.snap.modules.pipeline_for(s.ex.route).at(Point::BackendResponse).is_empty() {
+            return None;
+        }
         let snap = s.snap.clone();
         let m = &snap.modules;
         let list = m.pipeline_for(s.ex.route).at(Point::BackendResponse);
@@ -141,7 +150,9 @@ impl Core {
 
     /// REQUEST_FINISH, once per exchange that was started.
     pub(super) fn hook_request_finish(&mut self, s: &mut Session) {
-        if !std::mem::take(&mut s.ex.finish_pending) {
+        if !std::mem::take(&mut s.ex.finish_pending)
+            || s.snap.modules.pipeline_for(s.ex.route).at(Point::RequestFinish).is_empty()
+        {
             return;
         }
         let snap = s.snap.clone();
@@ -191,6 +202,9 @@ impl Core {
     /// FINISH: the client connection is closing.
     pub(super) fn hook_finish(&mut self, s: &mut Session) {
         self.hook_request_finish(s);
+        if s.snap.modules.global.at(Point::Finish).is_empty() {
+            return;
+        }
         let snap = s.snap.clone();
         let m = &snap.modules;
         let list = m.global.at(Point::Finish);
