@@ -299,6 +299,26 @@ fn x_forwarded_proto_is_http_and_overwrites_the_client_value() {
 }
 
 #[test]
+fn each_request_gets_a_unique_request_id_and_a_client_id_is_kept() {
+    let be = Backend::start("be");
+    let p = single(&be);
+
+    let mut c = p.client();
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..20 {
+        c.get("h", &format!("/{i}"));
+        let got = be.last_request().unwrap();
+        let id = got.headers.get_all("x-request-id");
+        assert_eq!(id.len(), 1, "{}", got.head_str());
+        assert!(id[0].len() == 16 && id[0].bytes().all(|b| b.is_ascii_hexdigit()), "{}", got.head_str());
+        assert!(ids.insert(id[0].to_string()), "id {} given twice", id[0]);
+    }
+    c.request(&request_bytes("GET", "h", "/traced", &[("X-Request-Id", "from-the-edge-42")], b""));
+    let got = be.last_request().unwrap();
+    assert_eq!(got.headers.get_all("x-request-id"), vec!["from-the-edge-42"], "{}", got.head_str());
+}
+
+#[test]
 fn host_header_and_target_are_passed_through_unchanged() {
     let be = Backend::start("be");
     let p = single(&be);

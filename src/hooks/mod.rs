@@ -190,6 +190,8 @@ pub struct Finished<'a> {
     pub backend: Option<&'a str>,
     pub user_agent: &'a [u8],
     pub referer: &'a [u8],
+    /// The request's X-Request-Id (Pitcher's, or the client's).
+    pub request_id: &'a [u8],
 }
 
 /// A client connection, for ACCEPT and FINISH.

@@ -174,6 +174,7 @@ impl Core {
             backend: backend.as_deref(),
             user_agent: s.req.head.get("user-agent").unwrap_or(b""),
             referer: s.req.head.get("referer").unwrap_or(b""),
+            request_id: s.req.head.get("x-request-id").unwrap_or(b""),
         };
         for &i in list {
             // REQUEST_FINISH always runs for a module that ran before it

@@ -126,6 +126,9 @@ pub struct Core {
     load_level: u32,
     /// The overload detector, when `[modules.degrade]` is enabled.
     degrade: Option<Controller>,
+    /// Request ids: a per-process random seed and a counter.
+    id_seed: u64,
+    id_seq: u64,
     /// This worker's place (see [`WorkerInit::place`]).
     place: usize,
     timers: Timers,
@@ -211,6 +214,8 @@ impl Worker {
                 shared,
                 load_level: 0,
                 degrade,
+                id_seed: crate::upstream::hash64(&(std::process::id(), std::time::SystemTime::now())),
+                id_seq: 0,
                 place: init.place,
                 timers: Timers::default(),
                 bufs: BufPool::new(buf_size, POOLED_BUFFERS),
@@ -472,6 +477,22 @@ impl Worker {
 }
 
 impl Core {
+    /// A new request id: 16 hex digits, unique per process (a counter
+    /// mixed with a random seed, so ids do not reveal request counts).
+    pub(crate) fn next_request_id(&mut self) -> [u8; 16] {
+        self.id_seq += 1;
+        // splitmix64 finaliser.
+        let mut z = self.id_seed.wrapping_add(self.id_seq.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let mut out = [0u8; 16];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = b"0123456789abcdef"[(z >> (60 - 4 * i) & 0xf) as usize];
+        }
+        out
+    }
+
     /// The overload controller changed the level: log it and publish it.
     pub(crate) fn set_load_level(&mut self, level: u32, busy_percent: u32, in_flight: u32) {
         let old = std::mem::replace(&mut self.load_level, level);

@@ -443,6 +443,12 @@ impl Core {
                 return self.refuse(s, HttpError::BodyTooLarge);
             }
         }
+        // A request id for the backend and the logs, unless the request
+        // already carries one (from a load balancer in front of us).
+        if s.req.head.get("x-request-id").is_none() {
+            let id = self.next_request_id();
+            s.req.head.append("X-Request-Id", &id);
+        }
         s.ex.route = s.snap.router.lookup(s.req.host(), s.req.path());
         if let Some(r) = s.ex.route {
             s.ex.cluster = s.snap.config.routes[r].cluster;

@@ -143,6 +143,8 @@ fn json_line(d: &Finished<'_>, ctx: &Ctx<'_>) -> String {
     }
     o.push_str(",\"user_agent\":");
     json_str(&mut o, d.user_agent);
+    o.push_str(",\"request_id\":");
+    json_str(&mut o, d.request_id);
     o.push('}');
     o
 }
@@ -168,7 +170,7 @@ fn json_str(o: &mut String, b: &[u8]) {
 fn combined_line(d: &Finished<'_>, ctx: &Ctx<'_>) -> String {
     let q = |b: &[u8]| if b.is_empty() { "-".to_string() } else { String::from_utf8_lossy(b).replace('"', "\\\"") };
     format!(
-        "{} - - [{}] \"{} {} HTTP/1.1\" {} {} \"{}\" \"{}\" rt={:.3} backend={} urt={}",
+        "{} - - [{}] \"{} {} HTTP/1.1\" {} {} \"{}\" \"{}\" rt={:.3} backend={} urt={} id={}",
         client(ctx),
         iso8601(SystemTime::now()),
         q(d.method),
@@ -180,6 +182,7 @@ fn combined_line(d: &Finished<'_>, ctx: &Ctx<'_>) -> String {
         d.duration.as_secs_f64(),
         d.backend.unwrap_or("-"),
         d.upstream_time.map_or("-".to_string(), |t| format!("{:.3}", t.as_secs_f64())),
+        q(d.request_id),
     )
 }
 
