@@ -260,7 +260,7 @@ impl Core {
         };
         s.out.clear();
         s.out_pos = 0;
-        hw::module_response(&mut s.out, r.status, &r.headers, &r.body, conn, s.ex.head_request);
+        s.ex.bytes_out = hw::module_response(&mut s.out, r.status, &r.headers, &r.body, conn, s.ex.head_request) as u64;
         s.ex.status = r.status;
         s.phase = Phase::Local { keep };
         s.progressed = true;

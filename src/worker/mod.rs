@@ -373,7 +373,7 @@ impl Worker {
             let s = entry.insert(Session::new(key, stream, peer, snap.clone()));
             let at = self.core.now + snap.config.timeouts.client_header;
             self.core.timers.set(&mut s.timed, key, at);
-            if !self.core.hook_accept(s) || !self.core.drive(s) {
+            if !self.core.hook_accept(s) {
                 self.close_session(idx);
             }
         }
@@ -553,6 +553,8 @@ impl Worker {
                 }
                 Ok(Some((ToWorker::Drain { timeout_ms }, _))) => self.start_drain(Duration::from_millis(timeout_ms)),
                 Ok(Some((ToWorker::Reopen, mut fds))) => {
+                    // Modules' own files (access logs), in their writer threads.
+                    self.core.current.load().modules.reopen();
                     if let Some(f) = &self.log_file {
                         // The master sends the reopened file: this worker may
                         // no longer have the rights to open it itself.

@@ -16,7 +16,7 @@
 //! backend never receives a complete request from it.
 
 use std::io::{self, IoSlice, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::Interest;
 
@@ -51,8 +51,14 @@ pub struct UpConn {
     pub backend: usize,
     /// Taken from the pool for the current request.
     pub reused: bool,
+    /// When it went back to the pool.
+    pub idle_since: Instant,
     pub timed: Timed,
 }
+
+/// A pooled connection idle at least this long is checked for a close
+/// (one non-blocking read) before a request is written to it.
+const PROBE_AFTER_IDLE: Duration = Duration::from_millis(250);
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +113,9 @@ impl Core {
                 }
                 self.drop_idle(ui);
             }
+            // (Connections idle for less than PROBE_AFTER_IDLE are not probed:
+            // a backend closing one that young is rare, the replay below
+            // covers it, and a probe costs a syscall per request.)
             let backend = self.backends.get_mut(id);
             if let Some(ui) = backend.idle.pop() {
                 let u = &mut self.ups[ui];
@@ -131,6 +140,7 @@ impl Core {
                         owner: Some(sid),
                         backend: id,
                         reused: false,
+                        idle_since: self.now,
                         timed: Timed::default(),
                     };
                     if let Err(e) =
@@ -173,6 +183,7 @@ impl Core {
             if reusable && clean && !u.rd.read_closed && !be.retired && be.idle.len() < cluster.keepalive {
                 u.owner = None;
                 u.reused = false;
+                u.idle_since = self.now;
                 be.idle.push(ui);
                 let at = self.now + cluster.keepalive_timeout;
                 self.timers.set(&mut u.timed, u.key, at);
@@ -207,6 +218,12 @@ impl Core {
     fn idle_usable(&mut self, ui: usize) -> bool {
         let mut probe = [0u8; 1];
         let u = &mut self.ups[ui];
+        if u.rd.read_closed {
+            return false;
+        }
+        if self.now.saturating_duration_since(u.idle_since) < PROBE_AFTER_IDLE {
+            return true;
+        }
         match io::Read::read(&mut u.stream, &mut probe) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => !u.rd.read_closed,
             _ => false,

@@ -218,7 +218,10 @@ impl Session {
             key,
             stream,
             peer,
-            rd: Readiness { readable: true, writable: true, read_closed: false },
+            // Not readable until epoll says so: registering reports data that
+            // is already there, and reading at once after accept() mostly
+            // finds nothing yet (one EAGAIN per connection).
+            rd: Readiness { readable: false, writable: true, read_closed: false },
             inb: None,
             out: Vec::new(),
             out_pos: 0,
@@ -513,7 +516,8 @@ impl Core {
         };
         s.out.clear();
         s.out_pos = 0;
-        hw::local_response(&mut s.out, status, b"", conn, s.ex.head_request);
+        // Written from `out`: counted here, not as backend body bytes.
+        s.ex.bytes_out = hw::local_response(&mut s.out, status, b"", conn, s.ex.head_request) as u64;
         s.phase = Phase::Local { keep };
         s.progressed = true;
         Step::Again
