@@ -166,6 +166,8 @@ pub struct Worker {
     accept_paused_until: Option<Instant>,
     /// Load measurement for the overload controller.
     load: LoadMeter,
+    /// Allocations of closed sessions, for new ones.
+    spares: Vec<session::Spare>,
     /// Connections refused over `max_connections`, and when last logged.
     refused: u64,
     refused_logged: Instant,
@@ -231,6 +233,7 @@ impl Worker {
             drain_deadline: None,
             accept_paused_until: None,
             load: LoadMeter { since: Instant::now(), idle: Duration::ZERO },
+            spares: Vec::new(),
             refused: 0,
             refused_logged: Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now),
         })
@@ -370,7 +373,8 @@ impl Worker {
                 slog::error!(self.core.log, "cannot register client socket"; "error" => %e);
                 continue;
             }
-            let s = entry.insert(Session::new(key, stream, peer, snap.clone()));
+            let spare = self.spares.pop();
+            let s = entry.insert(Session::new(key, stream, peer, snap.clone(), spare));
             let at = self.core.now + snap.config.timeouts.client_header;
             self.core.timers.set(&mut s.timed, key, at);
             if !self.core.hook_accept(s) {
@@ -472,7 +476,10 @@ impl Worker {
             self.core.bufs.put(b);
         }
         // Dropping the stream closes the fd, which also removes it from the
-        // epoll set.
+        // epoll set; the session's allocations serve the next connection.
+        if self.spares.len() < POOLED_BUFFERS {
+            self.spares.push(s.into_spare());
+        }
     }
 }
 
@@ -632,7 +639,9 @@ impl Worker {
             },
             None => {
                 self.core.degrade = None;
-                self.core.load_level = 0;
+                if self.core.load_level != 0 {
+                    self.core.set_load_level(0, 0, 0);
+                }
             }
         }
         let snapshot = Snapshot::build(config, &mut self.core.backends, &mut self.core.slots, &self.core.log)?;

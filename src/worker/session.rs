@@ -213,7 +213,10 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(key: usize, stream: Stream, peer: Peer, snap: Arc<Snapshot>) -> Session {
+    /// A session for a new connection, reusing the allocations of a
+    /// closed one when there is one (`spare`).
+    pub fn new(key: usize, stream: Stream, peer: Peer, snap: Arc<Snapshot>, spare: Option<Spare>) -> Session {
+        let spare = spare.unwrap_or_default();
         Session {
             key,
             stream,
@@ -223,22 +226,33 @@ impl Session {
             // finds nothing yet (one EAGAIN per connection).
             rd: Readiness { readable: false, writable: true, read_closed: false },
             inb: None,
-            out: Vec::new(),
+            out: spare.out,
             out_pos: 0,
             phase: Phase::Head,
-            req: RequestHead::default(),
-            resp: ResponseHead::default(),
-            ex: Exchange::default(),
+            req: spare.req,
+            resp: spare.resp,
+            ex: spare.ex,
             timed: Timed::default(),
             head_started: None,
             requests: 0,
             snap,
             progressed: false,
-            vars: crate::hooks::Vars::default(),
+            vars: spare.vars,
             accepted: Instant::now(),
             nodelay: false,
             writes: 0,
         }
+    }
+
+    /// The allocations of a closing session, for the next one.
+    pub fn into_spare(self) -> Spare {
+        let mut sp = Spare { out: self.out, req: self.req, resp: self.resp, ex: self.ex, vars: self.vars };
+        sp.out.clear();
+        sp.req.head.clear();
+        sp.resp.head.clear();
+        sp.ex.reset();
+        sp.vars.clear();
+        sp
     }
 
     pub fn has_input(&self) -> bool {
@@ -293,6 +307,18 @@ impl Session {
         self.ex.bytes_out += written_body as u64;
         Ok((total, written_body))
     }
+}
+
+/// The reusable allocations of a session (buffers of heads and output),
+/// kept by the worker between connections so that accepting one costs no
+/// allocation in the steady state.
+#[derive(Debug, Default)]
+pub struct Spare {
+    out: Vec<u8>,
+    req: RequestHead,
+    resp: ResponseHead,
+    ex: Exchange,
+    vars: crate::hooks::Vars,
 }
 
 /// What a phase step says to `drive`.
