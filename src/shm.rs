@@ -34,7 +34,7 @@ pub const MAX_WORKERS: usize = 512;
 /// Worker places whose share of backend connections is tracked.
 pub const ACCOUNTED_WORKERS: usize = 128;
 /// Identifies a Pitcher region and its layout version.
-const MAGIC: u64 = 0x5049_5443_4845_5203; // "PITCHER" + layout 3
+const MAGIC: u64 = 0x5049_5443_4845_5204; // "PITCHER" + layout 4
 
 /// Shared state of one backend address.
 #[repr(C)]
@@ -72,8 +72,12 @@ pub struct LimiterShm {
     /// Tokens in thousandths, and when they were last refilled.
     pub milli_tokens: AtomicU64,
     pub refilled_ms: AtomicU64,
-    /// Requests in flight (concurrency limits).
+    /// Requests in flight (concurrency limits), and each worker place's
+    /// share of them (given back by the master when a worker dies).
     pub in_flight: AtomicU32,
+    pub in_flight_by_worker: [AtomicU32; ACCOUNTED_WORKERS],
+    /// Fingerprint of the key that owns this slot (0: free).
+    pub key: AtomicU64,
     pub admitted: AtomicU64,
     pub rejected: AtomicU64,
 }
@@ -188,6 +192,12 @@ impl Shared {
                 let _ = b.active.fetch_update(Relaxed, Relaxed, |a| Some(a.saturating_sub(n)));
             }
         }
+        for l in self.limiters.iter() {
+            let n = l.in_flight_by_worker[place].swap(0, Relaxed);
+            if n > 0 {
+                let _ = l.in_flight.fetch_update(Relaxed, Relaxed, |a| Some(a.saturating_sub(n)));
+            }
+        }
         if let Some(w) = self.workers.get(place) {
             w.in_flight.store(0, Relaxed);
             w.level.store(0, Relaxed);
@@ -224,6 +234,22 @@ impl BackendShm {
 }
 
 impl LimiterShm {
+    /// One more request in flight for worker place `place`.
+    pub fn enter(&self, place: usize) -> u32 {
+        if let Some(c) = self.in_flight_by_worker.get(place) {
+            c.fetch_add(1, Relaxed);
+        }
+        self.in_flight.fetch_add(1, Relaxed)
+    }
+
+    /// One request fewer in flight for worker place `place`.
+    pub fn leave(&self, place: usize) {
+        if let Some(c) = self.in_flight_by_worker.get(place) {
+            let _ = c.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+        }
+        let _ = self.in_flight.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+    }
+
     /// Takes one token from a bucket of `rate_per_sec` with room for
     /// `burst`; refills lazily from the shared clock. Lock-free: refills
     /// and takes are compare-and-swap loops, so the admitted rate is
@@ -261,6 +287,19 @@ mod tests {
         let b = Region::open(fd).unwrap();
         a.shared().backends[7].requests.fetch_add(3, Relaxed);
         assert_eq!(b.shared().backends[7].requests.load(Relaxed), 3);
+    }
+
+    #[test]
+    fn a_dead_worker_gives_back_its_requests_in_flight() {
+        let r = Region::create().unwrap();
+        let l = &r.shared().limiters[5];
+        l.enter(1);
+        l.enter(1);
+        l.enter(0);
+        r.shared().forget_worker(1);
+        assert_eq!(l.in_flight.load(Relaxed), 1);
+        l.leave(0);
+        assert_eq!(l.in_flight.load(Relaxed), 0);
     }
 
     #[test]

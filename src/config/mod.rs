@@ -92,7 +92,9 @@ struct FileConfig {
     limits: FileLimits,
     /// `[modules]`: an optional `order` list and one table per module.
     #[serde(default)]
-    modules: std::collections::BTreeMap<String, Spanned<toml::Value>>,
+    /// (Plain values: toml's spans do not cover tables given by sub-tables
+    /// or dotted keys; lines are found in the text instead.)
+    modules: toml::Table,
 }
 
 #[derive(Debug, Deserialize)]
@@ -308,7 +310,7 @@ impl Config {
         let file: FileConfig = toml::from_str(text).map_err(|e| err_at(e.span(), e.message().to_string()))?;
         let mut config = resolve(path, file).map_err(|(span, reason)| err_at(span, reason))?;
         for m in &mut config.modules {
-            m.line = line_col(text, m.line).0;
+            m.line = module_line(text, &m.name);
         }
         Ok(config)
     }
@@ -532,24 +534,17 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
 
 /// `[modules]`: `order` (optional) and one table per module. `line` holds
 /// the byte offset of the table until `Config::parse` turns it into a line.
-fn resolve_modules(m: &std::collections::BTreeMap<String, Spanned<toml::Value>>) -> Resolve<Vec<ModuleConfig>> {
+fn resolve_modules(m: &toml::Table) -> Resolve<Vec<ModuleConfig>> {
     let mut order: Vec<String> = Vec::new();
     if let Some(o) = m.get("order") {
-        let list = o
-            .get_ref()
-            .as_array()
-            .ok_or((Some(o.span()), "[modules] order must be a list of module names".to_string()))?;
-        for v in list {
-            let name =
-                v.as_str().ok_or((Some(o.span()), "[modules] order must be a list of module names".to_string()))?;
+        let bad = || (None, "[modules] order must be a list of module names".to_string());
+        for v in o.as_array().ok_or_else(bad)? {
+            let name = v.as_str().ok_or_else(bad)?;
             if !m.contains_key(name) || name == "order" {
-                return Err((
-                    Some(o.span()),
-                    format!("[modules] order names {name:?}, which has no [modules.{name}] table"),
-                ));
+                return Err((None, format!("[modules] order names {name:?}, which has no [modules.{name}] table")));
             }
             if order.iter().any(|x| x == name) {
-                return Err((Some(o.span()), format!("[modules] order names {name:?} twice")));
+                return Err((None, format!("[modules] order names {name:?} twice")));
             }
             order.push(name.to_string());
         }
@@ -562,18 +557,17 @@ fn resolve_modules(m: &std::collections::BTreeMap<String, Spanned<toml::Value>>)
     let mut out = Vec::with_capacity(order.len());
     for name in order {
         let v = &m[&name];
-        let mut table =
-            v.get_ref().as_table().cloned().ok_or((Some(v.span()), format!("[modules.{name}] must be a table")))?;
+        let mut table = v.as_table().cloned().ok_or((None, format!("[modules.{name}] must be a table")))?;
         let flag = |t: &mut toml::Table, key: &str, default: bool| -> Resolve<bool> {
             match t.remove(key) {
                 None => Ok(default),
                 Some(toml::Value::Boolean(b)) => Ok(b),
-                Some(_) => Err((Some(v.span()), format!("[modules.{name}] {key} must be true or false"))),
+                Some(_) => Err((None, format!("[modules.{name}] {key} must be true or false"))),
             }
         };
         let enabled = flag(&mut table, "enabled", true)?;
         let essential = flag(&mut table, "essential", true)?;
-        out.push(ModuleConfig { name, enabled, essential, settings: table, line: v.span().start });
+        out.push(ModuleConfig { name, enabled, essential, settings: table, line: 0 });
     }
     Ok(out)
 }
@@ -596,6 +590,27 @@ fn parse_host_match(h: &str) -> Result<HostMatch, String> {
         return Err(format!("host pattern {h:?}: give the host without a port"));
     }
     Ok(HostMatch::Exact(h))
+}
+
+/// The line where a module's settings start: its `[modules.NAME...]`
+/// header, else a `NAME.` / `NAME =` key under `[modules]`, else 0.
+fn module_line(text: &str, name: &str) -> usize {
+    let header = format!("[modules.{name}");
+    let mut in_modules = false;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim_start();
+        if t.starts_with(&header) && t[header.len()..].starts_with([']', '.']) {
+            return i + 1;
+        }
+        if t.starts_with('[') {
+            in_modules = t.starts_with("[modules]");
+            continue;
+        }
+        if in_modules && t.starts_with(name) && t[name.len()..].trim_start().starts_with(['.', '=']) {
+            return i + 1;
+        }
+    }
+    0
 }
 
 /// 1-based line and column of a byte offset.

@@ -5,9 +5,9 @@
 //! for the chart):
 //!
 //! ```text
-//! ACCEPT ─► [read head] ─► BEFORE_CLUSTER ─► [pick backend] ─► AFTER_CLUSTER
-//!   ─► [connect, send] ─► BACKEND_RESPONSE ─► [stream body] ─► REQUEST_FINISH
-//!   ─► (next request on the connection, or) FINISH
+//! ACCEPT ─► [read head, route] ─► BEFORE_CLUSTER ─► [pick backend, start
+//!   connecting] ─► AFTER_CLUSTER ─► [send] ─► BACKEND_RESPONSE ─► [stream
+//!   body] ─► REQUEST_FINISH ─► (next request on the connection, or) FINISH
 //! ```
 //!
 //! Handlers run **on the worker's event loop and must not block**: no
@@ -153,9 +153,30 @@ pub struct Ctx<'a> {
     pub shared: &'static Shared,
     /// The configuration the request is served with.
     pub config: &'a Config,
+    /// This worker's place (index in the shared per-worker tables).
+    pub worker: usize,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    /// A context with no route, cluster or backend yet (for unit tests of
+    /// modules, and the points before routing).
+    pub fn new(config: &'a Config, shared: &'static Shared, log: &'a Logger, vars: &'a mut Vars) -> Ctx<'a> {
+        Ctx {
+            now: Instant::now(),
+            client: None,
+            log,
+            route: None,
+            cluster: None,
+            backend: None,
+            module: 0,
+            load_level: 0,
+            vars,
+            shared,
+            config,
+            worker: 0,
+        }
+    }
+
     /// Sends the request to the cluster of this name (BEFORE_CLUSTER).
     /// `false`: no such cluster.
     pub fn choose_cluster(&mut self, name: &str) -> bool {

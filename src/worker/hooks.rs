@@ -27,28 +27,27 @@ impl Core {
         self.load_level >= 1
     }
 
-    /// ACCEPT. `false`: a module closed the connection.
-    pub(super) fn hook_accept(&mut self, s: &mut Session) -> bool {
+    /// ACCEPT. `Err(None)`: a module closed the connection; `Err(Some(r))`:
+    /// a module answers it with `r` (then it is closed: no request was read).
+    pub(super) fn hook_accept(&mut self, s: &mut Session) -> Result<(), Option<Response>> {
         if s.snap.modules.global.at(Point::Accept).is_empty() {
-            return true;
+            return Ok(());
         }
         let snap = s.snap.clone();
         let m: &Modules = &snap.modules;
-        let list = m.global.at(Point::Accept);
-        if list.is_empty() {
-            return true;
-        }
         let conn = Connection { client: client_ip(s.peer), requests: 0, duration: Default::default() };
-        for &i in list {
+        for &i in m.global.at(Point::Accept) {
             if !m.active(i, self.shared, self.shedding()) {
                 continue;
             }
             let mut ctx = self.ctx(s, i, &snap);
-            if let Verdict::Close = m.loaded[i].module.accept(&conn, &mut ctx) {
-                return false;
+            match m.loaded[i].module.accept(&conn, &mut ctx) {
+                Verdict::Continue => {}
+                Verdict::Close => return Err(None),
+                Verdict::Respond(r) => return Err(Some(r)),
             }
         }
-        true
+        Ok(())
     }
 
     /// BEFORE_CLUSTER and AFTER_CLUSTER: handlers may rewrite the request,
@@ -81,6 +80,7 @@ impl Core {
                 vars: &mut s.vars,
                 shared: self.shared,
                 config: &snap.config,
+                worker: self.place,
             };
             let module = &m.loaded[i].module;
             let verdict = match point {
@@ -132,6 +132,7 @@ impl Core {
                 vars: &mut s.vars,
                 shared: self.shared,
                 config: &snap.config,
+                worker: self.place,
             };
             match m.loaded[i].module.backend_response(&mut s.resp, &mut ctx) {
                 Verdict::Continue => {}
@@ -195,6 +196,7 @@ impl Core {
                 vars: &mut s.vars,
                 shared: self.shared,
                 config: &snap.config,
+                worker: self.place,
             };
             m.loaded[i].module.request_finish(&done, &mut ctx);
         }
@@ -235,6 +237,7 @@ impl Core {
             vars: &mut s.vars,
             shared: self.shared,
             config: &snap.config,
+            worker: self.place,
         }
     }
 

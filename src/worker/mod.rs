@@ -377,8 +377,25 @@ impl Worker {
             let s = entry.insert(Session::new(key, stream, peer, snap.clone(), spare));
             let at = self.core.now + snap.config.timeouts.client_header;
             self.core.timers.set(&mut s.timed, key, at);
-            if !self.core.hook_accept(s) {
-                self.close_session(idx);
+            match self.core.hook_accept(s) {
+                Ok(()) => {}
+                Err(answer) => {
+                    if let Some(r) = answer {
+                        use std::io::Write;
+                        let mut out = Vec::new();
+                        crate::http::write::module_response(
+                            &mut out,
+                            r.status,
+                            &r.headers,
+                            &r.body,
+                            crate::http::write::ConnHeader::Close,
+                            false,
+                        );
+                        let _ = s.stream.write(&out);
+                        s.stream.shutdown_write();
+                    }
+                    self.close_session(idx);
+                }
             }
         }
         // The batch ran out: `pending` stays set and the loop polls without

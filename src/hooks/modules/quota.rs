@@ -71,9 +71,27 @@ pub fn build(c: &ModuleConfig, _: &Build) -> Result<Arc<dyn Module>, String> {
     Ok(Arc::new(Quota { s, key }))
 }
 
-/// The shared slot of a business key (slot 0 is the global throttle's).
+/// Slots probed for a key before it falls back to the overflow slot.
+const PROBES: usize = 32;
+
+/// The shared slot of a business key: open addressing over slots
+/// 1..MAX_LIMITERS (slot 0 is the global throttle's), each claimed by the
+/// fingerprint of its key, so that two businesses never share a quota.
+/// When the table is full, remaining keys share the last slot.
 fn slot(shared: &'static Shared, key: &[u8]) -> (usize, &'static LimiterShm) {
-    let n = 1 + (crate::upstream::hash64(&key) % (MAX_LIMITERS as u64 - 1)) as usize;
+    let h = crate::upstream::hash64(&key) | 1; // 0 marks a free slot
+    let n_slots = MAX_LIMITERS as u64 - 2; // the last one is the overflow
+    let start = h % n_slots;
+    for p in 0..PROBES as u64 {
+        let n = 1 + ((start + p) % n_slots) as usize;
+        let l = &shared.limiters[n];
+        match l.key.compare_exchange(0, h, Relaxed, Relaxed) {
+            Ok(_) => return (n, l),
+            Err(owner) if owner == h => return (n, l),
+            Err(_) => {}
+        }
+    }
+    let n = MAX_LIMITERS - 1;
     (n, &shared.limiters[n])
 }
 
@@ -92,9 +110,9 @@ impl Module for Quota {
             return Verdict::Respond(Response::new(self.s.status).header("Retry-After", "1"));
         }
         if self.s.concurrency > 0 {
-            let before = l.in_flight.fetch_add(1, Relaxed);
+            let before = l.enter(ctx.worker);
             if before >= self.s.concurrency {
-                l.in_flight.fetch_sub(1, Relaxed);
+                l.leave(ctx.worker);
                 l.rejected.fetch_add(1, Relaxed);
                 return Verdict::Respond(Response::new(self.s.status).header("Retry-After", "1"));
             }
@@ -107,8 +125,7 @@ impl Module for Quota {
     fn request_finish(&self, _done: &Finished<'_>, ctx: &mut Ctx<'_>) {
         let held = ctx.vars.get(ctx.module);
         if held > 0 {
-            let l = &ctx.shared.limiters[held as usize - 1];
-            let _ = l.in_flight.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+            ctx.shared.limiters[held as usize - 1].leave(ctx.worker);
             ctx.vars.set(ctx.module, 0);
         }
     }
