@@ -247,6 +247,9 @@ pub trait Module: Send + Sync {
     fn finish(&self, _conn: &Connection, _ctx: &mut Ctx<'_>) {}
     /// Reopen files (SIGUSR1).
     fn reopen(&self) {}
+    /// Housekeeping on the event loop about every 100 ms (for instance,
+    /// handing buffered lines to a writer thread). Must not block.
+    fn tick(&self) {}
 }
 
 /// A module compiled into Pitcher: its name and how to build it from its
@@ -389,6 +392,12 @@ impl Modules {
     pub fn reopen(&self) {
         for l in &self.loaded {
             l.module.reopen();
+        }
+    }
+
+    pub fn tick(&self) {
+        for l in &self.loaded {
+            l.module.tick();
         }
     }
 }

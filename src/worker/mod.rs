@@ -278,7 +278,9 @@ impl Worker {
                 }
                 Some(t)
             };
-            let timeout = if self.core.degrade.is_some() { timeout.map(|t| t.min(LOAD_TICK)) } else { timeout };
+            // Modules get their tick (and degrade its samples) every LOAD_TICK.
+            let ticking = self.core.degrade.is_some() || !self.core.current.load().modules.loaded.is_empty();
+            let timeout = if ticking { timeout.map(|t| t.min(LOAD_TICK)) } else { timeout };
             let before = Instant::now();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -321,6 +323,7 @@ impl Worker {
             self.measure_load();
         }
         slog::info!(self.core.log, "worker stopping"; "sessions" => self.sessions.len());
+        self.core.current.load().modules.tick();
         Ok(())
     }
 
@@ -411,6 +414,7 @@ impl Worker {
         if elapsed < LOAD_TICK {
             return;
         }
+        self.core.current.load().modules.tick();
         let busy = elapsed.saturating_sub(self.load.idle);
         let busy_percent = (busy.as_micros() * 100 / elapsed.as_micros().max(1)) as u32;
         self.load = LoadMeter { since: now, idle: Duration::ZERO };

@@ -1,11 +1,12 @@
 //! `access_log`: one line per request at REQUEST_FINISH, as JSON or in the
 //! combined format, to a file and/or a syslog server over UDP.
 //!
-//! The event loop never waits for a log target: lines go into a bounded
-//! queue that a writer thread of this worker empties. A full queue (a slow
-//! disk, a missing syslog server) drops the line and counts it; the count
-//! is logged by the writer when it catches up. The file is reopened on
-//! SIGUSR1 (logrotate).
+//! The event loop never waits for a log target: lines are formatted into a
+//! batch that goes, when it is large or at the next tick (100 ms), to a
+//! bounded queue that a writer thread of this worker empties — one hand-over
+//! per batch, not per line. A full queue (a slow disk, a missing syslog
+//! server) drops the batch and counts its lines; the count is logged by the
+//! writer when it catches up. The file is reopened on SIGUSR1 (logrotate).
 //!
 //! ```toml
 //! [modules.access_log]
@@ -20,7 +21,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
@@ -28,8 +29,10 @@ use serde::Deserialize;
 use crate::config::ModuleConfig;
 use crate::hooks::{Build, Ctx, Finished, Module, Point};
 
-/// Lines waiting for the writer before new ones are dropped.
-const QUEUE: usize = 16 * 1024;
+/// Batches waiting for the writer before new ones are dropped.
+const QUEUE: usize = 256;
+/// A batch this large goes to the writer at once.
+const BATCH_BYTES: usize = 32 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,14 +48,45 @@ fn default_format() -> String {
 }
 
 enum Msg {
-    Line(String),
+    /// Lines, each ending in a newline.
+    Lines(String),
     Reopen,
+}
+
+/// Lines formatted since the last hand-over.
+#[derive(Default)]
+struct Batch {
+    text: String,
+    lines: u64,
 }
 
 struct AccessLog {
     json: bool,
     tx: SyncSender<Msg>,
     dropped: Arc<AtomicU64>,
+    /// Only the worker's loop thread touches it: the lock is never contended.
+    batch: Mutex<Batch>,
+}
+
+impl AccessLog {
+    fn flush(&self) {
+        let Ok(mut b) = self.batch.lock() else { return };
+        if b.lines == 0 {
+            return;
+        }
+        let text = std::mem::replace(&mut b.text, String::with_capacity(BATCH_BYTES + 1024));
+        let n = std::mem::take(&mut b.lines);
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Lines(text)) {
+            self.dropped.fetch_add(n, Relaxed);
+        }
+    }
+}
+
+impl Drop for AccessLog {
+    /// A reload replaces the module: its last lines still go out.
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
 pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, String> {
@@ -72,14 +106,14 @@ pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, String> {
     let (tx, rx) = sync_channel(QUEUE);
     let dropped = Arc::new(AtomicU64::new(0));
     if b.check_only {
-        return Ok(Arc::new(AccessLog { json, tx, dropped }));
+        return Ok(Arc::new(AccessLog { json, tx, dropped, batch: Mutex::default() }));
     }
     let writer = Writer { path: s.path, syslog, file: None, udp: None, dropped: dropped.clone(), log: b.log.clone() };
     std::thread::Builder::new()
         .name("access-log".into())
         .spawn(move || writer.run(rx))
         .map_err(|e| format!("cannot start the writer thread: {e}"))?;
-    Ok(Arc::new(AccessLog { json, tx, dropped }))
+    Ok(Arc::new(AccessLog { json, tx, dropped, batch: Mutex::default() }))
 }
 
 impl Module for AccessLog {
@@ -88,10 +122,24 @@ impl Module for AccessLog {
     }
 
     fn request_finish(&self, d: &Finished<'_>, ctx: &mut Ctx<'_>) {
-        let line = if self.json { json_line(d, ctx) } else { combined_line(d, ctx) };
-        if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Line(line)) {
-            self.dropped.fetch_add(1, Relaxed);
+        let full = {
+            let Ok(mut b) = self.batch.lock() else { return };
+            if self.json {
+                json_line(&mut b.text, d, ctx);
+            } else {
+                combined_line(&mut b.text, d, ctx);
+            }
+            b.text.push('\n');
+            b.lines += 1;
+            b.text.len() >= BATCH_BYTES
+        };
+        if full {
+            self.flush();
         }
+    }
+
+    fn tick(&self) {
+        self.flush();
     }
 
     fn reopen(&self) {
@@ -105,19 +153,18 @@ fn client(ctx: &Ctx<'_>) -> String {
 
 /// One JSON object, written directly (no intermediate value tree: this runs
 /// for every request).
-fn json_line(d: &Finished<'_>, ctx: &Ctx<'_>) -> String {
+fn json_line(o: &mut String, d: &Finished<'_>, ctx: &Ctx<'_>) {
     use std::fmt::Write;
-    let mut o = String::with_capacity(256);
     o.push_str("{\"time\":\"");
     o.push_str(&iso8601(SystemTime::now()));
     o.push_str("\",\"client\":");
-    json_str(&mut o, client(ctx).as_bytes());
+    json_str(o, client(ctx).as_bytes());
     o.push_str(",\"method\":");
-    json_str(&mut o, d.method);
+    json_str(o, d.method);
     o.push_str(",\"path\":");
-    json_str(&mut o, d.target);
+    json_str(o, d.target);
     o.push_str(",\"host\":");
-    json_str(&mut o, d.host);
+    json_str(o, d.host);
     let _ = write!(
         o,
         ",\"status\":{},\"bytes\":{},\"duration_ms\":{:.3}",
@@ -127,7 +174,7 @@ fn json_line(d: &Finished<'_>, ctx: &Ctx<'_>) -> String {
     );
     o.push_str(",\"backend\":");
     match d.backend {
-        Some(b) => json_str(&mut o, b.as_bytes()),
+        Some(b) => json_str(o, b.as_bytes()),
         None => o.push_str("null"),
     }
     match d.upstream_time {
@@ -138,15 +185,14 @@ fn json_line(d: &Finished<'_>, ctx: &Ctx<'_>) -> String {
     }
     o.push_str(",\"route\":");
     match ctx.route {
-        Some(r) => json_str(&mut o, r.name.as_bytes()),
+        Some(r) => json_str(o, r.name.as_bytes()),
         None => o.push_str("null"),
     }
     o.push_str(",\"user_agent\":");
-    json_str(&mut o, d.user_agent);
+    json_str(o, d.user_agent);
     o.push_str(",\"request_id\":");
-    json_str(&mut o, d.request_id);
+    json_str(o, d.request_id);
     o.push('}');
-    o
 }
 
 /// A JSON string of bytes (invalid UTF-8 replaced).
@@ -167,9 +213,11 @@ fn json_str(o: &mut String, b: &[u8]) {
 }
 
 /// nginx's combined format plus request time, backend and upstream time.
-fn combined_line(d: &Finished<'_>, ctx: &Ctx<'_>) -> String {
+fn combined_line(o: &mut String, d: &Finished<'_>, ctx: &Ctx<'_>) {
+    use std::fmt::Write;
     let q = |b: &[u8]| if b.is_empty() { "-".to_string() } else { String::from_utf8_lossy(b).replace('"', "\\\"") };
-    format!(
+    let _ = write!(
+        o,
         "{} - - [{}] \"{} {} HTTP/1.1\" {} {} \"{}\" \"{}\" rt={:.3} backend={} urt={} id={}",
         client(ctx),
         iso8601(SystemTime::now()),
@@ -183,7 +231,7 @@ fn combined_line(d: &Finished<'_>, ctx: &Ctx<'_>) -> String {
         d.backend.unwrap_or("-"),
         d.upstream_time.map_or("-".to_string(), |t| format!("{:.3}", t.as_secs_f64())),
         q(d.request_id),
-    )
+    );
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC), without a date crate.
@@ -259,11 +307,12 @@ impl Writer {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Line(line) => {
+            Msg::Lines(text) => {
                 if let Some(f) = self.file.as_mut() {
-                    let _ = f.write_all(line.as_bytes()).and_then(|()| f.write_all(b"\n"));
+                    let _ = f.write_all(text.as_bytes());
                 }
-                if let Some(u) = &self.udp {
+                let Some(u) = &self.udp else { return };
+                for line in text.lines() {
                     // RFC 5424: facility local0 (16), severity info (6).
                     let msg = format!(
                         "<134>1 {} - pitcher {} access - {}",
@@ -294,7 +343,7 @@ mod tests {
     #[test]
     fn json_strings_are_escaped() {
         let mut o = String::new();
-        json_str(&mut o, b"a\"b\\c\nd");
+        json_str(o, b"a\"b\\c\nd");
         assert_eq!(o, r#""a\"b\\c\u000ad""#);
         let v: serde_json::Value = serde_json::from_str(&o).unwrap();
         assert_eq!(v, "a\"b\\c\nd");
