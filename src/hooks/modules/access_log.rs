@@ -343,7 +343,7 @@ mod tests {
     #[test]
     fn json_strings_are_escaped() {
         let mut o = String::new();
-        json_str(o, b"a\"b\\c\nd");
+        json_str(&mut o, b"a\"b\\c\nd");
         assert_eq!(o, r#""a\"b\\c\u000ad""#);
         let v: serde_json::Value = serde_json::from_str(&o).unwrap();
         assert_eq!(v, "a\"b\\c\nd");
