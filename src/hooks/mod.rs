@@ -5,9 +5,9 @@
 //! for the chart):
 //!
 //! ```text
-//! ACCEPT ─► [read head, route] ─► BEFORE_CLUSTER ─► [pick backend, start
-//!   connecting] ─► AFTER_CLUSTER ─► [send] ─► BACKEND_RESPONSE ─► [stream
-//!   body] ─► REQUEST_FINISH ─► (next request on the connection, or) FINISH
+//! ACCEPT ─► [read head, route] ─► BEFORE_CLUSTER ─► [pick backend]
+//!   ─► AFTER_CLUSTER ─► [connect or reuse, send] ─► BACKEND_RESPONSE
+//!   ─► [stream body] ─► REQUEST_FINISH ─► (next request, or) FINISH
 //! ```
 //!
 //! Handlers run **on the worker's event loop and must not block**: no

@@ -91,80 +91,97 @@ impl Core {
     /// Connections that fail at once move on to the next backend. Returns
     /// the status to answer with when no backend can be had.
     pub(super) fn connect_upstream(&mut self, s: &mut Session) -> Result<(), u16> {
-        let sid = s.key >> 2;
-        let cluster = &s.snap.clusters[s.ex.cluster];
         loop {
-            if s.ex.failed > cluster.retries {
-                return Err(502);
-            }
-            let hash = cluster.request_hash(&s.req, s.peer);
-            let Some(b) = cluster.pick(s.ex.tried, hash, crate::shm::now_ms()) else { return Err(502) };
-            if b < 64 {
-                s.ex.tried |= 1 << b;
-            }
-            s.ex.backend = b;
-            let id = cluster.members[b].id;
-            // A pooled connection whose FIN (or stray bytes) arrived but
-            // has not been seen by the loop yet is dropped here rather than
-            // found closed after the request was written to it.
-            while let Some(&ui) = self.backends.get(id).idle.last() {
-                if self.idle_usable(ui) {
-                    break;
-                }
-                self.drop_idle(ui);
-            }
-            // (Connections idle for less than PROBE_AFTER_IDLE are not probed:
-            // a backend closing one that young is rare, the replay below
-            // covers it, and a probe costs a syscall per request.)
-            let backend = self.backends.get_mut(id);
-            if let Some(ui) = backend.idle.pop() {
-                let u = &mut self.ups[ui];
-                u.owner = Some(sid);
-                u.reused = true;
-                u.buf = Some(self.up_bufs.get());
-                Timers::clear(&mut u.timed);
-                backend.acquire(self.place);
-                s.ex.up = Some(ui);
+            self.pick_backend(s)?;
+            if self.open_backend(s)? {
                 return Ok(());
             }
-            match Stream::connect(&backend.addr) {
-                Ok(stream) => {
-                    let entry = self.ups.vacant_entry();
-                    let key = token(KIND_UPSTREAM, entry.key()).0;
-                    let mut u = UpConn {
-                        key,
-                        stream,
-                        rd: Readiness::default(),
-                        buf: Some(self.up_bufs.get()),
-                        connecting: true,
-                        owner: Some(sid),
-                        backend: id,
-                        reused: false,
-                        idle_since: self.now,
-                        timed: Timed::default(),
-                    };
-                    if let Err(e) =
-                        self.registry.register(&mut u.stream, mio::Token(key), Interest::READABLE | Interest::WRITABLE)
-                    {
-                        slog::error!(self.log, "cannot register upstream socket"; "error" => %e);
-                        if let Some(b) = u.buf.take() {
-                            self.up_bufs.put(b);
-                        }
-                        return Err(502);
+        }
+    }
+
+    /// Chooses the backend for the next attempt (`s.ex.backend`), among
+    /// those not tried yet, while the retry count allows.
+    pub(super) fn pick_backend(&mut self, s: &mut Session) -> Result<(), u16> {
+        let cluster = &s.snap.clusters[s.ex.cluster];
+        if s.ex.failed > cluster.retries {
+            return Err(502);
+        }
+        let hash = cluster.request_hash(&s.req, s.peer);
+        let Some(b) = cluster.pick(s.ex.tried, hash, crate::shm::now_ms()) else { return Err(502) };
+        if b < 64 {
+            s.ex.tried |= 1 << b;
+        }
+        s.ex.backend = b;
+        Ok(())
+    }
+
+    /// Takes a pooled connection to the chosen backend, or starts
+    /// connecting to it. `Ok(false)`: the connect failed at once (the
+    /// failure is counted; pick another backend).
+    pub(super) fn open_backend(&mut self, s: &mut Session) -> Result<bool, u16> {
+        let sid = s.key >> 2;
+        let cluster = &s.snap.clusters[s.ex.cluster];
+        let id = cluster.members[s.ex.backend].id;
+        // A pooled connection whose FIN (or stray bytes) arrived but has not
+        // been seen by the loop yet is dropped here rather than found closed
+        // after the request was written to it. (Connections idle for less
+        // than PROBE_AFTER_IDLE are not probed: a backend closing one that
+        // young is rare, the replay covers it, and a probe costs a syscall.)
+        while let Some(&ui) = self.backends.get(id).idle.last() {
+            if self.idle_usable(ui) {
+                break;
+            }
+            self.drop_idle(ui);
+        }
+        let backend = self.backends.get_mut(id);
+        if let Some(ui) = backend.idle.pop() {
+            let u = &mut self.ups[ui];
+            u.owner = Some(sid);
+            u.reused = true;
+            u.buf = Some(self.up_bufs.get());
+            Timers::clear(&mut u.timed);
+            backend.acquire(self.place);
+            s.ex.up = Some(ui);
+            return Ok(true);
+        }
+        match Stream::connect(&backend.addr) {
+            Ok(stream) => {
+                let entry = self.ups.vacant_entry();
+                let key = token(KIND_UPSTREAM, entry.key()).0;
+                let mut u = UpConn {
+                    key,
+                    stream,
+                    rd: Readiness::default(),
+                    buf: Some(self.up_bufs.get()),
+                    connecting: true,
+                    owner: Some(sid),
+                    backend: id,
+                    reused: false,
+                    idle_since: self.now,
+                    timed: Timed::default(),
+                };
+                if let Err(e) =
+                    self.registry.register(&mut u.stream, mio::Token(key), Interest::READABLE | Interest::WRITABLE)
+                {
+                    slog::error!(self.log, "cannot register upstream socket"; "error" => %e);
+                    if let Some(b) = u.buf.take() {
+                        self.up_bufs.put(b);
                     }
-                    s.ex.up = Some(entry.key());
-                    entry.insert(u);
-                    backend.acquire(self.place);
-                    let at = self.now + s.snap.config.timeouts.upstream_connect;
-                    self.timers.set(&mut s.timed, s.key, at);
-                    return Ok(());
+                    return Err(502);
                 }
-                Err(e) => {
-                    slog::warn!(self.log, "connect to backend failed"; "method" => %String::from_utf8_lossy(s.req.method()),
-                        "path" => %String::from_utf8_lossy(s.req.target()), "backend" => %backend.addr,
-                        "cluster" => &cluster.name, "error" => %e);
-                    s.ex.failed += 1;
-                }
+                s.ex.up = Some(entry.key());
+                entry.insert(u);
+                backend.acquire(self.place);
+                let at = self.now + s.snap.config.timeouts.upstream_connect;
+                self.timers.set(&mut s.timed, s.key, at);
+                Ok(true)
+            }
+            Err(e) => {
+                slog::warn!(self.log, "connect to backend failed"; "method" => %String::from_utf8_lossy(s.req.method()),
+                    "path" => %String::from_utf8_lossy(s.req.target()), "backend" => %backend.addr,
+                    "cluster" => &cluster.name, "error" => %e);
+                s.ex.failed += 1;
+                Ok(false)
             }
         }
     }

@@ -494,12 +494,22 @@ impl Core {
             && s.req.head.has_token("connection", "upgrade")
             && s.req.head.get("upgrade").is_some();
         s.phase = Phase::Proxy;
-        if let Err(status) = self.connect_upstream(s) {
+        // The backend is chosen, then AFTER_CLUSTER runs, then Pitcher
+        // connects (or takes a pooled connection).
+        if let Err(status) = self.pick_backend(s) {
             return self.respond(s, status);
         }
         s.ex.upstream_started = Some(self.now);
         if let Some(step) = self.hook_request(s, Point::AfterCluster) {
             return step;
+        }
+        let opened = match self.open_backend(s) {
+            Ok(true) => Ok(()),
+            Ok(false) => self.connect_upstream(s),
+            Err(status) => Err(status),
+        };
+        if let Err(status) = opened {
+            return self.respond(s, status);
         }
         let client = match s.peer {
             Peer::Ip(ip) => Some(ip),
