@@ -370,9 +370,7 @@ impl Worker {
             let entry = self.sessions.vacant_entry();
             let idx = entry.key();
             let key = token(KIND_CLIENT, idx).0;
-            if let Err(e) =
-                self.core.registry.register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE)
-            {
+            if let Err(e) = self.core.registry.register(&mut stream, Token(key), Interest::READABLE) {
                 slog::error!(self.core.log, "cannot register client socket"; "error" => %e);
                 continue;
             }

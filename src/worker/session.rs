@@ -208,6 +208,12 @@ pub struct Session {
     pub accepted: Instant,
     /// TCP_NODELAY is set on the client socket.
     pub nodelay: bool,
+    /// A write would have blocked: the socket needs write readiness events.
+    pub write_blocked: bool,
+    /// The socket is registered for write readiness too. Until a write
+    /// blocks it is registered for reads only, which spares an event per
+    /// connection (a new socket is writable at once).
+    pub write_interest: bool,
     /// Writes to the client since the connection's last exchange ended.
     pub writes: u32,
 }
@@ -240,6 +246,8 @@ impl Session {
             vars: spare.vars,
             accepted: Instant::now(),
             nodelay: false,
+            write_blocked: false,
+            write_interest: false,
             writes: 0,
         }
     }
@@ -299,7 +307,10 @@ impl Session {
                     }
                     written_body += n - h;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.rd.writable = false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.rd.writable = false;
+                    self.write_blocked = true;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -385,6 +396,13 @@ impl Core {
                 Step::Blocked => break,
                 Step::Close => return false,
             }
+        }
+        if std::mem::take(&mut s.write_blocked) && !s.write_interest {
+            let interest = mio::Interest::READABLE | mio::Interest::WRITABLE;
+            if self.registry.reregister(&mut s.stream, mio::Token(s.key), interest).is_err() {
+                return false;
+            }
+            s.write_interest = true;
         }
         if std::mem::take(&mut s.progressed) {
             self.rearm(s);
