@@ -578,3 +578,49 @@ fn s_commands_fall_back_to_the_pid_file_and_a_signal_when_the_control_socket_is_
     assert!(m.wait_family_gone(Duration::from_secs(5)), "{:?}", m.family());
     assert!(!m.pid_file().exists());
 }
+
+#[test]
+fn reload_binds_added_listeners_and_closes_removed_ones() {
+    use std::io::{Read, Write};
+    let a = Backend::start("A");
+    let b = Backend::start("B");
+    let m = MasterRun::start(&two_clusters(&a, &b, "a", 2));
+    let first = m.addr();
+    let base = m.config_text(m.builder());
+    let second = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let unix = m.dir().join("extra.sock");
+
+    // Added: a TCP and a Unix listener, bound by the master, served by both workers.
+    let more = format!(
+        "{base}\n[[listeners]]\naddress = \"{second}\"\n\n[[listeners]]\naddress = \"unix:{}\"\n",
+        unix.display()
+    );
+    m.write_config_text(&more);
+    let out = m.signal_cmd("reload");
+    assert!(out.status.success(), "{out:?}\n{}", m.log());
+    for _ in 0..10 {
+        assert_eq!(get_once(second, "test.example", "/").body_str(), "ok from A");
+        assert_eq!(get_once(first, "test.example", "/").body_str(), "ok from A");
+    }
+    let mut u = std::os::unix::net::UnixStream::connect(&unix).expect("the unix listener accepts");
+    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    u.write_all(b"GET / HTTP/1.1\r\nHost: test.example\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    u.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok from A"), "{answer}");
+
+    // Removed: the first listener; the others keep serving.
+    let only_second = more.replace(&format!("\"{first}\""), &format!("\"{second}\"")).replacen(
+        &format!("[[listeners]]\naddress = \"{second}\"\n"),
+        "",
+        1,
+    );
+    m.write_config_text(&only_second);
+    let out = m.signal_cmd("reload");
+    assert!(out.status.success(), "{out:?}\n{only_second}\n{}", m.log());
+    assert!(
+        wait_until(Duration::from_secs(3), || std::net::TcpStream::connect(first).is_err()),
+        "the removed listener still accepts"
+    );
+    assert_eq!(get_once(second, "test.example", "/").body_str(), "ok from A");
+}
