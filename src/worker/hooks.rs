@@ -40,7 +40,7 @@ impl Core {
             if !m.active(i, self.shared, self.shedding()) {
                 continue;
             }
-            let mut ctx = self.ctx(s, i, &snap);
+            let mut ctx = self.ctx(s.peer, &mut s.vars, i, &snap);
             match m.loaded[i].module.accept(&conn, &mut ctx) {
                 Verdict::Continue => {}
                 Verdict::Close => return Err(None),
@@ -68,20 +68,8 @@ impl Core {
                 continue;
             }
             let backend = self.backend_name(s);
-            let mut ctx = Ctx {
-                now: self.now,
-                client: client_ip(s.peer),
-                log: &self.log,
-                route: s.ex.route.map(|r| &snap.config.routes[r]),
-                cluster: s.ex.cluster_chosen.then_some(s.ex.cluster),
-                backend: backend.as_deref(),
-                module: i,
-                load_level: self.load_level,
-                vars: &mut s.vars,
-                shared: self.shared,
-                config: &snap.config,
-                worker: self.place,
-            };
+            let cluster = s.ex.cluster_chosen.then_some(s.ex.cluster);
+            let mut ctx = self.request_ctx(s.peer, &mut s.vars, i, &snap, (s.ex.route, cluster, backend.as_deref()));
             let module = &m.loaded[i].module;
             let verdict = match point {
                 Point::BeforeCluster => module.before_cluster(&mut s.req, &mut ctx),
@@ -120,20 +108,8 @@ impl Core {
                 continue;
             }
             let backend = self.backend_name(s);
-            let mut ctx = Ctx {
-                now: self.now,
-                client: client_ip(s.peer),
-                log: &self.log,
-                route: s.ex.route.map(|r| &snap.config.routes[r]),
-                cluster: Some(s.ex.cluster),
-                backend: backend.as_deref(),
-                module: i,
-                load_level: self.load_level,
-                vars: &mut s.vars,
-                shared: self.shared,
-                config: &snap.config,
-                worker: self.place,
-            };
+            let cluster = s.ex.cluster_chosen.then_some(s.ex.cluster);
+            let mut ctx = self.request_ctx(s.peer, &mut s.vars, i, &snap, (s.ex.route, cluster, backend.as_deref()));
             match m.loaded[i].module.backend_response(&mut s.resp, &mut ctx) {
                 Verdict::Continue => {}
                 Verdict::Respond(r) => {
@@ -184,20 +160,8 @@ impl Core {
             if !m.active(i, self.shared, self.shedding()) && s.vars.get(i) == 0 {
                 continue;
             }
-            let mut ctx = Ctx {
-                now: self.now,
-                client: client_ip(s.peer),
-                log: &self.log,
-                route: s.ex.route.map(|r| &snap.config.routes[r]),
-                cluster: s.ex.cluster_chosen.then_some(s.ex.cluster),
-                backend: backend.as_deref(),
-                module: i,
-                load_level: self.load_level,
-                vars: &mut s.vars,
-                shared: self.shared,
-                config: &snap.config,
-                worker: self.place,
-            };
+            let cluster = s.ex.cluster_chosen.then_some(s.ex.cluster);
+            let mut ctx = self.request_ctx(s.peer, &mut s.vars, i, &snap, (s.ex.route, cluster, backend.as_deref()));
             m.loaded[i].module.request_finish(&done, &mut ctx);
         }
     }
@@ -219,26 +183,36 @@ impl Core {
             if !m.active(i, self.shared, self.shedding()) {
                 continue;
             }
-            let mut ctx = self.ctx(s, i, &snap);
+            let mut ctx = self.ctx(s.peer, &mut s.vars, i, &snap);
             m.loaded[i].module.finish(&conn, &mut ctx);
         }
     }
 
-    fn ctx<'a>(&'a self, s: &'a mut Session, i: usize, snap: &'a super::Snapshot) -> Ctx<'a> {
-        Ctx {
-            now: self.now,
-            client: client_ip(s.peer),
-            log: &self.log,
-            route: None,
-            cluster: None,
-            backend: None,
-            module: i,
-            load_level: self.load_level,
-            vars: &mut s.vars,
-            shared: self.shared,
-            config: &snap.config,
-            worker: self.place,
-        }
+    /// The context of a connection point (ACCEPT, FINISH): no request.
+    fn ctx<'a>(&'a self, peer: Peer, vars: &'a mut crate::hooks::Vars, i: usize, snap: &'a super::Snapshot) -> Ctx<'a> {
+        let mut ctx = Ctx::new(&snap.config, self.shared, &self.log, vars);
+        ctx.now = self.now;
+        ctx.client = client_ip(peer);
+        ctx.module = i;
+        ctx.load_level = self.load_level;
+        ctx.worker = self.place;
+        ctx
+    }
+
+    /// The context of a request point: (route, cluster, backend) so far.
+    fn request_ctx<'a>(
+        &'a self,
+        peer: Peer,
+        vars: &'a mut crate::hooks::Vars,
+        i: usize,
+        snap: &'a super::Snapshot,
+        (route, cluster, backend): (Option<usize>, Option<usize>, Option<&'a str>),
+    ) -> Ctx<'a> {
+        let mut ctx = self.ctx(peer, vars, i, snap);
+        ctx.route = route.map(|r| &snap.config.routes[r]);
+        ctx.cluster = cluster;
+        ctx.backend = backend;
+        ctx
     }
 
     /// The backend the exchange went to (it may have been released already).
