@@ -33,55 +33,13 @@ cd "$ROOT"
 
 say() { printf '%s\n' "$*"; }
 die() { printf 'demo: ERROR: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=tools/lib/procs.sh
+source "$ROOT/tools/lib/procs.sh"
 
 # ---------------------------------------------------------------- processes
 
 STARTED_PIDS=()
 TMP=""
-
-# proc_tree PID: PID and all its live descendants (ppid walk of /proc).
-proc_tree() {
-    local -A kids=()
-    local f line pid p c
-    local -a st queue=("$1")
-    for f in /proc/[0-9]*/stat; do
-        read -r line 2>/dev/null <"$f" || continue
-        pid=${line%% *}
-        read -ra st <<<"${line##*) }"       # st[1] is the ppid
-        kids[${st[1]}]+=" $pid"
-    done
-    while ((${#queue[@]})); do
-        p=${queue[0]}
-        queue=("${queue[@]:1}")
-        [[ -e /proc/$p ]] && printf '%s\n' "$p"
-        for c in ${kids[$p]:-}; do queue+=("$c"); done
-    done
-}
-
-# alive PID: exists and is not a zombie.
-alive() {
-    local line
-    read -r line 2>/dev/null <"/proc/$1/stat" || return 1
-    line=${line##*) }
-    [[ ${line:0:1} != Z ]]
-}
-
-# stop_tree PID: SIGTERM, up to 5 s grace, then SIGKILL what is left of the
-# process and its descendants. Always by pid.
-stop_tree() {
-    local root=$1 pid i
-    local -a tree
-    mapfile -t tree < <(proc_tree "$root")
-    kill -TERM "$root" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        alive "$root" || break
-        sleep 0.1
-    done
-    for pid in "${tree[@]}"; do
-        if alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
-    done
-    wait "$root" 2>/dev/null || true
-}
 
 cleanup() {
     local rc=$? i
@@ -97,34 +55,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-# free_ports N: N distinct free TCP ports on 127.0.0.1.
-free_ports() {
-    "$PYTHON" - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
-
-# wait_http NAME PID PORT LOG: up to 10 s for PORT to answer HTTP.
-wait_http() {
-    local name=$1 pid=$2 port=$3 logf=$4 i
-    for ((i = 0; i < 100; i++)); do
-        if ! alive "$pid"; then
-            tail -n 20 "$logf" >&2 || true
-            die "$name exited during startup (log above)"
-        fi
-        curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$port/" && return 0
-        sleep 0.1
-    done
-    tail -n 20 "$logf" >&2 || true
-    die "$name did not answer on 127.0.0.1:$port within 10 s"
-}
 
 # ------------------------------------------------------------------ prereqs
 
