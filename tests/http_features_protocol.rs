@@ -380,6 +380,23 @@ fn upgrade_in_an_http10_request_is_not_forwarded() {
 }
 
 #[test]
+fn upgrade_to_a_protocol_not_allowed_is_served_as_plain_http() {
+    // h2c (and anything not in upgrade_protocols, default ["websocket"])
+    // would take the connection out of per-request routing: it is dropped.
+    let be = Backend::start("be");
+    let p = single(&be.spec());
+    let mut c = p.client();
+    let r = c.request(b"GET /h2 HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n");
+    assert_ok_body(&r, b"ok from be");
+    let got = be.last_request().unwrap();
+    assert!(!got.headers.has("upgrade"), "{}", got.head_str());
+    assert!(!got.headers.has("http2-settings"), "{}", got.head_str());
+    // The connection is still plain HTTP/1.1 keep-alive.
+    let r = c.request(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_ok_body(&r, b"ok from be");
+}
+
+#[test]
 fn chunked_request_body_of_tiny_chunks_arrives_intact() {
     // Thousands of 1- to 7-byte chunks, with extensions, in pieces that cut
     // through size lines and data: re-framed by Pitcher, the data intact.

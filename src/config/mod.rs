@@ -79,6 +79,7 @@ struct FileConfig {
     user: Option<String>,
     group: Option<String>,
     drain_timeout_ms: Option<u64>,
+    upgrade_protocols: Option<Vec<String>>,
     upgrade_timeout_ms: Option<u64>,
     #[serde(default)]
     listeners: Vec<FileListener>,
@@ -271,6 +272,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How long a new master may take to report ready before rollback.
     pub upgrade_timeout: Duration,
+    /// Protocols a request may switch to (`Upgrade`), lower case. Others
+    /// are not tunnelled: the request goes on as plain HTTP.
+    pub upgrade_protocols: Vec<String>,
     pub listeners: Vec<ListenerConfig>,
     pub clusters: Vec<ClusterConfig>,
     pub routes: Vec<RouteConfig>,
@@ -523,6 +527,13 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         group: f.group,
         drain_timeout: ms(f.drain_timeout_ms, 30_000),
         upgrade_timeout: ms(f.upgrade_timeout_ms, 10_000),
+        upgrade_protocols: f
+            .upgrade_protocols
+            .clone()
+            .unwrap_or_else(|| vec!["websocket".to_string()])
+            .into_iter()
+            .map(|p| p.to_ascii_lowercase())
+            .collect(),
         listeners,
         clusters,
         routes,

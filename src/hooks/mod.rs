@@ -200,6 +200,8 @@ impl<'a> Ctx<'a> {
 pub struct Finished<'a> {
     pub method: &'a [u8],
     pub target: &'a [u8],
+    /// The request's protocol version, `HTTP/1.0` or `HTTP/1.1`.
+    pub version: &'static str,
     pub host: &'a [u8],
     pub status: u16,
     /// Body bytes sent to the client.

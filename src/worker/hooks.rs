@@ -143,6 +143,10 @@ impl Core {
         let done = Finished {
             method: s.req.method(),
             target: s.req.target(),
+            version: match s.req.version() {
+                Version::Http10 => "HTTP/1.0",
+                Version::Http11 => "HTTP/1.1",
+            },
             host: s.req.host(),
             status: s.ex.status,
             bytes: s.ex.bytes_out,

@@ -508,9 +508,17 @@ impl Core {
             return self.respond(s, 404);
         }
         // RFC 9110 §7.8: Upgrade in an HTTP/1.0 request is ignored.
+        // Only the protocols the configuration allows become a tunnel
+        // (default: WebSocket). Anything else, such as h2c, would take the
+        // connection out of per-request routing and modules: its Upgrade is
+        // dropped as hop-by-hop and the request goes on as HTTP/1.1.
         s.ex.upgrade = s.req.version() == Version::Http11
             && s.req.head.has_token("connection", "upgrade")
-            && s.req.head.get("upgrade").is_some();
+            && s.req.head.get("upgrade").is_some_and(|u| {
+                let proto = crate::http::head::trim(u.split(|&b| b == b',').next().unwrap_or(b""));
+                let name = proto.split(|&b| b == b'/').next().unwrap_or(b"");
+                s.snap.config.upgrade_protocols.iter().any(|p| p.as_bytes().eq_ignore_ascii_case(name))
+            });
         s.phase = Phase::Proxy;
         // The backend is chosen, then AFTER_CLUSTER runs, then Pitcher
         // connects (or takes a pooled connection).

@@ -218,11 +218,12 @@ fn combined_line(o: &mut String, d: &Finished<'_>, ctx: &Ctx<'_>) {
     let q = |b: &[u8]| if b.is_empty() { "-".to_string() } else { String::from_utf8_lossy(b).replace('"', "\\\"") };
     let _ = write!(
         o,
-        "{} - - [{}] \"{} {} HTTP/1.1\" {} {} \"{}\" \"{}\" rt={:.3} backend={} urt={} id={}",
+        "{} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" rt={:.3} backend={} urt={} id={}",
         client(ctx),
         iso8601(SystemTime::now()),
         q(d.method),
         q(d.target),
+        d.version,
         d.status,
         d.bytes,
         q(d.referer),
