@@ -14,6 +14,7 @@ mod hooks;
 mod proxy;
 mod session;
 mod timer;
+mod upconn;
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -38,9 +39,9 @@ use crate::router::Router;
 use crate::shm::Shared;
 use crate::upstream::{Backends, Cluster, SlotTable};
 
-pub use proxy::UpConn;
 pub use session::Session;
 use timer::Timers;
+pub use upconn::UpConn;
 
 pub(crate) const KIND_LISTENER: usize = 0;
 pub(crate) const KIND_CLIENT: usize = 1;

@@ -1,7 +1,7 @@
-//! The `Proxy` phase of a session: choosing a backend, connecting or
-//! reusing a pooled connection, streaming the request up and the response
-//! down with bounded buffers, and turning every failure into either a
-//! retry, a 502/504, or a closed client connection.
+//! The `Proxy` phase of a session: streaming the request up and the
+//! response down with bounded buffers over a backend connection (chosen and
+//! opened in `upconn.rs`), and turning every failure into either a retry, a
+//! 502/504, or a closed client connection.
 //!
 //! Body bytes are not copied: request bytes go from the client's read
 //! buffer to the backend socket and response bytes from the upstream read
@@ -16,19 +16,15 @@
 //! backend never receives a complete request from it.
 
 use std::io::{self, IoSlice, Write};
-use std::time::{Duration, Instant};
-
-use mio::Interest;
+use std::time::Duration;
 
 use crate::http::head::MAX_PARSE_HEADERS;
 use crate::http::write::{self as hw, ConnHeader, OutFraming};
 use crate::http::{Framing, HttpError, Version};
-use crate::net::{Readiness, Stream};
 use crate::upstream::Outcome;
 
 use super::session::{read_into, Body, Phase, RespMode, Session, Step};
-use super::timer::{Timed, Timers};
-use super::{token, Core, KIND_UPSTREAM};
+use super::Core;
 
 /// Chunk data pieces up to this size are copied into the outgoing buffer
 /// with their framing rather than written from the read buffer on their own.
@@ -36,29 +32,6 @@ const COPIED_CHUNK_DATA: usize = 1024;
 /// Re-framed request bytes queued for a backend before more client input
 /// is taken (backpressure for chunked bodies).
 const MAX_PENDING_FRAMED: usize = 16 * 1024;
-
-/// A connection to a backend: in use by a session, or idle in its pool.
-#[derive(Debug)]
-pub struct UpConn {
-    pub key: usize,
-    pub stream: Stream,
-    pub rd: Readiness,
-    pub buf: Option<crate::buffer::Buf>,
-    pub connecting: bool,
-    /// Slab index of the session using it; `None` while pooled.
-    pub owner: Option<usize>,
-    /// Id in the worker's backend table.
-    pub backend: usize,
-    /// Taken from the pool for the current request.
-    pub reused: bool,
-    /// When it went back to the pool.
-    pub idle_since: Instant,
-    pub timed: Timed,
-}
-
-/// A pooled connection idle at least this long is checked for a close
-/// (one non-blocking read) before a request is written to it.
-const PROBE_AFTER_IDLE: Duration = Duration::from_millis(250);
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -87,175 +60,6 @@ pub enum Fail {
 }
 
 impl Core {
-    /// Picks a backend and connects to it (or takes a pooled connection).
-    /// Connections that fail at once move on to the next backend. Returns
-    /// the status to answer with when no backend can be had.
-    pub(super) fn connect_upstream(&mut self, s: &mut Session) -> Result<(), u16> {
-        loop {
-            self.pick_backend(s)?;
-            if self.open_backend(s)? {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Chooses the backend for the next attempt (`s.ex.backend`), among
-    /// those not tried yet, while the retry count allows.
-    pub(super) fn pick_backend(&mut self, s: &mut Session) -> Result<(), u16> {
-        let cluster = &s.snap.clusters[s.ex.cluster];
-        if s.ex.failed > cluster.retries {
-            return Err(502);
-        }
-        let hash = cluster.request_hash(&s.req, s.peer);
-        let Some(b) = cluster.pick(s.ex.tried, hash, crate::shm::now_ms()) else { return Err(502) };
-        if b < 64 {
-            s.ex.tried |= 1 << b;
-        }
-        s.ex.backend = b;
-        Ok(())
-    }
-
-    /// Takes a pooled connection to the chosen backend, or starts
-    /// connecting to it. `Ok(false)`: the connect failed at once (the
-    /// failure is counted; pick another backend).
-    pub(super) fn open_backend(&mut self, s: &mut Session) -> Result<bool, u16> {
-        let sid = s.key >> 2;
-        let cluster = &s.snap.clusters[s.ex.cluster];
-        let id = cluster.members[s.ex.backend].id;
-        // A pooled connection whose FIN (or stray bytes) arrived but has not
-        // been seen by the loop yet is dropped here rather than found closed
-        // after the request was written to it. (Connections idle for less
-        // than PROBE_AFTER_IDLE are not probed: a backend closing one that
-        // young is rare, the replay covers it, and a probe costs a syscall.)
-        while let Some(&ui) = self.backends.get(id).idle.last() {
-            if self.idle_usable(ui) {
-                break;
-            }
-            self.drop_idle(ui);
-        }
-        let backend = self.backends.get_mut(id);
-        if let Some(ui) = backend.idle.pop() {
-            let u = &mut self.ups[ui];
-            u.owner = Some(sid);
-            u.reused = true;
-            u.buf = Some(self.up_bufs.get());
-            Timers::clear(&mut u.timed);
-            backend.acquire(self.place);
-            s.ex.up = Some(ui);
-            return Ok(true);
-        }
-        match Stream::connect(&backend.addr) {
-            Ok(stream) => {
-                let entry = self.ups.vacant_entry();
-                let key = token(KIND_UPSTREAM, entry.key()).0;
-                let mut u = UpConn {
-                    key,
-                    stream,
-                    rd: Readiness::default(),
-                    buf: Some(self.up_bufs.get()),
-                    connecting: true,
-                    owner: Some(sid),
-                    backend: id,
-                    reused: false,
-                    idle_since: self.now,
-                    timed: Timed::default(),
-                };
-                if let Err(e) =
-                    self.registry.register(&mut u.stream, mio::Token(key), Interest::READABLE | Interest::WRITABLE)
-                {
-                    slog::error!(self.log, "cannot register upstream socket"; "error" => %e);
-                    if let Some(b) = u.buf.take() {
-                        self.up_bufs.put(b);
-                    }
-                    return Err(502);
-                }
-                s.ex.up = Some(entry.key());
-                entry.insert(u);
-                backend.acquire(self.place);
-                let at = self.now + s.snap.config.timeouts.upstream_connect;
-                self.timers.set(&mut s.timed, s.key, at);
-                Ok(true)
-            }
-            Err(e) => {
-                slog::warn!(self.log, "connect to backend failed"; "method" => %String::from_utf8_lossy(s.req.method()),
-                    "path" => %String::from_utf8_lossy(s.req.target()), "backend" => %backend.addr,
-                    "cluster" => &cluster.name, "error" => %e);
-                s.ex.failed += 1;
-                Ok(false)
-            }
-        }
-    }
-
-    /// Gives up the session's upstream connection: back to its backend's
-    /// pool when `reusable`, else closed.
-    pub(super) fn release_upstream(&mut self, s: &mut Session, reusable: bool) {
-        let Some(ui) = s.ex.up.take() else { return };
-        let u = &mut self.ups[ui];
-        let be = self.backends.get_mut(u.backend);
-        be.release(self.place);
-        if let Some(buf) = u.buf.take() {
-            let clean = buf.is_empty();
-            self.up_bufs.put(buf);
-            let cluster = &s.snap.clusters[s.ex.cluster];
-            if reusable && clean && !u.rd.read_closed && !be.retired && be.idle.len() < cluster.keepalive {
-                u.owner = None;
-                u.reused = false;
-                u.idle_since = self.now;
-                be.idle.push(ui);
-                let at = self.now + cluster.keepalive_timeout;
-                self.timers.set(&mut u.timed, u.key, at);
-                return;
-            }
-        }
-        self.close_upstream(ui);
-    }
-
-    /// Closes an upstream connection and forgets it.
-    pub(super) fn close_upstream(&mut self, ui: usize) {
-        if self.ups.contains(ui) {
-            let mut u = self.ups.remove(ui);
-            if let Some(buf) = u.buf.take() {
-                self.up_bufs.put(buf);
-            }
-            // Closing the fd removes it from the epoll set; deregistering
-            // first would only cost a syscall.
-        }
-    }
-
-    /// An event on a pooled, idle connection: the backend closed it or sent
-    /// something unasked. Either way it is no longer usable.
-    pub(super) fn idle_upstream_event(&mut self, ui: usize) {
-        if !self.idle_usable(ui) {
-            self.drop_idle(ui);
-        }
-    }
-
-    /// An idle connection has nothing to read and is not closed: reading
-    /// would block. (EOF, an error or unasked bytes make it unusable.)
-    fn idle_usable(&mut self, ui: usize) -> bool {
-        let mut probe = [0u8; 1];
-        let u = &mut self.ups[ui];
-        if u.rd.read_closed {
-            return false;
-        }
-        if self.now.saturating_duration_since(u.idle_since) < PROBE_AFTER_IDLE {
-            return true;
-        }
-        match io::Read::read(&mut u.stream, &mut probe) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => !u.rd.read_closed,
-            _ => false,
-        }
-    }
-
-    /// Removes an idle connection from its pool and closes it.
-    pub(super) fn drop_idle(&mut self, ui: usize) {
-        let be = self.backends.get_mut(self.ups[ui].backend);
-        if let Some(pos) = be.idle.iter().position(|&x| x == ui) {
-            be.idle.swap_remove(pos);
-        }
-        self.close_upstream(ui);
-    }
-
     pub(super) fn step_proxy(&mut self, s: &mut Session) -> Step {
         loop {
             let Some(ui) = s.ex.up else { return Step::Close };
