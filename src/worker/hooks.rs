@@ -7,11 +7,10 @@
 use std::time::Instant;
 
 use crate::hooks::{Connection, Ctx, Finished, Modules, Point, Response, Verdict};
-use crate::http::write as hw;
 use crate::http::Version;
 use crate::net::Peer;
 
-use super::session::{Phase, Session, Step};
+use super::session::{Session, Step};
 use super::Core;
 
 fn client_ip(p: Peer) -> Option<std::net::IpAddr> {
@@ -60,14 +59,11 @@ impl Core {
         let snap = s.snap.clone();
         let m = &snap.modules;
         let list = m.pipeline_for(s.ex.route).at(point);
-        if list.is_empty() {
-            return None;
-        }
+        let backend = self.backend_name(s);
         for &i in list {
             if !m.active(i, self.shared, self.shedding()) {
                 continue;
             }
-            let backend = self.backend_name(s);
             let cluster = s.ex.cluster_chosen.then_some(s.ex.cluster);
             let mut ctx = self.request_ctx(s.peer, &mut s.vars, i, &snap, (s.ex.route, cluster, backend.as_deref()));
             let module = &m.loaded[i].module;
@@ -100,22 +96,17 @@ impl Core {
         let snap = s.snap.clone();
         let m = &snap.modules;
         let list = m.pipeline_for(s.ex.route).at(Point::BackendResponse);
-        if list.is_empty() {
-            return None;
-        }
+        let backend = self.backend_name(s);
         for &i in list {
             if !m.active(i, self.shared, self.shedding()) {
                 continue;
             }
-            let backend = self.backend_name(s);
             let cluster = s.ex.cluster_chosen.then_some(s.ex.cluster);
             let mut ctx = self.request_ctx(s.peer, &mut s.vars, i, &snap, (s.ex.route, cluster, backend.as_deref()));
             match m.loaded[i].module.backend_response(&mut s.resp, &mut ctx) {
                 Verdict::Continue => {}
-                Verdict::Respond(r) => {
-                    self.release_upstream(s, false);
-                    return Some(self.respond_module(s, &r));
-                }
+                // respond_module gives the backend connection up (unpooled).
+                Verdict::Respond(r) => return Some(self.respond_module(s, &r)),
                 Verdict::Close => {
                     self.release_upstream(s, false);
                     return Some(Step::Close);
@@ -135,9 +126,6 @@ impl Core {
         let snap = s.snap.clone();
         let m = &snap.modules;
         let list = m.pipeline_for(s.ex.route).at(Point::RequestFinish);
-        if list.is_empty() {
-            return;
-        }
         let backend = self.backend_name(s);
         let now = Instant::now();
         let done = Finished {
@@ -179,9 +167,6 @@ impl Core {
         let snap = s.snap.clone();
         let m = &snap.modules;
         let list = m.global.at(Point::Finish);
-        if list.is_empty() {
-            return;
-        }
         let conn = Connection { client: client_ip(s.peer), requests: s.requests, duration: s.accepted.elapsed() };
         for &i in list {
             if !m.active(i, self.shared, self.shedding()) {
@@ -228,23 +213,6 @@ impl Core {
 
     /// Answers with a module's response.
     fn respond_module(&mut self, s: &mut Session, r: &Response) -> Step {
-        if r.body.is_empty() && r.headers.is_empty() {
-            return self.respond(s, r.status);
-        }
-        self.release_upstream(s, false);
-        let body_read = s.ex.req_body.complete() && s.ex.req_ready == 0;
-        let keep = s.ex.client_keep && body_read;
-        let conn = match (keep, s.req.version()) {
-            (false, _) => hw::ConnHeader::Close,
-            (true, Version::Http10) => hw::ConnHeader::KeepAlive,
-            (true, Version::Http11) => hw::ConnHeader::Default,
-        };
-        s.out.clear();
-        s.out_pos = 0;
-        s.ex.bytes_out = hw::module_response(&mut s.out, r.status, &r.headers, &r.body, conn, s.ex.head_request) as u64;
-        s.ex.status = r.status;
-        s.phase = Phase::Local { keep };
-        s.progressed = true;
-        Step::Again
+        self.respond_with(s, r.status, &r.headers, &r.body)
     }
 }

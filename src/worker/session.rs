@@ -567,6 +567,18 @@ impl Core {
     /// Sends a response made by Pitcher. The connection stays open only if
     /// the client wants it and the request's body is fully read.
     pub(super) fn respond(&mut self, s: &mut Session, status: u16) -> Step {
+        self.respond_with(s, status, &[], &[])
+    }
+
+    /// Sends a response made by Pitcher or a module: extra header fields,
+    /// and a body (empty: Pitcher's short text body for the status).
+    pub(super) fn respond_with(
+        &mut self,
+        s: &mut Session,
+        status: u16,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Step {
         self.release_upstream(s, false);
         s.ex.status = status;
         let body_read = s.ex.req_body.complete() && s.ex.req_ready == 0;
@@ -579,7 +591,7 @@ impl Core {
         s.out.clear();
         s.out_pos = 0;
         // Written from `out`: counted here, not as backend body bytes.
-        s.ex.bytes_out = hw::local_response(&mut s.out, status, b"", conn, s.ex.head_request) as u64;
+        s.ex.bytes_out = hw::module_response(&mut s.out, status, headers, body, conn, s.ex.head_request) as u64;
         s.phase = Phase::Local { keep };
         s.progressed = true;
         Step::Again
