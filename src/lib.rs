@@ -2,8 +2,10 @@
 //! single-threaded mio workers. See `docs/ARCHITECTURE.md`.
 //!
 //! Layers point one way: `config` and `http` are pure (no I/O); `net`,
-//! `buffer`, `router` and `upstream` are the worker's parts; `worker` is
-//! the event loop and proxy state machine on top of them.
+//! `buffer`, `router`, `upstream` and `hooks` are the proxy's parts;
+//! `proxy` is the state machine of client connections on them; `worker`
+//! is the process and event loop around `proxy`; `master` and the binary
+//! sit on top.
 
 pub mod buffer;
 pub mod channel;
@@ -14,6 +16,7 @@ pub mod http;
 pub mod log;
 pub mod master;
 pub mod net;
+pub mod proxy;
 pub mod router;
 pub mod shm;
 pub mod upstream;

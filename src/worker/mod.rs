@@ -1,20 +1,12 @@
-//! A worker: one single-threaded `mio` event loop that owns its listeners,
-//! a slab of client sessions, a slab of upstream connections, the timers,
-//! and (in master mode) the channel to the master.
+//! A worker process: one single-threaded `mio` event loop that owns its
+//! listeners, the channel to the master and the [`Engine`] (the proxy:
+//! sessions, upstream connections, timers). The worker polls, accepts,
+//! applies the master's messages (reconfigure, drain, reopen) and reports
+//! its load; what happens to a connection after `accept` is `proxy`'s.
 //!
 //! The worker is given its listening sockets and configuration as values
 //! ([`WorkerInit`]); whether they come from the master over a Unix socket
 //! or from `--single-process` startup is not its concern.
-//!
-//! Tokens: the low two bits name the kind of socket, the rest is the slab
-//! index (`token(kind, index)`), so an event finds its owner in O(1) and a
-//! pooled upstream connection keeps its registration when it changes hands.
-
-mod hooks;
-mod proxy;
-mod session;
-mod timer;
-mod upconn;
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -22,46 +14,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Registry, Token};
+use mio::{Events, Interest, Poll, Registry};
 use slab::Slab;
 use slog::Logger;
 
-use crate::buffer::BufPool;
 use crate::channel::{split_fds, Channel, ListenerEntry, ToMaster, ToWorker};
 use crate::config::Config;
-use crate::hooks::modules::{Controller, DegradeSettings};
-use crate::hooks::Modules;
 use crate::log::LogFile;
 use crate::net::Listener;
-use crate::router::Router;
+use crate::proxy::token::{self, Kind, CHANNEL};
+use crate::proxy::Engine;
 use crate::shm::Shared;
-use crate::upstream::{Backends, Cluster, SlotTable};
-
-pub use session::Session;
-use timer::Timers;
-pub use upconn::UpConn;
-
-pub(crate) const KIND_LISTENER: usize = 0;
-pub(crate) const KIND_CLIENT: usize = 1;
-pub(crate) const KIND_UPSTREAM: usize = 2;
-pub(crate) const KIND_CONTROL: usize = 3;
-
-pub(crate) fn token(kind: usize, index: usize) -> Token {
-    Token(index << 2 | kind)
-}
+use crate::upstream::SlotTable;
 
 /// Accepts taken from one listener per loop turn before others get a turn.
 const ACCEPT_BATCH: usize = 64;
 /// How long accepting pauses after a resource error such as EMFILE.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
-/// Free buffers a worker keeps for reuse.
-const POOLED_BUFFERS: usize = 1024;
-/// Smallest read buffer of a client connection.
-const MIN_BUFFER: usize = 16 * 1024;
-/// Smallest read buffer of an upstream connection.
-const UPSTREAM_BUFFER: usize = 64 * 1024;
 
 /// What a worker is started with.
 pub struct WorkerInit {
@@ -84,66 +54,6 @@ pub struct WorkerInit {
     pub place: usize,
 }
 
-/// The configuration-derived state requests are served with. Immutable
-/// once built (balancing counters are relaxed atomics); a reload builds a new one
-/// and swaps the pointer. A session holds the snapshot its current request
-/// started with, so requests in flight finish on it.
-#[derive(Debug)]
-pub struct Snapshot {
-    pub config: Arc<Config>,
-    pub router: Router,
-    pub clusters: Vec<Cluster>,
-    /// The enabled modules and their pipelines.
-    pub modules: Modules,
-}
-
-impl Snapshot {
-    /// Builds a snapshot, giving its backends ids in the worker's table.
-    pub fn build(
-        config: Arc<Config>,
-        backends: &mut Backends,
-        slots: &mut SlotTable,
-        log: &Logger,
-    ) -> Result<Snapshot, String> {
-        let modules = Modules::build(&config, slots.shared(), log)?;
-        backends.retire_all();
-        let clusters = config.clusters.iter().map(|c| Cluster::new(c, backends, slots)).collect();
-        Ok(Snapshot { router: Router::new(&config), clusters, config, modules })
-    }
-}
-
-/// Everything the proxy state machine works with besides the session
-/// itself: split from the session slab so both can be borrowed at once.
-pub struct Core {
-    registry: Registry,
-    ups: Slab<UpConn>,
-    /// The configuration new requests are served with.
-    current: ArcSwap<Snapshot>,
-    backends: Backends,
-    slots: SlotTable,
-    /// The shared region.
-    shared: &'static Shared,
-    /// Overload level (0, 1: non-essential modules off, 2: shedding).
-    load_level: u32,
-    /// The overload detector, when `[modules.degrade]` is enabled.
-    degrade: Option<Controller>,
-    /// Request ids: a per-process random seed and a counter.
-    id_seed: u64,
-    id_seq: u64,
-    /// This worker's place (see [`WorkerInit::place`]).
-    place: usize,
-    timers: Timers,
-    /// Read buffers of client connections.
-    bufs: BufPool,
-    /// Read buffers of upstream connections: larger, so that a response
-    /// body moves in fewer, larger reads and writes.
-    up_bufs: BufPool,
-    now: Instant,
-    log: Logger,
-    /// Answer with `Connection: close` and stop keeping connections.
-    draining: bool,
-}
-
 struct ListenerSlot {
     listener: Listener,
     entry: ListenerEntry,
@@ -154,21 +64,25 @@ struct ListenerSlot {
 /// A worker process's event loop.
 pub struct Worker {
     poll: Poll,
-    sessions: Slab<Session>,
     listeners: Slab<ListenerSlot>,
-    core: Core,
+    /// The proxy: sessions, upstream connections, timers.
+    engine: Engine,
     stop: Arc<AtomicBool>,
     quit: Arc<AtomicBool>,
     channel: Option<Channel>,
     log_file: Option<LogFile>,
+    log: Logger,
+    /// The shared region, and this worker's place in its per-worker table.
+    shared: &'static Shared,
+    place: usize,
+    /// The loop's clock, read once per turn.
+    now: Instant,
     /// When draining ends at the latest.
     drain_deadline: Option<Instant>,
     /// Accepting is paused after a resource error (EMFILE) until then.
     accept_paused_until: Option<Instant>,
     /// Load measurement for the overload controller.
     load: LoadMeter,
-    /// Allocations of closed sessions, for new ones.
-    spares: Vec<session::Spare>,
     /// Connections refused over `max_connections`, and when last logged.
     refused: u64,
     refused_logged: Instant,
@@ -183,58 +97,36 @@ struct LoadMeter {
     idle: Duration,
 }
 
-/// Token of the channel to the master.
-const CHANNEL: Token = Token(KIND_CONTROL);
-
 impl Worker {
     pub fn new(init: WorkerInit) -> io::Result<Worker> {
         let poll = Poll::new()?;
-        let registry = poll.registry().try_clone()?;
         let mut listeners = Slab::new();
         for (entry, fd) in init.listeners {
-            add_listener(&registry, &mut listeners, entry, fd)?;
+            add_listener(poll.registry(), &mut listeners, entry, fd)?;
         }
         if let Some(ch) = &init.channel {
             ch.set_nonblocking(true)?;
-            registry.register(&mut SourceFd(&ch.raw_fd()), CHANNEL, Interest::READABLE)?;
+            poll.registry().register(&mut SourceFd(&ch.raw_fd()), CHANNEL, Interest::READABLE)?;
         }
-        let buf_size = init.config.limits.max_header_bytes.max(MIN_BUFFER);
-        let mut backends = Backends::default();
-        let mut slots = init.slots;
-        let degrade = DegradeSettings::from_config(&init.config).map(Controller::new);
-        let snapshot = Snapshot::build(init.config, &mut backends, &mut slots, &init.log).map_err(io::Error::other)?;
-        let shared = slots.shared();
+        let shared = init.slots.shared();
+        let registry = poll.registry().try_clone()?;
+        let engine =
+            Engine::new(registry, init.config, init.slots, init.place, init.log.clone()).map_err(io::Error::other)?;
         Ok(Worker {
             poll,
-            sessions: Slab::with_capacity(1024),
             listeners,
-            core: Core {
-                registry,
-                ups: Slab::with_capacity(1024),
-                current: ArcSwap::from_pointee(snapshot),
-                backends,
-                slots,
-                shared,
-                load_level: 0,
-                degrade,
-                id_seed: crate::upstream::hash64(&(std::process::id(), std::time::SystemTime::now())),
-                id_seq: 0,
-                place: init.place,
-                timers: Timers::default(),
-                bufs: BufPool::new(buf_size, POOLED_BUFFERS),
-                up_bufs: BufPool::new(buf_size.max(UPSTREAM_BUFFER), POOLED_BUFFERS),
-                now: Instant::now(),
-                log: init.log,
-                draining: false,
-            },
+            engine,
             stop: init.stop,
             quit: init.quit,
             channel: init.channel,
             log_file: init.log_file,
+            log: init.log,
+            shared,
+            place: init.place,
+            now: Instant::now(),
             drain_deadline: None,
             accept_paused_until: None,
             load: LoadMeter { since: Instant::now(), idle: Duration::ZERO },
-            spares: Vec::new(),
             refused: 0,
             refused_logged: Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now),
         })
@@ -244,18 +136,18 @@ impl Worker {
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         for (_, l) in &self.listeners {
-            slog::info!(self.core.log, "listening"; "address" => &l.entry.local, "fd" => l.listener.raw_fd());
+            slog::info!(self.log, "listening"; "address" => &l.entry.local, "fd" => l.listener.raw_fd());
         }
         if let Some(ch) = &self.channel {
             ch.send(&ToMaster::Ready { pid: std::process::id() }, &[])?;
         }
         while !self.stop.load(Ordering::Relaxed) {
             if self.quit.swap(false, Ordering::Relaxed) {
-                let t = self.core.current.load().config.drain_timeout;
+                let t = self.engine.current().config.drain_timeout;
                 self.start_drain(t);
             }
             if let Some(deadline) = self.drain_deadline {
-                if self.sessions.is_empty() || Instant::now() >= deadline {
+                if self.engine.sessions() == 0 || Instant::now() >= deadline {
                     break;
                 }
             }
@@ -266,11 +158,8 @@ impl Worker {
                 Some(Duration::ZERO)
             } else {
                 // Wake at least once a second to notice a stop request.
-                let mut t = self
-                    .core
-                    .timers
-                    .next_timeout(now)
-                    .map_or(Duration::from_secs(1), |t| t.min(Duration::from_secs(1)));
+                let mut t =
+                    self.engine.next_timeout(now).map_or(Duration::from_secs(1), |t| t.min(Duration::from_secs(1)));
                 if let Some(p) = paused {
                     t = t.min(p - now);
                 }
@@ -280,8 +169,7 @@ impl Worker {
                 Some(t)
             };
             // Modules get their tick (and degrade its samples) every LOAD_TICK.
-            let ticking = self.core.degrade.is_some() || !self.core.current.load().modules.loaded.is_empty();
-            let timeout = if ticking { timeout.map(|t| t.min(LOAD_TICK)) } else { timeout };
+            let timeout = if self.engine.ticking() { timeout.map(|t| t.min(LOAD_TICK)) } else { timeout };
             let before = Instant::now();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -289,30 +177,22 @@ impl Worker {
                 }
                 return Err(e);
             }
-            self.core.now = Instant::now();
-            self.load.idle += self.core.now - before;
+            self.now = Instant::now();
+            self.engine.set_now(self.now);
+            self.load.idle += self.now - before;
             for ev in events.iter() {
-                let t = ev.token().0;
-                let idx = t >> 2;
-                match t & 3 {
-                    KIND_LISTENER => {
+                match token::decode(ev.token()) {
+                    (Kind::Listener, idx) => {
                         if let Some(l) = self.listeners.get_mut(idx) {
                             l.pending = true;
                         }
                     }
-                    KIND_CLIENT => {
-                        if let Some(s) = self.sessions.get_mut(idx) {
-                            s.rd.update(ev);
-                            if !self.core.drive(s) {
-                                self.close_session(idx);
-                            }
-                        }
-                    }
-                    KIND_UPSTREAM => self.upstream_event(idx, ev),
-                    _ => self.channel_event(),
+                    (Kind::Client, idx) => self.engine.client_event(idx, ev),
+                    (Kind::Upstream, idx) => self.engine.upstream_event(idx, ev),
+                    (Kind::Channel, _) => self.channel_event(),
                 }
             }
-            if self.accept_paused_until.is_none_or(|t| t <= self.core.now) {
+            if self.accept_paused_until.is_none_or(|t| t <= self.now) {
                 self.accept_paused_until = None;
                 for i in 0..self.listeners.capacity() {
                     if self.listeners.get(i).is_some_and(|l| l.pending) {
@@ -320,34 +200,20 @@ impl Worker {
                     }
                 }
             }
-            self.run_timers();
+            self.engine.run_timers();
+            self.now = self.engine.now();
             self.measure_load();
         }
-        slog::info!(self.core.log, "worker stopping"; "sessions" => self.sessions.len());
-        self.core.current.load().modules.tick();
+        slog::info!(self.log, "worker stopping"; "sessions" => self.engine.sessions());
+        self.engine.current().modules.tick();
         Ok(())
     }
 
-    fn upstream_event(&mut self, idx: usize, ev: &mio::event::Event) {
-        let Some(u) = self.core.ups.get_mut(idx) else { return };
-        u.rd.update(ev);
-        match u.owner {
-            Some(sid) => {
-                if let Some(s) = self.sessions.get_mut(sid) {
-                    if !self.core.drive(s) {
-                        self.close_session(sid);
-                    }
-                }
-            }
-            None => self.core.idle_upstream_event(idx),
-        }
-    }
-
     fn accept(&mut self, i: usize) {
-        let snap = self.core.current.load_full();
+        let snap = self.engine.current();
         let max = snap.config.limits.max_connections;
         for _ in 0..ACCEPT_BATCH {
-            let (mut stream, peer) = match self.listeners[i].listener.accept() {
+            let (stream, peer) = match self.listeners[i].listener.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.listeners[i].pending = false;
@@ -358,47 +224,17 @@ impl Worker {
                     // EMFILE, ENFILE, ENOBUFS: the connection stays queued;
                     // pause accepting briefly (connections that finish free
                     // fds) rather than spin on the error.
-                    slog::error!(self.core.log, "accept failed; pausing accepts for 100 ms"; "error" => %e,
+                    slog::error!(self.log, "accept failed; pausing accepts for 100 ms"; "error" => %e,
                         "listener" => &self.listeners[i].entry.local);
-                    self.accept_paused_until = Some(self.core.now + ACCEPT_PAUSE);
+                    self.accept_paused_until = Some(self.now + ACCEPT_PAUSE);
                     return;
                 }
             };
-            if self.sessions.len() >= max {
+            if self.engine.sessions() >= max {
                 self.refuse_connection(stream, max);
                 continue;
             }
-            let entry = self.sessions.vacant_entry();
-            let idx = entry.key();
-            let key = token(KIND_CLIENT, idx).0;
-            if let Err(e) = self.core.registry.register(&mut stream, Token(key), Interest::READABLE) {
-                slog::error!(self.core.log, "cannot register client socket"; "error" => %e);
-                continue;
-            }
-            let spare = self.spares.pop();
-            let s = entry.insert(Session::new(key, stream, peer, snap.clone(), spare));
-            let at = self.core.now + snap.config.timeouts.client_header;
-            self.core.timers.set(&mut s.timed, key, at);
-            match self.core.hook_accept(s) {
-                Ok(()) => {}
-                Err(answer) => {
-                    if let Some(r) = answer {
-                        use std::io::Write;
-                        let mut out = Vec::new();
-                        crate::http::write::module_response(
-                            &mut out,
-                            r.status,
-                            &r.headers,
-                            &r.body,
-                            crate::http::write::ConnHeader::Close,
-                            false,
-                        );
-                        let _ = s.stream.write(&out);
-                        s.stream.shutdown_write();
-                    }
-                    self.close_session(idx);
-                }
-            }
+            self.engine.open(stream, peer, &snap);
         }
         // The batch ran out: `pending` stays set and the loop polls without
         // waiting, so other sockets get their turn first.
@@ -408,26 +244,22 @@ impl Worker {
     /// requests in flight, published in shared memory and fed to the
     /// overload controller.
     fn measure_load(&mut self) {
-        let now = self.core.now;
+        let now = self.now;
         let elapsed = now.saturating_duration_since(self.load.since);
         if elapsed < LOAD_TICK {
             return;
         }
-        self.core.current.load().modules.tick();
+        self.engine.current().modules.tick();
         let busy = elapsed.saturating_sub(self.load.idle);
         let busy_percent = (busy.as_micros() * 100 / elapsed.as_micros().max(1)) as u32;
         self.load = LoadMeter { since: now, idle: Duration::ZERO };
-        let in_flight = self.sessions.iter().filter(|(_, s)| s.ex.finish_pending).count() as u32;
-        let w = self.core.shared.workers.get(self.core.place);
-        if let Some(w) = w {
+        let in_flight = self.engine.in_flight();
+        if let Some(w) = self.shared.workers.get(self.place) {
             w.pid.store(std::process::id(), Ordering::Relaxed);
             w.busy_percent.store(busy_percent, Ordering::Relaxed);
             w.in_flight.store(in_flight, Ordering::Relaxed);
         }
-        let Some(c) = self.core.degrade.as_mut() else { return };
-        if let Some(level) = c.sample(now, busy_percent, in_flight) {
-            self.core.set_load_level(level, busy_percent, in_flight);
-        }
+        self.engine.load_sample(now, busy_percent, in_flight);
     }
 
     /// Over `max_connections`: a 503 and a close. What the client already
@@ -448,120 +280,13 @@ impl Worker {
         stream.shutdown_write();
         self.refused += 1;
         // One line per second at most under a connection storm.
-        if self.core.now.saturating_duration_since(self.refused_logged) >= Duration::from_secs(1) {
-            slog::warn!(self.core.log, "connection limit reached; refusing connections"; "max_connections" => max,
+        if self.now.saturating_duration_since(self.refused_logged) >= Duration::from_secs(1) {
+            slog::warn!(self.log, "connection limit reached; refusing connections"; "max_connections" => max,
                 "refused_total" => self.refused);
-            self.refused_logged = self.core.now;
+            self.refused_logged = self.now;
         }
     }
 
-    fn run_timers(&mut self) {
-        let now = Instant::now();
-        self.core.now = now;
-        while let Some((at, key)) = self.core.timers.pop_due(now) {
-            let idx = key >> 2;
-            match key & 3 {
-                KIND_CLIENT => {
-                    let Some(s) = self.sessions.get_mut(idx) else { continue };
-                    if s.key != key || !self.core.timers.fired(&mut s.timed, key, at, now) {
-                        continue;
-                    }
-                    if !self.core.timeout(s) {
-                        self.close_session(idx);
-                    }
-                }
-                KIND_UPSTREAM => {
-                    let Some(u) = self.core.ups.get_mut(idx) else { continue };
-                    if u.owner.is_some() || !self.core.timers.fired(&mut u.timed, key, at, now) {
-                        continue;
-                    }
-                    self.core.drop_idle(idx);
-                }
-                _ => {}
-            }
-        }
-    }
-
-    fn close_session(&mut self, idx: usize) {
-        if !self.sessions.contains(idx) {
-            return;
-        }
-        let mut s = self.sessions.remove(idx);
-        if s.ex.finish_pending && s.ex.status == 0 {
-            s.ex.status = 499; // The client went away before a response (nginx's 499).
-        }
-        self.core.hook_finish(&mut s);
-        self.core.release_upstream(&mut s, false);
-        if let Some(b) = s.inb.take() {
-            self.core.bufs.put(b);
-        }
-        // Dropping the stream closes the fd, which also removes it from the
-        // epoll set; the session's allocations serve the next connection.
-        if self.spares.len() < POOLED_BUFFERS {
-            self.spares.push(s.into_spare());
-        }
-    }
-}
-
-impl Core {
-    /// A new request id: 16 hex digits, unique per process (a counter
-    /// mixed with a random seed, so ids do not reveal request counts).
-    pub(crate) fn next_request_id(&mut self) -> [u8; 16] {
-        self.id_seq += 1;
-        // splitmix64 finaliser.
-        let mut z = self.id_seed.wrapping_add(self.id_seq.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        let mut out = [0u8; 16];
-        for (i, b) in out.iter_mut().enumerate() {
-            *b = b"0123456789abcdef"[(z >> (60 - 4 * i) & 0xf) as usize];
-        }
-        out
-    }
-
-    /// The overload controller changed the level: log it and publish it.
-    pub(crate) fn set_load_level(&mut self, level: u32, busy_percent: u32, in_flight: u32) {
-        let old = std::mem::replace(&mut self.load_level, level);
-        let what = match level {
-            0 => "normal: all modules on",
-            1 => "overloaded: non-essential modules off",
-            _ => "overloaded: non-essential modules off, low-priority routes shed",
-        };
-        slog::warn!(self.log, "load level changed"; "from" => old, "to" => level, "state" => what,
-            "busy_percent" => busy_percent, "in_flight" => in_flight);
-        if let Some(w) = self.shared.workers.get(self.place) {
-            w.level.store(level, Ordering::Relaxed);
-            w.level_changes.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// A request started (the overload controller's count window).
-    pub(crate) fn count_request(&mut self) {
-        let now = self.now;
-        let Some(c) = self.degrade.as_mut() else { return };
-        if let Some(level) = c.request(now) {
-            let in_flight = self.shared.workers.get(self.place).map_or(0, |w| w.in_flight.load(Ordering::Relaxed));
-            self.set_load_level(level, 0, in_flight);
-        }
-    }
-}
-
-/// Registers a listening socket received (or bound) for this worker.
-fn add_listener(
-    registry: &Registry,
-    slots: &mut Slab<ListenerSlot>,
-    entry: ListenerEntry,
-    fd: OwnedFd,
-) -> io::Result<()> {
-    let mut listener = Listener::from_fd(fd, entry.local.starts_with("unix:"))?;
-    let e = slots.vacant_entry();
-    registry.register(&mut listener, token(KIND_LISTENER, e.key()), Interest::READABLE)?;
-    e.insert(ListenerSlot { listener, entry, pending: false });
-    Ok(())
-}
-
-impl Worker {
     /// Messages from the master.
     fn channel_event(&mut self) {
         loop {
@@ -571,8 +296,8 @@ impl Worker {
                 Ok(Some((ToWorker::Configure { seq, config_path, config_text, listeners, backend_slots }, fds))) => {
                     let error = self.reconfigure(&config_path, &config_text, listeners, backend_slots, fds).err();
                     match &error {
-                        None => slog::info!(self.core.log, "configuration reloaded"; "seq" => seq),
-                        Some(e) => slog::error!(self.core.log, "reload refused"; "seq" => seq, "error" => e),
+                        None => slog::info!(self.log, "configuration reloaded"; "seq" => seq),
+                        Some(e) => slog::error!(self.log, "reload refused"; "seq" => seq, "error" => e),
                     }
                     if let Some(ch) = &self.channel {
                         let _ = ch.send(&ToMaster::Configured { seq, error }, &[]);
@@ -581,7 +306,7 @@ impl Worker {
                 Ok(Some((ToWorker::Drain { timeout_ms }, _))) => self.start_drain(Duration::from_millis(timeout_ms)),
                 Ok(Some((ToWorker::Reopen, mut fds))) => {
                     // Modules' own files (access logs), in their writer threads.
-                    self.core.current.load().modules.reopen();
+                    self.engine.current().modules.reopen();
                     if let Some(f) = &self.log_file {
                         // The master sends the reopened file: this worker may
                         // no longer have the rights to open it itself.
@@ -593,7 +318,7 @@ impl Worker {
                             None => f.reopen(),
                         };
                         if let Err(e) = r {
-                            slog::error!(self.core.log, "cannot reopen the log file"; "error" => %e);
+                            slog::error!(self.log, "cannot reopen the log file"; "error" => %e);
                         }
                     }
                 }
@@ -601,14 +326,14 @@ impl Worker {
                     // The master is gone (or the channel broke): finish what
                     // is in flight and leave, rather than serve unmanaged.
                     if e.kind() == io::ErrorKind::UnexpectedEof {
-                        slog::warn!(self.core.log, "master is gone; draining");
+                        slog::warn!(self.log, "master is gone; draining");
                     } else {
-                        slog::error!(self.core.log, "master channel failed; draining"; "error" => %e);
+                        slog::error!(self.log, "master channel failed; draining"; "error" => %e);
                     }
                     if let Some(ch) = self.channel.take() {
-                        let _ = self.core.registry.deregister(&mut SourceFd(&ch.raw_fd()));
+                        let _ = self.poll.registry().deregister(&mut SourceFd(&ch.raw_fd()));
                     }
-                    let t = self.core.current.load().config.drain_timeout;
+                    let t = self.engine.current().config.drain_timeout;
                     self.start_drain(t);
                     return;
                 }
@@ -629,55 +354,24 @@ impl Worker {
         let config = Config::parse(std::path::Path::new(path), text).map_err(|e| e.to_string())?;
         // The region is the one this worker mapped at start; the copy is dropped.
         let (fds, _region) = split_fds(&entries, fds)?;
-        self.core.slots = SlotTable::from_entries(self.core.slots.shared(), &backend_slots);
+        self.engine.set_slots(&backend_slots);
         if self.drain_deadline.is_none() {
             let stale: Vec<usize> =
                 self.listeners.iter().filter(|(_, l)| !entries.contains(&l.entry)).map(|(i, _)| i).collect();
             for i in stale {
                 let mut slot = self.listeners.remove(i);
-                let _ = self.core.registry.deregister(&mut slot.listener);
-                slog::info!(self.core.log, "listener closed"; "address" => &slot.entry.local);
+                let _ = self.poll.registry().deregister(&mut slot.listener);
+                slog::info!(self.log, "listener closed"; "address" => &slot.entry.local);
             }
             for (entry, fd) in entries.into_iter().zip(fds) {
                 if self.listeners.iter().any(|(_, l)| l.entry == entry) {
                     continue; // Already listening: the duplicate fd is dropped.
                 }
-                slog::info!(self.core.log, "listening"; "address" => &entry.local);
-                add_listener(&self.core.registry, &mut self.listeners, entry, fd).map_err(|e| e.to_string())?;
+                slog::info!(self.log, "listening"; "address" => &entry.local);
+                add_listener(self.poll.registry(), &mut self.listeners, entry, fd).map_err(|e| e.to_string())?;
             }
         }
-        let buf_size = config.limits.max_header_bytes.max(MIN_BUFFER);
-        if buf_size != self.core.bufs.size() {
-            self.core.bufs = BufPool::new(buf_size, POOLED_BUFFERS);
-            self.core.up_bufs = BufPool::new(buf_size.max(UPSTREAM_BUFFER), POOLED_BUFFERS);
-        }
-        let config = Arc::new(config);
-        match DegradeSettings::from_config(&config) {
-            Some(d) => match self.core.degrade.as_mut() {
-                Some(c) => c.update(d),
-                None => self.core.degrade = Some(Controller::new(d)),
-            },
-            None => {
-                self.core.degrade = None;
-                if self.core.load_level != 0 {
-                    self.core.set_load_level(0, 0, 0);
-                }
-            }
-        }
-        let snapshot = Snapshot::build(config, &mut self.core.backends, &mut self.core.slots, &self.core.log)?;
-        self.core.current.store(Arc::new(snapshot));
-        // Idle connections to backends no cluster names any more.
-        let retired: Vec<usize> = self
-            .core
-            .ups
-            .iter()
-            .filter(|(_, u)| u.owner.is_none() && self.core.backends.get(u.backend).retired)
-            .map(|(i, _)| i)
-            .collect();
-        for ui in retired {
-            self.core.drop_idle(ui);
-        }
-        Ok(())
+        self.engine.reconfigure(Arc::new(config))
     }
 
     /// Stops accepting; requests in flight finish (answered with
@@ -686,13 +380,27 @@ impl Worker {
         if self.drain_deadline.is_some() {
             return;
         }
-        slog::info!(self.core.log, "draining"; "sessions" => self.sessions.len(), "timeout_ms" => timeout.as_millis() as u64);
+        slog::info!(self.log, "draining"; "sessions" => self.engine.sessions(), "timeout_ms" => timeout.as_millis() as u64);
         for (_, mut slot) in std::mem::take(&mut self.listeners) {
-            let _ = self.core.registry.deregister(&mut slot.listener);
+            let _ = self.poll.registry().deregister(&mut slot.listener);
         }
-        self.core.draining = true;
+        self.engine.start_drain();
         self.drain_deadline = Some(Instant::now() + timeout);
     }
+}
+
+/// Registers a listening socket received (or bound) for this worker.
+fn add_listener(
+    registry: &Registry,
+    slots: &mut Slab<ListenerSlot>,
+    entry: ListenerEntry,
+    fd: OwnedFd,
+) -> io::Result<()> {
+    let mut listener = Listener::from_fd(fd, entry.local.starts_with("unix:"))?;
+    let e = slots.vacant_entry();
+    registry.register(&mut listener, token::token(Kind::Listener, e.key()), Interest::READABLE)?;
+    e.insert(ListenerSlot { listener, entry, pending: false });
+    Ok(())
 }
 
 /// Runs a worker until it is stopped or has drained.

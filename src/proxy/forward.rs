@@ -1,6 +1,6 @@
-//! The `Proxy` phase of a session: streaming the request up and the
-//! response down with bounded buffers over a backend connection (chosen and
-//! opened in `upconn.rs`), and turning every failure into either a retry, a
+//! The `Proxy` state: one exchange with a backend. The request goes up and
+//! the response comes down with bounded buffers over a backend connection
+//! (chosen and opened in `upconn`), and every failure becomes a retry, a
 //! 502/504, or a closed client connection.
 //!
 //! Body bytes are not copied: request bytes go from the client's read
@@ -14,16 +14,26 @@
 //! dropped. A request that turns out malformed after its head went up
 //! aborts the upstream connection before the body's end is sent, so the
 //! backend never receives a complete request from it.
+//!
+//! Leaving `Proxy`: `finish` (response complete → end of the exchange),
+//! `fail` (→ the same state on another connection, `Local` or close), a
+//! 101 (→ `Tunnel`, which takes the connection), a module's answer at
+//! BACKEND_RESPONSE (→ `Local`). Every exit but the tunnel goes through
+//! `leave_proxy`, which gives the connection back.
 
 use std::io::{self, IoSlice, Write};
+use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::hooks::{Response, Verdict};
 use crate::http::head::MAX_PARSE_HEADERS;
 use crate::http::write::{self as hw, ConnHeader, OutFraming};
-use crate::http::{Framing, HttpError, Version};
+use crate::http::{Framing, HttpError, RequestHead, Version};
 use crate::upstream::Outcome;
 
-use super::session::{read_into, Body, Phase, RespMode, Session, Step};
+use super::request::{Body, Exchange};
+use super::session::{read_into, Next, Session, State, Step};
+use super::tunnel::Tunnel;
 use super::Core;
 
 /// Chunk data pieces up to this size are copied into the outgoing buffer
@@ -32,6 +42,92 @@ const COPIED_CHUNK_DATA: usize = 1024;
 /// Re-framed request bytes queued for a backend before more client input
 /// is taken (backpressure for chunked bodies).
 const MAX_PENDING_FRAMED: usize = 16 * 1024;
+
+/// How the response body goes to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RespMode {
+    /// As received (length, chunked, or close-delimited to a closing client).
+    #[default]
+    Pass,
+    /// Close-delimited from the backend, re-framed as chunked.
+    Reframe,
+    /// Chunked from the backend, decoded for an HTTP/1.0 client.
+    Decode,
+}
+
+/// What only an exchange with a backend has: the connection, what of the
+/// request went up, and the framing of the response coming down.
+#[derive(Debug)]
+pub struct Proxying {
+    /// The backend connection (index of its [`UpConn`](super::UpConn)).
+    pub(super) up: usize,
+    /// Request head (and re-framed chunk framing) for the backend, and how
+    /// much of it is written.
+    up_out: Vec<u8>,
+    up_out_pos: usize,
+    /// Length of the request head at the front of `up_out` (0 once it was
+    /// dropped from there).
+    up_head_len: usize,
+    /// A byte of the body (data or framing) went to the backend: the
+    /// request can not be replayed.
+    body_out: bool,
+    resp_head_done: bool,
+    resp_body: Body,
+    resp_mode: RespMode,
+    /// Scanned response body bytes at the front of the upstream buffer.
+    resp_ready: usize,
+    /// The backend's side ended (FIN or error).
+    pub(super) resp_eof: bool,
+    /// The backend's connection ended with an error (reset), not a FIN: a
+    /// close-delimited body is then truncated, not complete.
+    resp_reset: bool,
+    /// Reframe mode: data bytes left of the chunk being written.
+    chunk_left: usize,
+    last_chunk_queued: bool,
+    /// The backend's connection may serve another request.
+    upstream_keep: bool,
+}
+
+impl Proxying {
+    /// An exchange over connection `up`; `up_out` is the (empty)
+    /// allocation the session keeps for the request head.
+    pub(super) fn new(up: usize, up_out: Vec<u8>) -> Proxying {
+        Proxying {
+            up,
+            up_out,
+            up_out_pos: 0,
+            up_head_len: 0,
+            body_out: false,
+            resp_head_done: false,
+            resp_body: Body::None,
+            resp_mode: RespMode::Pass,
+            resp_ready: 0,
+            resp_eof: false,
+            resp_reset: false,
+            chunk_left: 0,
+            last_chunk_queued: false,
+            upstream_keep: false,
+        }
+    }
+
+    /// Queues the rewritten request head for the backend.
+    pub(super) fn queue_head(&mut self, req: &RequestHead, client: Option<IpAddr>, upgrade: bool) {
+        hw::request_head(&mut self.up_out, req, client, upgrade);
+        self.up_head_len = self.up_out.len();
+    }
+
+    /// The whole request (head and body) has reached the backend.
+    fn request_sent(&self, ex: &Exchange) -> bool {
+        self.up_out_pos == self.up_out.len() && ex.body_read()
+    }
+
+    /// The allocation of `up_out`, emptied, for the session to keep.
+    pub(super) fn into_up_out(self) -> Vec<u8> {
+        let mut v = self.up_out;
+        v.clear();
+        v
+    }
+}
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,15 +155,31 @@ pub enum Fail {
     RequestBody(HttpError),
 }
 
+/// A response head that takes the session out of `Proxy`.
+enum Switch {
+    /// 101: the connection becomes a tunnel.
+    Upgrade,
+    /// A BACKEND_RESPONSE module answers instead of the backend.
+    Answer(Response),
+}
+
+/// What pumping the response did.
+enum Pumped {
+    /// Whether any byte moved.
+    Moved(bool),
+    Switch(Switch),
+}
+
 impl Core {
-    pub(super) fn step_proxy(&mut self, s: &mut Session) -> Step {
+    /// `Proxy`: moves bytes both ways until nothing can move, the response
+    /// is complete, or the exchange fails.
+    pub(super) fn step_proxy(&mut self, s: &mut Session, mut p: Proxying) -> Next {
         loop {
-            let Some(ui) = s.ex.up else { return Step::Close };
             let mut moved = false;
-            let u = &mut self.ups[ui];
+            let u = &mut self.ups[p.up];
             if u.connecting {
                 if !u.rd.writable && !u.rd.read_closed {
-                    return Step::Blocked;
+                    return (State::Proxy(p), Step::Blocked);
                 }
                 match u.stream.connect_result() {
                     Ok(true) => {
@@ -77,27 +189,36 @@ impl Core {
                     }
                     Ok(false) => {
                         u.rd.writable = false;
-                        return Step::Blocked;
+                        return (State::Proxy(p), Step::Blocked);
                     }
-                    Err(e) => return self.fail(s, Fail::Connect(e)),
+                    Err(e) => return self.fail(s, p, Fail::Connect(e)),
                 }
             }
-            match self.pump_request(s, ui) {
+            match self.pump_request(s, &mut p) {
                 Ok(m) => moved |= m,
-                Err(f) => return self.fail(s, f),
+                Err(f) => return self.fail(s, p, f),
             }
-            match self.pump_response(s, ui) {
-                Ok(m) => moved |= m,
-                Err(f) => return self.fail(s, f),
+            match self.pump_response(s, &mut p) {
+                Ok(Pumped::Moved(m)) => moved |= m,
+                Ok(Pumped::Switch(Switch::Upgrade)) => {
+                    let up = p.up;
+                    let resp_eof = p.resp_eof;
+                    s.up_out = p.into_up_out();
+                    return (State::Tunnel(Tunnel::new(up, resp_eof)), Step::Again);
+                }
+                Ok(Pumped::Switch(Switch::Answer(r))) => {
+                    // The backend's response is dropped, and its connection
+                    // with it (unpooled).
+                    self.leave_proxy(s, p, false);
+                    return self.respond_with(s, r.status, &r.headers, &r.body);
+                }
+                Err(f) => return self.fail(s, p, f),
             }
-            if s.phase != Phase::Proxy {
-                return Step::Again;
-            }
-            if s.ex.resp_head_done && self.response_done(s, ui) {
-                return self.finish(s);
+            if p.resp_head_done && self.response_done(s, &p) {
+                return self.finish(s, p);
             }
             if !moved {
-                return Step::Blocked;
+                return (State::Proxy(p), Step::Blocked);
             }
             s.progressed = true;
         }
@@ -113,10 +234,10 @@ impl Core {
     /// forwarded, and the body's end is only sent once the whole trailer
     /// section was valid: a backend never receives a complete request from
     /// a refused body.
-    fn pump_request(&mut self, s: &mut Session, ui: usize) -> Result<bool, Fail> {
+    fn pump_request(&mut self, s: &mut Session, p: &mut Proxying) -> Result<bool, Fail> {
         let mut moved = false;
         let max_body = s.snap.config.limits.max_body_bytes;
-        let u = &mut self.ups[ui];
+        let u = &mut self.ups[p.up];
         loop {
             let mut progress = false;
             // Take newly read body bytes.
@@ -130,10 +251,10 @@ impl Core {
                         while s.ex.req_ready == 0
                             && !sc.is_done()
                             && !inb.is_empty()
-                            && s.ex.up_out.len() - s.ex.up_out_pos < MAX_PENDING_FRAMED
+                            && p.up_out.len() - p.up_out_pos < MAX_PENDING_FRAMED
                         {
                             let n = sc
-                                .reframe(inb.data(), &mut s.ex.up_out)
+                                .reframe(inb.data(), &mut p.up_out)
                                 .map_err(|e| Fail::RequestBody(HttpError::Chunked(e)))?;
                             if sc.data_total > max_body {
                                 return Err(Fail::RequestBody(HttpError::BodyTooLarge));
@@ -146,7 +267,7 @@ impl Core {
                             progress = true;
                             sc.consume_data(d);
                             if d <= COPIED_CHUNK_DATA {
-                                s.ex.up_out.extend_from_slice(&inb.data()[..d]);
+                                p.up_out.extend_from_slice(&inb.data()[..d]);
                                 inb.consume(d);
                             } else {
                                 s.ex.req_ready = d;
@@ -162,7 +283,7 @@ impl Core {
             }
             // Write what we have.
             while u.rd.writable {
-                let head = &s.ex.up_out[s.ex.up_out_pos..];
+                let head = &p.up_out[p.up_out_pos..];
                 let body = match s.inb.as_ref() {
                     Some(b) => &b.data()[..s.ex.req_ready],
                     None => &[][..],
@@ -179,15 +300,14 @@ impl Core {
                     Ok(n) => {
                         progress = true;
                         let h = n.min(head.len());
-                        s.ex.up_out_pos += h;
+                        p.up_out_pos += h;
                         let b = n - h;
-                        s.ex.body_out |= b > 0 || s.ex.up_out_pos > s.ex.up_head_len;
+                        p.body_out |= b > 0 || p.up_out_pos > p.up_head_len;
                         if b > 0 {
                             if let Some(inb) = s.inb.as_mut() {
                                 inb.consume(b);
                             }
                             s.ex.req_ready -= b;
-                            s.ex.req_body_sent += b as u64;
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => u.rd.writable = false,
@@ -197,10 +317,10 @@ impl Core {
             }
             // Once body bytes went out the request can not be replayed, so
             // what was written need not be kept.
-            if s.ex.body_out && s.ex.up_out_pos == s.ex.up_out.len() {
-                s.ex.up_out.clear();
-                s.ex.up_out_pos = 0;
-                s.ex.up_head_len = 0;
+            if p.body_out && p.up_out_pos == p.up_out.len() {
+                p.up_out.clear();
+                p.up_out_pos = 0;
+                p.up_head_len = 0;
             }
             if progress {
                 moved = true;
@@ -220,32 +340,29 @@ impl Core {
     }
 
     /// Backend to client: the response head, then body bytes as they come.
-    fn pump_response(&mut self, s: &mut Session, ui: usize) -> Result<bool, Fail> {
+    fn pump_response(&mut self, s: &mut Session, p: &mut Proxying) -> Result<Pumped, Fail> {
         let mut moved = false;
         loop {
             let mut step = false;
-            let u = &mut self.ups[ui];
+            let u = &mut self.ups[p.up];
             let Some(ubuf) = u.buf.as_mut() else { return Err(Fail::UpstreamClosed) };
             // Read when there is room (bounded: a slow client stops us here).
-            if !s.ex.resp_eof && u.rd.readable && ubuf.room() > 0 {
+            if !p.resp_eof && u.rd.readable && ubuf.room() > 0 {
                 match read_into(&mut u.stream, &mut u.rd, ubuf) {
                     Ok(Some(0)) => {
-                        s.ex.resp_eof = true;
+                        p.resp_eof = true;
                         step = true;
                     }
                     Err(_) => {
-                        s.ex.resp_eof = true;
-                        s.ex.resp_reset = true;
+                        p.resp_eof = true;
+                        p.resp_reset = true;
                         step = true;
                     }
-                    Ok(Some(n)) => {
-                        s.ex.resp_bytes += n as u64;
-                        step = true;
-                    }
+                    Ok(Some(_)) => step = true,
                     Ok(None) => {}
                 }
             }
-            if !s.ex.resp_head_done {
+            if !p.resp_head_done {
                 // Interim responses (100 Continue) go out as they come: a
                 // client may be waiting for one before it sends the body.
                 if s.out_pending() {
@@ -255,15 +372,14 @@ impl Core {
                 match s.resp.parse(ubuf.data(), MAX_PARSE_HEADERS) {
                     Ok(Some(n)) => {
                         ubuf.consume(n);
-                        self.response_head(s)?;
-                        moved = true;
-                        if s.phase != Phase::Proxy {
-                            return Ok(true);
+                        if let Some(switch) = self.response_head(s, p)? {
+                            return Ok(Pumped::Switch(switch));
                         }
+                        moved = true;
                         continue;
                     }
                     Ok(None) if ubuf.room() == 0 => return Err(Fail::BadResponse),
-                    Ok(None) if s.ex.resp_eof => {
+                    Ok(None) if p.resp_eof => {
                         return Err(if ubuf.is_empty() { Fail::UpstreamClosed } else { Fail::BadResponse })
                     }
                     Ok(None) => {}
@@ -271,47 +387,47 @@ impl Core {
                 }
                 moved |= step;
                 if !step {
-                    return Ok(moved);
+                    return Ok(Pumped::Moved(moved));
                 }
                 continue;
             }
             // Scan new body bytes (the decoder scans as it writes).
-            if s.ex.resp_mode != RespMode::Decode && !s.ex.resp_body.complete() && ubuf.len() > s.ex.resp_ready {
-                let n = s.ex.resp_body.scan(&ubuf.data()[s.ex.resp_ready..]).map_err(|_| Fail::BadResponse)?;
-                s.ex.resp_ready += n;
+            if p.resp_mode != RespMode::Decode && !p.resp_body.complete() && ubuf.len() > p.resp_ready {
+                let n = p.resp_body.scan(&ubuf.data()[p.resp_ready..]).map_err(|_| Fail::BadResponse)?;
+                p.resp_ready += n;
             }
-            step |= self.write_response_body(s, ui)?;
+            step |= self.write_response_body(s, p)?;
             moved |= step;
             if !step {
                 break;
             }
         }
-        if s.ex.resp_eof && !s.ex.resp_body.complete() {
-            if let Body::Close = s.ex.resp_body {
-                let all_written = s.ex.resp_ready == 0 && s.ex.chunk_left == 0;
-                if s.ex.resp_reset && all_written {
+        if p.resp_eof && !p.resp_body.complete() {
+            if let Body::Close = p.resp_body {
+                let all_written = p.resp_ready == 0 && p.chunk_left == 0;
+                if p.resp_reset && all_written {
                     // A reset is not the end of a close-delimited body.
                     return Err(Fail::Truncated);
                 }
-                if s.ex.resp_mode == RespMode::Reframe && all_written && !s.ex.last_chunk_queued {
+                if p.resp_mode == RespMode::Reframe && all_written && !p.last_chunk_queued {
                     s.out.extend_from_slice(b"0\r\n\r\n");
-                    s.ex.last_chunk_queued = true;
-                    moved |= self.write_response_body(s, ui)?;
+                    p.last_chunk_queued = true;
+                    moved |= self.write_response_body(s, p)?;
                 }
             } else {
-                let buffered = self.ups[ui].buf.as_ref().map_or(0, |b| b.len());
-                let pending = if s.ex.resp_mode == RespMode::Decode { buffered } else { s.ex.resp_ready };
+                let buffered = self.ups[p.up].buf.as_ref().map_or(0, |b| b.len());
+                let pending = if p.resp_mode == RespMode::Decode { buffered } else { p.resp_ready };
                 if pending == 0 {
                     return Err(Fail::Truncated);
                 }
             }
         }
-        Ok(moved)
+        Ok(Pumped::Moved(moved))
     }
 
     /// A response head arrived: decide the framing towards the client and
-    /// queue the head.
-    fn response_head(&mut self, s: &mut Session) -> Result<(), Fail> {
+    /// queue the head. `Some`: the session leaves `Proxy`.
+    fn response_head(&mut self, s: &mut Session, p: &mut Proxying) -> Result<Option<Switch>, Fail> {
         let status = s.resp.status;
         let client_v11 = s.req.version() == Version::Http11;
         if status == 101 {
@@ -319,27 +435,25 @@ impl Core {
                 return Err(Fail::BadResponse);
             }
             hw::response_head(&mut s.out, &s.resp, OutFraming::None, ConnHeader::Upgrade);
-            s.ex.resp_head_done = true;
+            p.resp_head_done = true;
             s.ex.status = 101;
-            s.phase = Phase::Tunnel;
-            return Ok(());
+            return Ok(Some(Switch::Upgrade));
         }
         if status < 200 {
             // Interim responses (100 Continue, 103) go to HTTP/1.1 clients.
             if client_v11 {
                 hw::response_head(&mut s.out, &s.resp, OutFraming::None, ConnHeader::Default);
             }
-            return Ok(());
+            return Ok(None);
         }
         let framing = s.resp.framing(s.ex.head_request).map_err(|_| Fail::BadResponse)?;
         self.record_outcome(s, if status >= 500 { Outcome::ServerError } else { Outcome::Success });
         s.ex.status = status;
         match self.hook_response(s) {
-            None => {}
+            Verdict::Continue => {}
             // A module closed the connection.
-            Some(Step::Close) => return Err(Fail::ClientGone),
-            // A module answered instead: the session is in `Local` now.
-            Some(_) => return Ok(()),
+            Verdict::Close => return Err(Fail::ClientGone),
+            Verdict::Respond(r) => return Ok(Some(Switch::Answer(r))),
         }
         // A final response before the client sent its whole body (a
         // backend refusing an upload, an `Expect: 100-continue` answered
@@ -362,36 +476,36 @@ impl Core {
             }
         };
         s.ex.client_keep = keep;
-        s.ex.upstream_keep = s.resp.keep_alive() && framing != Framing::Close;
-        s.ex.resp_mode = mode;
-        s.ex.resp_body = Body::from_framing(framing);
+        p.upstream_keep = s.resp.keep_alive() && framing != Framing::Close;
+        p.resp_mode = mode;
+        p.resp_body = Body::from_framing(framing);
         let conn = match (keep, client_v11) {
             (false, _) => ConnHeader::Close,
             (true, true) => ConnHeader::Default,
             (true, false) => ConnHeader::KeepAlive,
         };
         hw::response_head(&mut s.out, &s.resp, out, conn);
-        s.ex.resp_head_done = true;
-        Ok(())
+        p.resp_head_done = true;
+        Ok(None)
     }
 
     /// Writes queued head bytes and available body bytes to the client.
-    fn write_response_body(&mut self, s: &mut Session, ui: usize) -> Result<bool, Fail> {
-        let u = &mut self.ups[ui];
+    fn write_response_body(&mut self, s: &mut Session, p: &mut Proxying) -> Result<bool, Fail> {
+        let u = &mut self.ups[p.up];
         let Some(ubuf) = u.buf.as_mut() else { return Ok(false) };
         let mut moved = false;
         loop {
-            let body: &[u8] = match s.ex.resp_mode {
-                RespMode::Pass => &ubuf.data()[..s.ex.resp_ready],
+            let body: &[u8] = match p.resp_mode {
+                RespMode::Pass => &ubuf.data()[..p.resp_ready],
                 RespMode::Reframe => {
-                    if s.ex.chunk_left == 0 && s.ex.resp_ready > 0 {
-                        hw::chunk_head(&mut s.out, s.ex.resp_ready);
-                        s.ex.chunk_left = s.ex.resp_ready;
+                    if p.chunk_left == 0 && p.resp_ready > 0 {
+                        hw::chunk_head(&mut s.out, p.resp_ready);
+                        p.chunk_left = p.resp_ready;
                     }
-                    &ubuf.data()[..s.ex.chunk_left]
+                    &ubuf.data()[..p.chunk_left]
                 }
                 RespMode::Decode => {
-                    let Body::Chunked(sc) = &mut s.ex.resp_body else { return Err(Fail::BadResponse) };
+                    let Body::Chunked(sc) = &mut p.resp_body else { return Err(Fail::BadResponse) };
                     let n = sc.scan_framing(ubuf.data()).map_err(|_| Fail::BadResponse)?;
                     if n > 0 {
                         ubuf.consume(n);
@@ -410,17 +524,17 @@ impl Core {
                 continue;
             }
             ubuf.consume(n);
-            match s.ex.resp_mode {
-                RespMode::Pass => s.ex.resp_ready -= n,
+            match p.resp_mode {
+                RespMode::Pass => p.resp_ready -= n,
                 RespMode::Reframe => {
-                    s.ex.resp_ready -= n;
-                    s.ex.chunk_left -= n;
-                    if s.ex.chunk_left == 0 {
+                    p.resp_ready -= n;
+                    p.chunk_left -= n;
+                    if p.chunk_left == 0 {
                         s.out.extend_from_slice(b"\r\n");
                     }
                 }
                 RespMode::Decode => {
-                    if let Body::Chunked(sc) = &mut s.ex.resp_body {
+                    if let Body::Chunked(sc) = &mut p.resp_body {
                         sc.consume_data(n);
                     }
                 }
@@ -429,24 +543,31 @@ impl Core {
     }
 
     /// The response has been completely written to the client.
-    fn response_done(&self, s: &Session, ui: usize) -> bool {
+    fn response_done(&self, s: &Session, p: &Proxying) -> bool {
         if s.out_pos < s.out.len() {
             return false;
         }
-        let body_done = match (&s.ex.resp_body, s.ex.resp_mode) {
-            (Body::Close, RespMode::Reframe) => s.ex.last_chunk_queued,
-            (Body::Close, _) => s.ex.resp_eof && self.ups[ui].buf.as_ref().is_none_or(|b| b.is_empty()),
+        let body_done = match (&p.resp_body, p.resp_mode) {
+            (Body::Close, RespMode::Reframe) => p.last_chunk_queued,
+            (Body::Close, _) => p.resp_eof && self.ups[p.up].buf.as_ref().is_none_or(|b| b.is_empty()),
             (b, _) => b.complete(),
         };
-        body_done && s.ex.resp_ready == 0
+        body_done && p.resp_ready == 0
     }
 
-    /// The exchange is over: pool or close the upstream connection, then
-    /// the next request or close.
-    fn finish(&mut self, s: &mut Session) -> Step {
-        let request_sent = s.ex.request_sent();
-        let reusable = s.ex.upstream_keep && request_sent && !s.ex.resp_eof;
-        self.release_upstream(s, reusable);
+    /// Leaves `Proxy` without a tunnel: the backend connection goes back
+    /// to its pool when `reusable`, else it is closed; the session keeps
+    /// the head's allocation.
+    pub(super) fn leave_proxy(&mut self, s: &mut Session, p: Proxying, reusable: bool) {
+        self.release_upstream(s, p.up, reusable);
+        s.up_out = p.into_up_out();
+    }
+
+    /// `Proxy` → end of the exchange: pool or close the upstream
+    /// connection, then the next request or close.
+    fn finish(&mut self, s: &mut Session, p: Proxying) -> Next {
+        let reusable = p.upstream_keep && p.request_sent(&s.ex) && !p.resp_eof;
+        self.leave_proxy(s, p, reusable);
         // Body bytes the backend did not take before answering are
         // dropped, so they are not read as the next request; a body still
         // being received keeps the connection from being reused at all.
@@ -460,60 +581,53 @@ impl Core {
         self.end_exchange(s, keep)
     }
 
-    /// Turns a failure into a retry, an error response, or a close.
-    fn fail(&mut self, s: &mut Session, f: Fail) -> Step {
-        let started = s.ex.resp_head_done || s.out_pos < s.out.len();
-        let (backend, reused) = match s.ex.up.map(|u| &self.ups[u]) {
-            Some(u) => (self.backends.get(u.backend).addr.to_string(), u.reused),
-            None => (String::new(), false),
-        };
-        let method = String::from_utf8_lossy(s.req.method()).into_owned();
-        let path = String::from_utf8_lossy(s.req.target()).into_owned();
+    /// `Proxy` → a failure becomes a retry (`Proxy` on a new connection),
+    /// an error response (`Local`), or a close.
+    fn fail(&mut self, s: &mut Session, p: Proxying, f: Fail) -> Next {
+        let started = p.resp_head_done || s.out_pos < s.out.len();
+        let reused = self.ups[p.up].reused;
         match f {
             Fail::ClientGone => {
-                slog::debug!(self.log, "client closed during exchange"; "method" => &method, "path" => &path, "backend" => &backend);
-                self.release_upstream(s, false);
-                return Step::Close;
+                slog::debug!(self.req_log(s), "client closed during exchange");
+                self.leave_proxy(s, p, false);
+                return (State::Closed, Step::Close);
             }
             Fail::RequestBody(e) if !started => {
-                self.release_upstream(s, false);
+                self.leave_proxy(s, p, false);
                 return self.refuse(s, e);
             }
             Fail::Connect(_) | Fail::ConnectTimeout => {
-                slog::warn!(self.log, "connect to backend failed"; "method" => &method, "path" => &path, "backend" => &backend, "error" => %f);
+                slog::warn!(self.req_log(s), "connect to backend failed"; "error" => %f);
                 let outcome = if matches!(f, Fail::ConnectTimeout) { Outcome::Timeout } else { Outcome::ConnectError };
                 self.record_outcome(s, outcome);
-                self.release_upstream(s, false);
                 s.ex.failed += 1;
-                return self.retry(s, if matches!(f, Fail::ConnectTimeout) { 504 } else { 502 });
+                return self.retry(s, p, if matches!(f, Fail::ConnectTimeout) { 504 } else { 502 });
             }
             Fail::RequestBody(e) => {
                 // The response is under way: the client's broken body ends
                 // the exchange, and the connection.
-                slog::debug!(self.log, "request body refused during the response"; "method" => &method, "path" => &path,
-                    "backend" => &backend, "error" => %e);
-                self.release_upstream(s, false);
-                return Step::Close;
+                slog::debug!(self.req_log(s), "request body refused during the response"; "error" => %e);
+                self.leave_proxy(s, p, false);
+                return (State::Closed, Step::Close);
             }
             Fail::UpstreamClosed | Fail::UpstreamWrite(_)
                 if !started
                     && reused
-                    && !s.ex.body_out
+                    && !p.body_out
                     && s.ex.replays < 4
-                    && (s.ex.up_out_pos == 0 || is_idempotent(s.req.method())) =>
+                    && (p.up_out_pos == 0 || is_idempotent(s.req.method())) =>
             {
                 // A pooled connection the backend had closed before the
                 // request reached it. Nothing of a response came, no body
                 // byte went out, and the method may be repeated (or nothing
                 // at all was written): sending again on a new connection is
                 // safe (RFC 9110 §9.2.2).
-                slog::debug!(self.log, "pooled connection was closed by the backend; resending"; "backend" => &backend);
-                self.release_upstream(s, false);
+                slog::debug!(self.req_log(s), "pooled connection was closed by the backend; resending");
                 s.ex.replays += 1;
                 if s.ex.backend < 64 {
                     s.ex.tried &= !(1u64 << s.ex.backend);
                 }
-                return self.retry(s, 502);
+                return self.retry(s, p, 502);
             }
             _ => {}
         }
@@ -533,20 +647,16 @@ impl Core {
             let cluster = &s.snap.clusters[s.ex.cluster];
             let in_budget =
                 s.ex.started.is_some_and(|t0| self.now.saturating_duration_since(t0) < cluster.retry_budget);
-            if !started && !s.ex.body_out && is_idempotent(s.req.method()) && s.ex.failed < cluster.retries && in_budget
-            {
-                slog::warn!(self.log, "backend failed; retrying the request on another backend"; "method" => &method,
-                    "path" => &path, "backend" => &backend, "error" => %f);
-                self.release_upstream(s, false);
+            if !started && !p.body_out && is_idempotent(s.req.method()) && s.ex.failed < cluster.retries && in_budget {
+                slog::warn!(self.req_log(s), "backend failed; retrying the request on another backend"; "error" => %f);
                 s.ex.failed += 1;
-                return self.retry(s, status);
+                return self.retry(s, p, status);
             }
         }
-        slog::error!(self.log, "backend failed"; "method" => &method, "path" => &path, "backend" => &backend,
-            "error" => %f, "status" => status, "response_started" => started);
-        self.release_upstream(s, false);
+        slog::error!(self.req_log(s), "backend failed"; "error" => %f, "status" => status, "response_started" => started);
+        self.leave_proxy(s, p, false);
         if started {
-            return Step::Close;
+            return (State::Closed, Step::Close);
         }
         s.ex.client_keep = s.ex.client_keep && s.ex.req_body.complete();
         self.respond(s, status)
@@ -563,58 +673,61 @@ impl Core {
         }
     }
 
-    /// Connects again for the same request (nothing of it was processed).
-    fn retry(&mut self, s: &mut Session, status_if_none: u16) -> Step {
-        s.ex.up_out_pos = 0;
-        s.ex.resp_eof = false;
-        s.ex.resp_bytes = 0;
+    /// The same request again on a new connection (nothing of it was
+    /// processed): `Proxy` again, or `Local` with `status_if_none` when no
+    /// backend can be had. The failed connection is closed.
+    fn retry(&mut self, s: &mut Session, mut p: Proxying, status_if_none: u16) -> Next {
+        self.release_upstream(s, p.up, false);
+        p.up_out_pos = 0;
+        p.resp_eof = false;
         match self.connect_upstream(s) {
-            Ok(()) => {
+            Ok(up) => {
+                p.up = up;
                 s.progressed = true;
-                Step::Again
+                (State::Proxy(p), Step::Again)
             }
-            Err(_) => self.respond(s, status_if_none),
+            Err(_) => {
+                s.up_out = p.into_up_out();
+                self.respond(s, status_if_none)
+            }
         }
     }
 
-    /// What a session in the Proxy phase waits on, as a timeout.
-    pub(super) fn proxy_wait(&self, s: &Session) -> Duration {
+    /// What a session in `Proxy` waits on, as a timeout.
+    pub(super) fn proxy_wait(&self, s: &Session, p: &Proxying) -> Duration {
         let t = &s.snap.config.timeouts;
-        if !s.ex.resp_head_done {
+        if !p.resp_head_done {
             if !s.ex.req_body.complete() && s.ex.req_ready == 0 {
                 return t.client_body;
             }
-            if !s.ex.request_sent() {
+            if !p.request_sent(&s.ex) {
                 return t.upstream_write;
             }
             return t.upstream_read;
         }
-        if s.out_pos < s.out.len() || s.ex.resp_ready > 0 || !s.rd.writable {
+        if s.out_pos < s.out.len() || p.resp_ready > 0 || !s.rd.writable {
             t.client_write
         } else {
             t.upstream_read
         }
     }
 
-    /// The Proxy phase's deadline passed.
-    pub(super) fn proxy_timeout(&mut self, s: &mut Session) -> Step {
-        match s.ex.up.map(|u| self.ups[u].connecting) {
-            Some(true) => self.fail(s, Fail::ConnectTimeout),
-            _ if !s.ex.resp_head_done && !s.ex.req_body.complete() && s.ex.req_ready == 0 => {
-                s.ex.client_keep = false;
-                self.release_upstream(s, false);
-                self.respond(s, 408)
-            }
-            _ if !s.ex.resp_head_done => self.fail(s, Fail::UpstreamTimeout),
-            _ => {
-                let backend = s.ex.up.map(|u| self.backends.get(self.ups[u].backend).addr.to_string());
-                slog::warn!(self.log, "timeout while streaming a response; closing";
-                    "method" => %String::from_utf8_lossy(s.req.method()), "path" => %String::from_utf8_lossy(s.req.target()),
-                    "backend" => backend.unwrap_or_default());
-                self.release_upstream(s, false);
-                Step::Close
-            }
+    /// `Proxy`'s deadline passed.
+    pub(super) fn proxy_timeout(&mut self, s: &mut Session, p: Proxying) -> Next {
+        if self.ups[p.up].connecting {
+            return self.fail(s, p, Fail::ConnectTimeout);
         }
+        if !p.resp_head_done && !s.ex.req_body.complete() && s.ex.req_ready == 0 {
+            s.ex.client_keep = false;
+            self.leave_proxy(s, p, false);
+            return self.respond(s, 408);
+        }
+        if !p.resp_head_done {
+            return self.fail(s, p, Fail::UpstreamTimeout);
+        }
+        slog::warn!(self.req_log(s), "timeout while streaming a response; closing");
+        self.leave_proxy(s, p, false);
+        (State::Closed, Step::Close)
     }
 }
 

@@ -1,7 +1,8 @@
 //! Connections to backends: choosing the backend of an attempt, taking an
 //! idle pooled connection or connecting, and giving connections back to
 //! their backend's pool (or closing them). The exchange that uses a
-//! connection is in `proxy.rs`.
+//! connection is in `forward`; a connection in use belongs to the
+//! session state that holds its index (`Proxy`, then maybe `Tunnel`).
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -12,7 +13,8 @@ use crate::net::{Readiness, Stream};
 
 use super::session::Session;
 use super::timer::{Timed, Timers};
-use super::{token, Core, KIND_UPSTREAM};
+use super::token::{self, Kind};
+use super::Core;
 
 /// A connection to a backend: in use by a session, or idle in its pool.
 #[derive(Debug)]
@@ -38,14 +40,15 @@ pub struct UpConn {
 const PROBE_AFTER_IDLE: Duration = Duration::from_millis(250);
 
 impl Core {
-    /// Picks a backend and connects to it (or takes a pooled connection).
-    /// Connections that fail at once move on to the next backend. Returns
-    /// the status to answer with when no backend can be had.
-    pub(super) fn connect_upstream(&mut self, s: &mut Session) -> Result<(), u16> {
+    /// Picks a backend and connects to it (or takes a pooled connection):
+    /// the connection's index. Connections that fail at once move on to
+    /// the next backend. `Err`: the status to answer with when no backend
+    /// can be had.
+    pub(super) fn connect_upstream(&mut self, s: &mut Session) -> Result<usize, u16> {
         loop {
             self.pick_backend(s)?;
-            if self.open_backend(s)? {
-                return Ok(());
+            if let Some(up) = self.open_backend(s)? {
+                return Ok(up);
             }
         }
     }
@@ -63,14 +66,16 @@ impl Core {
             s.ex.tried |= 1 << b;
         }
         s.ex.backend = b;
+        // The request's logger names the backend: built anew if used.
+        s.log = None;
         Ok(())
     }
 
     /// Takes a pooled connection to the chosen backend, or starts
-    /// connecting to it. `Ok(false)`: the connect failed at once (the
-    /// failure is counted; pick another backend).
-    pub(super) fn open_backend(&mut self, s: &mut Session) -> Result<bool, u16> {
-        let sid = s.key >> 2;
+    /// connecting to it: the connection's index. `Ok(None)`: the connect
+    /// failed at once (the failure is counted; pick another backend).
+    pub(super) fn open_backend(&mut self, s: &mut Session) -> Result<Option<usize>, u16> {
+        let (_, sid) = token::decode(mio::Token(s.key));
         let cluster = &s.snap.clusters[s.ex.cluster];
         let id = cluster.members[s.ex.backend].id;
         // A pooled connection whose FIN (or stray bytes) arrived but has not
@@ -92,13 +97,12 @@ impl Core {
             u.buf = Some(self.up_bufs.get());
             Timers::clear(&mut u.timed);
             backend.acquire(self.place);
-            s.ex.up = Some(ui);
-            return Ok(true);
+            return Ok(Some(ui));
         }
         match Stream::connect(&backend.addr) {
             Ok(stream) => {
                 let entry = self.ups.vacant_entry();
-                let key = token(KIND_UPSTREAM, entry.key()).0;
+                let key = token::token(Kind::Upstream, entry.key()).0;
                 let mut u = UpConn {
                     key,
                     stream,
@@ -120,27 +124,24 @@ impl Core {
                     }
                     return Err(502);
                 }
-                s.ex.up = Some(entry.key());
+                let up = entry.key();
                 entry.insert(u);
                 backend.acquire(self.place);
                 let at = self.now + s.snap.config.timeouts.upstream_connect;
                 self.timers.set(&mut s.timed, s.key, at);
-                Ok(true)
+                Ok(Some(up))
             }
             Err(e) => {
-                slog::warn!(self.log, "connect to backend failed"; "method" => %String::from_utf8_lossy(s.req.method()),
-                    "path" => %String::from_utf8_lossy(s.req.target()), "backend" => %backend.addr,
-                    "cluster" => &cluster.name, "error" => %e);
                 s.ex.failed += 1;
-                Ok(false)
+                slog::warn!(self.req_log(s), "connect to backend failed"; "error" => %e);
+                Ok(None)
             }
         }
     }
 
-    /// Gives up the session's upstream connection: back to its backend's
-    /// pool when `reusable`, else closed.
-    pub(super) fn release_upstream(&mut self, s: &mut Session, reusable: bool) {
-        let Some(ui) = s.ex.up.take() else { return };
+    /// Gives up the upstream connection `ui` that session `s` used: back
+    /// to its backend's pool when `reusable`, else closed.
+    pub(super) fn release_upstream(&mut self, s: &Session, ui: usize, reusable: bool) {
         let u = &mut self.ups[ui];
         let be = self.backends.get_mut(u.backend);
         be.release(self.place);

@@ -1,0 +1,388 @@
+//! A request from its head to its end, where no backend connection is
+//! involved: the `Head` state (read and parse a head, route it, run
+//! BEFORE_CLUSTER, choose a backend, run AFTER_CLUSTER, open the
+//! connection: then `Proxy`), the `Local` state (a response Pitcher or a
+//! module made), the end of an exchange (REQUEST_FINISH, then the next
+//! head or the close) and `Linger`.
+//!
+//! Also [`Exchange`], the record of the current request (valid from its
+//! head to its end, whatever the state), and [`Body`], a body's framing.
+
+use std::io::{self, Read};
+use std::time::{Duration, Instant};
+
+use crate::hooks::{Point, Verdict};
+use crate::http::write::{self as hw, ConnHeader};
+use crate::http::{ChunkedScanner, Framing, HttpError, Version};
+use crate::net::Peer;
+
+use super::forward::Proxying;
+use super::session::{read_into, Next, Session, State, Step};
+use super::Core;
+
+/// How long a closing connection's unread input is drained.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// Body framing state of one direction, as scanned so far.
+#[derive(Debug, Clone, Default)]
+pub enum Body {
+    #[default]
+    None,
+    /// Bytes not yet scanned.
+    Length(u64),
+    Chunked(ChunkedScanner),
+    /// Until the sender closes.
+    Close,
+}
+
+impl Body {
+    pub fn from_framing(f: Framing) -> Body {
+        match f {
+            Framing::None | Framing::Length(0) => Body::None,
+            Framing::Length(n) => Body::Length(n),
+            Framing::Chunked => Body::Chunked(ChunkedScanner::new()),
+            Framing::Close => Body::Close,
+        }
+    }
+
+    /// Every byte of the body has been scanned (Close: never, until EOF).
+    pub fn complete(&self) -> bool {
+        match self {
+            Body::None => true,
+            Body::Length(n) => *n == 0,
+            Body::Chunked(s) => s.is_done(),
+            Body::Close => false,
+        }
+    }
+
+    /// Scans `data` (bytes that follow those already scanned); returns how
+    /// many belong to the body.
+    pub fn scan(&mut self, data: &[u8]) -> Result<usize, HttpError> {
+        Ok(match self {
+            Body::None => 0,
+            Body::Length(left) => {
+                let n = (*left).min(data.len() as u64);
+                *left -= n;
+                n as usize
+            }
+            Body::Chunked(s) => s.scan_through(data).map_err(HttpError::Chunked)?,
+            Body::Close => data.len(),
+        })
+    }
+}
+
+/// The record of one request: what it is, where it went, how it ended.
+/// Valid from its head to its end, whatever the session's state; reset
+/// when the next head is parsed. (What only an exchange with a backend
+/// has is in [`Proxying`].)
+#[derive(Debug, Default)]
+pub struct Exchange {
+    /// The route matched, if any.
+    pub route: Option<usize>,
+    /// The cluster (index in the snapshot), when `cluster_chosen`.
+    pub cluster: usize,
+    /// `cluster` holds a choice (from the route or a module).
+    pub cluster_chosen: bool,
+    /// The backend of the current attempt (index among the cluster's members).
+    pub backend: usize,
+    /// Backends tried for this request (bit per backend index).
+    pub tried: u64,
+    /// Connect attempts that failed.
+    pub failed: u32,
+    /// Resends on a fresh connection after a pooled one turned out closed.
+    pub replays: u32,
+    pub head_request: bool,
+    /// An upgrade (WebSocket) the configuration allows was asked for.
+    pub upgrade: bool,
+    /// The client connection may serve another request.
+    pub client_keep: bool,
+    /// The request body's framing, as read from the client so far.
+    pub req_body: Body,
+    /// Scanned request body bytes at the front of the client buffer.
+    pub req_ready: usize,
+    pub started: Option<Instant>,
+    /// When the request started going to a backend (for upstream time).
+    pub upstream_started: Option<Instant>,
+    /// The status the client got (from the backend or from Pitcher).
+    pub status: u16,
+    /// Response body bytes written to the client.
+    pub bytes_out: u64,
+    /// REQUEST_FINISH is still owed for this exchange.
+    pub finish_pending: bool,
+}
+
+impl Exchange {
+    pub(super) fn reset(&mut self) {
+        *self = Exchange::default();
+    }
+
+    /// The request's whole body has been read and passed on (or dropped).
+    pub(super) fn body_read(&self) -> bool {
+        self.req_body.complete() && self.req_ready == 0
+    }
+}
+
+/// Why an incomplete or complete head over `max` bytes is refused: 414
+/// when its request line alone does not fit, else 431.
+fn head_too_large(data: &[u8], max: usize) -> HttpError {
+    match data.iter().position(|&b| b == b'\n') {
+        Some(i) if i < max => HttpError::HeadersTooLarge,
+        _ => HttpError::UriTooLong,
+    }
+}
+
+impl Core {
+    /// `Head`: reads and parses a request head.
+    pub(super) fn step_head(&mut self, s: &mut Session, mut started: Option<Instant>) -> Next {
+        loop {
+            if let Some(inb) = s.inb.as_mut().filter(|b| !b.is_empty()) {
+                let limits = &s.snap.config.limits;
+                // A buffer smaller than the limit (a reload raised it) is
+                // the limit: a full buffer cannot be read into.
+                let max = limits.max_header_bytes.min(inb.capacity());
+                match s.req.parse(inb.data(), limits.max_headers) {
+                    Ok(Some(n)) if n > max => {
+                        let e = head_too_large(inb.data(), max);
+                        return self.refuse_head(s, e);
+                    }
+                    Ok(Some(n)) => {
+                        inb.consume(n);
+                        s.requests += 1;
+                        s.progressed = true;
+                        return self.start_request(s);
+                    }
+                    Ok(None) if inb.len() >= max => {
+                        let e = head_too_large(inb.data(), max);
+                        return self.refuse_head(s, e);
+                    }
+                    Ok(None) => {}
+                    Err(e) => return self.refuse_head(s, e),
+                }
+            } else if !s.rd.readable {
+                // Idle between requests: give the buffer back.
+                if let Some(b) = s.inb.take() {
+                    self.bufs.put(b);
+                }
+            }
+            if !s.rd.readable {
+                return (State::Head { started }, Step::Blocked);
+            }
+            let inb = s.inb.get_or_insert_with(|| self.bufs.get());
+            match read_into(&mut s.stream, &mut s.rd, inb) {
+                Ok(Some(0)) | Err(_) => return (State::Head { started }, Step::Close),
+                Ok(Some(_)) => {
+                    s.progressed = true;
+                    if started.is_none() {
+                        started = Some(self.now);
+                    }
+                }
+                Ok(None) => {}
+            }
+        }
+    }
+
+    /// `Head` → a request head was parsed: route it, choose its backend
+    /// and open a connection to it (`Proxy`), or answer it (`Local`).
+    fn start_request(&mut self, s: &mut Session) -> Next {
+        s.ex.reset();
+        s.snap = self.current.load_full();
+        s.vars.clear();
+        s.log = None;
+        s.ex.started = Some(self.now);
+        s.ex.finish_pending = true;
+        self.count_request();
+        s.ex.head_request = s.req.is_head();
+        s.ex.client_keep = s.req.keep_alive() && !self.draining;
+        s.ex.req_body = Body::from_framing(s.req.framing());
+        let max_body = s.snap.config.limits.max_body_bytes;
+        if let Framing::Length(n) = s.req.framing() {
+            if n > max_body {
+                return self.refuse(s, HttpError::BodyTooLarge);
+            }
+        }
+        // A malformed or oversized chunked body that came with the head is
+        // refused before any backend is contacted. (Bytes that come later
+        // are checked as they are re-framed; see `pump_request`.)
+        if let Body::Chunked(sc) = &s.ex.req_body {
+            let mut probe = sc.clone();
+            let buffered = s.inb.as_ref().map_or(&[][..], |b| b.data());
+            if let Err(e) = probe.scan_through(buffered) {
+                return self.refuse(s, HttpError::Chunked(e));
+            }
+            if probe.data_total > max_body {
+                return self.refuse(s, HttpError::BodyTooLarge);
+            }
+        }
+        // A request id for the backend and the logs, unless the request
+        // already carries one (from a load balancer in front of us).
+        if s.req.head.get("x-request-id").is_none() {
+            let id = self.next_request_id();
+            s.req.head.append("X-Request-Id", &id);
+        }
+        s.ex.route = s.snap.router.lookup(s.req.host(), s.req.path());
+        if let Some(r) = s.ex.route {
+            s.ex.cluster = s.snap.config.routes[r].cluster;
+            s.ex.cluster_chosen = true;
+        }
+        let v = self.hook_request(s, Point::BeforeCluster);
+        if let Some(next) = self.verdict(s, v) {
+            return next;
+        }
+        if !s.ex.cluster_chosen {
+            return self.respond(s, 404);
+        }
+        // RFC 9110 §7.8: Upgrade in an HTTP/1.0 request is ignored.
+        // Only the protocols the configuration allows become a tunnel
+        // (default: WebSocket). Anything else, such as h2c, would take the
+        // connection out of per-request routing and modules: its Upgrade is
+        // dropped as hop-by-hop and the request goes on as HTTP/1.1.
+        s.ex.upgrade = s.req.version() == Version::Http11
+            && s.req.head.has_token("connection", "upgrade")
+            && s.req.head.get("upgrade").is_some_and(|u| {
+                let proto = crate::http::head::trim(u.split(|&b| b == b',').next().unwrap_or(b""));
+                let name = proto.split(|&b| b == b'/').next().unwrap_or(b"");
+                s.snap.config.upgrade_protocols.iter().any(|p| p.as_bytes().eq_ignore_ascii_case(name))
+            });
+        // The backend is chosen, then AFTER_CLUSTER runs, then Pitcher
+        // connects (or takes a pooled connection).
+        if let Err(status) = self.pick_backend(s) {
+            return self.respond(s, status);
+        }
+        s.ex.upstream_started = Some(self.now);
+        let v = self.hook_request(s, Point::AfterCluster);
+        if let Some(next) = self.verdict(s, v) {
+            return next;
+        }
+        let opened = match self.open_backend(s) {
+            Ok(Some(up)) => Ok(up),
+            Ok(None) => self.connect_upstream(s),
+            Err(status) => Err(status),
+        };
+        let up = match opened {
+            Ok(up) => up,
+            Err(status) => return self.respond(s, status),
+        };
+        let client = match s.peer {
+            Peer::Ip(ip) => Some(ip),
+            Peer::Unix => None,
+        };
+        let mut p = Proxying::new(up, std::mem::take(&mut s.up_out));
+        p.queue_head(&s.req, client, s.ex.upgrade);
+        (State::Proxy(p), Step::Again)
+    }
+
+    /// What a request point's verdict means before any backend connection
+    /// is open: go on (`None`), answer, or close.
+    fn verdict(&mut self, s: &mut Session, v: Verdict) -> Option<Next> {
+        match v {
+            Verdict::Continue => None,
+            Verdict::Respond(r) => Some(self.respond_with(s, r.status, &r.headers, &r.body)),
+            Verdict::Close => Some((State::Closed, Step::Close)),
+        }
+    }
+
+    /// `Head` → `Local`: a request head that could not be parsed is
+    /// refused; nothing of the previous exchange (a HEAD method, a body)
+    /// applies to the answer.
+    fn refuse_head(&mut self, s: &mut Session, e: HttpError) -> Next {
+        s.ex.reset();
+        s.log = None;
+        s.ex.started = Some(self.now);
+        s.ex.finish_pending = true;
+        self.refuse(s, e)
+    }
+
+    /// → `Local`: answers a malformed request. The client stream cannot be
+    /// trusted, so the connection is closed after the response.
+    pub(super) fn refuse(&mut self, s: &mut Session, e: HttpError) -> Next {
+        slog::debug!(self.conn_log(s), "request refused"; "reason" => %e, "status" => e.status());
+        s.ex.client_keep = false;
+        self.respond(s, e.status())
+    }
+
+    /// → `Local`: sends a response made by Pitcher. The connection stays
+    /// open only if the client wants it and the request's body is fully read.
+    pub(super) fn respond(&mut self, s: &mut Session, status: u16) -> Next {
+        self.respond_with(s, status, &[], &[])
+    }
+
+    /// → `Local`: sends a response made by Pitcher or a module: extra
+    /// header fields, and a body (empty: Pitcher's short text body for the
+    /// status). The state it leaves holds no backend connection.
+    pub(super) fn respond_with(
+        &mut self,
+        s: &mut Session,
+        status: u16,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Next {
+        s.ex.status = status;
+        let keep = s.ex.client_keep && s.ex.body_read() && status != 408;
+        let conn = match (keep, s.req.version()) {
+            (false, _) => ConnHeader::Close,
+            (true, Version::Http10) => ConnHeader::KeepAlive,
+            (true, Version::Http11) => ConnHeader::Default,
+        };
+        s.out.clear();
+        s.out_pos = 0;
+        // Written from `out`: counted here, not as backend body bytes.
+        s.ex.bytes_out = hw::module_response(&mut s.out, status, headers, body, conn, s.ex.head_request) as u64;
+        s.progressed = true;
+        (State::Local { keep }, Step::Again)
+    }
+
+    /// `Local`: writes the response, then ends the exchange.
+    pub(super) fn step_local(&mut self, s: &mut Session, keep: bool) -> Next {
+        if s.write_client(&[]).is_err() {
+            return (State::Closed, Step::Close);
+        }
+        if s.out_pending() {
+            return (State::Local { keep }, Step::Blocked);
+        }
+        self.end_exchange(s, keep)
+    }
+
+    /// The response is fully written: REQUEST_FINISH, then `Head` for the
+    /// next request (`keep`), `Linger`, or close.
+    pub(super) fn end_exchange(&mut self, s: &mut Session, keep: bool) -> Next {
+        self.hook_request_finish(s);
+        s.progressed = true;
+        s.writes = 0;
+        if keep {
+            if !s.nodelay {
+                s.stream.set_nodelay();
+                s.nodelay = true;
+            }
+            // Bytes of a pipelined request already read: its head is late
+            // from now on, not idle.
+            let started = s.has_input().then_some(self.now);
+            return (State::Head { started }, Step::Again);
+        }
+        // Unread input (a body we refused, pipelined requests) would make
+        // the kernel reset the connection and lose the response: drain it.
+        if s.has_input() || !s.ex.req_body.complete() || s.rd.readable && !s.rd.read_closed {
+            s.stream.shutdown_write();
+            self.timers.set(&mut s.timed, s.key, self.now + LINGER);
+            return (State::Linger, Step::Again);
+        }
+        (State::Closed, Step::Close)
+    }
+
+    /// `Linger`: reads and drops the client's input until EOF (or the
+    /// linger deadline).
+    pub(super) fn step_linger(&mut self, s: &mut Session) -> Next {
+        let mut scratch = [0u8; 4096];
+        loop {
+            if !s.rd.readable {
+                return (State::Linger, Step::Blocked);
+            }
+            match s.stream.read(&mut scratch) {
+                Ok(0) => return (State::Closed, Step::Close),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.rd.drained(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return (State::Closed, Step::Close),
+            }
+        }
+    }
+}

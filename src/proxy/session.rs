@@ -1,0 +1,365 @@
+//! A client connection and the state machine of the requests on it.
+//!
+//! A session is always in exactly one [`State`]; each variant owns what is
+//! valid in it (the backend connection and the framing state of an
+//! exchange exist only in `Proxy`, the half-close flags only in `Tunnel`).
+//! A state step takes its state by value and returns the next one, so a
+//! state that does not hold a backend connection cannot use one:
+//!
+//! ```text
+//!  accept ──► Head ──(head parsed; route, BEFORE_CLUSTER, backend,
+//!              ▲  │    AFTER_CLUSTER, connect)──► Proxy ──(101)──► Tunnel ──► closed
+//!              │  │                                 │  │
+//!              │  └──(refused, 404, 408, module)──► Local ◄──(failure before
+//!              │                                    │  │      the response, module)
+//!              │                                    │  │
+//!              └──────(keep-alive)── end of exchange ◄─┴── response complete
+//!                                          │
+//!                       (close, unread input) ──► Linger ──► closed
+//! ```
+//!
+//! Owns: the client socket, its buffers, the parsed request and response,
+//! the current state. The worker's loop calls [`Core::drive`] when a socket
+//! of the session is ready and [`Core::timeout`] when its deadline passes.
+//! Must not: block, or know about processes and signals.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::sync::Arc;
+use std::time::Instant;
+
+use slog::Logger;
+
+use crate::buffer::Buf;
+use crate::hooks::{Response, Vars};
+use crate::http::write::{self as hw, ConnHeader};
+use crate::http::{RequestHead, ResponseHead};
+use crate::net::{Peer, Readiness, Stream};
+
+use super::forward::Proxying;
+use super::request::Exchange;
+use super::timer::Timed;
+use super::tunnel::Tunnel;
+use super::{Core, Snapshot};
+
+/// Where a session is, with what is valid there.
+#[derive(Debug)]
+pub enum State {
+    /// Reading a request head: idle between requests (`started: None`)
+    /// or partial (`started`: when its first byte arrived).
+    Head { started: Option<Instant> },
+    /// An exchange with a backend: its connection and the framing state
+    /// of both directions.
+    Proxy(Proxying),
+    /// Writing a response Pitcher made; then the next request (`keep`)
+    /// or the end of the connection.
+    Local { keep: bool },
+    /// After a 101 Switching Protocols: bytes both ways.
+    Tunnel(Tunnel),
+    /// Our side is done: the client's unread input is drained before
+    /// closing, so the last response is not destroyed by a reset.
+    Linger,
+    /// Nothing left to do (and the value a state step leaves behind while
+    /// it owns the state).
+    Closed,
+}
+
+/// What a state step says to `drive`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The state changed or more may be possible: step again.
+    Again,
+    /// Nothing can move until the next event or deadline.
+    Blocked,
+    /// Close the session.
+    Close,
+}
+
+/// A state step's result: the next state, and whether to go on. (On
+/// `Close` the state is kept until the session is closed, which gives
+/// back the backend connection it may hold.)
+pub type Next = (State, Step);
+
+/// A client connection.
+#[derive(Debug)]
+pub struct Session {
+    /// Token value of the client socket (also the timer key).
+    pub(super) key: usize,
+    pub(super) stream: Stream,
+    pub(super) peer: Peer,
+    pub(super) rd: Readiness,
+    /// Bytes read from the client.
+    pub(super) inb: Option<Buf>,
+    /// Bytes for the client not taken from a backend's buffer (heads,
+    /// chunk framing, local responses), and how much is written.
+    pub(super) out: Vec<u8>,
+    pub(super) out_pos: usize,
+    pub state: State,
+    pub(super) req: RequestHead,
+    pub(super) resp: ResponseHead,
+    /// The current (or last) request: what it is, where it went, how it ended.
+    pub(super) ex: Exchange,
+    pub(super) timed: Timed,
+    pub(super) requests: u64,
+    /// The configuration the current request started with (for an idle
+    /// connection: the one current when its last request started).
+    pub(super) snap: Arc<Snapshot>,
+    /// Set by any byte moved or state change during one `drive`.
+    pub(super) progressed: bool,
+    /// Per-request values of modules.
+    pub(super) vars: Vars,
+    /// When the connection was accepted.
+    pub(super) accepted: Instant,
+    /// TCP_NODELAY is set on the client socket.
+    pub(super) nodelay: bool,
+    /// A write would have blocked: the socket needs write readiness events.
+    pub(super) write_blocked: bool,
+    /// The socket is registered for write readiness too. Until a write
+    /// blocks it is registered for reads only, which spares an event per
+    /// connection (a new socket is writable at once).
+    pub(super) write_interest: bool,
+    /// Writes to the client since the connection's last exchange ended.
+    pub(super) writes: u32,
+    /// The allocation of the request head for a backend while no exchange
+    /// holds it (`Proxy` takes it and gives it back).
+    pub(super) up_out: Vec<u8>,
+    /// The current request's logger, built at its first log line
+    /// (see `keys`).
+    pub(super) log: Option<Logger>,
+}
+
+impl Session {
+    /// A session for a new connection, reusing the allocations of a
+    /// closed one when there is one (`spare`).
+    pub fn new(key: usize, stream: Stream, peer: Peer, snap: Arc<Snapshot>, spare: Option<Spare>) -> Session {
+        let spare = spare.unwrap_or_default();
+        Session {
+            key,
+            stream,
+            peer,
+            // Not readable until epoll says so: registering reports data that
+            // is already there, and reading at once after accept() mostly
+            // finds nothing yet (one EAGAIN per connection).
+            rd: Readiness { readable: false, writable: true, read_closed: false },
+            inb: None,
+            out: spare.out,
+            out_pos: 0,
+            state: State::Head { started: None },
+            req: spare.req,
+            resp: spare.resp,
+            ex: spare.ex,
+            timed: Timed::default(),
+            requests: 0,
+            snap,
+            progressed: false,
+            vars: spare.vars,
+            accepted: Instant::now(),
+            nodelay: false,
+            write_blocked: false,
+            write_interest: false,
+            writes: 0,
+            up_out: spare.up_out,
+            log: None,
+        }
+    }
+
+    /// The allocations of a closing session, for the next one.
+    pub(super) fn into_spare(self) -> Spare {
+        let mut sp =
+            Spare { out: self.out, req: self.req, resp: self.resp, ex: self.ex, vars: self.vars, up_out: self.up_out };
+        sp.out.clear();
+        sp.req.head.clear();
+        sp.resp.head.clear();
+        sp.ex.reset();
+        sp.vars.clear();
+        sp.up_out.clear();
+        sp
+    }
+
+    pub(super) fn has_input(&self) -> bool {
+        self.inb.as_ref().is_some_and(|b| !b.is_empty())
+    }
+
+    pub(super) fn out_pending(&self) -> bool {
+        self.out_pos < self.out.len()
+    }
+
+    /// Writes `out` then `body` to the client until done or blocked;
+    /// returns (all bytes written, body bytes written).
+    pub(super) fn write_client(&mut self, body: &[u8]) -> io::Result<(usize, usize)> {
+        let mut total = 0;
+        let mut written_body = 0;
+        while self.rd.writable {
+            let head = &self.out[self.out_pos..];
+            let rest = &body[written_body..];
+            if head.is_empty() && rest.is_empty() {
+                break;
+            }
+            if self.writes > 0 && !self.nodelay {
+                self.stream.set_nodelay();
+                self.nodelay = true;
+            }
+            self.writes += 1;
+            let r = if head.is_empty() {
+                self.stream.write(rest)
+            } else if rest.is_empty() {
+                self.stream.write(head)
+            } else {
+                self.stream.write_vectored(&[IoSlice::new(head), IoSlice::new(rest)])
+            };
+            match r {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.progressed = true;
+                    total += n;
+                    let h = n.min(head.len());
+                    self.out_pos += h;
+                    if self.out_pos == self.out.len() {
+                        self.out.clear();
+                        self.out_pos = 0;
+                    }
+                    written_body += n - h;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.rd.writable = false;
+                    self.write_blocked = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.ex.bytes_out += written_body as u64;
+        Ok((total, written_body))
+    }
+
+    /// A module answered at ACCEPT: one write of its response, then our
+    /// side is shut (no request was read; the session is closed next).
+    pub(super) fn answer_and_shut(&mut self, r: &Response) {
+        let mut out = Vec::new();
+        hw::module_response(&mut out, r.status, &r.headers, &r.body, ConnHeader::Close, false);
+        let _ = self.stream.write(&out);
+        self.stream.shutdown_write();
+    }
+}
+
+/// The reusable allocations of a session (buffers of heads and output),
+/// kept by the engine between connections so that accepting one costs no
+/// allocation in the steady state.
+#[derive(Debug, Default)]
+pub struct Spare {
+    out: Vec<u8>,
+    req: RequestHead,
+    resp: ResponseHead,
+    ex: Exchange,
+    vars: Vars,
+    up_out: Vec<u8>,
+}
+
+/// Reads from `stream` into `buf`: `Ok(Some(n))` bytes (0 = EOF),
+/// `Ok(None)` would block. A short read marks the socket drained, which is
+/// safe with edge-triggered epoll because EPOLLRDHUP reports a close.
+pub(super) fn read_into(stream: &mut Stream, rd: &mut Readiness, buf: &mut Buf) -> io::Result<Option<usize>> {
+    let spare = buf.spare();
+    let want = spare.len();
+    if want == 0 {
+        return Ok(None);
+    }
+    loop {
+        match stream.read(spare) {
+            Ok(n) => {
+                if n < want {
+                    rd.drained();
+                }
+                buf.fill(n);
+                return Ok(Some(n));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                rd.drained();
+                return Ok(None);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Core {
+    /// Moves everything that can move for session `s`, state after state.
+    /// Returns `false` when the session is to be closed.
+    pub fn drive(&mut self, s: &mut Session) -> bool {
+        let mut state = std::mem::replace(&mut s.state, State::Closed);
+        let alive = loop {
+            let (next, step) = match state {
+                State::Head { started } => self.step_head(s, started),
+                State::Proxy(p) => self.step_proxy(s, p),
+                State::Local { keep } => self.step_local(s, keep),
+                State::Tunnel(t) => self.step_tunnel(s, t),
+                State::Linger => self.step_linger(s),
+                State::Closed => (State::Closed, Step::Close),
+            };
+            state = next;
+            match step {
+                Step::Again => {}
+                Step::Blocked => break true,
+                Step::Close => break false,
+            }
+        };
+        s.state = state;
+        if !alive {
+            return false;
+        }
+        if std::mem::take(&mut s.write_blocked) && !s.write_interest {
+            let interest = mio::Interest::READABLE | mio::Interest::WRITABLE;
+            if self.registry.reregister(&mut s.stream, mio::Token(s.key), interest).is_err() {
+                return false;
+            }
+            s.write_interest = true;
+        }
+        if std::mem::take(&mut s.progressed) {
+            self.rearm(s);
+        }
+        true
+    }
+
+    /// Sets the session's deadline for what its state waits on.
+    fn rearm(&mut self, s: &mut Session) {
+        let t = &s.snap.config.timeouts;
+        let at = match &s.state {
+            State::Head { started: Some(t0) } => *t0 + t.client_header,
+            State::Head { started: None } if s.requests == 0 => self.now + t.client_header,
+            State::Head { started: None } => self.now + t.keepalive_idle,
+            // The connect deadline was set when connecting began.
+            State::Proxy(p) if self.ups[p.up].connecting => return,
+            State::Proxy(p) => self.now + self.proxy_wait(s, p),
+            State::Local { .. } => self.now + t.client_write,
+            State::Tunnel(_) => self.now + t.tunnel_idle,
+            State::Linger | State::Closed => return,
+        };
+        self.timers.set(&mut s.timed, s.key, at);
+    }
+
+    /// A deadline passed. Returns `false` to close the session.
+    pub fn timeout(&mut self, s: &mut Session) -> bool {
+        let (next, step) = match std::mem::replace(&mut s.state, State::Closed) {
+            State::Head { started: Some(_) } => {
+                slog::debug!(self.conn_log(s), "client header timeout");
+                s.ex.client_keep = false;
+                s.ex.head_request = false;
+                self.respond(s, 408)
+            }
+            State::Proxy(p) => self.proxy_timeout(s, p),
+            other => (other, Step::Close),
+        };
+        s.state = next;
+        step != Step::Close && self.drive(s)
+    }
+
+    /// Gives up what the session's state holds (its backend connection,
+    /// unpooled) when the session closes.
+    pub(super) fn leave_state(&mut self, s: &mut Session) {
+        match std::mem::replace(&mut s.state, State::Closed) {
+            State::Proxy(p) => self.leave_proxy(s, p, false),
+            State::Tunnel(t) => self.release_upstream(s, t.up, false),
+            _ => {}
+        }
+    }
+}
