@@ -22,19 +22,18 @@
 //! `leave_proxy`, which gives the connection back.
 
 use std::io::{self, IoSlice, Write};
-use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::hooks::{Response, Verdict};
 use crate::http::head::MAX_PARSE_HEADERS;
 use crate::http::write::{self as hw, ConnHeader, OutFraming};
-use crate::http::{Framing, HttpError, RequestHead, Version};
+use crate::http::{Framing, HttpError, Version};
 use crate::upstream::Outcome;
 
-use super::request::{Body, Exchange};
-use super::session::{read_into, Next, Session, State, Step};
-use super::tunnel::Tunnel;
-use super::Core;
+use super::core::Core;
+use super::exchange::Body;
+use super::session::{read_into, Session};
+use super::state::{Next, Proxying, RespMode, State, Step, Tunnel};
 
 /// Chunk data pieces up to this size are copied into the outgoing buffer
 /// with their framing rather than written from the read buffer on their own.
@@ -42,92 +41,6 @@ const COPIED_CHUNK_DATA: usize = 1024;
 /// Re-framed request bytes queued for a backend before more client input
 /// is taken (backpressure for chunked bodies).
 const MAX_PENDING_FRAMED: usize = 16 * 1024;
-
-/// How the response body goes to the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RespMode {
-    /// As received (length, chunked, or close-delimited to a closing client).
-    #[default]
-    Pass,
-    /// Close-delimited from the backend, re-framed as chunked.
-    Reframe,
-    /// Chunked from the backend, decoded for an HTTP/1.0 client.
-    Decode,
-}
-
-/// What only an exchange with a backend has: the connection, what of the
-/// request went up, and the framing of the response coming down.
-#[derive(Debug)]
-pub struct Proxying {
-    /// The backend connection (index of its [`UpConn`](super::UpConn)).
-    pub(super) up: usize,
-    /// Request head (and re-framed chunk framing) for the backend, and how
-    /// much of it is written.
-    up_out: Vec<u8>,
-    up_out_pos: usize,
-    /// Length of the request head at the front of `up_out` (0 once it was
-    /// dropped from there).
-    up_head_len: usize,
-    /// A byte of the body (data or framing) went to the backend: the
-    /// request can not be replayed.
-    body_out: bool,
-    resp_head_done: bool,
-    resp_body: Body,
-    resp_mode: RespMode,
-    /// Scanned response body bytes at the front of the upstream buffer.
-    resp_ready: usize,
-    /// The backend's side ended (FIN or error).
-    pub(super) resp_eof: bool,
-    /// The backend's connection ended with an error (reset), not a FIN: a
-    /// close-delimited body is then truncated, not complete.
-    resp_reset: bool,
-    /// Reframe mode: data bytes left of the chunk being written.
-    chunk_left: usize,
-    last_chunk_queued: bool,
-    /// The backend's connection may serve another request.
-    upstream_keep: bool,
-}
-
-impl Proxying {
-    /// An exchange over connection `up`; `up_out` is the (empty)
-    /// allocation the session keeps for the request head.
-    pub(super) fn new(up: usize, up_out: Vec<u8>) -> Proxying {
-        Proxying {
-            up,
-            up_out,
-            up_out_pos: 0,
-            up_head_len: 0,
-            body_out: false,
-            resp_head_done: false,
-            resp_body: Body::None,
-            resp_mode: RespMode::Pass,
-            resp_ready: 0,
-            resp_eof: false,
-            resp_reset: false,
-            chunk_left: 0,
-            last_chunk_queued: false,
-            upstream_keep: false,
-        }
-    }
-
-    /// Queues the rewritten request head for the backend.
-    pub(super) fn queue_head(&mut self, req: &RequestHead, client: Option<IpAddr>, upgrade: bool) {
-        hw::request_head(&mut self.up_out, req, client, upgrade);
-        self.up_head_len = self.up_out.len();
-    }
-
-    /// The whole request (head and body) has reached the backend.
-    fn request_sent(&self, ex: &Exchange) -> bool {
-        self.up_out_pos == self.up_out.len() && ex.body_read()
-    }
-
-    /// The allocation of `up_out`, emptied, for the session to keep.
-    pub(super) fn into_up_out(self) -> Vec<u8> {
-        let mut v = self.up_out;
-        v.clear();
-        v
-    }
-}
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]

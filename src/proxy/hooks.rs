@@ -12,8 +12,8 @@ use crate::hooks::{Connection, Ctx, Finished, Module, Point, Vars, Verdict};
 use crate::http::Version;
 use crate::net::Peer;
 
+use super::core::{Core, Snapshot};
 use super::session::Session;
-use super::{Core, Snapshot};
 
 fn client_ip(p: Peer) -> Option<std::net::IpAddr> {
     match p {

@@ -12,9 +12,9 @@ use slog::{Logger, Record, Serializer, KV};
 
 use crate::net::Peer;
 
+use super::core::Core;
 use super::session::Session;
 use super::token;
-use super::Core;
 
 /// Keys of a client connection.
 struct ConnKeys {

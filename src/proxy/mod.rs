@@ -8,35 +8,46 @@
 //!
 //! Read it top-down, in this order:
 //!
-//! 1. this file: [`Engine`] (the sessions, the upstream connections and
-//!    what they share, [`Core`]) and the entry points the worker calls:
-//!    [`Engine::open`], [`Engine::client_event`], [`Engine::upstream_event`],
-//!    [`Engine::run_timers`]; the configuration [`Snapshot`].
-//! 2. `session`: a client connection and its [`State`] enum, one variant
-//!    per state with the data valid in it; `drive` runs the transitions.
-//! 3. `request`: the `Head` state (read and parse a head, route it, choose
-//!    a backend), answering locally (`Local`), the end of an exchange and
-//!    `Linger`.
-//! 4. `forward`: the `Proxy` state: the request up, the response down,
-//!    failures turned into a retry, a 502/504 or a close.
-//! 5. `tunnel`: the `Tunnel` state after a 101.
-//! 6. `upconn`: backend connections: pick, pool, connect, release.
-//! 7. `hooks`: the calls into the module pipeline (one function runs a
+//! 1. this file: [`Engine`], the entry points the worker calls
+//!    ([`Engine::open`], [`Engine::client_event`], [`Engine::upstream_event`],
+//!    [`Engine::run_timers`], reconfiguration, drain, load samples).
+//! 2. `state`: the states of a connection ([`State`]: `Head`, `Proxy`,
+//!    `Local`, `Tunnel`, `Linger`), the data each owns, the diagram of
+//!    their transitions.
+//! 3. `session`: a client connection and `drive`, which runs state steps.
+//! 4. `request`: `Head` (read and parse a head, route it, choose and open
+//!    a backend), `Local` (a response Pitcher or a module made), the end
+//!    of an exchange, `Linger`.
+//! 5. `forward`: `Proxy`: the request up, the response down, failures
+//!    turned into a retry, a 502/504 or a close.
+//! 6. `tunnel`: `Tunnel`, after a 101.
+//! 7. `upconn`: backend connections: pick, pool, connect, release.
+//! 8. `hooks`: the calls into the module pipeline (one function runs a
 //!    point's modules).
-//! 8. `keys`: the request-scoped logger; `timer`: the deadlines; `token`:
-//!    how an event names its owner.
+//! 9. What the steps share: `core` ([`Core`], [`Snapshot`], [`UpConn`]),
+//!    `exchange` (the record of the current request, body framing),
+//!    `keys` (the request's logger), `timer` (deadlines), `token` (how an
+//!    event names its owner).
+//!
+//! Files point one way: `token`, `timer`, `exchange` import nothing of
+//! this layer; `state` and `core` import only those; `session` imports
+//! them; the step files (`request`, `forward`, `tunnel`, `upconn`,
+//! `hooks`, `keys`) import `session` and below, never each other; this
+//! file sits on top.
 
+mod core;
+mod exchange;
 mod forward;
 mod hooks;
 mod keys;
 mod request;
 mod session;
+mod state;
 mod timer;
 pub mod token;
 mod tunnel;
 mod upconn;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,17 +59,16 @@ use slog::Logger;
 use crate::buffer::BufPool;
 use crate::config::Config;
 use crate::hooks::modules::{Controller, DegradeSettings};
-use crate::hooks::{Modules, Verdict};
+use crate::hooks::Verdict;
 use crate::net::{Peer, Stream};
-use crate::router::Router;
 use crate::shm::Shared;
-use crate::upstream::{Backends, Cluster, SlotTable};
+use crate::upstream::{Backends, SlotTable};
 
-use session::Spare;
-pub use session::{Session, State};
-use timer::Timers;
-use token::Kind;
-pub use upconn::UpConn;
+pub use self::core::{Core, Snapshot, UpConn};
+use self::session::{Session, Spare};
+pub use self::state::State;
+use self::timer::Timers;
+use self::token::Kind;
 
 /// Free buffers (and closed sessions' allocations) kept for reuse.
 const POOLED_BUFFERS: usize = 1024;
@@ -66,67 +76,6 @@ const POOLED_BUFFERS: usize = 1024;
 const MIN_BUFFER: usize = 16 * 1024;
 /// Smallest read buffer of an upstream connection.
 const UPSTREAM_BUFFER: usize = 64 * 1024;
-
-/// The configuration-derived state requests are served with. Immutable
-/// once built (balancing counters are relaxed atomics); a reload builds a new one
-/// and swaps the pointer. A session holds the snapshot its current request
-/// started with, so requests in flight finish on it.
-#[derive(Debug)]
-pub struct Snapshot {
-    pub config: Arc<Config>,
-    pub router: Router,
-    pub clusters: Vec<Cluster>,
-    /// The enabled modules and their pipelines.
-    pub modules: Modules,
-}
-
-impl Snapshot {
-    /// Builds a snapshot, giving its backends ids in the worker's table.
-    pub fn build(
-        config: Arc<Config>,
-        backends: &mut Backends,
-        slots: &mut SlotTable,
-        log: &Logger,
-    ) -> Result<Snapshot, String> {
-        let modules = Modules::build(&config, slots.shared(), log)?;
-        backends.retire_all();
-        let clusters = config.clusters.iter().map(|c| Cluster::new(c, backends, slots)).collect();
-        Ok(Snapshot { router: Router::new(&config), clusters, config, modules })
-    }
-}
-
-/// Everything the state machine works with besides the session itself:
-/// split from the session slab so both can be borrowed at once.
-pub struct Core {
-    registry: Registry,
-    ups: Slab<UpConn>,
-    /// The configuration new requests are served with.
-    current: ArcSwap<Snapshot>,
-    backends: Backends,
-    slots: SlotTable,
-    /// The shared region.
-    shared: &'static Shared,
-    /// Overload level (0, 1: non-essential modules off, 2: shedding).
-    load_level: u32,
-    /// The overload detector, when `[modules.degrade]` is enabled.
-    degrade: Option<Controller>,
-    /// Request ids: a per-process random seed and a counter.
-    id_seed: u64,
-    id_seq: u64,
-    /// This worker's place among the master's workers (0 in
-    /// `--single-process`): its index in the shared per-worker tables.
-    place: usize,
-    timers: Timers,
-    /// Read buffers of client connections.
-    bufs: BufPool,
-    /// Read buffers of upstream connections: larger, so that a response
-    /// body moves in fewer, larger reads and writes.
-    up_bufs: BufPool,
-    now: Instant,
-    log: Logger,
-    /// Answer with `Connection: close` and stop keeping connections.
-    draining: bool,
-}
 
 /// The proxy of one worker: its client sessions, and the [`Core`] they
 /// share (upstream connections, timers, buffers, the current snapshot).
@@ -368,50 +317,6 @@ impl Engine {
         let Some(c) = self.core.degrade.as_mut() else { return };
         if let Some(level) = c.sample(now, busy_percent, in_flight) {
             self.core.set_load_level(level, busy_percent, in_flight);
-        }
-    }
-}
-
-impl Core {
-    /// A new request id: 16 hex digits, unique per process (a counter
-    /// mixed with a random seed, so ids do not reveal request counts).
-    fn next_request_id(&mut self) -> [u8; 16] {
-        self.id_seq += 1;
-        // splitmix64 finaliser.
-        let mut z = self.id_seed.wrapping_add(self.id_seq.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        let mut out = [0u8; 16];
-        for (i, b) in out.iter_mut().enumerate() {
-            *b = b"0123456789abcdef"[(z >> (60 - 4 * i) & 0xf) as usize];
-        }
-        out
-    }
-
-    /// The overload controller changed the level: log it and publish it.
-    fn set_load_level(&mut self, level: u32, busy_percent: u32, in_flight: u32) {
-        let old = std::mem::replace(&mut self.load_level, level);
-        let what = match level {
-            0 => "normal: all modules on",
-            1 => "overloaded: non-essential modules off",
-            _ => "overloaded: non-essential modules off, low-priority routes shed",
-        };
-        slog::warn!(self.log, "load level changed"; "from" => old, "to" => level, "state" => what,
-            "busy_percent" => busy_percent, "in_flight" => in_flight);
-        if let Some(w) = self.shared.workers.get(self.place) {
-            w.level.store(level, Ordering::Relaxed);
-            w.level_changes.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// A request started (the overload controller's count window).
-    fn count_request(&mut self) {
-        let now = self.now;
-        let Some(c) = self.degrade.as_mut() else { return };
-        if let Some(level) = c.request(now) {
-            let in_flight = self.shared.workers.get(self.place).map_or(0, |w| w.in_flight.load(Ordering::Relaxed));
-            self.set_load_level(level, 0, in_flight);
         }
     }
 }

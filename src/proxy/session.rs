@@ -1,26 +1,10 @@
-//! A client connection and the state machine of the requests on it.
+//! A client connection ([`Session`]): its socket, buffers, parsed heads,
+//! the record of its current request and its [`State`]; and `drive`,
+//! which runs state steps until nothing can move. The worker's loop (via
+//! the engine) calls [`Core::drive`] when a socket of the session is ready
+//! and [`Core::timeout`] when its deadline passes.
 //!
-//! A session is always in exactly one [`State`]; each variant owns what is
-//! valid in it (the backend connection and the framing state of an
-//! exchange exist only in `Proxy`, the half-close flags only in `Tunnel`).
-//! A state step takes its state by value and returns the next one, so a
-//! state that does not hold a backend connection cannot use one:
-//!
-//! ```text
-//!  accept ──► Head ──(head parsed; route, BEFORE_CLUSTER, backend,
-//!              ▲  │    AFTER_CLUSTER, connect)──► Proxy ──(101)──► Tunnel ──► closed
-//!              │  │                                 │  │
-//!              │  └──(refused, 404, 408, module)──► Local ◄──(failure before
-//!              │                                    │  │      the response, module)
-//!              │                                    │  │
-//!              └──────(keep-alive)── end of exchange ◄─┴── response complete
-//!                                          │
-//!                       (close, unread input) ──► Linger ──► closed
-//! ```
-//!
-//! Owns: the client socket, its buffers, the parsed request and response,
-//! the current state. The worker's loop calls [`Core::drive`] when a socket
-//! of the session is ready and [`Core::timeout`] when its deadline passes.
+//! Owns: the client socket and what was read from it or is to be written.
 //! Must not: block, or know about processes and signals.
 
 use std::io::{self, IoSlice, Read, Write};
@@ -35,49 +19,10 @@ use crate::http::write::{self as hw, ConnHeader};
 use crate::http::{RequestHead, ResponseHead};
 use crate::net::{Peer, Readiness, Stream};
 
-use super::forward::Proxying;
-use super::request::Exchange;
+use super::core::{Core, Snapshot};
+use super::exchange::Exchange;
+use super::state::{State, Step};
 use super::timer::Timed;
-use super::tunnel::Tunnel;
-use super::{Core, Snapshot};
-
-/// Where a session is, with what is valid there.
-#[derive(Debug)]
-pub enum State {
-    /// Reading a request head: idle between requests (`started: None`)
-    /// or partial (`started`: when its first byte arrived).
-    Head { started: Option<Instant> },
-    /// An exchange with a backend: its connection and the framing state
-    /// of both directions.
-    Proxy(Proxying),
-    /// Writing a response Pitcher made; then the next request (`keep`)
-    /// or the end of the connection.
-    Local { keep: bool },
-    /// After a 101 Switching Protocols: bytes both ways.
-    Tunnel(Tunnel),
-    /// Our side is done: the client's unread input is drained before
-    /// closing, so the last response is not destroyed by a reset.
-    Linger,
-    /// Nothing left to do (and the value a state step leaves behind while
-    /// it owns the state).
-    Closed,
-}
-
-/// What a state step says to `drive`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    /// The state changed or more may be possible: step again.
-    Again,
-    /// Nothing can move until the next event or deadline.
-    Blocked,
-    /// Close the session.
-    Close,
-}
-
-/// A state step's result: the next state, and whether to go on. (On
-/// `Close` the state is kept until the session is closed, which gives
-/// back the backend connection it may hold.)
-pub type Next = (State, Step);
 
 /// A client connection.
 #[derive(Debug)]

@@ -6,31 +6,9 @@
 
 use std::io::{self, Write};
 
-use super::session::{read_into, Next, Session, State, Step};
-use super::Core;
-
-/// What only a tunnel has: the backend connection and each direction's end.
-#[derive(Debug)]
-pub struct Tunnel {
-    /// The backend connection (index of its [`UpConn`](super::UpConn)).
-    pub(super) up: usize,
-    /// The backend sent its FIN (or failed).
-    resp_eof: bool,
-    /// The client sent its FIN (or failed).
-    client_eof: bool,
-    /// The backend's FIN was passed on to the client.
-    client_shut: bool,
-    /// The client's FIN was passed on to the backend.
-    up_shut: bool,
-}
-
-impl Tunnel {
-    /// A tunnel over connection `up`; `resp_eof`: the backend already
-    /// closed its side.
-    pub(super) fn new(up: usize, resp_eof: bool) -> Tunnel {
-        Tunnel { up, resp_eof, client_eof: false, client_shut: false, up_shut: false }
-    }
-}
+use super::core::Core;
+use super::session::{read_into, Session};
+use super::state::{Next, State, Step, Tunnel};
 
 impl Core {
     /// `Tunnel`: moves bytes both ways until nothing can move, or both

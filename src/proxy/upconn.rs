@@ -5,35 +5,16 @@
 //! session state that holds its index (`Proxy`, then maybe `Tunnel`).
 
 use std::io;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mio::Interest;
 
 use crate::net::{Readiness, Stream};
 
+use super::core::{Core, UpConn};
 use super::session::Session;
 use super::timer::{Timed, Timers};
 use super::token::{self, Kind};
-use super::Core;
-
-/// A connection to a backend: in use by a session, or idle in its pool.
-#[derive(Debug)]
-pub struct UpConn {
-    pub key: usize,
-    pub stream: Stream,
-    pub rd: Readiness,
-    pub buf: Option<crate::buffer::Buf>,
-    pub connecting: bool,
-    /// Slab index of the session using it; `None` while pooled.
-    pub owner: Option<usize>,
-    /// Id in the worker's backend table.
-    pub backend: usize,
-    /// Taken from the pool for the current request.
-    pub reused: bool,
-    /// When it went back to the pool.
-    pub idle_since: Instant,
-    pub timed: Timed,
-}
 
 /// A pooled connection idle at least this long is checked for a close
 /// (one non-blocking read) before a request is written to it.

@@ -1,0 +1,149 @@
+//! [`Core`]: what the sessions of a worker share (backend connections and
+//! their pools, the current [`Snapshot`], timers, buffers, the overload
+//! level), split from the session slab so both can be borrowed at once;
+//! and [`UpConn`], a backend connection. What the core *does* is in the
+//! files of the states that use it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use mio::Registry;
+use slab::Slab;
+use slog::Logger;
+
+use crate::buffer::BufPool;
+use crate::config::Config;
+use crate::hooks::modules::Controller;
+use crate::hooks::Modules;
+use crate::net::{Readiness, Stream};
+use crate::router::Router;
+use crate::shm::Shared;
+use crate::upstream::{Backends, Cluster, SlotTable};
+
+use super::timer::{Timed, Timers};
+
+/// The configuration-derived state requests are served with. Immutable
+/// once built (balancing counters are relaxed atomics); a reload builds a new one
+/// and swaps the pointer. A session holds the snapshot its current request
+/// started with, so requests in flight finish on it.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub router: Router,
+    pub clusters: Vec<Cluster>,
+    /// The enabled modules and their pipelines.
+    pub modules: Modules,
+}
+
+impl Snapshot {
+    /// Builds a snapshot, giving its backends ids in the worker's table.
+    pub fn build(
+        config: Arc<Config>,
+        backends: &mut Backends,
+        slots: &mut SlotTable,
+        log: &Logger,
+    ) -> Result<Snapshot, String> {
+        let modules = Modules::build(&config, slots.shared(), log)?;
+        backends.retire_all();
+        let clusters = config.clusters.iter().map(|c| Cluster::new(c, backends, slots)).collect();
+        Ok(Snapshot { router: Router::new(&config), clusters, config, modules })
+    }
+}
+
+/// Everything the state machine works with besides the session itself:
+/// split from the session slab so both can be borrowed at once.
+pub struct Core {
+    pub(super) registry: Registry,
+    pub(super) ups: Slab<UpConn>,
+    /// The configuration new requests are served with.
+    pub(super) current: ArcSwap<Snapshot>,
+    pub(super) backends: Backends,
+    pub(super) slots: SlotTable,
+    /// The shared region.
+    pub(super) shared: &'static Shared,
+    /// Overload level (0, 1: non-essential modules off, 2: shedding).
+    pub(super) load_level: u32,
+    /// The overload detector, when `[modules.degrade]` is enabled.
+    pub(super) degrade: Option<Controller>,
+    /// Request ids: a per-process random seed and a counter.
+    pub(super) id_seed: u64,
+    pub(super) id_seq: u64,
+    /// This worker's place among the master's workers (0 in
+    /// `--single-process`): its index in the shared per-worker tables.
+    pub(super) place: usize,
+    pub(super) timers: Timers,
+    /// Read buffers of client connections.
+    pub(super) bufs: BufPool,
+    /// Read buffers of upstream connections: larger, so that a response
+    /// body moves in fewer, larger reads and writes.
+    pub(super) up_bufs: BufPool,
+    pub(super) now: Instant,
+    pub(super) log: Logger,
+    /// Answer with `Connection: close` and stop keeping connections.
+    pub(super) draining: bool,
+}
+
+/// A connection to a backend: in use by a session, or idle in its pool.
+#[derive(Debug)]
+pub struct UpConn {
+    pub(super) key: usize,
+    pub(super) stream: Stream,
+    pub(super) rd: Readiness,
+    pub(super) buf: Option<crate::buffer::Buf>,
+    pub(super) connecting: bool,
+    /// Slab index of the session using it; `None` while pooled.
+    pub(super) owner: Option<usize>,
+    /// Id in the worker's backend table.
+    pub(super) backend: usize,
+    /// Taken from the pool for the current request.
+    pub(super) reused: bool,
+    /// When it went back to the pool.
+    pub(super) idle_since: Instant,
+    pub(super) timed: Timed,
+}
+
+impl Core {
+    /// A new request id: 16 hex digits, unique per process (a counter
+    /// mixed with a random seed, so ids do not reveal request counts).
+    pub(super) fn next_request_id(&mut self) -> [u8; 16] {
+        self.id_seq += 1;
+        // splitmix64 finaliser.
+        let mut z = self.id_seed.wrapping_add(self.id_seq.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let mut out = [0u8; 16];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = b"0123456789abcdef"[(z >> (60 - 4 * i) & 0xf) as usize];
+        }
+        out
+    }
+
+    /// The overload controller changed the level: log it and publish it.
+    pub(super) fn set_load_level(&mut self, level: u32, busy_percent: u32, in_flight: u32) {
+        let old = std::mem::replace(&mut self.load_level, level);
+        let what = match level {
+            0 => "normal: all modules on",
+            1 => "overloaded: non-essential modules off",
+            _ => "overloaded: non-essential modules off, low-priority routes shed",
+        };
+        slog::warn!(self.log, "load level changed"; "from" => old, "to" => level, "state" => what,
+            "busy_percent" => busy_percent, "in_flight" => in_flight);
+        if let Some(w) = self.shared.workers.get(self.place) {
+            w.level.store(level, Ordering::Relaxed);
+            w.level_changes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A request started (the overload controller's count window).
+    pub(super) fn count_request(&mut self) {
+        let now = self.now;
+        let Some(c) = self.degrade.as_mut() else { return };
+        if let Some(level) = c.request(now) {
+            let in_flight = self.shared.workers.get(self.place).map_or(0, |w| w.in_flight.load(Ordering::Relaxed));
+            self.set_load_level(level, 0, in_flight);
+        }
+    }
+}
