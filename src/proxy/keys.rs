@@ -89,3 +89,58 @@ impl Core {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Collects the keys and values a KV emits.
+    struct Collect(Vec<(String, String)>);
+
+    impl Serializer for Collect {
+        fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments) -> slog::Result {
+            self.0.push((key.to_string(), val.to_string()));
+            Ok(())
+        }
+    }
+
+    fn emitted(kv: &dyn KV) -> Vec<(String, String)> {
+        let mut c = Collect(Vec::new());
+        let rs = slog::record_static!(slog::Level::Info, "");
+        kv.serialize(&Record::new(&rs, &format_args!(""), slog::b!()), &mut c).unwrap();
+        c.0.sort();
+        c.0
+    }
+
+    #[test]
+    fn a_request_logger_names_worker_connection_request_and_backend() {
+        let conn = ConnKeys { worker: 3, conn: 17, peer: Peer::Unix };
+        let keys = RequestKeys {
+            conn,
+            req: "abc".into(),
+            method: "GET".into(),
+            path: "/x".into(),
+            cluster: Some("api".into()),
+            backend: Some("127.0.0.1:8080".into()),
+        };
+        let got = emitted(&keys);
+        let want: Vec<(String, String)> = [
+            ("backend", "127.0.0.1:8080"),
+            ("cluster", "api"),
+            ("conn", "17"),
+            ("method", "GET"),
+            ("path", "/x"),
+            ("peer", "Unix"),
+            ("req", "abc"),
+            ("worker", "3"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(got, want);
+        // Before a backend is chosen, no backend or cluster key.
+        let keys = RequestKeys { cluster: None, backend: None, ..keys };
+        let names: Vec<String> = emitted(&keys).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(names, ["conn", "method", "path", "peer", "req", "worker"]);
+    }
+}

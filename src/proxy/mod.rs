@@ -320,3 +320,26 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The layer below the worker must not reach back up into it.
+    #[test]
+    fn no_file_of_the_proxy_layer_imports_the_worker() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/proxy");
+        let mut files = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            files += 1;
+            // Code lines (not comments) before any test module.
+            let code = text.split("#[cfg(test)]").next().unwrap_or("");
+            for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+                for bad in ["crate::worker", "super::super"] {
+                    assert!(!line.contains(bad), "{}: {line}", path.display());
+                }
+            }
+        }
+        assert!(files >= 10, "read {files} files of {dir}");
+    }
+}
