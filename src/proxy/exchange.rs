@@ -57,7 +57,7 @@ impl Body {
 /// The record of one request: what it is, where it went, how it ended.
 /// Valid from its head to its end, whatever the session's state; reset
 /// when the next head is parsed. (What only an exchange with a backend
-/// has is in [`Proxying`].)
+/// has is in [`Proxying`](super::state::Proxying).)
 #[derive(Debug, Default)]
 pub struct Exchange {
     /// The route matched, if any.

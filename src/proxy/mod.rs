@@ -11,7 +11,7 @@
 //! 1. this file: [`Engine`], the entry points the worker calls
 //!    ([`Engine::open`], [`Engine::client_event`], [`Engine::upstream_event`],
 //!    [`Engine::run_timers`], reconfiguration, drain, load samples).
-//! 2. `state`: the states of a connection ([`State`]: `Head`, `Proxy`,
+//! 2. `state`: the states of a connection (`State`: `Head`, `Proxy`,
 //!    `Local`, `Tunnel`, `Linger`), the data each owns, the diagram of
 //!    their transitions.
 //! 3. `session`: a client connection and `drive`, which runs state steps.
@@ -24,7 +24,7 @@
 //! 7. `upconn`: backend connections: pick, pool, connect, release.
 //! 8. `hooks`: the calls into the module pipeline (one function runs a
 //!    point's modules).
-//! 9. What the steps share: `core` ([`Core`], [`Snapshot`], [`UpConn`]),
+//! 9. What the steps share: `core` (`Core`, [`Snapshot`], `UpConn`),
 //!    `exchange` (the record of the current request, body framing),
 //!    `keys` (the request's logger), `timer` (deadlines), `token` (how an
 //!    event names its owner).
@@ -64,9 +64,9 @@ use crate::net::{Peer, Stream};
 use crate::shm::Shared;
 use crate::upstream::{Backends, SlotTable};
 
-pub use self::core::{Core, Snapshot, UpConn};
+use self::core::Core;
+pub use self::core::Snapshot;
 use self::session::{Session, Spare};
-pub use self::state::State;
 use self::timer::Timers;
 use self::token::Kind;
 
@@ -77,7 +77,7 @@ const MIN_BUFFER: usize = 16 * 1024;
 /// Smallest read buffer of an upstream connection.
 const UPSTREAM_BUFFER: usize = 64 * 1024;
 
-/// The proxy of one worker: its client sessions, and the [`Core`] they
+/// The proxy of one worker: its client sessions, and the `Core` they
 /// share (upstream connections, timers, buffers, the current snapshot).
 pub struct Engine {
     sessions: Slab<Session>,

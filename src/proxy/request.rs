@@ -4,9 +4,6 @@
 //! connection: then `Proxy`), the `Local` state (a response Pitcher or a
 //! module made), the end of an exchange (REQUEST_FINISH, then the next
 //! head or the close) and `Linger`.
-//!
-//! Also [`Exchange`], the record of the current request (valid from its
-//! head to its end, whatever the state), and [`Body`], a body's framing.
 
 use std::io::{self, Read};
 use std::time::{Duration, Instant};

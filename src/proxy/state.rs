@@ -94,7 +94,7 @@ pub enum RespMode {
 /// request went up, and the framing of the response coming down.
 #[derive(Debug)]
 pub struct Proxying {
-    /// The backend connection (index of its [`UpConn`](super::UpConn)).
+    /// The backend connection (index of its [`UpConn`](super::core::UpConn)).
     pub(super) up: usize,
     /// Request head (and re-framed chunk framing) for the backend, and how
     /// much of it is written.
@@ -167,7 +167,7 @@ impl Proxying {
 /// What only a tunnel has: the backend connection and each direction's end.
 #[derive(Debug)]
 pub struct Tunnel {
-    /// The backend connection (index of its [`UpConn`](super::UpConn)).
+    /// The backend connection (index of its [`UpConn`](super::core::UpConn)).
     pub(super) up: usize,
     /// The backend sent its FIN (or failed).
     pub(super) resp_eof: bool,
