@@ -256,7 +256,9 @@ impl Session {
     pub fn into_spare(self) -> Spare {
         let mut sp = Spare { out: self.out, req: self.req, resp: self.resp, ex: self.ex, vars: self.vars };
         sp.out.clear();
-        sp.req.head.clear();
+        // The head, its normalised path, and where the scan of a head
+        // still arriving stood.
+        sp.req.clear();
         sp.resp.head.clear();
         sp.ex.reset();
         sp.vars.clear();
@@ -418,7 +420,10 @@ impl Core {
                 // A buffer smaller than the limit (a reload raised it) is
                 // the limit: a full buffer cannot be read into.
                 let max = limits.max_header_bytes.min(inb.capacity());
-                match s.req.parse(inb.data(), limits.max_headers) {
+                // Incremental: only the bytes read since the last call are
+                // examined; httparse runs once the head (or the request
+                // line) is complete, or when the buffer is full.
+                match s.req.parse_more(inb.data(), limits.max_headers, inb.len() >= max) {
                     Ok(Some(n)) if n > max => {
                         let e = head_too_large(inb.data(), max);
                         return self.refuse_head(s, e);
@@ -495,6 +500,11 @@ impl Core {
         if s.req.head.get("x-request-id").is_none() {
             let id = self.next_request_id();
             s.req.head.append("X-Request-Id", &id);
+        }
+        // `path()` is the normalised path; the backend gets the target as
+        // received unless the configuration asks for the normalised one.
+        if s.snap.config.normalize_upstream_path {
+            s.req.use_normalized_target();
         }
         s.ex.route = s.snap.router.lookup(s.req.host(), s.req.path());
         if let Some(r) = s.ex.route {
