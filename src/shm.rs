@@ -190,6 +190,12 @@ impl Region {
     /// Maps a region received from the master (or the old master). A
     /// region that could still be resized is refused.
     pub fn open(fd: OwnedFd) -> io::Result<Region> {
+        let (len, size) = (std::mem::size_of::<Shared>(), nix::sys::stat::fstat(fd.as_raw_fd())?.st_size as usize);
+        if size != len {
+            return Err(io::Error::other(format!(
+                "shared region is {size} bytes, expected {len}: it has another layout (mixed binary versions?)"
+            )));
+        }
         let seals = SealFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS)?);
         if !seals.contains(SEALS) {
             return Err(io::Error::other("shared region is not sealed against resizing"));
