@@ -258,13 +258,15 @@ impl Shared {
             }
             return;
         }
-        for b in self.backends.iter() {
+        // Read before writing: most slots were never used, and a write
+        // would give each of their pages memory of its own.
+        for b in self.backends.iter().filter(|b| b.active_by_worker[place].load(Relaxed) != 0) {
             let n = b.active_by_worker[place].swap(0, Relaxed);
             if n > 0 {
                 let _ = b.active.fetch_update(Relaxed, Relaxed, |a| Some(a.saturating_sub(n)));
             }
         }
-        for l in self.limiters.iter() {
+        for l in self.limiters.iter().filter(|l| l.in_flight_by_worker[place].load(Relaxed) != 0) {
             let n = l.in_flight_by_worker[place].swap(0, Relaxed);
             if n > 0 {
                 let _ = l.in_flight.fetch_update(Relaxed, Relaxed, |a| Some(a.saturating_sub(n)));

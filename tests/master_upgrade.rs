@@ -270,7 +270,12 @@ fn quota_concurrency_is_exact_across_a_binary_upgrade() {
     // The old generation finishes and exits.
     old_gate.open();
     join_ok(old_reqs);
-    assert!(wait_gone(old, Duration::from_secs(15)), "the old master exits after its workers");
+    assert!(
+        wait_gone(old, Duration::from_secs(15)),
+        "the old master exits after its workers: {:?}\n{}",
+        m.family(),
+        m.log()
+    );
 
     // 1 in flight on the new generation: exactly 2 more are admitted.
     new_reqs.push(held("/hold/1".into()));
@@ -284,6 +289,14 @@ fn quota_concurrency_is_exact_across_a_binary_upgrade() {
     );
     new_gate.open();
     join_ok(new_reqs);
+    // A worker gives the count back just after the response is written:
+    // wait until no key has a request in flight (`ctl modules`).
+    let idle = common::wait_until(Duration::from_secs(10), || {
+        let out = m.command(&["ctl", "--json", "modules"]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+        v["data"]["quota"]["keys_in_flight"] == 0
+    });
+    assert!(idle, "the finished requests gave their counts back");
 
     // Nothing in flight: exactly 3 again (no count left below zero or above).
     let last: Vec<_> = (0..3).map(|i| held(format!("/last/{i}"))).collect();

@@ -194,7 +194,7 @@ impl Master {
             let (level, busy, in_flight) =
                 (w.level.load(Relaxed), w.busy_percent.load(Relaxed), w.in_flight.load(Relaxed));
             text.push_str(&format!("{:<8} {:<8} {:<6} {:>5} {:>9}\n", i, p.pid.as_raw(), level, busy, in_flight));
-            workers.push(serde_json::json!({"slot": i, "pid": p.pid.as_raw(), "level": level, "busy_percent": busy,
+            workers.push(serde_json::json!({"slot": i, "place": p.place, "pid": p.pid.as_raw(), "level": level, "busy_percent": busy,
                 "in_flight": in_flight, "level_changes": w.level_changes.load(Relaxed)}));
         }
         let (quota_text, quota) = self.quota_keys();
