@@ -128,7 +128,11 @@ const PROBES: usize = 32;
 /// free one, or the first whose key is idle (nothing in flight, unused for
 /// `idle_ms`). `None`: every probed slot is busy (the caller counts an
 /// overflow). Keys never give a slot back to "free" (they are replaced),
-/// so a free slot ends a key's probe sequence.
+/// so a free slot ends a key's probe sequence. Two workers that see a new
+/// key at once take the same slot (the compare-and-swap loser finds its
+/// own key there), unless the table changed between their looks: then the
+/// key may hold two slots for a while, and the one not found first goes
+/// idle and is taken over.
 fn find_slot(shared: &Shared, fp: u64, max_keys: usize, idle_ms: u64, now: u64) -> Option<usize> {
     let n_slots = max_keys.clamp(1, MAX_QUOTA_KEYS) as u64;
     let start = fp % n_slots;
