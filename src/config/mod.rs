@@ -6,6 +6,9 @@
 //! Must not: open sockets, touch the filesystem beyond reading the file.
 
 pub mod addr;
+pub mod env;
+pub mod include;
+pub mod units;
 pub mod upstream;
 
 use std::fmt;
@@ -16,6 +19,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 pub use addr::{BackendAddr, BackendSpec, ListenAddr, SockAddr};
+pub use include::Loaded;
 pub use upstream::{Balance, HashKey, HealthCheck, Passive};
 
 /// A configuration that was refused, with where and why.
@@ -225,6 +229,8 @@ pub struct ModuleConfig {
     pub settings: toml::Table,
     /// 1-based line of the table, for error messages.
     pub line: usize,
+    /// The file that holds the table (the main file or an included one).
+    pub file: PathBuf,
 }
 
 /// Every wait has a timeout.
@@ -294,26 +300,45 @@ pub const MIN_HEADER_BYTES: usize = 1024;
 pub const MAX_HEADER_BYTES: usize = 1 << 20;
 
 impl Config {
-    /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file and the files it includes,
+    /// with `${VAR}` from the environment (see [`include`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_path_buf(),
-            line_col: None,
-            reason: format!("cannot read: {e}"),
-        })?;
-        Config::parse(path, &text)
+        include::load(path).map(|l| l.config)
     }
 
-    /// Parses and validates configuration text; `path` is used in messages.
+    /// Parses and validates configuration text as the operator writes it
+    /// (includes relative to `path`'s directory, `${VAR}`, `"10s"`).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let err_at = |span: Option<std::ops::Range<usize>>, reason: String| ConfigError {
-            file: path.to_path_buf(),
-            line_col: span.map(|s| line_col(text, s.start)),
-            reason,
+        include::parse(path, text, &|name| std::env::var(name).ok()).map(|l| l.config)
+    }
+
+    /// Parses the resolved text a master produced ([`Loaded::text`]): no
+    /// include is read and nothing is expanded. `path` is used in messages.
+    pub fn parse_resolved(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::parse_located(path, text, &|offset| (path.to_path_buf(), line_col(text, offset)))
+    }
+
+    /// The typed parse; `locate` maps an offset in `text` to the file,
+    /// line and column it came from.
+    fn parse_located(
+        path: &Path,
+        text: &str,
+        locate: &dyn Fn(usize) -> (PathBuf, (usize, usize)),
+    ) -> Result<Config, ConfigError> {
+        let err_at = |span: Option<std::ops::Range<usize>>, reason: String| {
+            let (file, line_col) = match span {
+                Some(s) => {
+                    let (f, lc) = locate(s.start);
+                    (f, Some(lc))
+                }
+                None => (path.to_path_buf(), None),
+            };
+            ConfigError { file, line_col, reason }
         };
         let file: FileConfig = toml::from_str(text).map_err(|e| err_at(e.span(), e.message().to_string()))?;
         let mut config = resolve(path, file).map_err(|(span, reason)| err_at(span, reason))?;
         for m in &mut config.modules {
+            m.file = path.to_path_buf();
             m.line = module_line(text, &m.name);
         }
         Ok(config)
@@ -578,7 +603,7 @@ fn resolve_modules(m: &toml::Table) -> Resolve<Vec<ModuleConfig>> {
         };
         let enabled = flag(&mut table, "enabled", true)?;
         let essential = flag(&mut table, "essential", true)?;
-        out.push(ModuleConfig { name, enabled, essential, settings: table, line: 0 });
+        out.push(ModuleConfig { name, enabled, essential, settings: table, line: 0, file: PathBuf::new() });
     }
     Ok(out)
 }
@@ -625,7 +650,7 @@ fn module_line(text: &str, name: &str) -> usize {
 }
 
 /// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text[..offset];
     let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
@@ -682,6 +707,57 @@ client_header_ms = 5000
         let e = Config::parse(Path::new("t.toml"), &bad).unwrap_err();
         assert_eq!(e.line_col.unwrap().0, 12, "{e}");
         assert!(e.reason.contains("nope"));
+    }
+
+    /// Every `*_ms` and `*_bytes` key of the shipped example also takes a
+    /// string with a unit, and means the same.
+    #[test]
+    fn every_unit_field_of_the_example_takes_a_string_with_a_unit() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/pitcher.toml"));
+        let text = std::fs::read_to_string(path).unwrap();
+        let plain = Config::parse(path, &text).unwrap();
+        let mut n = 0;
+        let mut with_units = String::new();
+        for line in text.split_inclusive('\n') {
+            let mut out = line.to_string();
+            for (suffix, unit) in [("_ms = ", "ms"), ("_bytes = ", "B")] {
+                let mut rest = line;
+                let mut rewritten = String::new();
+                while let Some(i) = rest.find(suffix) {
+                    let (head, tail) = rest.split_at(i + suffix.len());
+                    let digits = tail.len() - tail.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+                    rewritten.push_str(head);
+                    if digits > 0 {
+                        rewritten.push_str(&format!("\"{}{unit}\"", &tail[..digits]));
+                        n += 1;
+                    }
+                    rest = &tail[digits..];
+                }
+                if !rewritten.is_empty() {
+                    rewritten.push_str(rest);
+                    out = rewritten;
+                    break;
+                }
+            }
+            with_units.push_str(&out);
+        }
+        assert!(n >= 20, "only {n} fields rewritten");
+        let strings = Config::parse(path, &with_units).unwrap_or_else(|e| panic!("{e}\n{with_units}"));
+        assert_eq!(strings, plain);
+        let seconds = text.replace("client_header_ms = 10000", "client_header_ms = \"10s\"");
+        assert_eq!(Config::parse(path, &seconds).unwrap(), plain);
+    }
+
+    #[test]
+    fn a_bad_duration_has_its_place_and_a_hint() {
+        let bad = GOOD.replace("client_header_ms = 5000", "client_header_ms = \"5 sec\"");
+        let e = Config::parse(Path::new("t.toml"), &bad).unwrap_err();
+        assert_eq!(e.line_col, Some((14, 20)), "{e}");
+        assert!(e.to_string().contains("expected a duration like \"10s\" or \"250ms\""), "{e}");
+        let bad =
+            GOOD.replace("client_header_ms = 5000", "client_header_ms = 5000\n[limits]\nmax_body_bytes = \"1 lot\"");
+        let e = Config::parse(Path::new("t.toml"), &bad).unwrap_err();
+        assert!(e.to_string().starts_with("t.toml:16:18: ") && e.reason.contains("64KiB"), "{e}");
     }
 
     #[test]
