@@ -407,9 +407,14 @@ fn control_paths(config: &Path) -> Result<(PathBuf, PathBuf), String> {
             }
         }
     }
+    // `${VAR}` in the paths, as the master expanded it.
+    let env = |p: PathBuf| {
+        let s = p.to_string_lossy().into_owned();
+        pitcher::config::env::expand(&s, &|n| std::env::var(n).ok()).map(PathBuf::from).unwrap_or(p)
+    };
     Ok((
-        socket.unwrap_or_else(|| PathBuf::from("/run/pitcher.sock")),
-        pid.unwrap_or_else(|| PathBuf::from("/run/pitcher.pid")),
+        env(socket.unwrap_or_else(|| PathBuf::from("/run/pitcher.sock"))),
+        env(pid.unwrap_or_else(|| PathBuf::from("/run/pitcher.pid"))),
     ))
 }
 
