@@ -212,3 +212,30 @@ fn environment_variables_take_their_default_or_the_value_set() {
     assert!(out.all().contains(&format!("{}:{line}:", path.display())), "{}", out.all());
     assert!(out.all().contains("PITCHER_TEST_BACKEND is not set"), "{}", out.all());
 }
+
+/// Workers never read the configuration files: a worker restarted after
+/// an included file was deleted (and an env variable would differ) still
+/// serves what the master validated, from the resolved text it sends.
+#[test]
+fn a_restarted_worker_gets_the_resolved_configuration_from_the_master() {
+    let main_be = Backend::start("main");
+    let svc_be = Backend::start("svc");
+    let builder = ConfigBuilder::new()
+        .top("workers = 1")
+        .top("include = [\"conf.d/*.toml\"]")
+        .cluster("main", [main_be.spec()])
+        .route(None, "/", "main");
+    let mut m = MasterRun::start(&builder);
+    let svc = m.dir().join("conf.d/10-svc.toml");
+    write(&svc, &service("svc", "svc.example.com", &svc_be));
+    common::upstream::reload(&mut m, &builder);
+    assert_ok_body(&m.client().get("svc.example.com", "/"), b"ok from svc");
+
+    std::fs::remove_file(&svc).expect("remove the included file");
+    let old = m.expect_status().worker_pids();
+    assert_eq!(old.len(), 1);
+    common::pitcher::send_signal(old[0], "KILL");
+    let st = m.wait_status(RUN_TIMEOUT, |s| s.all_ready() && !s.worker_pids().contains(&old[0]));
+    assert!(st.is_some(), "no new worker: {:?}\n{}", m.status(), m.log());
+    assert_ok_body(&m.client().get("svc.example.com", "/"), b"ok from svc");
+}
