@@ -586,6 +586,56 @@ window_ms = "2s"
         assert_eq!(e.line_col, Some((line, 13)), "{e}");
     }
 
+    /// Every `*_ms` and `*_bytes` key of the shipped example also takes a
+    /// string with a unit, and means the same.
+    #[test]
+    fn every_unit_field_of_the_example_takes_a_string_with_a_unit() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/pitcher.toml"));
+        let text = std::fs::read_to_string(path).unwrap();
+        let plain = Config::parse(path, &text).unwrap();
+        let mut n = 0;
+        let mut with_units = String::new();
+        for line in text.split_inclusive('\n') {
+            let mut out = line.to_string();
+            for (suffix, unit) in [("_ms = ", "ms"), ("_bytes = ", "B")] {
+                let mut rest = line;
+                let mut rewritten = String::new();
+                while let Some(i) = rest.find(suffix) {
+                    let (head, tail) = rest.split_at(i + suffix.len());
+                    let digits = tail.len() - tail.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+                    rewritten.push_str(head);
+                    if digits > 0 {
+                        rewritten.push_str(&format!("\"{}{unit}\"", &tail[..digits]));
+                        n += 1;
+                    }
+                    rest = &tail[digits..];
+                }
+                if !rewritten.is_empty() {
+                    rewritten.push_str(rest);
+                    out = rewritten;
+                    break;
+                }
+            }
+            with_units.push_str(&out);
+        }
+        assert!(n >= 20, "only {n} fields rewritten");
+        let strings = Config::parse(path, &with_units).unwrap_or_else(|e| panic!("{e}\n{with_units}"));
+        assert_eq!(strings, plain);
+        let seconds = text.replace("client_header_ms = 10000", "client_header_ms = \"10s\"");
+        assert_eq!(Config::parse(path, &seconds).unwrap(), plain);
+    }
+
+    #[test]
+    fn a_bad_duration_has_its_place_and_a_hint() {
+        let bad = MAIN.replace("window_ms = \"2s\"", "[timeouts]\nclient_header_ms = \"5 sec\"");
+        let e = Config::parse(Path::new("t.toml"), &bad).unwrap_err();
+        assert_eq!(e.line_col, Some((12, 20)), "{e}");
+        assert!(e.to_string().contains("expected a duration like \"10s\" or \"250ms\""), "{e}");
+        let bad = MAIN.replace("window_ms = \"2s\"", "[limits]\nmax_body_bytes = \"1 lot\"");
+        let e = Config::parse(Path::new("t.toml"), &bad).unwrap_err();
+        assert!(e.to_string().starts_with("t.toml:12:18: ") && e.reason.contains("64KiB"), "{e}");
+    }
+
     #[test]
     fn globs() {
         assert!(glob_match(b"*.toml", b"a.toml"));
