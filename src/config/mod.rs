@@ -6,6 +6,9 @@
 //! Must not: open sockets, touch the filesystem beyond reading the file.
 
 pub mod addr;
+pub mod env;
+pub mod include;
+pub mod units;
 pub mod upstream;
 
 use std::fmt;
@@ -16,6 +19,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 pub use addr::{BackendAddr, BackendSpec, ListenAddr, SockAddr};
+pub use include::Loaded;
 pub use upstream::{Balance, HashKey, HealthCheck, Passive};
 
 /// A configuration that was refused, with where and why.
@@ -226,6 +230,8 @@ pub struct ModuleConfig {
     pub settings: toml::Table,
     /// 1-based line of the table, for error messages.
     pub line: usize,
+    /// The file that holds the table (the main file or an included one).
+    pub file: PathBuf,
 }
 
 /// Every wait has a timeout.
@@ -298,26 +304,45 @@ pub const MIN_HEADER_BYTES: usize = 1024;
 pub const MAX_HEADER_BYTES: usize = 1 << 20;
 
 impl Config {
-    /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file and the files it includes,
+    /// with `${VAR}` from the environment (see [`include`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_path_buf(),
-            line_col: None,
-            reason: format!("cannot read: {e}"),
-        })?;
-        Config::parse(path, &text)
+        include::load(path).map(|l| l.config)
     }
 
-    /// Parses and validates configuration text; `path` is used in messages.
+    /// Parses and validates configuration text as the operator writes it
+    /// (includes relative to `path`'s directory, `${VAR}`, `"10s"`).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let err_at = |span: Option<std::ops::Range<usize>>, reason: String| ConfigError {
-            file: path.to_path_buf(),
-            line_col: span.map(|s| line_col(text, s.start)),
-            reason,
+        include::parse(path, text, &|name| std::env::var(name).ok()).map(|l| l.config)
+    }
+
+    /// Parses the resolved text a master produced ([`Loaded::text`]): no
+    /// include is read and nothing is expanded. `path` is used in messages.
+    pub fn parse_resolved(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::parse_located(path, text, &|offset| (path.to_path_buf(), line_col(text, offset)))
+    }
+
+    /// The typed parse; `locate` maps an offset in `text` to the file,
+    /// line and column it came from.
+    fn parse_located(
+        path: &Path,
+        text: &str,
+        locate: &dyn Fn(usize) -> (PathBuf, (usize, usize)),
+    ) -> Result<Config, ConfigError> {
+        let err_at = |span: Option<std::ops::Range<usize>>, reason: String| {
+            let (file, line_col) = match span {
+                Some(s) => {
+                    let (f, lc) = locate(s.start);
+                    (f, Some(lc))
+                }
+                None => (path.to_path_buf(), None),
+            };
+            ConfigError { file, line_col, reason }
         };
         let file: FileConfig = toml::from_str(text).map_err(|e| err_at(e.span(), e.message().to_string()))?;
         let mut config = resolve(path, file).map_err(|(span, reason)| err_at(span, reason))?;
         for m in &mut config.modules {
+            m.file = path.to_path_buf();
             m.line = module_line(text, &m.name);
         }
         Ok(config)
@@ -583,7 +608,7 @@ fn resolve_modules(m: &toml::Table) -> Resolve<Vec<ModuleConfig>> {
         };
         let enabled = flag(&mut table, "enabled", true)?;
         let essential = flag(&mut table, "essential", true)?;
-        out.push(ModuleConfig { name, enabled, essential, settings: table, line: 0 });
+        out.push(ModuleConfig { name, enabled, essential, settings: table, line: 0, file: PathBuf::new() });
     }
     Ok(out)
 }
@@ -630,7 +655,7 @@ fn module_line(text: &str, name: &str) -> usize {
 }
 
 /// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text[..offset];
     let line = before.bytes().filter(|&b| b == b'\n').count() + 1;

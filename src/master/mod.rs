@@ -586,8 +586,8 @@ impl Master {
             return Err("the master is stopping".into());
         }
         let path = self.args.config_path.clone();
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        let config = Config::parse(&path, &text).map_err(|e| e.to_string())?;
+        let crate::config::Loaded { config, text, .. } =
+            crate::config::include::load(&path).map_err(|e| e.to_string())?;
         crate::hooks::validate(&config, self.region.shared())?;
         // Listeners: keep the sockets of unchanged addresses, bind new ones.
         let mut next = Vec::with_capacity(config.listeners.len());

@@ -626,7 +626,7 @@ impl Worker {
         backend_slots: Vec<(String, u32)>,
         fds: Vec<OwnedFd>,
     ) -> Result<(), String> {
-        let config = Config::parse(std::path::Path::new(path), text).map_err(|e| e.to_string())?;
+        let config = Config::parse_resolved(std::path::Path::new(path), text).map_err(|e| e.to_string())?;
         // The region is the one this worker mapped at start; the copy is dropped.
         let (fds, _region) = split_fds(&entries, fds)?;
         self.core.slots = SlotTable::from_entries(self.core.slots.shared(), &backend_slots);
