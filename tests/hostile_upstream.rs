@@ -205,3 +205,47 @@ fn backend_closing_a_pooled_connection_costs_the_next_client_nothing() {
     assert_eq!(closed.load(Ordering::SeqCst), 1);
     assert_eq!(b.connections(), 2, "the closed connection was replaced by one new connection");
 }
+
+#[test]
+fn interim_204_and_304_heads_with_conflicting_framing_are_502_and_never_forwarded() {
+    for bad in [
+        "HTTP/1.1 100 Continue\r\nContent-Length: 5\r\n\r\n",
+        "HTTP/1.1 103 Early Hints\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n",
+        "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+        "HTTP/1.1 304 Not Modified\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+    ] {
+        let b = backend(move |_, path| {
+            if path == "/first" {
+                let mut bytes = bad.as_bytes().to_vec();
+                if bad.starts_with("HTTP/1.1 1") {
+                    bytes.extend_from_slice(&own_response(path));
+                }
+                vec![(0, bytes)]
+            } else {
+                vec![(0, own_response(path))]
+            }
+        });
+        let p = proxy(&b);
+        two_clients(&b, &p, &get_request("example.com", "/first"), |r| {
+            assert_error_response(r, 502);
+            assert!(r.interim.is_empty(), "an invalid interim head was forwarded for {bad:?}");
+        });
+    }
+}
+
+#[test]
+fn conflicting_framing_on_a_response_to_head_is_502() {
+    let b = backend(|method, path| {
+        if method == "HEAD" {
+            vec![(0, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n".to_vec())]
+        } else {
+            vec![(0, own_response(path))]
+        }
+    });
+    let p = proxy(&b);
+    two_clients(&b, &p, &request_bytes("HEAD", "example.com", "/first", &[], b""), |r| {
+        assert_eq!(r.status, 502, "{}", r.head_str());
+    });
+}

@@ -314,6 +314,9 @@ impl Core {
     fn response_head(&mut self, s: &mut Session) -> Result<(), Fail> {
         let status = s.resp.status;
         let client_v11 = s.req.version() == Version::Http11;
+        // Validated whatever the status: a head with conflicting framing is
+        // never forwarded (see `ResponseHead::framing`).
+        let framing = s.resp.framing(s.ex.head_request).map_err(|_| Fail::BadResponse)?;
         if status == 101 {
             if !s.ex.upgrade {
                 return Err(Fail::BadResponse);
@@ -331,7 +334,6 @@ impl Core {
             }
             return Ok(());
         }
-        let framing = s.resp.framing(s.ex.head_request).map_err(|_| Fail::BadResponse)?;
         self.record_outcome(s, if status >= 500 { Outcome::ServerError } else { Outcome::Success });
         s.ex.status = status;
         match self.hook_response(s) {
