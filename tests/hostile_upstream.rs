@@ -207,6 +207,81 @@ fn backend_closing_a_pooled_connection_costs_the_next_client_nothing() {
 }
 
 #[test]
+fn more_interim_responses_than_allowed_is_502_and_the_connection_is_not_reused() {
+    let b = backend(|_, path| {
+        if path == "/first" {
+            let mut flood = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(17);
+            flood.extend_from_slice(&own_response(path));
+            vec![(0, flood)]
+        } else {
+            vec![(0, own_response(path))]
+        }
+    });
+    let p = proxy(&b);
+    two_clients(&b, &p, &get_request("example.com", "/first"), |r| {
+        assert_eq!(r.status, 502, "{}", r.head_str());
+        assert!(r.interim.len() <= 16, "{} interim responses were forwarded", r.interim.len());
+    });
+    assert_eq!(b.connections(), 2, "the flooding connection was closed, not pooled");
+}
+
+#[test]
+fn a_few_interim_responses_are_relayed() {
+    let b = backend(|_, path| {
+        let mut bytes = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n".repeat(3);
+        bytes.extend_from_slice(&own_response(path));
+        vec![(0, bytes)]
+    });
+    let p = proxy(&b);
+    two_clients(&b, &p, &get_request("example.com", "/first"), |r| {
+        assert_ok_body(r, b"/first");
+        assert_eq!(r.interim, vec![103, 103, 103]);
+    });
+}
+
+#[test]
+fn endless_interim_responses_to_a_client_that_does_not_read_do_not_grow_the_worker() {
+    const CONTINUES: usize = 1_600_000; // 40 MB of "100 Continue" heads.
+    let done = Arc::new(AtomicUsize::new(0));
+    let finished = done.clone();
+    let b = ScriptedBackend::start(move |mut s: TcpStream, n| {
+        while let Ok(Some(head)) = read_head_exact(&mut s) {
+            let text = String::from_utf8_lossy(&head).into_owned();
+            let path = text.split_whitespace().nth(1).unwrap_or("").to_string();
+            if path == "/flood" {
+                let chunk = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(1000);
+                for _ in 0..CONTINUES / 1000 {
+                    if s.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+                finished.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            if s.write_all(&own_response(&path)).is_err() || n == 0 {
+                return;
+            }
+        }
+    });
+    let p = proxy(&b);
+    assert_ok_body(&p.client().get("example.com", "/warm-up"), b"/warm-up");
+    let before = p.rss_kib();
+    // A client that sends its request and never reads.
+    let mut silent = TcpStream::connect(p.addr()).expect("connect");
+    silent.write_all(&get_request("example.com", "/flood")).expect("send");
+    assert!(wait_until(Duration::from_secs(30), || done.load(Ordering::SeqCst) == 1), "the backend kept writing");
+    // What the backend wrote last may still be in socket buffers: let the
+    // worker take it.
+    thread::sleep(Duration::from_millis(300));
+    let after = p.rss_kib();
+    eprintln!("worker RSS {before} KiB before the flood, {after} KiB after");
+    assert!(after < before + 4096, "worker RSS grew from {before} KiB to {after} KiB");
+    let mut c2 = p.client();
+    assert_ok_body(&c2.get("example.com", "/second"), b"/second");
+    drop(silent);
+}
+
+#[test]
 fn interim_204_and_304_heads_with_conflicting_framing_are_502_and_never_forwarded() {
     for bad in [
         "HTTP/1.1 100 Continue\r\nContent-Length: 5\r\n\r\n",

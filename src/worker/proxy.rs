@@ -32,6 +32,12 @@ const COPIED_CHUNK_DATA: usize = 1024;
 /// Re-framed request bytes queued for a backend before more client input
 /// is taken (backpressure for chunked bodies).
 const MAX_PENDING_FRAMED: usize = 16 * 1024;
+/// Interim (1xx) responses accepted before the final one of an exchange;
+/// past it the backend is failed (502) and its connection closed. With
+/// their bytes counted against the response head limit (the upstream read
+/// buffer), this bounds what a backend can queue towards a client that
+/// does not read.
+pub const MAX_INTERIM_RESPONSES: u32 = 16;
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +55,10 @@ pub enum Fail {
     UpstreamTimeout,
     #[error("malformed response from backend")]
     BadResponse,
+    /// More than `MAX_INTERIM_RESPONSES` 1xx heads, or more bytes of them
+    /// than a response head may have.
+    #[error("too many interim (1xx) responses from backend")]
+    TooManyInterim,
     /// The backend closed in the middle of a body.
     #[error("backend closed the connection in the middle of the response body")]
     Truncated,
@@ -252,9 +262,19 @@ impl Core {
                     let (n, _) = s.write_client(&[]).map_err(|_| Fail::ClientGone)?;
                     moved |= n > 0;
                 }
+                // Interim heads count against the response head limit.
+                let head_room = ubuf.capacity().saturating_sub(s.ex.interim_bytes);
                 match s.resp.parse(ubuf.data(), MAX_PARSE_HEADERS) {
+                    Ok(Some(n)) if n > head_room => return Err(Fail::TooManyInterim),
                     Ok(Some(n)) => {
                         ubuf.consume(n);
+                        if s.resp.status < 200 && s.resp.status != 101 {
+                            s.ex.interim += 1;
+                            s.ex.interim_bytes += n;
+                            if s.ex.interim > MAX_INTERIM_RESPONSES {
+                                return Err(Fail::TooManyInterim);
+                            }
+                        }
                         self.response_head(s)?;
                         moved = true;
                         if s.phase != Phase::Proxy {
@@ -263,6 +283,7 @@ impl Core {
                         continue;
                     }
                     Ok(None) if ubuf.room() == 0 => return Err(Fail::BadResponse),
+                    Ok(None) if ubuf.len() >= head_room => return Err(Fail::TooManyInterim),
                     Ok(None) if s.ex.resp_eof => {
                         return Err(if ubuf.is_empty() { Fail::UpstreamClosed } else { Fail::BadResponse })
                     }

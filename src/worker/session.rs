@@ -128,6 +128,9 @@ pub struct Exchange {
     /// request can not be replayed.
     pub body_out: bool,
     pub resp_head_done: bool,
+    /// Interim (1xx) response heads received, and their bytes.
+    pub interim: u32,
+    pub interim_bytes: usize,
     pub resp_body: Body,
     pub resp_mode: RespMode,
     pub resp_ready: usize,
