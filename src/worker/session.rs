@@ -540,6 +540,12 @@ impl Core {
         if let Err(status) = opened {
             return self.respond(s, status);
         }
+        // Tests of the worker's panic containment: a panic while the
+        // session holds a backend connection.
+        #[cfg(feature = "fault-injection")]
+        if s.req.head.get("x-pitcher-test-panic").is_some() {
+            panic!("fault injection: X-Pitcher-Test-Panic");
+        }
         let client = match s.peer {
             Peer::Ip(ip) => Some(ip),
             Peer::Unix => None,
