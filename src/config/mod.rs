@@ -81,6 +81,7 @@ struct FileConfig {
     drain_timeout_ms: Option<u64>,
     upgrade_protocols: Option<Vec<String>>,
     upgrade_timeout_ms: Option<u64>,
+    forward_expect: Option<bool>,
     #[serde(default)]
     listeners: Vec<FileListener>,
     #[serde(default)]
@@ -275,6 +276,9 @@ pub struct Config {
     /// Protocols a request may switch to (`Upgrade`), lower case. Others
     /// are not tunnelled: the request goes on as plain HTTP.
     pub upgrade_protocols: Vec<String>,
+    /// Pass `Expect: 100-continue` on to backends (Pitcher answers it
+    /// itself either way; a backend's own 100 is then not relayed again).
+    pub forward_expect: bool,
     pub listeners: Vec<ListenerConfig>,
     pub clusters: Vec<ClusterConfig>,
     pub routes: Vec<RouteConfig>,
@@ -534,6 +538,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
             .into_iter()
             .map(|p| p.to_ascii_lowercase())
             .collect(),
+        forward_expect: f.forward_expect.unwrap_or(false),
         listeners,
         clusters,
         routes,

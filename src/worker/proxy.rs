@@ -349,8 +349,9 @@ impl Core {
             return Ok(());
         }
         if status < 200 {
-            // Interim responses (100 Continue, 103) go to HTTP/1.1 clients.
-            if client_v11 {
+            // Interim responses (100 Continue, 103) go to HTTP/1.1 clients;
+            // a 100 only if Pitcher did not send its own.
+            if client_v11 && !(status == 100 && s.ex.continue_sent) {
                 hw::response_head(&mut s.out, &s.resp, OutFraming::None, ConnHeader::Default);
             }
             return Ok(());
