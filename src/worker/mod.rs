@@ -144,6 +144,10 @@ pub struct Core {
     log: Logger,
     /// Answer with `Connection: close` and stop keeping connections.
     draining: bool,
+    /// Request bodies refused as too slow (see `proxy::body_timeout`), and
+    /// when that was last logged (once a second at most).
+    slow_bodies: u64,
+    slow_bodies_logged: Instant,
 }
 
 struct ListenerSlot {
@@ -230,6 +234,8 @@ impl Worker {
                 now: Instant::now(),
                 log: init.log,
                 draining: false,
+                slow_bodies: 0,
+                slow_bodies_logged: Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now),
             },
             stop: init.stop,
             quit: init.quit,

@@ -200,7 +200,10 @@ impl Core {
                             s.ex.req_body_sent += b as u64;
                         }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => u.rd.writable = false,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        u.rd.writable = false;
+                        s.ex.body_backpressure = true;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(Fail::UpstreamWrite(e)),
                 }
@@ -223,7 +226,10 @@ impl Core {
             let inb = s.inb.get_or_insert_with(|| self.bufs.get());
             match read_into(&mut s.stream, &mut s.rd, inb) {
                 Ok(Some(0)) | Err(_) => return Err(Fail::ClientGone),
-                Ok(Some(_)) => moved = true,
+                Ok(Some(n)) => {
+                    s.ex.body_window_bytes += n as u64;
+                    moved = true;
+                }
                 Ok(None) => return Ok(moved),
             }
         }
@@ -606,7 +612,15 @@ impl Core {
         let t = &s.snap.config.timeouts;
         if !s.ex.resp_head_done {
             if !s.ex.req_body.complete() && s.ex.req_ready == 0 {
-                return t.client_body;
+                // Also wake at the end of the rate window and at the body's
+                // total deadline (bytes that keep coming re-arm the idle
+                // timeout, not these).
+                let mut wait = t.client_body;
+                let window_end = s.ex.body_window_start.map(|w| w + t.client_body_rate_window);
+                for at in [window_end, s.ex.body_deadline].into_iter().flatten() {
+                    wait = wait.min(at.saturating_duration_since(self.now));
+                }
+                return wait;
             }
             if !s.ex.request_sent() {
                 return t.upstream_write;
@@ -624,11 +638,7 @@ impl Core {
     pub(super) fn proxy_timeout(&mut self, s: &mut Session) -> Step {
         match s.ex.up.map(|u| self.ups[u].connecting) {
             Some(true) => self.fail(s, Fail::ConnectTimeout),
-            _ if !s.ex.resp_head_done && !s.ex.req_body.complete() && s.ex.req_ready == 0 => {
-                s.ex.client_keep = false;
-                self.release_upstream(s, false);
-                self.respond(s, 408)
-            }
+            _ if !s.ex.resp_head_done && !s.ex.req_body.complete() && s.ex.req_ready == 0 => self.body_timeout(s),
             _ if !s.ex.resp_head_done => self.fail(s, Fail::UpstreamTimeout),
             _ => {
                 let backend = s.ex.up.map(|u| self.backends.get(self.ups[u].backend).addr.to_string());
@@ -639,6 +649,49 @@ impl Core {
                 Step::Close
             }
         }
+    }
+}
+
+impl Core {
+    /// A deadline passed while waiting for request body bytes: the idle
+    /// timeout (`client_body_ms`), the total one (`client_body_total_ms`),
+    /// or the end of a rate window, which opens the next window when the
+    /// client kept up (or the backend was the slow side). A body too slow
+    /// is answered 408 (a close if anything of a response went out), and
+    /// the backend connection it held is closed.
+    fn body_timeout(&mut self, s: &mut Session) -> Step {
+        let t = &s.snap.config.timeouts;
+        let now = self.now;
+        let total_passed = s.ex.body_deadline.is_some_and(|d| now >= d);
+        let window = t.client_body_rate_window;
+        let window_start = s.ex.body_window_start.unwrap_or(now);
+        let why = if total_passed {
+            "total time"
+        } else if now >= window_start + window {
+            let least = t.client_body_min_rate_bytes.saturating_mul(window.as_millis() as u64) / 1000;
+            if s.ex.body_backpressure || s.ex.body_window_bytes >= least {
+                s.ex.body_window_start = Some(now);
+                s.ex.body_window_bytes = 0;
+                s.ex.body_backpressure = false;
+                s.progressed = true;
+                return Step::Again;
+            }
+            "minimum rate"
+        } else {
+            "idle"
+        };
+        self.slow_bodies += 1;
+        if now.saturating_duration_since(self.slow_bodies_logged) >= Duration::from_secs(1) {
+            slog::warn!(self.log, "request body too slow; refused"; "reason" => why, "peer" => ?s.peer,
+                "window_bytes" => s.ex.body_window_bytes, "slow_bodies_total" => self.slow_bodies);
+            self.slow_bodies_logged = now;
+        }
+        self.release_upstream(s, false);
+        if s.out_pending() {
+            return Step::Close;
+        }
+        s.ex.client_keep = false;
+        self.respond(s, 408)
     }
 }
 

@@ -163,6 +163,13 @@ pub struct Exchange {
     pub cluster_chosen: bool,
     /// REQUEST_FINISH is still owed for this exchange.
     pub finish_pending: bool,
+    /// Request body deadline (`client_body_total_ms`), and the current
+    /// rate window: its start, the body bytes read in it, and whether the
+    /// backend held the body back in it (then it is not judged).
+    pub body_deadline: Option<Instant>,
+    pub body_window_start: Option<Instant>,
+    pub body_window_bytes: u64,
+    pub body_backpressure: bool,
     /// The client asked for `100 Continue` before sending its body.
     pub expect_continue: bool,
     /// Pitcher sent the client a `100 Continue` (a backend's is not relayed).
@@ -559,6 +566,11 @@ impl Core {
         #[cfg(feature = "fault-injection")]
         if s.req.head.get("x-pitcher-test-panic").is_some() {
             panic!("fault injection: X-Pitcher-Test-Panic");
+        }
+        if !s.ex.req_body.complete() {
+            let t = &s.snap.config.timeouts;
+            s.ex.body_deadline = Some(self.now + t.client_body_total);
+            s.ex.body_window_start = Some(self.now);
         }
         // Ready for the body: route, modules and backend are settled.
         if s.ex.expect_continue {
