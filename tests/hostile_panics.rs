@@ -45,6 +45,13 @@ fn a_panic_closes_its_connection_only_and_is_in_the_error_log_of_a_daemon() {
     let after = m.expect_status().worker_pids();
     assert_eq!(before, after, "the worker was replaced");
 
+    // The backend connection the panicking session held was given back:
+    // no request is counted as active on the backend any more.
+    let out = m.command(&["ctl", "upstreams"]);
+    assert!(out.status.success(), "{out:?}");
+    let line = out.stdout.lines().find(|l| l.contains(&backend.spec())).unwrap_or_else(|| panic!("{}", out.stdout));
+    assert_eq!(line.split_whitespace().nth(6), Some("0"), "ACTIVE after the panic:\n{}", out.stdout);
+
     let log = std::fs::read_to_string(m.dir().join("error.log")).expect("read error.log");
     let line = log
         .lines()
