@@ -86,6 +86,7 @@ struct FileConfig {
     upgrade_protocols: Option<Vec<String>>,
     upgrade_timeout_ms: Option<u64>,
     normalize_upstream_path: Option<bool>,
+    forward_expect: Option<bool>,
     #[serde(default)]
     listeners: Vec<FileListener>,
     #[serde(default)]
@@ -144,6 +145,9 @@ struct FileRoute {
 struct FileTimeouts {
     client_header_ms: Option<u64>,
     client_body_ms: Option<u64>,
+    client_body_total_ms: Option<u64>,
+    client_body_rate_window_ms: Option<u64>,
+    client_body_min_rate_bytes: Option<u64>,
     client_write_ms: Option<u64>,
     keepalive_idle_ms: Option<u64>,
     upstream_connect_ms: Option<u64>,
@@ -241,6 +245,14 @@ pub struct Timeouts {
     pub client_header: Duration,
     /// Longest wait for the next piece of a request body.
     pub client_body: Duration,
+    /// Longest time from the end of a request head to the end of its body.
+    pub client_body_total: Duration,
+    /// A request body is measured over windows of this length (the first
+    /// one is its grace period).
+    pub client_body_rate_window: Duration,
+    /// Least body bytes per second a client must send over each window
+    /// while Pitcher waits for them (0: no minimum).
+    pub client_body_min_rate_bytes: u64,
     /// Longest wait for a client to accept more response bytes.
     pub client_write: Duration,
     /// Idle time allowed between requests on a client connection.
@@ -285,6 +297,9 @@ pub struct Config {
     /// Send the backend the normalised path (the one routes and modules
     /// match) instead of the target as received. Default `false`.
     pub normalize_upstream_path: bool,
+    /// Pass `Expect: 100-continue` on to backends (Pitcher answers it
+    /// itself either way; a backend's own 100 is then not relayed again).
+    pub forward_expect: bool,
     pub listeners: Vec<ListenerConfig>,
     pub clusters: Vec<ClusterConfig>,
     pub routes: Vec<RouteConfig>,
@@ -498,6 +513,9 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
     let timeouts = Timeouts {
         client_header: ms(t.client_header_ms, 10_000),
         client_body: ms(t.client_body_ms, 60_000),
+        client_body_total: ms(t.client_body_total_ms, 3_600_000),
+        client_body_rate_window: ms(t.client_body_rate_window_ms, 5_000),
+        client_body_min_rate_bytes: t.client_body_min_rate_bytes.unwrap_or(500),
         client_write: ms(t.client_write_ms, 60_000),
         keepalive_idle: ms(t.keepalive_idle_ms, 75_000),
         upstream_connect: ms(t.upstream_connect_ms, 3_000),
@@ -508,6 +526,8 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
     for (name, d) in [
         ("client_header_ms", timeouts.client_header),
         ("client_body_ms", timeouts.client_body),
+        ("client_body_total_ms", timeouts.client_body_total),
+        ("client_body_rate_window_ms", timeouts.client_body_rate_window),
         ("client_write_ms", timeouts.client_write),
         ("keepalive_idle_ms", timeouts.keepalive_idle),
         ("upstream_connect_ms", timeouts.upstream_connect),
@@ -564,6 +584,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
             .map(|p| p.to_ascii_lowercase())
             .collect(),
         normalize_upstream_path: f.normalize_upstream_path.unwrap_or(false),
+        forward_expect: f.forward_expect.unwrap_or(false),
         listeners,
         clusters,
         routes,

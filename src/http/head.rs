@@ -526,11 +526,25 @@ impl ResponseHead {
 
     /// Body framing of this response to a request (`head_request`: the
     /// request was HEAD). RFC 9112 §6.3.
+    ///
+    /// Every head is validated, also those that have no body (1xx, 204,
+    /// 304, a response to HEAD): conflicting or malformed Content-Length
+    /// and Transfer-Encoding make the response refused, as a downstream
+    /// or a cache could frame it differently. 1xx and 204 must carry no
+    /// Transfer-Encoding and no non-zero Content-Length (RFC 9110 §8.6,
+    /// RFC 9112 §6.1).
     pub fn framing(&self, head_request: bool) -> Result<Framing, HttpError> {
-        if head_request || self.status < 200 || self.status == 204 || self.status == 304 {
+        let framing = self.head.body_framing(false).map_err(|_| HttpError::BadResponse)?;
+        if self.status < 200 || self.status == 204 {
+            return match framing {
+                Framing::Close | Framing::Length(0) => Ok(Framing::None),
+                _ => Err(HttpError::BadResponse),
+            };
+        }
+        if head_request || self.status == 304 {
             return Ok(Framing::None);
         }
-        self.head.body_framing(false).map_err(|_| HttpError::BadResponse)
+        Ok(framing)
     }
 
     /// Will the backend keep the connection open after this response?
@@ -933,5 +947,20 @@ mod tests {
         assert_eq!(r.framing(false), Err(HttpError::BadResponse));
         r.parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", 100).unwrap();
         assert_eq!(r.framing(false), Err(HttpError::BadResponse));
+        // Heads without a body are validated all the same.
+        for (raw, head_req) in [
+            (&b"HTTP/1.1 100 Continue\r\nContent-Length: 3\r\n\r\n"[..], false),
+            (b"HTTP/1.1 103 Early Hints\r\nTransfer-Encoding: chunked\r\n\r\n", false),
+            (b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n", false),
+            (b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", true),
+        ] {
+            r.parse(raw, 100).unwrap();
+            assert_eq!(r.framing(head_req), Err(HttpError::BadResponse), "{}", String::from_utf8_lossy(raw));
+        }
+        r.parse(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", 100).unwrap();
+        assert_eq!(r.framing(false).unwrap(), Framing::None);
+        r.parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 100).unwrap();
+        assert_eq!(r.framing(true).unwrap(), Framing::None);
     }
 }

@@ -16,8 +16,10 @@ mod session;
 mod timer;
 mod upconn;
 
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::OwnedFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -142,6 +144,10 @@ pub struct Core {
     log: Logger,
     /// Answer with `Connection: close` and stop keeping connections.
     draining: bool,
+    /// Request bodies refused as too slow (see `proxy::body_timeout`), and
+    /// when that was last logged (once a second at most).
+    slow_bodies: u64,
+    slow_bodies_logged: Instant,
 }
 
 struct ListenerSlot {
@@ -172,6 +178,8 @@ pub struct Worker {
     /// Connections refused over `max_connections`, and when last logged.
     refused: u64,
     refused_logged: Instant,
+    /// Connections closed because handling them panicked.
+    panics: u64,
 }
 
 /// How often a worker measures its load.
@@ -226,6 +234,8 @@ impl Worker {
                 now: Instant::now(),
                 log: init.log,
                 draining: false,
+                slow_bodies: 0,
+                slow_bodies_logged: Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now),
             },
             stop: init.stop,
             quit: init.quit,
@@ -237,6 +247,7 @@ impl Worker {
             spares: Vec::new(),
             refused: 0,
             refused_logged: Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now),
+            panics: 0,
         })
     }
 
@@ -300,14 +311,10 @@ impl Worker {
                             l.pending = true;
                         }
                     }
-                    KIND_CLIENT => {
-                        if let Some(s) = self.sessions.get_mut(idx) {
-                            s.rd.update(ev);
-                            if !self.core.drive(s) {
-                                self.close_session(idx);
-                            }
-                        }
-                    }
+                    KIND_CLIENT => self.serve(idx, |core, s| {
+                        s.rd.update(ev);
+                        core.drive(s)
+                    }),
                     KIND_UPSTREAM => self.upstream_event(idx, ev),
                     _ => self.channel_event(),
                 }
@@ -332,13 +339,7 @@ impl Worker {
         let Some(u) = self.core.ups.get_mut(idx) else { return };
         u.rd.update(ev);
         match u.owner {
-            Some(sid) => {
-                if let Some(s) = self.sessions.get_mut(sid) {
-                    if !self.core.drive(s) {
-                        self.close_session(sid);
-                    }
-                }
-            }
+            Some(sid) => self.serve(sid, |core, s| core.drive(s)),
             None => self.core.idle_upstream_event(idx),
         }
     }
@@ -379,9 +380,11 @@ impl Worker {
             let s = entry.insert(Session::new(key, stream, peer, snap.clone(), spare));
             let at = self.core.now + snap.config.timeouts.client_header;
             self.core.timers.set(&mut s.timed, key, at);
-            match self.core.hook_accept(s) {
-                Ok(()) => {}
-                Err(answer) => {
+            let core = &mut self.core;
+            match guarded(|| core.hook_accept(s)) {
+                Err(p) => self.session_panicked(idx, p),
+                Ok(Ok(())) => {}
+                Ok(Err(answer)) => {
                     if let Some(r) = answer {
                         use std::io::Write;
                         let mut out = Vec::new();
@@ -466,9 +469,7 @@ impl Worker {
                     if s.key != key || !self.core.timers.fired(&mut s.timed, key, at, now) {
                         continue;
                     }
-                    if !self.core.timeout(s) {
-                        self.close_session(idx);
-                    }
+                    self.serve(idx, |core, s| core.timeout(s));
                 }
                 KIND_UPSTREAM => {
                     let Some(u) = self.core.ups.get_mut(idx) else { continue };
@@ -482,6 +483,43 @@ impl Worker {
         }
     }
 
+    /// Runs `f` (a step of the proxy state machine, a timeout, hooks) on
+    /// session `idx`; closes the session when `f` says so, or when it
+    /// panics: one connection's panic must not take the worker's other
+    /// connections with it.
+    fn serve(&mut self, idx: usize, f: impl FnOnce(&mut Core, &mut Session) -> bool) {
+        let Some(s) = self.sessions.get_mut(idx) else { return };
+        let core = &mut self.core;
+        match guarded(|| f(core, s)) {
+            Ok(true) => {}
+            Ok(false) => self.close_session(idx),
+            Err(p) => self.session_panicked(idx, p),
+        }
+    }
+
+    /// Handling session `idx` panicked: it is logged with its message and
+    /// place, counted, and the connection closed (its upstream connection
+    /// too, and the backend's counters released). The session's state may
+    /// be half-updated, so a panic while closing it drops it as it is.
+    fn session_panicked(&mut self, idx: usize, p: Panic) {
+        self.panics += 1;
+        let peer = self.sessions.get(idx).map(|s| format!("{:?}", s.peer)).unwrap_or_default();
+        slog::error!(self.core.log, "panic while handling a connection; closing it"; "panic" => %p.message,
+            "location" => %p.location, "peer" => peer, "panics_total" => self.panics);
+        if let Some(s) = self.sessions.get_mut(idx) {
+            if s.ex.finish_pending {
+                s.ex.status = 500;
+            }
+        }
+        if let Err(p) = guarded(|| self.close_session(idx)) {
+            slog::error!(self.core.log, "panic while closing a connection after a panic"; "panic" => %p.message,
+                "location" => %p.location);
+            if self.sessions.contains(idx) {
+                drop(self.sessions.remove(idx));
+            }
+        }
+    }
+
     fn close_session(&mut self, idx: usize) {
         if !self.sessions.contains(idx) {
             return;
@@ -490,7 +528,12 @@ impl Worker {
         if s.ex.finish_pending && s.ex.status == 0 {
             s.ex.status = 499; // The client went away before a response (nginx's 499).
         }
-        self.core.hook_finish(&mut s);
+        let core = &mut self.core;
+        if let Err(p) = guarded(|| core.hook_finish(&mut s)) {
+            self.panics += 1;
+            slog::error!(self.core.log, "panic in the finish hooks of a connection"; "panic" => %p.message,
+                "location" => %p.location, "panics_total" => self.panics);
+        }
         self.core.release_upstream(&mut s, false);
         if let Some(b) = s.inb.take() {
             self.core.bufs.put(b);
@@ -697,6 +740,55 @@ impl Worker {
 
 /// Runs a worker until it is stopped or has drained.
 pub fn run(init: WorkerInit) -> io::Result<()> {
+    install_panic_hook();
     let mut w = Worker::new(init)?;
     w.run()
+}
+
+/// A panic caught by [`guarded`]: its message and `file:line`.
+struct Panic {
+    message: String,
+    location: String,
+}
+
+thread_local! {
+    /// Inside [`guarded`]: the panic hook records the panic for the caller
+    /// to log instead of printing it to stderr (a daemon's stderr is
+    /// /dev/null; the error log is where operators look).
+    static GUARDED: Cell<bool> = const { Cell::new(false) };
+    static LAST_PANIC: RefCell<Option<Panic>> = const { RefCell::new(None) };
+}
+
+/// Chains a hook before the default one that records panics inside
+/// [`guarded`] (the payload of `catch_unwind` has no location).
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !GUARDED.with(Cell::get) {
+            return default(info);
+        }
+        let p = info.payload();
+        let message = match (p.downcast_ref::<&str>(), p.downcast_ref::<String>()) {
+            (Some(m), _) => (*m).to_string(),
+            (None, Some(m)) => m.clone(),
+            (None, None) => "(no message)".to_string(),
+        };
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        LAST_PANIC.with(|l| *l.borrow_mut() = Some(Panic { message, location }));
+    }));
+}
+
+/// Runs `f`, catching a panic. `AssertUnwindSafe`: after a panic the
+/// caller throws away the one session `f` worked on; the worker's shared
+/// state is left consistent by construction (slab entries and counters
+/// are released by closing that session).
+fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, Panic> {
+    let outer = GUARDED.with(|g| g.replace(true));
+    let r = catch_unwind(AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(outer));
+    r.map_err(|_| {
+        LAST_PANIC
+            .with(|l| l.borrow_mut().take())
+            .unwrap_or(Panic { message: "(unknown)".to_string(), location: String::new() })
+    })
 }

@@ -32,6 +32,12 @@ const COPIED_CHUNK_DATA: usize = 1024;
 /// Re-framed request bytes queued for a backend before more client input
 /// is taken (backpressure for chunked bodies).
 const MAX_PENDING_FRAMED: usize = 16 * 1024;
+/// Interim (1xx) responses accepted before the final one of an exchange;
+/// past it the backend is failed (502) and its connection closed. With
+/// their bytes counted against the response head limit (the upstream read
+/// buffer), this bounds what a backend can queue towards a client that
+/// does not read.
+pub const MAX_INTERIM_RESPONSES: u32 = 16;
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +55,10 @@ pub enum Fail {
     UpstreamTimeout,
     #[error("malformed response from backend")]
     BadResponse,
+    /// More than `MAX_INTERIM_RESPONSES` 1xx heads, or more bytes of them
+    /// than a response head may have.
+    #[error("too many interim (1xx) responses from backend")]
+    TooManyInterim,
     /// The backend closed in the middle of a body.
     #[error("backend closed the connection in the middle of the response body")]
     Truncated,
@@ -190,7 +200,10 @@ impl Core {
                             s.ex.req_body_sent += b as u64;
                         }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => u.rd.writable = false,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        u.rd.writable = false;
+                        s.ex.body_backpressure = true;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(Fail::UpstreamWrite(e)),
                 }
@@ -213,7 +226,10 @@ impl Core {
             let inb = s.inb.get_or_insert_with(|| self.bufs.get());
             match read_into(&mut s.stream, &mut s.rd, inb) {
                 Ok(Some(0)) | Err(_) => return Err(Fail::ClientGone),
-                Ok(Some(_)) => moved = true,
+                Ok(Some(n)) => {
+                    s.ex.body_window_bytes += n as u64;
+                    moved = true;
+                }
                 Ok(None) => return Ok(moved),
             }
         }
@@ -252,9 +268,19 @@ impl Core {
                     let (n, _) = s.write_client(&[]).map_err(|_| Fail::ClientGone)?;
                     moved |= n > 0;
                 }
+                // Interim heads count against the response head limit.
+                let head_room = ubuf.capacity().saturating_sub(s.ex.interim_bytes);
                 match s.resp.parse(ubuf.data(), MAX_PARSE_HEADERS) {
+                    Ok(Some(n)) if n > head_room => return Err(Fail::TooManyInterim),
                     Ok(Some(n)) => {
                         ubuf.consume(n);
+                        if s.resp.status < 200 && s.resp.status != 101 {
+                            s.ex.interim += 1;
+                            s.ex.interim_bytes += n;
+                            if s.ex.interim > MAX_INTERIM_RESPONSES {
+                                return Err(Fail::TooManyInterim);
+                            }
+                        }
                         self.response_head(s)?;
                         moved = true;
                         if s.phase != Phase::Proxy {
@@ -263,6 +289,7 @@ impl Core {
                         continue;
                     }
                     Ok(None) if ubuf.room() == 0 => return Err(Fail::BadResponse),
+                    Ok(None) if ubuf.len() >= head_room => return Err(Fail::TooManyInterim),
                     Ok(None) if s.ex.resp_eof => {
                         return Err(if ubuf.is_empty() { Fail::UpstreamClosed } else { Fail::BadResponse })
                     }
@@ -314,6 +341,9 @@ impl Core {
     fn response_head(&mut self, s: &mut Session) -> Result<(), Fail> {
         let status = s.resp.status;
         let client_v11 = s.req.version() == Version::Http11;
+        // Validated whatever the status: a head with conflicting framing is
+        // never forwarded (see `ResponseHead::framing`).
+        let framing = s.resp.framing(s.ex.head_request).map_err(|_| Fail::BadResponse)?;
         if status == 101 {
             if !s.ex.upgrade {
                 return Err(Fail::BadResponse);
@@ -325,13 +355,13 @@ impl Core {
             return Ok(());
         }
         if status < 200 {
-            // Interim responses (100 Continue, 103) go to HTTP/1.1 clients.
-            if client_v11 {
+            // Interim responses (100 Continue, 103) go to HTTP/1.1 clients;
+            // a 100 only if Pitcher did not send its own.
+            if client_v11 && !(status == 100 && s.ex.continue_sent) {
                 hw::response_head(&mut s.out, &s.resp, OutFraming::None, ConnHeader::Default);
             }
             return Ok(());
         }
-        let framing = s.resp.framing(s.ex.head_request).map_err(|_| Fail::BadResponse)?;
         self.record_outcome(s, if status >= 500 { Outcome::ServerError } else { Outcome::Success });
         s.ex.status = status;
         match self.hook_response(s) {
@@ -582,7 +612,15 @@ impl Core {
         let t = &s.snap.config.timeouts;
         if !s.ex.resp_head_done {
             if !s.ex.req_body.complete() && s.ex.req_ready == 0 {
-                return t.client_body;
+                // Also wake at the end of the rate window and at the body's
+                // total deadline (bytes that keep coming re-arm the idle
+                // timeout, not these).
+                let mut wait = t.client_body;
+                let window_end = s.ex.body_window_start.map(|w| w + t.client_body_rate_window);
+                for at in [window_end, s.ex.body_deadline].into_iter().flatten() {
+                    wait = wait.min(at.saturating_duration_since(self.now));
+                }
+                return wait;
             }
             if !s.ex.request_sent() {
                 return t.upstream_write;
@@ -600,11 +638,7 @@ impl Core {
     pub(super) fn proxy_timeout(&mut self, s: &mut Session) -> Step {
         match s.ex.up.map(|u| self.ups[u].connecting) {
             Some(true) => self.fail(s, Fail::ConnectTimeout),
-            _ if !s.ex.resp_head_done && !s.ex.req_body.complete() && s.ex.req_ready == 0 => {
-                s.ex.client_keep = false;
-                self.release_upstream(s, false);
-                self.respond(s, 408)
-            }
+            _ if !s.ex.resp_head_done && !s.ex.req_body.complete() && s.ex.req_ready == 0 => self.body_timeout(s),
             _ if !s.ex.resp_head_done => self.fail(s, Fail::UpstreamTimeout),
             _ => {
                 let backend = s.ex.up.map(|u| self.backends.get(self.ups[u].backend).addr.to_string());
@@ -615,6 +649,49 @@ impl Core {
                 Step::Close
             }
         }
+    }
+}
+
+impl Core {
+    /// A deadline passed while waiting for request body bytes: the idle
+    /// timeout (`client_body_ms`), the total one (`client_body_total_ms`),
+    /// or the end of a rate window, which opens the next window when the
+    /// client kept up (or the backend was the slow side). A body too slow
+    /// is answered 408 (a close if anything of a response went out), and
+    /// the backend connection it held is closed.
+    fn body_timeout(&mut self, s: &mut Session) -> Step {
+        let t = &s.snap.config.timeouts;
+        let now = self.now;
+        let total_passed = s.ex.body_deadline.is_some_and(|d| now >= d);
+        let window = t.client_body_rate_window;
+        let window_start = s.ex.body_window_start.unwrap_or(now);
+        let why = if total_passed {
+            "total time"
+        } else if now >= window_start + window {
+            let least = t.client_body_min_rate_bytes.saturating_mul(window.as_millis() as u64) / 1000;
+            if s.ex.body_backpressure || s.ex.body_window_bytes >= least {
+                s.ex.body_window_start = Some(now);
+                s.ex.body_window_bytes = 0;
+                s.ex.body_backpressure = false;
+                s.progressed = true;
+                return Step::Again;
+            }
+            "minimum rate"
+        } else {
+            "idle"
+        };
+        self.slow_bodies += 1;
+        if now.saturating_duration_since(self.slow_bodies_logged) >= Duration::from_secs(1) {
+            slog::warn!(self.log, "request body too slow; refused"; "reason" => why, "peer" => ?s.peer,
+                "window_bytes" => s.ex.body_window_bytes, "slow_bodies_total" => self.slow_bodies);
+            self.slow_bodies_logged = now;
+        }
+        self.release_upstream(s, false);
+        if s.out_pending() {
+            return Step::Close;
+        }
+        s.ex.client_keep = false;
+        self.respond(s, 408)
     }
 }
 

@@ -128,6 +128,9 @@ pub struct Exchange {
     /// request can not be replayed.
     pub body_out: bool,
     pub resp_head_done: bool,
+    /// Interim (1xx) response heads received, and their bytes.
+    pub interim: u32,
+    pub interim_bytes: usize,
     pub resp_body: Body,
     pub resp_mode: RespMode,
     pub resp_ready: usize,
@@ -160,6 +163,17 @@ pub struct Exchange {
     pub cluster_chosen: bool,
     /// REQUEST_FINISH is still owed for this exchange.
     pub finish_pending: bool,
+    /// Request body deadline (`client_body_total_ms`), and the current
+    /// rate window: its start, the body bytes read in it, and whether the
+    /// backend held the body back in it (then it is not judged).
+    pub body_deadline: Option<Instant>,
+    pub body_window_start: Option<Instant>,
+    pub body_window_bytes: u64,
+    pub body_backpressure: bool,
+    /// The client asked for `100 Continue` before sending its body.
+    pub expect_continue: bool,
+    /// Pitcher sent the client a `100 Continue` (a backend's is not relayed).
+    pub continue_sent: bool,
 }
 
 impl Exchange {
@@ -476,6 +490,16 @@ impl Core {
         s.ex.head_request = s.req.is_head();
         s.ex.client_keep = s.req.keep_alive() && !self.draining;
         s.ex.req_body = Body::from_framing(s.req.framing());
+        // RFC 9110 §10.1.1: Pitcher answers `Expect: 100-continue` itself
+        // (the backend sees it only if configured). An HTTP/1.0 request's
+        // Expect is ignored; a client that sent body bytes already does
+        // not wait.
+        if s.req.head.get("expect").is_some_and(|v| crate::http::head::trim(v).eq_ignore_ascii_case(b"100-continue")) {
+            s.ex.expect_continue = s.req.version() == Version::Http11 && !s.ex.req_body.complete() && !s.has_input();
+            if !s.snap.config.forward_expect {
+                s.req.head.remove("expect");
+            }
+        }
         let max_body = s.snap.config.limits.max_body_bytes;
         if let Framing::Length(n) = s.req.framing() {
             if n > max_body {
@@ -546,6 +570,25 @@ impl Core {
         };
         if let Err(status) = opened {
             return self.respond(s, status);
+        }
+        // Tests of the worker's panic containment: a panic while the
+        // session holds a backend connection.
+        #[cfg(feature = "fault-injection")]
+        if s.req.head.get("x-pitcher-test-panic").is_some() {
+            panic!("fault injection: X-Pitcher-Test-Panic");
+        }
+        if !s.ex.req_body.complete() {
+            let t = &s.snap.config.timeouts;
+            s.ex.body_deadline = Some(self.now + t.client_body_total);
+            s.ex.body_window_start = Some(self.now);
+        }
+        // Ready for the body: route, modules and backend are settled.
+        if s.ex.expect_continue {
+            s.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            s.ex.continue_sent = true;
+            if s.write_client(&[]).is_err() {
+                return Step::Close;
+            }
         }
         let client = match s.peer {
             Peer::Ip(ip) => Some(ip),
