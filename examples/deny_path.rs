@@ -177,6 +177,19 @@ header = "X-Guard"
     }
 
     #[test]
+    fn disguised_paths_under_the_prefix_are_answered_403_too() {
+        // `req.path()` is the normalised path: slashes merged, unreserved
+        // escapes decoded, dot-segments removed.
+        let mut w = World::new(CONFIG);
+        let m = w.module().expect("module");
+        for path in ["//admin/x", "/%61dmin/x", "/x/../admin/x", "/x/./../admin//x", "/admin/./x"] {
+            let mut req = request(path);
+            let verdict = m.before_cluster(&mut req, &mut w.ctx());
+            assert!(matches!(verdict, Verdict::Respond(ref r) if r.status == 403), "{path}: {verdict:?}");
+        }
+    }
+
+    #[test]
     fn other_paths_go_on_and_their_responses_are_marked() {
         let mut w = World::new(CONFIG);
         let m = w.module().expect("module");

@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         return signal(&cli.config, sig);
     }
     let path = absolute(&cli.config);
-    let (config, text) = match load(&path) {
+    let (config, text, files) = match load(&path) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("pitcher: {e}");
@@ -83,6 +83,7 @@ fn main() -> ExitCode {
         }
     };
     if cli.test {
+        files.iter().for_each(|f| println!("pitcher: read {}", f.display()));
         println!("pitcher: configuration ok: {}", path.display());
         return ExitCode::SUCCESS;
     }
@@ -97,13 +98,13 @@ fn absolute(p: &Path) -> PathBuf {
 }
 
 /// Reads and validates a configuration, module settings included.
-fn load(path: &Path) -> Result<(Config, String), String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    let config = Config::parse(path, &text).map_err(|e| e.to_string())?;
+fn load(path: &Path) -> Result<(Config, String, Vec<PathBuf>), String> {
+    let pitcher::config::Loaded { config, text, files } =
+        pitcher::config::include::load(path).map_err(|e| e.to_string())?;
     // Modules are checked against a scratch region (nothing is written to it).
     let scratch = Region::create().map_err(|e| format!("cannot create a shared region: {e}"))?;
     pitcher::hooks::validate(&config, scratch.leak())?;
-    Ok((config, text))
+    Ok((config, text, files))
 }
 
 /// The master: bind (or receive, after an upgrade), detach, supervise.
@@ -229,7 +230,7 @@ fn worker_main(cli: &Cli) -> ExitCode {
         }
     };
     let _ = ch.set_read_timeout(None);
-    let config = match Config::parse(Path::new(&config_path), &text) {
+    let config = match Config::parse_resolved(Path::new(&config_path), &text) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("pitcher: worker: {e}");
@@ -406,9 +407,14 @@ fn control_paths(config: &Path) -> Result<(PathBuf, PathBuf), String> {
             }
         }
     }
+    // `${VAR}` in the paths, as the master expanded it.
+    let env = |p: PathBuf| {
+        let s = p.to_string_lossy().into_owned();
+        pitcher::config::env::expand(&s, &|n| std::env::var(n).ok()).map(PathBuf::from).unwrap_or(p)
+    };
     Ok((
-        socket.unwrap_or_else(|| PathBuf::from("/run/pitcher.sock")),
-        pid.unwrap_or_else(|| PathBuf::from("/run/pitcher.pid")),
+        env(socket.unwrap_or_else(|| PathBuf::from("/run/pitcher.sock"))),
+        env(pid.unwrap_or_else(|| PathBuf::from("/run/pitcher.pid"))),
     ))
 }
 

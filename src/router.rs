@@ -1,12 +1,16 @@
 //! Routing: from a request's host and path to a cluster, nginx-style. The
 //! host picks a group of routes first (an exact host beats the longest
 //! `*.suffix` wildcard, which beats routes without a host); within that
-//! group the longest matching path prefix wins. Built once per
-//! configuration; lookups allocate nothing.
+//! group the longest matching path prefix wins. Paths are matched in
+//! their normalised form ([`crate::http::path`]): the caller passes the
+//! request's normalised path, and prefixes are normalised here, so that
+//! `//admin`, `/%61dmin` or `/x/../admin` match the prefix `/admin`.
+//! Built once per configuration; lookups allocate nothing.
 
 use std::collections::HashMap;
 
 use crate::config::{Config, HostMatch};
+use crate::http::path;
 
 #[derive(Debug, Default)]
 struct Group {
@@ -16,9 +20,16 @@ struct Group {
 
 impl Group {
     fn add(&mut self, prefix: &str, route: usize) {
+        // In the form request paths are matched in (`/a//b` and `/a/b` are
+        // one prefix); a prefix that has no normal form (`/..`) can match
+        // no normalised path and is kept as written.
+        let mut norm = Vec::new();
+        if path::normalize(prefix.as_bytes(), &mut norm).is_err() {
+            norm = prefix.as_bytes().to_vec();
+        }
         // The first route given for a prefix wins, as in the file's order.
-        if !self.prefixes.iter().any(|(p, _)| p == prefix.as_bytes()) {
-            self.prefixes.push((prefix.as_bytes().to_vec(), route));
+        if !self.prefixes.iter().any(|(p, _)| *p == norm) {
+            self.prefixes.push((norm, route));
             self.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
         }
     }
@@ -62,7 +73,7 @@ impl Router {
     }
 
     /// The route (index in `config.routes`) for a (lower-case, port-less)
-    /// host and a path.
+    /// host and a normalised path ([`crate::http::RequestHead::path`]).
     pub fn lookup(&self, host: &[u8], path: &[u8]) -> Option<usize> {
         let group = self
             .exact
@@ -117,5 +128,33 @@ cluster = "a"
         assert_eq!(cluster(b"example.com", b"/"), Some(0));
         assert_eq!(cluster(b"x.example.com", b"/only/x"), Some(0));
         assert_eq!(r.lookup(b"x.example.com", b"/"), None);
+    }
+
+    #[test]
+    fn prefixes_are_matched_in_normal_form() {
+        let c = Config::parse(
+            Path::new("t"),
+            r#"
+[[listeners]]
+address = "127.0.0.1:1"
+[[clusters]]
+name = "a"
+backends = ["127.0.0.1:2"]
+[[clusters]]
+name = "b"
+backends = ["127.0.0.1:3"]
+[[routes]]
+cluster = "a"
+[[routes]]
+path_prefix = "//adm%69n"
+cluster = "b"
+"#,
+        )
+        .unwrap();
+        let r = Router::new(&c);
+        // Request paths come normalised (RequestHead::path); the prefix
+        // "//adm%69n" was normalised to "/admin".
+        assert_eq!(r.lookup(b"h", b"/admin/x"), Some(1));
+        assert_eq!(r.lookup(b"h", b"/adm"), Some(0));
     }
 }

@@ -79,3 +79,36 @@ fn config_test_refuses_a_route_to_an_undefined_cluster_with_its_line() {
     assert!(out.all().contains(&where_), "expected {where_:?} in:\n{}", out.all());
     assert!(out.all().contains("nope"), "the cluster is not named:\n{}", out.all());
 }
+
+/// Token buckets are bounded: an absurd rate or burst (whose arithmetic
+/// would overflow) is refused by `-t` with the file, the module table's
+/// line and the limit.
+#[test]
+fn config_test_refuses_absurd_rates_and_bursts_with_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[modules.throttle]", "rate_per_sec = 18446744073709551\nburst = 20", "rate_per_sec", "10000000"),
+        ("[modules.throttle]", "rate_per_sec = 100\nburst = 9000000000000000000", "burst", "10000000"),
+        ("[modules.quota]", "rate_per_sec = 100000000000\nburst = 20", "rate_per_sec", "10000000"),
+        ("[modules.quota]", "rate_per_sec = 100\nburst = 1000000000000", "burst", "10000000"),
+        ("[modules.quota]", "max_keys = 100000", "max_keys", "4094"),
+        ("[modules.quota]", "key_idle_ms = 5", "key_idle_ms", "86400000"),
+    ];
+    for (table, body, key, limit) in cases {
+        let text = format!("{}\n{table}\n{body}\n", good_config(dir.path()));
+        let path = write(&dir, &text);
+        let line = line_of(&text, table);
+        let out = check(&path);
+        let all = out.all();
+        assert!(!out.status.success(), "{table} {body:?} passed:\n{all}");
+        assert!(all.contains(&format!("{}:{line}:", path.display())), "file and line {line} expected:\n{all}");
+        assert!(all.contains(key) && all.contains(limit), "{key} and its limit {limit} expected:\n{all}");
+    }
+    // At the limits: accepted.
+    let text = format!(
+        "{}\n[modules.quota]\nrate_per_sec = 10000000\nburst = 10000000\nmax_keys = 4094\nkey_idle_ms = 86400000\n",
+        good_config(dir.path())
+    );
+    let out = check(&write(&dir, &text));
+    assert!(out.status.success(), "the bounds themselves are valid:\n{}", out.all());
+}

@@ -199,3 +199,110 @@ fn old_generation_draining_leaves_the_oldbin_pid_file_of_a_later_upgrade_alone()
     assert!(!m.log().contains("cannot restore the pid file"), "{}", m.log());
     assert_eq!(m.expect_status().master_pid, gen2);
 }
+
+/// A gate that backend handlers wait at (bounded) until it opens.
+#[derive(Clone, Default)]
+struct Gate(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Gate {
+    fn open(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn wait(&self) {
+        common::wait_until(Duration::from_secs(20), || self.0.load(std::sync::atomic::Ordering::SeqCst));
+    }
+}
+
+/// Regression: the new generation's workers took the places (indices in
+/// the shared per-worker tables) of the old generation, which was still
+/// draining on them; when an old worker exited, its master cleared the
+/// place's counts, and the new generation's requests in flight for a quota
+/// key were forgotten, so the key got more than its concurrency limit.
+#[test]
+fn quota_concurrency_is_exact_across_a_binary_upgrade() {
+    let (old_gate, new_gate, last_gate) = (Gate::default(), Gate::default(), Gate::default());
+    let gates = (old_gate.clone(), new_gate.clone(), last_gate.clone());
+    let a = Backend::with_handler("A", move |r| {
+        let p = r.path();
+        if p.starts_with("/old") {
+            gates.0.wait();
+        } else if p.starts_with("/hold") {
+            gates.1.wait();
+        } else if p.starts_with("/last") {
+            gates.2.wait();
+        }
+        Reply::ok("ok from A")
+    });
+    let builder = config(&a, 2)
+        .top("drain_timeout_ms = 20000")
+        .section("[modules.quota]\nkey = \"header:X-Tenant\"\nconcurrency = 3\nstatus = 429\n");
+    let mut m = MasterRun::start(&builder);
+    let addr = m.addr();
+    let tenant = [("X-Tenant", "t")];
+    let held = |path: String| std::thread::spawn(move || common::upstream::get_new_conn(addr, &path, &tenant));
+    let status = |path: &str| common::upstream::get_new_conn(addr, path, &tenant).expect("request").status;
+    let join_ok = |threads: Vec<std::thread::JoinHandle<Result<Response, String>>>| {
+        for t in threads {
+            let r = t.join().expect("client thread").expect("response");
+            assert_eq!(r.status, 200, "{}", r.head_str());
+        }
+    };
+
+    // Two requests in flight on the old generation.
+    let old_reqs: Vec<_> = (0..2).map(|i| held(format!("/old/{i}"))).collect();
+    assert!(a.wait_for_requests(2, Duration::from_secs(10)), "the old generation's requests arrived");
+    let old = m.pid().expect("master pid");
+
+    m.install_binary();
+    let out = m.signal_cmd("upgrade");
+    assert!(out.status.success(), "{out:?}");
+    let new = m.pid().expect("new master pid");
+    m.track(new);
+    assert_ne!(new, old);
+    assert!(alive(old), "the old generation drains its requests");
+
+    // One on the new generation: the key's count is global across both.
+    let mut new_reqs = vec![held("/hold/0".into())];
+    assert!(a.wait_for_requests(3, Duration::from_secs(10)), "the new generation's request arrived");
+    assert_eq!(status("/full/1"), 429, "2 old + 1 new in flight: the limit of 3 is reached");
+
+    // The old generation finishes and exits.
+    old_gate.open();
+    join_ok(old_reqs);
+    assert!(
+        wait_gone(old, Duration::from_secs(15)),
+        "the old master exits after its workers: {:?}\n{}",
+        m.family(),
+        m.log()
+    );
+
+    // 1 in flight on the new generation: exactly 2 more are admitted.
+    new_reqs.push(held("/hold/1".into()));
+    new_reqs.push(held("/hold/2".into()));
+    assert!(a.wait_for_requests(5, Duration::from_secs(10)), "two more requests admitted");
+    assert_eq!(
+        status("/full/2"),
+        429,
+        "the old workers' exit must not clear the new generation's count (3 in flight)\n{}",
+        m.log()
+    );
+    new_gate.open();
+    join_ok(new_reqs);
+    // A worker gives the count back just after the response is written:
+    // wait until no key has a request in flight (`ctl modules`).
+    let idle = common::wait_until(Duration::from_secs(10), || {
+        let out = m.command(&["ctl", "--json", "modules"]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+        v["data"]["quota"]["keys_in_flight"] == 0
+    });
+    assert!(idle, "the finished requests gave their counts back");
+
+    // Nothing in flight: exactly 3 again (no count left below zero or above).
+    let last: Vec<_> = (0..3).map(|i| held(format!("/last/{i}"))).collect();
+    assert!(a.wait_for_requests(8, Duration::from_secs(10)), "3 admitted with nothing else in flight");
+    assert_eq!(status("/full/3"), 429, "and not a 4th");
+    last_gate.open();
+    join_ok(last);
+    assert_eq!(status("/after"), 200);
+}

@@ -238,3 +238,82 @@ fn a_dead_workers_requests_give_their_quota_slots_back() {
     let r = get_new_conn(addr, "/after", &[("X-Tenant", "t")]).expect("request");
     assert_eq!(r.status, 200, "the dead worker's slots were not given back: {}", r.head_str());
 }
+
+/// The `quota` part of `pitcher ctl --json modules`, and the text table.
+fn quota_table(m: &MasterRun) -> (serde_json::Value, String) {
+    let out = m.command(&["ctl", "--json", "modules"]);
+    assert!(out.status.success(), "ctl --json modules: {out:?}");
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    let text = m.command(&["ctl", "modules"]);
+    assert!(text.status.success(), "ctl modules: {text:?}");
+    (v["data"]["quota"].clone(), text.stdout)
+}
+
+/// Regression: a flood of distinct random keys took every shared quota
+/// slot for good, so every later tenant shared the overflow slot (and its
+/// drained bucket) with the flood.
+#[test]
+fn a_flood_of_random_quota_keys_goes_idle_and_a_new_tenant_gets_its_own_limit() {
+    let _g = serial();
+    let be = Backend::start("a");
+    let builder = ConfigBuilder::new().top("workers = 2").cluster("app", [be.spec()]).route(None, "/", "app").section(
+        "[modules.quota]\nkey = \"header:X-Tenant\"\nrate_per_sec = 1\nburst = 3\nstatus = 429\n\
+         max_keys = 16\nkey_idle_ms = 1000\n",
+    );
+    let m = MasterRun::start(&builder);
+    let addr = m.addr();
+
+    // 2000 distinct random keys, one request each, from 4 keep-alive clients.
+    let flood: Vec<_> = (0..4u64)
+        .map(|t| {
+            thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                let mut seen = BTreeMap::<u16, u64>::new();
+                for k in 0..500u64 {
+                    let key: String =
+                        pseudo_random_bytes(8, t * 1_000_003 + k).iter().map(|b| format!("{b:02x}")).collect();
+                    let r = c.request(&request_bytes("GET", "app", "/flood", &[("X-Tenant", &key)], b""));
+                    *seen.entry(r.status).or_default() += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut seen = BTreeMap::<u16, u64>::new();
+    for t in flood {
+        for (s, n) in t.join().expect("flood thread") {
+            *seen.entry(s).or_default() += n;
+        }
+    }
+    let (quota, text) = quota_table(&m);
+    let report = format!("flood {seen:?}; ctl quota {quota}\n{text}");
+    eprintln!("{report}");
+    assert_eq!(seen.values().sum::<u64>(), 2000, "{report}");
+    assert_eq!(seen.keys().filter(|&&s| s != 200 && s != 429).count(), 0, "only 200 and 429: {report}");
+    assert!(seen.get(&429).copied().unwrap_or(0) > 0, "the overflow slot's bucket refuses the flood: {report}");
+    assert_eq!(quota["keys"], 16, "every one of max_keys slots is taken: {report}");
+    let overflow = quota["overflow"].as_u64().expect("overflow count");
+    assert!(overflow > 0 && overflow < 2000, "requests without a slot of their own are counted: {report}");
+    assert!(text.contains("OVERFLOW") && text.contains(&overflow.to_string()), "{report}");
+
+    // The flood's keys go idle; a new tenant, then another, each get a
+    // slot and a full burst of their own (the overflow bucket is empty).
+    thread::sleep(Duration::from_millis(1500));
+    for tenant in ["tenant-new", "tenant-other"] {
+        let mut c = Client::connect(addr);
+        let mut statuses = Vec::new();
+        for i in 0..10 {
+            let r = c.request(&request_bytes("GET", "app", &format!("/{tenant}/{i}"), &[("X-Tenant", tenant)], b""));
+            statuses.push(r.status);
+            if r.status == 429 {
+                break;
+            }
+        }
+        let report = format!("{tenant}: {statuses:?}; {report}");
+        assert_eq!(statuses[..3], [200, 200, 200], "a burst of its own: {report}");
+        assert_eq!(statuses.last(), Some(&429), "its own limit applies to it: {report}");
+    }
+    let (after, _) = quota_table(&m);
+    assert!(after["reclaimed"].as_u64().unwrap_or(0) >= 2, "idle slots were reclaimed: {after}");
+    assert_eq!(after["overflow"], quota["overflow"], "the new tenants did not overflow: {after}");
+}

@@ -24,11 +24,15 @@
 # Environment:
 #   ROUNDS=2 DURATION=10s WARMUP=3s CONNECTIONS=50 THREADS=1
 #   SCENARIOS="ka close 64k"
-#   PROXIES="pitcher nginx"      which proxies to run, in this order
+#   PROXIES="pitcher nginx"      which proxies to run, in this order;
+#                                 "pitcher_b" is a second Pitcher build
+#                                 (PITCHER_BIN_B), for before/after A/B runs
 #   PITCHER_BIN                  unset: run `cargo build --release` (a no-op
 #                                 when up to date) and use
 #                                 target/release/pitcher; set: use that
 #                                 binary as it is
+#   PITCHER_BIN_B                the binary of "pitcher_b" (required when
+#                                 PROXIES names it), used as it is
 #   PITCHER_MODULES=access_log,headers,throttle  modules enabled in
 #                                 Pitcher (default none), to measure what the
 #                                 hook pipeline costs; the throttle's rate is
@@ -174,7 +178,7 @@ done
 CLK_TCK=$(getconf CLK_TCK)
 
 for p in $PROXIES; do
-    [[ $p == pitcher || $p == nginx ]] || die "unknown proxy '$p' in PROXIES"
+    [[ $p == pitcher || $p == pitcher_b || $p == nginx ]] || die "unknown proxy '$p' in PROXIES"
 done
 for s in $SCENARIOS; do
     [[ $s == ka || $s == close || $s == 64k ]] || die "unknown scenario '$s' in SCENARIOS"
@@ -199,6 +203,10 @@ if [[ " $PROXIES " == *" pitcher "* ]]; then
     [[ -x $PITCHER_BIN ]] || die "PITCHER_BIN=$PITCHER_BIN is not an executable"
     PITCHER_BIN=$(realpath "$PITCHER_BIN")
 fi
+if [[ " $PROXIES " == *" pitcher_b "* ]]; then
+    [[ -x ${PITCHER_BIN_B:-} ]] || die "PROXIES names pitcher_b: set PITCHER_BIN_B to an executable"
+    PITCHER_BIN_B=$(realpath "$PITCHER_BIN_B")
+fi
 
 # Other load on the machine skews everything measured here: sample the CPU
 # use of the whole machine for a second before starting and warn if it is busy.
@@ -222,8 +230,8 @@ TMP=$(mktemp -d /tmp/pitcher-bench.XXXXXX)
 # nginx workers run as an unprivileged user when started as root: let them
 # into the temp dir to read the static 64 KiB file.
 chmod 755 "$TMP"
-ports=$(free_ports 3) || die "could not pick free ports"
-read -r ORIGIN_PORT NGINX_PORT PITCHER_PORT <<<"$ports"
+ports=$(free_ports 4) || die "could not pick free ports"
+read -r ORIGIN_PORT NGINX_PORT PITCHER_PORT PITCHER_B_PORT <<<"$ports"
 
 # ------------------------------------------------------------------- origin
 
@@ -327,8 +335,13 @@ EOF
     PROXY_PORT[nginx]=$NGINX_PORT
 }
 
-launch_pitcher() {
-    local dir=$TMP/pitcher cfg pid
+launch_pitcher() { launch_pitcher_build pitcher "$PITCHER_BIN" "$PITCHER_PORT"; }
+launch_pitcher_b() { launch_pitcher_build pitcher_b "$PITCHER_BIN_B" "$PITCHER_B_PORT"; }
+
+# launch_pitcher_build NAME BINARY PORT: one Pitcher build as proxy NAME.
+launch_pitcher_build() {
+    local name=$1 bin=$2 port=$3
+    local dir=$TMP/$name cfg pid
     local -a args
     mkdir -p "$dir"
     cfg=$dir/pitcher.toml
@@ -340,7 +353,7 @@ error_log = "stderr"
 log_level = "warn"
 
 [[listeners]]
-address = "127.0.0.1:$PITCHER_PORT"
+address = "127.0.0.1:$port"
 backlog = 4096
 
 [[clusters]]
@@ -361,18 +374,18 @@ EOF
         *) die "unknown module '$m' in PITCHER_MODULES (access_log, headers, throttle)" ;;
         esac
     done
-    "$PITCHER_BIN" -t -c "$cfg" >"$dir/test.log" 2>&1 || {
+    "$bin" -t -c "$cfg" >"$dir/test.log" 2>&1 || {
         cat "$dir/test.log" >&2
-        die "pitcher: 'pitcher -t' rejected $cfg"
+        die "$name: 'pitcher -t' rejected $cfg"
     }
     read -ra args <<<"$PITCHER_ARGS"
-    log "starting pitcher on 127.0.0.1:$PITCHER_PORT (cpu $PROXY_CPU): pitcher ${args[*]} -c $cfg"
-    taskset -c "$PROXY_CPU" "$PITCHER_BIN" "${args[@]}" -c "$cfg" >"$dir/stderr.log" 2>&1 &
+    log "starting $name on 127.0.0.1:$port (cpu $PROXY_CPU): $bin ${args[*]} -c $cfg"
+    taskset -c "$PROXY_CPU" "$bin" "${args[@]}" -c "$cfg" >"$dir/stderr.log" 2>&1 &
     pid=$!
     STARTED_PIDS+=("$pid")
-    wait_http pitcher "$pid" "$PITCHER_PORT" "$dir/stderr.log"
-    PROXY_PID[pitcher]=$pid
-    PROXY_PORT[pitcher]=$PITCHER_PORT
+    wait_http "$name" "$pid" "$port" "$dir/stderr.log"
+    PROXY_PID[$name]=$pid
+    PROXY_PORT[$name]=$port
 }
 
 for p in $PROXIES; do
@@ -496,6 +509,25 @@ for scen in $SCENARIOS; do
         }' "$RESULTS"
     done
 done
+
+# The second Pitcher build relative to the first (A/B), from the means.
+if [[ " $PROXIES " == *" pitcher "* && " $PROXIES " == *" pitcher_b "* ]]; then
+    echo
+    echo "pitcher_b = $PITCHER_BIN_B"
+    echo
+    echo "| scenario | pitcher_b/pitcher req/s | pitcher_b/pitcher CPU per request |"
+    echo "|---|---:|---:|"
+    for scen in $SCENARIOS; do
+        awk -F'\t' -v s="$scen" -v title="$(scenario_title "$scen")" '
+        $1 == s { n[$2]++; rps[$2] += $4; cpu[$2] += $7 }
+        END {
+            if (n["pitcher"] && n["pitcher_b"] && rps["pitcher"] > 0 && cpu["pitcher"] > 0)
+                printf "| %s | %.3fx | %.3fx |\n", title,
+                    (rps["pitcher_b"] / n["pitcher_b"]) / (rps["pitcher"] / n["pitcher"]),
+                    (cpu["pitcher_b"] / n["pitcher_b"]) / (cpu["pitcher"] / n["pitcher"])
+        }' "$RESULTS"
+    done
+fi
 
 # Pitcher relative to nginx, from the means (only when both ran).
 if [[ " $PROXIES " == *" pitcher "* && " $PROXIES " == *" nginx "* ]]; then

@@ -6,6 +6,9 @@
 //! Must not: open sockets, touch the filesystem beyond reading the file.
 
 pub mod addr;
+pub mod env;
+pub mod include;
+pub mod units;
 pub mod upstream;
 
 use std::fmt;
@@ -16,6 +19,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 pub use addr::{BackendAddr, BackendSpec, ListenAddr, SockAddr};
+pub use include::Loaded;
 pub use upstream::{Balance, HashKey, HealthCheck, Passive};
 
 /// A configuration that was refused, with where and why.
@@ -81,6 +85,8 @@ struct FileConfig {
     drain_timeout_ms: Option<u64>,
     upgrade_protocols: Option<Vec<String>>,
     upgrade_timeout_ms: Option<u64>,
+    normalize_upstream_path: Option<bool>,
+    forward_expect: Option<bool>,
     #[serde(default)]
     listeners: Vec<FileListener>,
     #[serde(default)]
@@ -139,6 +145,9 @@ struct FileRoute {
 struct FileTimeouts {
     client_header_ms: Option<u64>,
     client_body_ms: Option<u64>,
+    client_body_total_ms: Option<u64>,
+    client_body_rate_window_ms: Option<u64>,
+    client_body_min_rate_bytes: Option<u64>,
     client_write_ms: Option<u64>,
     keepalive_idle_ms: Option<u64>,
     upstream_connect_ms: Option<u64>,
@@ -225,6 +234,8 @@ pub struct ModuleConfig {
     pub settings: toml::Table,
     /// 1-based line of the table, for error messages.
     pub line: usize,
+    /// The file that holds the table (the main file or an included one).
+    pub file: PathBuf,
 }
 
 /// Every wait has a timeout.
@@ -234,6 +245,14 @@ pub struct Timeouts {
     pub client_header: Duration,
     /// Longest wait for the next piece of a request body.
     pub client_body: Duration,
+    /// Longest time from the end of a request head to the end of its body.
+    pub client_body_total: Duration,
+    /// A request body is measured over windows of this length (the first
+    /// one is its grace period).
+    pub client_body_rate_window: Duration,
+    /// Least body bytes per second a client must send over each window
+    /// while Pitcher waits for them (0: no minimum).
+    pub client_body_min_rate_bytes: u64,
     /// Longest wait for a client to accept more response bytes.
     pub client_write: Duration,
     /// Idle time allowed between requests on a client connection.
@@ -275,6 +294,12 @@ pub struct Config {
     /// Protocols a request may switch to (`Upgrade`), lower case. Others
     /// are not tunnelled: the request goes on as plain HTTP.
     pub upgrade_protocols: Vec<String>,
+    /// Send the backend the normalised path (the one routes and modules
+    /// match) instead of the target as received. Default `false`.
+    pub normalize_upstream_path: bool,
+    /// Pass `Expect: 100-continue` on to backends (Pitcher answers it
+    /// itself either way; a backend's own 100 is then not relayed again).
+    pub forward_expect: bool,
     pub listeners: Vec<ListenerConfig>,
     pub clusters: Vec<ClusterConfig>,
     pub routes: Vec<RouteConfig>,
@@ -294,26 +319,45 @@ pub const MIN_HEADER_BYTES: usize = 1024;
 pub const MAX_HEADER_BYTES: usize = 1 << 20;
 
 impl Config {
-    /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file and the files it includes,
+    /// with `${VAR}` from the environment (see [`include`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_path_buf(),
-            line_col: None,
-            reason: format!("cannot read: {e}"),
-        })?;
-        Config::parse(path, &text)
+        include::load(path).map(|l| l.config)
     }
 
-    /// Parses and validates configuration text; `path` is used in messages.
+    /// Parses and validates configuration text as the operator writes it
+    /// (includes relative to `path`'s directory, `${VAR}`, `"10s"`).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let err_at = |span: Option<std::ops::Range<usize>>, reason: String| ConfigError {
-            file: path.to_path_buf(),
-            line_col: span.map(|s| line_col(text, s.start)),
-            reason,
+        include::parse(path, text, &|name| std::env::var(name).ok()).map(|l| l.config)
+    }
+
+    /// Parses the resolved text a master produced ([`Loaded::text`]): no
+    /// include is read and nothing is expanded. `path` is used in messages.
+    pub fn parse_resolved(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::parse_located(path, text, &|offset| (path.to_path_buf(), line_col(text, offset)))
+    }
+
+    /// The typed parse; `locate` maps an offset in `text` to the file,
+    /// line and column it came from.
+    fn parse_located(
+        path: &Path,
+        text: &str,
+        locate: &dyn Fn(usize) -> (PathBuf, (usize, usize)),
+    ) -> Result<Config, ConfigError> {
+        let err_at = |span: Option<std::ops::Range<usize>>, reason: String| {
+            let (file, line_col) = match span {
+                Some(s) => {
+                    let (f, lc) = locate(s.start);
+                    (f, Some(lc))
+                }
+                None => (path.to_path_buf(), None),
+            };
+            ConfigError { file, line_col, reason }
         };
         let file: FileConfig = toml::from_str(text).map_err(|e| err_at(e.span(), e.message().to_string()))?;
         let mut config = resolve(path, file).map_err(|(span, reason)| err_at(span, reason))?;
         for m in &mut config.modules {
+            m.file = path.to_path_buf();
             m.line = module_line(text, &m.name);
         }
         Ok(config)
@@ -469,6 +513,9 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
     let timeouts = Timeouts {
         client_header: ms(t.client_header_ms, 10_000),
         client_body: ms(t.client_body_ms, 60_000),
+        client_body_total: ms(t.client_body_total_ms, 3_600_000),
+        client_body_rate_window: ms(t.client_body_rate_window_ms, 5_000),
+        client_body_min_rate_bytes: t.client_body_min_rate_bytes.unwrap_or(500),
         client_write: ms(t.client_write_ms, 60_000),
         keepalive_idle: ms(t.keepalive_idle_ms, 75_000),
         upstream_connect: ms(t.upstream_connect_ms, 3_000),
@@ -479,6 +526,8 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
     for (name, d) in [
         ("client_header_ms", timeouts.client_header),
         ("client_body_ms", timeouts.client_body),
+        ("client_body_total_ms", timeouts.client_body_total),
+        ("client_body_rate_window_ms", timeouts.client_body_rate_window),
         ("client_write_ms", timeouts.client_write),
         ("keepalive_idle_ms", timeouts.keepalive_idle),
         ("upstream_connect_ms", timeouts.upstream_connect),
@@ -534,6 +583,8 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
             .into_iter()
             .map(|p| p.to_ascii_lowercase())
             .collect(),
+        normalize_upstream_path: f.normalize_upstream_path.unwrap_or(false),
+        forward_expect: f.forward_expect.unwrap_or(false),
         listeners,
         clusters,
         routes,
@@ -578,7 +629,7 @@ fn resolve_modules(m: &toml::Table) -> Resolve<Vec<ModuleConfig>> {
         };
         let enabled = flag(&mut table, "enabled", true)?;
         let essential = flag(&mut table, "essential", true)?;
-        out.push(ModuleConfig { name, enabled, essential, settings: table, line: 0 });
+        out.push(ModuleConfig { name, enabled, essential, settings: table, line: 0, file: PathBuf::new() });
     }
     Ok(out)
 }
@@ -625,7 +676,7 @@ fn module_line(text: &str, name: &str) -> usize {
 }
 
 /// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text[..offset];
     let line = before.bytes().filter(|&b| b == b'\n').count() + 1;

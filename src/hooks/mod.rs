@@ -344,14 +344,14 @@ impl Modules {
                 let known: Vec<&str> = registry().iter().map(|r| r.name).collect();
                 format!(
                     "{}:{}: [modules.{}]: no such module (compiled in: {})",
-                    config.source.display(),
+                    mc.file.display(),
                     mc.line,
                     mc.name,
                     known.join(", ")
                 )
             })?;
             let module = (registry()[flag].build)(mc, &b)
-                .map_err(|e| format!("{}:{}: [modules.{}]: {e}", config.source.display(), mc.line, mc.name))?;
+                .map_err(|e| format!("{}:{}: [modules.{}]: {e}", mc.file.display(), mc.line, mc.name))?;
             out.loaded.push(Loaded { name: registry()[flag].name, module, flag, essential: mc.essential });
         }
         let all: Vec<usize> = (0..out.loaded.len()).collect();

@@ -2,12 +2,15 @@
 //! ranges into an owned copy of the head (hyper's idea): the head outlives
 //! the read buffer it came from, and hooks can edit it without re-parsing.
 //!
-//! Owns: head parsing, the framing decision of RFC 9112 §6, and the
-//! refusal of ambiguous framing. Must not: do I/O.
+//! Owns: head parsing (incremental: each read examines only the new
+//! bytes), the framing decision of RFC 9112 §6, the refusal of ambiguous
+//! framing and of requests that origins could read differently (method
+//! case, fragments, invalid hosts, `_` twins of fields proxies act on),
+//! and the normalised path that routing matches. Must not: do I/O.
 
 use std::ops::Range;
 
-use super::HttpError;
+use super::{path, HttpError};
 
 /// A header field as ranges into [`Head::buf`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,6 +210,59 @@ pub struct RequestHead {
     /// the Host field towards the backend (RFC 9112 §3.2.2).
     pub authority: Option<Range<usize>>,
     pub framing: Option<Framing>,
+    /// The normalised path ([`path::normalize`]) of the target, which
+    /// routes and modules match. Kept from request to request, so its
+    /// capacity is reused.
+    norm: Vec<u8>,
+    /// How far a head still arriving was examined ([`Self::parse_more`]).
+    scan: HeadScan,
+}
+
+/// Where [`RequestHead::parse_more`] stopped examining a head that is not
+/// complete yet.
+#[derive(Debug, Clone, Copy, Default)]
+struct HeadScan {
+    /// Bytes at the front of the buffer already examined.
+    scanned: usize,
+    /// A byte other than the CR and LF of leading empty lines was seen
+    /// (httparse skips those lines, RFC 9112 §2.2).
+    started: bool,
+    /// The request line ended (and was checked).
+    line_ended: bool,
+}
+
+impl HeadScan {
+    /// Examines the bytes of `raw` after `scanned` up to the next place
+    /// where running the parser is worth it: the end of the request line
+    /// (once) or an empty line (the end of the head). `Ok(false)`: none in
+    /// the bytes there are. A bare LF is refused at once: `parse` refuses
+    /// every head that holds one.
+    fn next_stop(&mut self, raw: &[u8]) -> Result<bool, HttpError> {
+        while let Some(&b) = raw.get(self.scanned) {
+            self.scanned += 1;
+            let i = self.scanned;
+            if b != b'\n' {
+                self.started |= b != b'\r';
+                continue;
+            }
+            if i < 2 || raw[i - 2] != b'\r' {
+                return Err(HttpError::BadRequest);
+            }
+            if !self.started {
+                continue;
+            }
+            if !self.line_ended {
+                self.line_ended = true;
+                return Ok(true);
+            }
+            // CR LF CR LF; the first CR LF is after `started`, since the
+            // byte that set it is neither.
+            if raw[i - 4..i - 2] == *b"\r\n" {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
 }
 
 impl RequestHead {
@@ -216,8 +272,15 @@ impl RequestHead {
     pub fn target(&self) -> &[u8] {
         &self.head.buf[self.target.clone()]
     }
-    /// Path part of the target (before `?`).
+    /// The normalised path of the target ([`path::normalize`]: unreserved
+    /// escapes decoded, slashes merged, dot-segments removed), which routes
+    /// and route-scoped modules match. The target, as received, is what
+    /// the backend gets unless `normalize_upstream_path` is set.
     pub fn path(&self) -> &[u8] {
+        &self.norm
+    }
+    /// Path part of the target (before `?`), as received.
+    pub fn raw_path(&self) -> &[u8] {
         let t = self.target();
         &t[..t.iter().position(|&b| b == b'?').unwrap_or(t.len())]
     }
@@ -242,11 +305,75 @@ impl RequestHead {
         }
     }
 
-    /// Sets the target (used by rewriting hooks).
+    /// Sets the target (used by rewriting hooks) and its normalised path.
+    /// A target whose path cannot be normalised (it climbs above `/`, or
+    /// has a malformed escape) keeps its path as given: it came from the
+    /// configuration, not from the client.
     pub fn set_target(&mut self, target: &[u8]) {
         let t0 = self.head.buf.len();
         self.head.buf.extend_from_slice(target);
         self.target = t0..self.head.buf.len();
+        self.normalize_path().unwrap_or_else(|_| {
+            let raw = self.raw_path().to_vec();
+            self.norm.clear();
+            self.norm.extend_from_slice(&raw);
+        });
+    }
+
+    /// Replaces the path of the target by the normalised path, keeping the
+    /// query as received (`normalize_upstream_path = true`).
+    pub fn use_normalized_target(&mut self) {
+        let t = self.target.clone();
+        let query = t.start + self.raw_path().len()..t.end;
+        let t0 = self.head.buf.len();
+        self.head.buf.extend_from_slice(&self.norm);
+        self.head.buf.extend_from_within(query);
+        self.target = t0..self.head.buf.len();
+    }
+
+    fn normalize_path(&mut self) -> Result<(), HttpError> {
+        let t = self.target.clone();
+        let end = t.start + self.raw_path().len();
+        path::normalize(&self.head.buf[t.start..end], &mut self.norm)
+    }
+
+    /// Forgets the head, and where the scan of the next one stands (a
+    /// session's head is reused by the next connection).
+    pub fn clear(&mut self) {
+        self.head.clear();
+        self.norm.clear();
+        self.scan = HeadScan::default();
+    }
+
+    /// [`parse`](Self::parse) for a head that arrives in pieces: `raw` is
+    /// the buffer of the previous call with bytes added at its end, or a
+    /// new head after the previous one was complete or refused. Only the
+    /// new bytes are examined, for the end of the request line and of the
+    /// head; httparse runs once when the request line ends (a bad one is
+    /// refused without waiting for the rest), when the head is complete,
+    /// and when the caller can read no more (`full`). A head sent a byte at
+    /// a time thus costs linear time, not quadratic.
+    pub fn parse_more(&mut self, raw: &[u8], max_headers: usize, full: bool) -> Result<Option<usize>, HttpError> {
+        if raw.len() < self.scan.scanned {
+            self.scan = HeadScan::default();
+        }
+        let r = self.scan_and_parse(raw, max_headers, full);
+        if !matches!(r, Ok(None)) {
+            self.scan = HeadScan::default();
+        }
+        r
+    }
+
+    fn scan_and_parse(&mut self, raw: &[u8], max_headers: usize, full: bool) -> Result<Option<usize>, HttpError> {
+        while self.scan.next_stop(raw)? {
+            if let Some(n) = self.parse(raw, max_headers)? {
+                return Ok(Some(n));
+            }
+        }
+        if full {
+            return self.parse(raw, max_headers);
+        }
+        Ok(None)
     }
 
     /// Parses a request head at the front of `raw`.
@@ -270,6 +397,17 @@ impl RequestHead {
         }
         let method = req.method.ok_or(HttpError::BadRequest)?;
         let target = req.path.ok_or(HttpError::BadRequest)?;
+        // Methods are case-sensitive (RFC 9110 §9.1), but some origins
+        // upper-case them: `get` must not reach one as a method other than
+        // the one modules and logs saw.
+        if method.bytes().any(|b| b.is_ascii_lowercase()) {
+            return Err(HttpError::BadMethod);
+        }
+        // A fragment is never sent (RFC 9112 §3.2); origins differ on
+        // whether `#` ends the path.
+        if target.contains('#') {
+            return Err(HttpError::BadTarget);
+        }
         let version = match req.version {
             Some(1) => Version::Http11,
             Some(0) => Version::Http10,
@@ -282,6 +420,9 @@ impl RequestHead {
         self.target = t..t + target.len();
         self.version = Some(version);
         self.head.copy_fields(&raw[..n], req.headers)?;
+        if self.head.fields.iter().any(|f| is_underscore_twin(self.head.name(f))) {
+            return Err(HttpError::UnderscoreHeader);
+        }
 
         // Host: from an absolute-form target, else from the Host field.
         self.authority = None;
@@ -320,7 +461,13 @@ impl RequestHead {
             return Err(HttpError::BadRequest);
         }
         let host = match (self.authority.clone(), host_field) {
-            (Some(h), _) => h,
+            (Some(h), Some(field)) => {
+                // The authority wins (RFC 9112 §3.2.2), but a Host field an
+                // origin could read differently is refused all the same.
+                host_part(&self.head.buf, field)?;
+                h
+            }
+            (Some(h), None) => h,
             (None, Some(h)) => h,
             (None, None) if version == Version::Http10 => 0..0,
             (None, None) => return Err(HttpError::MissingHost),
@@ -333,6 +480,7 @@ impl RequestHead {
             return Err(HttpError::BadTransferEncoding);
         }
         self.framing = Some(framing);
+        self.normalize_path()?;
         Ok(Some(n))
     }
 }
@@ -378,11 +526,25 @@ impl ResponseHead {
 
     /// Body framing of this response to a request (`head_request`: the
     /// request was HEAD). RFC 9112 §6.3.
+    ///
+    /// Every head is validated, also those that have no body (1xx, 204,
+    /// 304, a response to HEAD): conflicting or malformed Content-Length
+    /// and Transfer-Encoding make the response refused, as a downstream
+    /// or a cache could frame it differently. 1xx and 204 must carry no
+    /// Transfer-Encoding and no non-zero Content-Length (RFC 9110 §8.6,
+    /// RFC 9112 §6.1).
     pub fn framing(&self, head_request: bool) -> Result<Framing, HttpError> {
-        if head_request || self.status < 200 || self.status == 204 || self.status == 304 {
+        let framing = self.head.body_framing(false).map_err(|_| HttpError::BadResponse)?;
+        if self.status < 200 || self.status == 204 {
+            return match framing {
+                Framing::Close | Framing::Length(0) => Ok(Framing::None),
+                _ => Err(HttpError::BadResponse),
+            };
+        }
+        if head_request || self.status == 304 {
             return Ok(Framing::None);
         }
-        self.head.body_framing(false).map_err(|_| HttpError::BadResponse)
+        Ok(framing)
     }
 
     /// Will the backend keep the connection open after this response?
@@ -397,30 +559,79 @@ impl ResponseHead {
 /// Most header fields httparse is given room for.
 pub const MAX_PARSE_HEADERS: usize = 256;
 
-/// Copies the host of `r` (trimmed, port stripped, lower-cased) to the end
-/// of `buf` and returns its range; the field itself is left as received.
+/// Copies the host of `r` (trimmed, port stripped, lower-cased, without a
+/// final `.`) to the end of `buf` and returns its range; the field itself
+/// is left as received.
 fn normalise_host(buf: &mut Vec<u8>, r: Range<usize>) -> Result<Range<usize>, HttpError> {
-    let h = trim(&buf[r.clone()]);
-    // Strip the port (IPv6 literals keep their brackets); it must be
-    // digits (RFC 3986 §3.2.3 allows it empty).
+    let mut h = host_part(buf, r)?;
+    // "example.com." names the same host as "example.com" (nginx strips
+    // the dot too): routes must match it.
+    if h.len() > 1 && buf[h.end - 1] == b'.' {
+        h.end -= 1;
+    }
+    let out = buf.len()..buf.len() + h.len();
+    buf.extend_from_within(h);
+    buf[out.clone()].make_ascii_lowercase();
+    Ok(out)
+}
+
+/// The host in the Host field value or authority `buf[r]`: trimmed, its
+/// port (digits, maybe none: RFC 3986 §3.2.3) removed, and checked, so that
+/// no origin can read it as another host: an IP literal (hex digits, `:`
+/// and `.` in brackets) or a name of unreserved characters without empty
+/// labels (no `..`, no leading `.`). Empty is allowed (RFC 9112 §3.2).
+fn host_part(buf: &[u8], r: Range<usize>) -> Result<Range<usize>, HttpError> {
+    let h = trim(&buf[r]);
+    let start = h.as_ptr() as usize - buf.as_ptr() as usize;
     let end = if h.starts_with(b"[") {
-        h.iter().position(|&b| b == b']').map(|i| i + 1).ok_or(HttpError::BadRequest)?
+        let close = h.iter().position(|&b| b == b']').ok_or(HttpError::BadRequest)?;
+        let inner = &h[1..close];
+        if inner.is_empty() || !inner.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
+            return Err(HttpError::BadRequest);
+        }
+        close + 1
     } else {
-        h.iter().position(|&b| b == b':').unwrap_or(h.len())
+        let end = h.iter().position(|&b| b == b':').unwrap_or(h.len());
+        let name = &h[..end];
+        let ok = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
+        if !name.iter().all(|&b| ok(b)) || name.starts_with(b".") || name.windows(2).any(|w| w == b"..") {
+            return Err(HttpError::BadRequest);
+        }
+        end
     };
     let port = &h[end..];
     if !port.is_empty() && (port[0] != b':' || !port[1..].iter().all(u8::is_ascii_digit)) {
         return Err(HttpError::BadRequest);
     }
-    let h = &h[..end];
-    if h.iter().any(|&b| b <= b' ' || b == b'/' || b == b'@' || b >= 0x7f) {
-        return Err(HttpError::BadRequest);
-    }
-    let (start, len) = (h.as_ptr() as usize - buf.as_ptr() as usize, h.len());
-    let out = buf.len()..buf.len() + len;
-    buf.extend_from_within(start..start + len);
-    buf[out.clone()].make_ascii_lowercase();
-    Ok(out)
+    Ok(start..start + end)
+}
+
+/// Fields that proxies and origins act on, and whose `-` a CGI or WSGI
+/// origin maps to `_` (`HTTP_TRANSFER_ENCODING`): a client's
+/// `Transfer_Encoding` would be merged with, or replace, the real one
+/// there. Names without `-` (Connection, Upgrade, TE, Trailer, Host) have
+/// no such twin.
+const UNDERSCORE_PROTECTED: [&[u8]; 7] = [
+    b"content-length",
+    b"transfer-encoding",
+    b"keep-alive",
+    b"proxy-connection",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-request-id",
+];
+
+/// Does `name` contain `_` and differ from a protected field name only by
+/// `_` for `-` (and case)? Such requests are refused with 400 rather than
+/// forwarded without the field (nginx's `underscores_in_headers off`
+/// drops them silently): no client has a reason to send one, and a refusal
+/// is visible in the access log.
+fn is_underscore_twin(name: &[u8]) -> bool {
+    name.contains(&b'_')
+        && UNDERSCORE_PROTECTED.iter().any(|p| {
+            p.len() == name.len()
+                && p.iter().zip(name).all(|(&p, &n)| p == n.to_ascii_lowercase() || (p == b'-' && n == b'_'))
+        })
 }
 
 fn starts_with_ignore_case(s: &[u8], prefix: &[u8]) -> bool {
@@ -544,6 +755,177 @@ mod tests {
         assert!(r.authority.is_none());
     }
 
+    /// Feeds `raw` to `parse_more` `step` bytes at a time, as reads would.
+    fn feed(r: &mut RequestHead, raw: &[u8], step: usize) -> Result<Option<usize>, HttpError> {
+        let mut end = 0;
+        loop {
+            end = (end + step).min(raw.len());
+            match r.parse_more(&raw[..end], 100, false)? {
+                Some(n) => return Ok(Some(n)),
+                None if end == raw.len() => return Ok(None),
+                None => {}
+            }
+        }
+    }
+
+    #[test]
+    fn incremental_parse_agrees_with_whole_parse_at_every_split() {
+        let raw = b"\r\nPOST http://Example.COM:8080/a//b/../c?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhello";
+        let (whole, n) = parse(raw).unwrap().unwrap();
+        for step in 1..raw.len() {
+            let mut r = RequestHead::default();
+            assert_eq!(feed(&mut r, raw, step), Ok(Some(n)), "step {step}");
+            assert_eq!((r.method(), r.target(), r.path()), (whole.method(), whole.target(), whole.path()));
+            assert_eq!((r.host(), r.framing()), (whole.host(), whole.framing()));
+            assert_eq!(r.path(), b"/a/c");
+            // Split in two at every byte too.
+            let mut r = RequestHead::default();
+            let first = r.parse_more(&raw[..step], 100, false).unwrap();
+            let got = first.or_else(|| r.parse_more(raw, 100, false).unwrap());
+            assert_eq!(got, Some(n), "split {step}");
+        }
+    }
+
+    #[test]
+    fn incremental_parse_examines_each_byte_once_and_resets_after_a_head() {
+        let raw = b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n";
+        let mut r = RequestHead::default();
+        for end in 1..=27 {
+            assert_eq!(r.parse_more(&raw[..end], 100, false), Ok(None), "{end}");
+            assert_eq!(r.scan.scanned, end, "every new byte is examined, no old one again");
+        }
+        assert_eq!(r.parse_more(&raw[..40], 100, false), Ok(Some(28)));
+        assert_eq!(r.path(), b"/a");
+        // The next head starts at the front of the buffer again.
+        assert_eq!(r.scan.scanned, 0);
+        assert_eq!(r.parse_more(&raw[28..], 100, false), Ok(Some(28)));
+        assert_eq!(r.path(), b"/b");
+        // A session's head, reused for another connection, starts afresh.
+        r.parse_more(b"GET /c HTTP/1.1\r\nHo", 100, false).unwrap();
+        r.clear();
+        assert_eq!(r.parse_more(b"GET /d HTTP/1.1\r\nHost: h\r\n\r\n", 100, false), Ok(Some(28)));
+    }
+
+    #[test]
+    fn incremental_parse_refuses_early_and_parses_a_full_buffer() {
+        let mut r = RequestHead::default();
+        // A bare LF is refused as soon as it arrives.
+        assert_eq!(r.parse_more(b"GET / HTTP/1.1\nHo", 100, false), Err(HttpError::BadRequest));
+        // A bad request line is refused when it ends, without the rest.
+        assert_eq!(r.parse_more(b"GET / HTTP/1.1\r", 100, false), Ok(None));
+        assert_eq!(r.parse_more(b"GET / HTTP/1.1\r\nX", 100, false), Ok(None));
+        let mut r = RequestHead::default();
+        assert_eq!(r.parse_more(b"GET / HTTP/3.0\r\nX", 100, false), Err(HttpError::BadVersion));
+        let mut r = RequestHead::default();
+        assert_eq!(r.parse_more(b"get / HTTP/1.1\r\n", 100, false), Ok(None), "checked once complete");
+        assert_eq!(r.parse_more(b"get / HTTP/1.1\r\nHost: h\r\n\r\n", 100, false), Err(HttpError::BadMethod));
+        // A full buffer without the end of the head: httparse judges it.
+        let mut r = RequestHead::default();
+        assert_eq!(r.parse_more(b"GET / HTTP/1.1\r\nHost: h\r\nX-A: b", 100, true), Ok(None));
+        let mut r = RequestHead::default();
+        assert_eq!(r.parse_more(b"GET / HTTP/1.1\r\nHost: h\r\nX A: b", 100, true), Err(HttpError::BadRequest));
+    }
+
+    #[test]
+    fn requests_origins_read_differently_are_refused() {
+        let cases: &[(&[u8], HttpError)] = &[
+            (b"get / HTTP/1.1\r\nHost: a\r\n\r\n", HttpError::BadMethod),
+            (b"Get / HTTP/1.1\r\nHost: a\r\n\r\n", HttpError::BadMethod),
+            (b"GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n", HttpError::BadTarget),
+            (b"GET /a?q#b HTTP/1.1\r\nHost: a\r\n\r\n", HttpError::BadTarget),
+            (b"GET http://a/x#y HTTP/1.1\r\n\r\n", HttpError::BadTarget),
+            (b"GET /../x HTTP/1.1\r\nHost: a\r\n\r\n", HttpError::BadTarget),
+            (b"GET /a/%2e%2e/%2e%2e/x HTTP/1.1\r\nHost: a\r\n\r\n", HttpError::BadTarget),
+            (b"GET /%zz HTTP/1.1\r\nHost: a\r\n\r\n", HttpError::BadTarget),
+            // Invalid Host values, in origin and in absolute form.
+            (b"GET http://a/x HTTP/1.1\r\nHost: b c\r\n\r\n", HttpError::BadRequest),
+            (b"GET http://a/x HTTP/1.1\r\nHost: a:x\r\n\r\n", HttpError::BadRequest),
+            (b"GET http://a/x HTTP/1.1\r\nHost: a/b\r\n\r\n", HttpError::BadRequest),
+            (b"GET http://a/x HTTP/1.1\r\nHost: u@a\r\n\r\n", HttpError::BadRequest),
+            (b"GET http://a/x HTTP/1.1\r\nHost: a,b\r\n\r\n", HttpError::BadRequest),
+            (b"GET / HTTP/1.1\r\nHost: a\\b\r\n\r\n", HttpError::BadRequest),
+            (b"GET / HTTP/1.1\r\nHost: a..b\r\n\r\n", HttpError::BadRequest),
+            (b"GET / HTTP/1.1\r\nHost: .a\r\n\r\n", HttpError::BadRequest),
+            (b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", HttpError::BadRequest),
+            (b"GET / HTTP/1.1\r\nHost: [a@b]\r\n\r\n", HttpError::BadRequest),
+            (b"GET / HTTP/1.1\r\nHost: a?b\r\n\r\n", HttpError::BadRequest),
+            (b"GET http://a%2fb/x HTTP/1.1\r\n\r\n", HttpError::BadRequest),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(parse(raw).map(|_| ()).unwrap_err(), *want, "{}", String::from_utf8_lossy(raw));
+        }
+        // Accepted: upper-case extension methods, names with "_" and "~",
+        // a final dot (dropped for routing), IP literals.
+        for (raw, host) in [
+            (&b"M-SEARCH / HTTP/1.1\r\nHost: my_host.example~1\r\n\r\n"[..], &b"my_host.example~1"[..]),
+            (b"GET / HTTP/1.1\r\nHost: Example.COM.:80\r\n\r\n", b"example.com"),
+            (b"GET http://[::1]:8/ HTTP/1.1\r\nHost: [::1]\r\n\r\n", b"[::1]"),
+            (b"GET / HTTP/1.1\r\nHost: \r\n\r\n", b""),
+        ] {
+            let (r, _) = parse(raw).unwrap().unwrap();
+            assert_eq!(r.host(), host, "{}", String::from_utf8_lossy(raw));
+        }
+    }
+
+    #[test]
+    fn underscore_twins_of_protected_fields_are_refused() {
+        for name in [
+            "Transfer_Encoding",
+            "content_length",
+            "Keep_Alive",
+            "Proxy_Connection",
+            "Proxy-Connection",
+            "X_Forwarded_For",
+            "X-Forwarded_Proto",
+            "x_request_id",
+        ] {
+            let raw = format!("GET / HTTP/1.1\r\nHost: a\r\n{name}: 1\r\n\r\n");
+            let got = parse(raw.as_bytes()).map(|_| ());
+            if name.contains('_') {
+                assert_eq!(got, Err(HttpError::UnderscoreHeader), "{name}");
+            } else {
+                assert_eq!(got, Ok(()), "{name}");
+            }
+        }
+        // Other names with "_" pass, and so do protected names written right.
+        for name in ["X_Custom", "Content_Type", "Transfer_Encodings", "Content-Length_", "Connection", "TE"] {
+            let raw = format!("GET / HTTP/1.1\r\nHost: a\r\n{name}: 0\r\n\r\n");
+            assert!(parse(raw.as_bytes()).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn path_is_normalised_and_the_target_kept_unless_asked() {
+        let (mut r, _) = parse(b"GET //x/./%2e%2E/%61dmin/%2f?a=/../b HTTP/1.1\r\nHost: h\r\n\r\n").unwrap().unwrap();
+        assert_eq!(r.path(), b"/admin/%2F");
+        assert_eq!(r.raw_path(), b"//x/./%2e%2E/%61dmin/%2f");
+        assert_eq!(r.target(), b"//x/./%2e%2E/%61dmin/%2f?a=/../b");
+        r.use_normalized_target();
+        assert_eq!(r.target(), b"/admin/%2F?a=/../b");
+        // A rewrite by a module is normalised too.
+        r.set_target(b"/a/../b?q");
+        assert_eq!(r.path(), b"/b");
+        r.set_target(b"/../c");
+        assert_eq!(r.path(), b"/../c", "not normalisable: kept as the module gave it");
+        let (r, _) = parse(b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n").unwrap().unwrap();
+        assert_eq!(r.path(), b"*");
+        let (r, _) = parse(b"GET http://h HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!(r.path(), b"/");
+    }
+
+    #[test]
+    fn the_normalised_path_reuses_its_buffer() {
+        let mut r = RequestHead::default();
+        let raw = b"GET /a/b/../c/d HTTP/1.1\r\nHost: h\r\n\r\n";
+        r.parse_more(raw, 100, false).unwrap();
+        let (ptr, cap) = (r.norm.as_ptr(), r.norm.capacity());
+        for _ in 0..3 {
+            r.parse_more(b"GET /x//y HTTP/1.1\r\nHost: h\r\n\r\n", 100, false).unwrap();
+            assert_eq!(r.path(), b"/x/y");
+            assert_eq!((r.norm.as_ptr(), r.norm.capacity()), (ptr, cap));
+        }
+    }
+
     #[test]
     fn response_framing() {
         let mut r = ResponseHead::default();
@@ -565,5 +947,20 @@ mod tests {
         assert_eq!(r.framing(false), Err(HttpError::BadResponse));
         r.parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", 100).unwrap();
         assert_eq!(r.framing(false), Err(HttpError::BadResponse));
+        // Heads without a body are validated all the same.
+        for (raw, head_req) in [
+            (&b"HTTP/1.1 100 Continue\r\nContent-Length: 3\r\n\r\n"[..], false),
+            (b"HTTP/1.1 103 Early Hints\r\nTransfer-Encoding: chunked\r\n\r\n", false),
+            (b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n", false),
+            (b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", true),
+        ] {
+            r.parse(raw, 100).unwrap();
+            assert_eq!(r.framing(head_req), Err(HttpError::BadResponse), "{}", String::from_utf8_lossy(raw));
+        }
+        r.parse(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", 100).unwrap();
+        assert_eq!(r.framing(false).unwrap(), Framing::None);
+        r.parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 100).unwrap();
+        assert_eq!(r.framing(true).unwrap(), Framing::None);
     }
 }

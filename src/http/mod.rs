@@ -1,9 +1,11 @@
-//! HTTP/1.1 message handling without I/O: head parsing ([`head`]), chunked
-//! framing ([`chunked`]) and the serialisation of the heads Pitcher sends
+//! HTTP/1.1 message handling without I/O: head parsing ([`head`]), the
+//! normalised request path routing matches ([`path`]), chunked framing
+//! ([`chunked`]) and the serialisation of the heads Pitcher sends
 //! ([`write`]). The proxy state machine sits on top of this module.
 
 pub mod chunked;
 pub mod head;
+pub mod path;
 pub mod write;
 
 pub use chunked::{ChunkedError, ChunkedScanner};
@@ -16,6 +18,12 @@ pub enum HttpError {
     BadRequest,
     #[error("malformed header field")]
     BadHeader,
+    #[error("method not in upper case")]
+    BadMethod,
+    #[error("request target with a fragment, a malformed escape, or a path above the root")]
+    BadTarget,
+    #[error("header name that differs from a hop-by-hop, framing or forwarding field only by '_'")]
+    UnderscoreHeader,
     #[error("unsupported HTTP version")]
     BadVersion,
     #[error("missing Host header")]

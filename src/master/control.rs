@@ -190,14 +190,33 @@ impl Master {
         text.push_str(&format!("\n{:<8} {:<8} {:<6} {:>5} {:>9}\n", "WORKER", "PID", "LEVEL", "BUSY%", "IN_FLIGHT"));
         for (i, slot) in self.slots.iter().enumerate() {
             let Some(p) = &slot.proc else { continue };
-            let Some(w) = shared.workers.get(i) else { continue };
+            let Some(w) = shared.workers.get(p.place) else { continue };
             let (level, busy, in_flight) =
                 (w.level.load(Relaxed), w.busy_percent.load(Relaxed), w.in_flight.load(Relaxed));
             text.push_str(&format!("{:<8} {:<8} {:<6} {:>5} {:>9}\n", i, p.pid.as_raw(), level, busy, in_flight));
-            workers.push(serde_json::json!({"slot": i, "pid": p.pid.as_raw(), "level": level, "busy_percent": busy,
+            workers.push(serde_json::json!({"slot": i, "place": p.place, "pid": p.pid.as_raw(), "level": level, "busy_percent": busy,
                 "in_flight": in_flight, "level_changes": w.level_changes.load(Relaxed)}));
         }
-        (text.trim_end().to_string(), serde_json::json!({"modules": rows, "workers": workers}))
+        let (quota_text, quota) = self.quota_keys();
+        text.push_str(&quota_text);
+        (text.trim_end().to_string(), serde_json::json!({"modules": rows, "workers": workers, "quota": quota}))
+    }
+
+    /// The quota's key table in shared memory: slots held by a key, slots
+    /// with requests in flight, requests that found no slot (overflow) and
+    /// idle slots taken over by new keys.
+    fn quota_keys(&self) -> (String, serde_json::Value) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let shared = self.region.shared();
+        let slots = &shared.limiters[1..=crate::shm::MAX_QUOTA_KEYS];
+        let keys = slots.iter().filter(|l| l.key.load(Relaxed) != 0).count();
+        let busy = slots.iter().filter(|l| l.key.load(Relaxed) != 0 && l.in_flight.load(Relaxed) > 0).count();
+        let (overflow, reclaimed) = (shared.quota.overflow.load(Relaxed), shared.quota.reclaimed.load(Relaxed));
+        let text = format!(
+            "\n{:<10} {:>9} {:>10} {:>10}\n{:<10} {:>9} {:>10} {:>10}\n",
+            "QUOTA", "KEYS", "OVERFLOW", "RECLAIMED", "", keys, overflow, reclaimed
+        );
+        (text, serde_json::json!({"keys": keys, "keys_in_flight": busy, "overflow": overflow, "reclaimed": reclaimed}))
     }
 
     /// `module enable|disable NAME`: a switch in shared memory, so every

@@ -175,6 +175,8 @@ pub struct Master {
     state: State,
     /// When draining workers are killed anyway.
     quit_deadline: Option<Instant>,
+    /// Last look for worker places held by processes that are gone.
+    places_swept: Instant,
 }
 
 impl Master {
@@ -248,6 +250,7 @@ impl Master {
             health: health::Checker::default(),
             state: State::Running,
             quit_deadline: None,
+            places_swept: Instant::now(),
         };
         m.assign_slots(None);
         m.health.configure(&m.config, &mut m.backend_slots, m.poll.registry());
@@ -339,6 +342,7 @@ impl Master {
         if self.state == State::Running {
             self.health.tick(self.poll.registry(), &self.log.logger);
         }
+        self.sweep_places(now);
         self.upgrade_tick(now);
         self.handover_tick();
         self.reply_pending(now);
@@ -369,17 +373,56 @@ impl Master {
     /// Starts the worker of slot `i`.
     fn spawn(&mut self, i: usize) {
         self.slots[i].respawn_at = None;
-        match self.spawn_process(i) {
+        let place = self.claim_place();
+        match self.spawn_process(place) {
             Ok(p) => {
-                slog::info!(self.logger(), "worker started"; "slot" => i, "worker_pid" => p.pid.as_raw());
+                self.region.shared().hold_place(place, p.pid.as_raw() as u32);
+                slog::info!(self.logger(), "worker started"; "slot" => i, "place" => place, "worker_pid" => p.pid.as_raw());
                 self.slots[i].proc = Some(p);
             }
             Err(e) => {
+                let me = std::process::id();
+                self.region.shared().release_place(place, me, me);
                 let slot = &mut self.slots[i];
                 slot.backoff = (slot.backoff * 2).clamp(BACKOFF_START, BACKOFF_MAX);
                 slot.respawn_at = Some(Instant::now() + slot.backoff);
                 slog::error!(self.log.logger, "cannot start a worker"; "slot" => i, "error" => %e, "retry_in_ms" => slot.backoff.as_millis() as u64);
             }
+        }
+    }
+
+    /// A place in the shared per-worker tables for a new worker: one that
+    /// no live worker of any generation holds (an old generation may still
+    /// be draining on its places during an upgrade), so that a worker's
+    /// exit clears only its own counts. See `Shared::claim_place`.
+    fn claim_place(&self) -> usize {
+        match self.region.shared().claim_place(std::process::id()) {
+            Some(place) => place,
+            None => {
+                slog::warn!(self.log.logger, "every worker place is held; this worker's counts are not tracked per place";
+                    "places" => crate::shm::MAX_WORKERS);
+                crate::shm::MAX_WORKERS
+            }
+        }
+    }
+
+    /// A worker exited: its counts are taken out of the shared totals and
+    /// its place is freed (unless a master that found it gone did so).
+    fn release_place(&self, p: &WorkerProc) {
+        self.region.shared().release_place(p.place, p.pid.as_raw() as u32, std::process::id());
+    }
+
+    /// Once a second: frees the places of workers that are gone without
+    /// their master freeing them (a new master rolled back, a master
+    /// killed), so their requests in flight stop counting.
+    fn sweep_places(&mut self, now: Instant) {
+        if now.duration_since(self.places_swept) < Duration::from_secs(1) {
+            return;
+        }
+        self.places_swept = now;
+        let freed = self.region.shared().reclaim_places();
+        if freed > 0 {
+            slog::info!(self.log.logger, "freed the places of workers that are gone"; "places" => freed);
         }
     }
 
@@ -504,9 +547,7 @@ impl Master {
             }
             if let Some(i) = self.retiring.iter().position(|p| p.pid == pid) {
                 let p = self.retiring.remove(i);
-                if p.place >= self.slots.len() {
-                    self.region.shared().forget_worker(p.place);
-                }
+                self.release_place(&p);
                 slog::info!(self.logger(), "drained worker exited"; "worker_pid" => pid.as_raw(), "how" => &how);
                 continue;
             }
@@ -517,7 +558,7 @@ impl Master {
             let p = self.slots[i].proc.take().expect("slot has the process");
             let _ = self.poll.registry().deregister(&mut SourceFd(&p.chan.raw_fd()));
             // Its backend connections died with it.
-            self.region.shared().forget_worker(i);
+            self.release_place(&p);
             if self.state != State::Running {
                 slog::info!(self.logger(), "worker exited"; "slot" => i, "worker_pid" => pid.as_raw(), "how" => &how);
                 continue;
@@ -545,8 +586,8 @@ impl Master {
             return Err("the master is stopping".into());
         }
         let path = self.args.config_path.clone();
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        let config = Config::parse(&path, &text).map_err(|e| e.to_string())?;
+        let crate::config::Loaded { config, text, .. } =
+            crate::config::include::load(&path).map_err(|e| e.to_string())?;
         crate::hooks::validate(&config, self.region.shared())?;
         // Listeners: keep the sockets of unchanged addresses, bind new ones.
         let mut next = Vec::with_capacity(config.listeners.len());

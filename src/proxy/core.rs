@@ -83,6 +83,10 @@ pub struct Core {
     pub(super) log: Logger,
     /// Answer with `Connection: close` and stop keeping connections.
     pub(super) draining: bool,
+    /// Request bodies refused as too slow (see `forward::body_timeout`),
+    /// and when that was last logged (once a second at most).
+    pub(super) slow_bodies: u64,
+    pub(super) slow_bodies_logged: Instant,
 }
 
 /// A connection to a backend: in use by a session, or idle in its pool.
@@ -99,8 +103,6 @@ pub struct UpConn {
     pub(super) backend: usize,
     /// Taken from the pool for the current request.
     pub(super) reused: bool,
-    /// When it went back to the pool.
-    pub(super) idle_since: Instant,
     pub(super) timed: Timed,
 }
 

@@ -33,7 +33,7 @@ use crate::upstream::Outcome;
 use super::core::Core;
 use super::exchange::Body;
 use super::session::{read_into, Session};
-use super::state::{Next, Proxying, RespMode, State, Step, Tunnel};
+use super::state::{BodyPace, Next, Proxying, RespMode, State, Step, Tunnel};
 
 /// Chunk data pieces up to this size are copied into the outgoing buffer
 /// with their framing rather than written from the read buffer on their own.
@@ -41,6 +41,12 @@ const COPIED_CHUNK_DATA: usize = 1024;
 /// Re-framed request bytes queued for a backend before more client input
 /// is taken (backpressure for chunked bodies).
 const MAX_PENDING_FRAMED: usize = 16 * 1024;
+/// Interim (1xx) responses accepted before the final one of an exchange;
+/// past it the backend is failed (502) and its connection closed. With
+/// their bytes counted against the response head limit (the upstream read
+/// buffer), this bounds what a backend can queue towards a client that
+/// does not read.
+pub const MAX_INTERIM_RESPONSES: u32 = 16;
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +64,10 @@ pub enum Fail {
     UpstreamTimeout,
     #[error("malformed response from backend")]
     BadResponse,
+    /// More than `MAX_INTERIM_RESPONSES` 1xx heads, or more bytes of them
+    /// than a response head may have.
+    #[error("too many interim (1xx) responses from backend")]
+    TooManyInterim,
     /// The backend closed in the middle of a body.
     #[error("backend closed the connection in the middle of the response body")]
     Truncated,
@@ -223,7 +233,12 @@ impl Core {
                             s.ex.req_ready -= b;
                         }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => u.rd.writable = false,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        u.rd.writable = false;
+                        if let Some(pace) = p.body_pace.as_mut() {
+                            pace.backpressure = true;
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(Fail::UpstreamWrite(e)),
                 }
@@ -246,7 +261,12 @@ impl Core {
             let inb = s.inb.get_or_insert_with(|| self.bufs.get());
             match read_into(&mut s.stream, &mut s.rd, inb) {
                 Ok(Some(0)) | Err(_) => return Err(Fail::ClientGone),
-                Ok(Some(_)) => moved = true,
+                Ok(Some(n)) => {
+                    if let Some(pace) = p.body_pace.as_mut() {
+                        pace.window_bytes += n as u64;
+                    }
+                    moved = true;
+                }
                 Ok(None) => return Ok(moved),
             }
         }
@@ -282,9 +302,19 @@ impl Core {
                     let (n, _) = s.write_client(&[]).map_err(|_| Fail::ClientGone)?;
                     moved |= n > 0;
                 }
+                // Interim heads count against the response head limit.
+                let head_room = ubuf.capacity().saturating_sub(p.interim_bytes);
                 match s.resp.parse(ubuf.data(), MAX_PARSE_HEADERS) {
+                    Ok(Some(n)) if n > head_room => return Err(Fail::TooManyInterim),
                     Ok(Some(n)) => {
                         ubuf.consume(n);
+                        if s.resp.status < 200 && s.resp.status != 101 {
+                            p.interim += 1;
+                            p.interim_bytes += n;
+                            if p.interim > MAX_INTERIM_RESPONSES {
+                                return Err(Fail::TooManyInterim);
+                            }
+                        }
                         if let Some(switch) = self.response_head(s, p)? {
                             return Ok(Pumped::Switch(switch));
                         }
@@ -292,6 +322,7 @@ impl Core {
                         continue;
                     }
                     Ok(None) if ubuf.room() == 0 => return Err(Fail::BadResponse),
+                    Ok(None) if ubuf.len() >= head_room => return Err(Fail::TooManyInterim),
                     Ok(None) if p.resp_eof => {
                         return Err(if ubuf.is_empty() { Fail::UpstreamClosed } else { Fail::BadResponse })
                     }
@@ -343,6 +374,9 @@ impl Core {
     fn response_head(&mut self, s: &mut Session, p: &mut Proxying) -> Result<Option<Switch>, Fail> {
         let status = s.resp.status;
         let client_v11 = s.req.version() == Version::Http11;
+        // Validated whatever the status: a head with conflicting framing is
+        // never forwarded (see `ResponseHead::framing`).
+        let framing = s.resp.framing(s.ex.head_request).map_err(|_| Fail::BadResponse)?;
         if status == 101 {
             if !s.ex.upgrade {
                 return Err(Fail::BadResponse);
@@ -353,13 +387,13 @@ impl Core {
             return Ok(Some(Switch::Upgrade));
         }
         if status < 200 {
-            // Interim responses (100 Continue, 103) go to HTTP/1.1 clients.
-            if client_v11 {
+            // Interim responses (100 Continue, 103) go to HTTP/1.1 clients;
+            // a 100 only if Pitcher did not send its own.
+            if client_v11 && !(status == 100 && p.continue_sent) {
                 hw::response_head(&mut s.out, &s.resp, OutFraming::None, ConnHeader::Default);
             }
             return Ok(None);
         }
-        let framing = s.resp.framing(s.ex.head_request).map_err(|_| Fail::BadResponse)?;
         self.record_outcome(s, if status >= 500 { Outcome::ServerError } else { Outcome::Success });
         s.ex.status = status;
         match self.hook_response(s) {
@@ -611,7 +645,16 @@ impl Core {
         let t = &s.snap.config.timeouts;
         if !p.resp_head_done {
             if !s.ex.req_body.complete() && s.ex.req_ready == 0 {
-                return t.client_body;
+                // Also wake at the end of the rate window and at the body's
+                // total deadline (bytes that keep coming re-arm the idle
+                // timeout, not these).
+                let mut wait = t.client_body;
+                if let Some(pace) = &p.body_pace {
+                    for at in [pace.window_start + t.client_body_rate_window, pace.deadline] {
+                        wait = wait.min(at.saturating_duration_since(self.now));
+                    }
+                }
+                return wait;
             }
             if !p.request_sent(&s.ex) {
                 return t.upstream_write;
@@ -631,9 +674,7 @@ impl Core {
             return self.fail(s, p, Fail::ConnectTimeout);
         }
         if !p.resp_head_done && !s.ex.req_body.complete() && s.ex.req_ready == 0 {
-            s.ex.client_keep = false;
-            self.leave_proxy(s, p, false);
-            return self.respond(s, 408);
+            return self.body_timeout(s, p);
         }
         if !p.resp_head_done {
             return self.fail(s, p, Fail::UpstreamTimeout);
@@ -641,6 +682,44 @@ impl Core {
         slog::warn!(self.req_log(s), "timeout while streaming a response; closing");
         self.leave_proxy(s, p, false);
         (State::Closed, Step::Close)
+    }
+
+    /// A deadline passed while waiting for request body bytes: the idle
+    /// timeout (`client_body_ms`), the total one (`client_body_total_ms`),
+    /// or the end of a rate window, which opens the next window when the
+    /// client kept up (or the backend was the slow side). A body too slow
+    /// is answered 408 (a close if anything of a response went out), and
+    /// the backend connection it held is closed.
+    fn body_timeout(&mut self, s: &mut Session, mut p: Proxying) -> Next {
+        let t = &s.snap.config.timeouts;
+        let now = self.now;
+        let window = t.client_body_rate_window;
+        let least = t.client_body_min_rate_bytes.saturating_mul(window.as_millis() as u64) / 1000;
+        let why = match p.body_pace.as_mut() {
+            Some(pace) if now >= pace.deadline => "total time",
+            Some(pace) if now >= pace.window_start + window => {
+                if pace.backpressure || pace.window_bytes >= least {
+                    *pace = BodyPace { window_start: now, window_bytes: 0, backpressure: false, ..*pace };
+                    s.progressed = true;
+                    return (State::Proxy(p), Step::Again);
+                }
+                "minimum rate"
+            }
+            _ => "idle",
+        };
+        let window_bytes = p.body_pace.map_or(0, |pace| pace.window_bytes);
+        self.slow_bodies += 1;
+        if now.saturating_duration_since(self.slow_bodies_logged) >= Duration::from_secs(1) {
+            slog::warn!(self.req_log(s), "request body too slow; refused"; "reason" => why,
+                "window_bytes" => window_bytes, "slow_bodies_total" => self.slow_bodies);
+            self.slow_bodies_logged = now;
+        }
+        self.leave_proxy(s, p, false);
+        if s.out_pending() {
+            return (State::Closed, Step::Close);
+        }
+        s.ex.client_keep = false;
+        self.respond(s, 408)
     }
 }
 

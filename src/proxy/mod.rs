@@ -26,10 +26,11 @@
 //!    point's modules).
 //! 9. What the steps share: `core` (`Core`, [`Snapshot`], `UpConn`),
 //!    `exchange` (the record of the current request, body framing),
-//!    `keys` (the request's logger), `timer` (deadlines), `token` (how an
+//!    `keys` (the request's logger), `guard` (a panic closes one
+//!    connection, not the worker), `timer` (deadlines), `token` (how an
 //!    event names its owner).
 //!
-//! Files point one way: `token`, `timer`, `exchange` import nothing of
+//! Files point one way: `token`, `timer`, `exchange`, `guard` import nothing of
 //! this layer; `state` and `core` import only those; `session` imports
 //! them; the step files (`request`, `forward`, `tunnel`, `upconn`,
 //! `hooks`, `keys`) import `session` and below, never each other; this
@@ -38,6 +39,7 @@
 mod core;
 mod exchange;
 mod forward;
+mod guard;
 mod hooks;
 mod keys;
 mod request;
@@ -66,6 +68,8 @@ use crate::upstream::{Backends, SlotTable};
 
 use self::core::Core;
 pub use self::core::Snapshot;
+pub use self::guard::install_panic_hook;
+use self::guard::{guarded, Panic};
 use self::session::{Session, Spare};
 use self::timer::Timers;
 use self::token::Kind;
@@ -84,6 +88,8 @@ pub struct Engine {
     core: Core,
     /// Allocations of closed sessions, for new ones.
     spares: Vec<Spare>,
+    /// Connections closed because handling them panicked.
+    panics: u64,
 }
 
 impl Engine {
@@ -121,8 +127,11 @@ impl Engine {
                 now: Instant::now(),
                 log,
                 draining: false,
+                slow_bodies: 0,
+                slow_bodies_logged: Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now),
             },
             spares: Vec::new(),
+            panics: 0,
         })
     }
 
@@ -180,24 +189,24 @@ impl Engine {
         let s = entry.insert(Session::new(key.0, stream, peer, snap.clone(), spare));
         let at = self.core.now + snap.config.timeouts.client_header;
         self.core.timers.set(&mut s.timed, key.0, at);
-        match self.core.hook_accept(s) {
-            Verdict::Continue => {}
-            Verdict::Respond(r) => {
+        let core = &mut self.core;
+        match guarded(|| core.hook_accept(s)) {
+            Err(p) => self.session_panicked(idx, p),
+            Ok(Verdict::Continue) => {}
+            Ok(Verdict::Respond(r)) => {
                 s.answer_and_shut(&r);
                 self.close(idx);
             }
-            Verdict::Close => self.close(idx),
+            Ok(Verdict::Close) => self.close(idx),
         }
     }
 
     /// Readiness of a client socket.
     pub fn client_event(&mut self, idx: usize, ev: &mio::event::Event) {
-        if let Some(s) = self.sessions.get_mut(idx) {
+        self.serve(idx, |core, s| {
             s.rd.update(ev);
-            if !self.core.drive(s) {
-                self.close(idx);
-            }
-        }
+            core.drive(s)
+        });
     }
 
     /// Readiness of a backend connection: its session's, or a pooled one's.
@@ -205,13 +214,7 @@ impl Engine {
         let Some(u) = self.core.ups.get_mut(idx) else { return };
         u.rd.update(ev);
         match u.owner {
-            Some(sid) => {
-                if let Some(s) = self.sessions.get_mut(sid) {
-                    if !self.core.drive(s) {
-                        self.close(sid);
-                    }
-                }
-            }
+            Some(sid) => self.serve(sid, |core, s| core.drive(s)),
             None => self.core.idle_upstream_event(idx),
         }
     }
@@ -227,9 +230,7 @@ impl Engine {
                     if s.key != key || !self.core.timers.fired(&mut s.timed, key, at, now) {
                         continue;
                     }
-                    if !self.core.timeout(s) {
-                        self.close(idx);
-                    }
+                    self.serve(idx, |core, s| core.timeout(s));
                 }
                 (Kind::Upstream, idx) => {
                     let Some(u) = self.core.ups.get_mut(idx) else { continue };
@@ -243,6 +244,44 @@ impl Engine {
         }
     }
 
+    /// Runs `f` (state steps, a timeout) on session `idx`; closes the
+    /// session when `f` says so, or when it panics.
+    fn serve(&mut self, idx: usize, f: impl FnOnce(&mut Core, &mut Session) -> bool) {
+        let Some(s) = self.sessions.get_mut(idx) else { return };
+        let core = &mut self.core;
+        match guarded(|| f(core, s)) {
+            Ok(true) => {}
+            Ok(false) => self.close(idx),
+            Err(p) => self.session_panicked(idx, p),
+        }
+    }
+
+    /// Handling session `idx` panicked: it is logged with its message and
+    /// place, counted, and the connection closed, with the backend
+    /// connection it owned and the backend's counters. A step that panics
+    /// owned the session's state, which is gone with its stack: the backend
+    /// connection is found by its owner. The session may be half-updated,
+    /// so a panic while closing it drops it as it is.
+    fn session_panicked(&mut self, idx: usize, p: Panic) {
+        self.panics += 1;
+        let peer = self.sessions.get(idx).map(|s| format!("{:?}", s.peer)).unwrap_or_default();
+        slog::error!(self.core.log, "panic while handling a connection; closing it"; "panic" => %p.message,
+            "location" => %p.location, "peer" => peer, "panics_total" => self.panics);
+        if let Some(s) = self.sessions.get_mut(idx) {
+            if s.ex.finish_pending {
+                s.ex.status = 500;
+            }
+        }
+        if let Err(p) = guarded(|| self.close(idx)) {
+            slog::error!(self.core.log, "panic while closing a connection after a panic"; "panic" => %p.message,
+                "location" => %p.location);
+            if self.sessions.contains(idx) {
+                drop(self.sessions.remove(idx));
+            }
+        }
+        self.core.release_orphans(idx);
+    }
+
     /// Closes a session: REQUEST_FINISH (if owed) and FINISH, its backend
     /// connection closed, its allocations kept for the next one.
     fn close(&mut self, idx: usize) {
@@ -253,7 +292,12 @@ impl Engine {
         if s.ex.finish_pending && s.ex.status == 0 {
             s.ex.status = 499; // The client went away before a response (nginx's 499).
         }
-        self.core.hook_finish(&mut s);
+        let core = &mut self.core;
+        if let Err(p) = guarded(|| core.hook_finish(&mut s)) {
+            self.panics += 1;
+            slog::error!(self.core.log, "panic in the finish hooks of a connection"; "panic" => %p.message,
+                "location" => %p.location, "panics_total" => self.panics);
+        }
         self.core.leave_state(&mut s);
         if let Some(b) = s.inb.take() {
             self.core.bufs.put(b);

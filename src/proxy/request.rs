@@ -16,7 +16,7 @@ use crate::net::Peer;
 use super::core::Core;
 use super::exchange::Body;
 use super::session::{read_into, Session};
-use super::state::{Next, Proxying, State, Step};
+use super::state::{BodyPace, Next, Proxying, State, Step};
 
 /// How long a closing connection's unread input is drained.
 pub const LINGER: Duration = Duration::from_secs(2);
@@ -39,7 +39,10 @@ impl Core {
                 // A buffer smaller than the limit (a reload raised it) is
                 // the limit: a full buffer cannot be read into.
                 let max = limits.max_header_bytes.min(inb.capacity());
-                match s.req.parse(inb.data(), limits.max_headers) {
+                // Incremental: only the bytes read since the last call are
+                // examined; httparse runs once the head (or the request
+                // line) is complete, or when the buffer is full.
+                match s.req.parse_more(inb.data(), limits.max_headers, inb.len() >= max) {
                     Ok(Some(n)) if n > max => {
                         let e = head_too_large(inb.data(), max);
                         return self.refuse_head(s, e);
@@ -93,6 +96,17 @@ impl Core {
         s.ex.head_request = s.req.is_head();
         s.ex.client_keep = s.req.keep_alive() && !self.draining;
         s.ex.req_body = Body::from_framing(s.req.framing());
+        // RFC 9110 §10.1.1: Pitcher answers `Expect: 100-continue` itself
+        // (the backend sees it only if configured). An HTTP/1.0 request's
+        // Expect is ignored; a client that sent body bytes already does
+        // not wait.
+        let mut expect_continue = false;
+        if s.req.head.get("expect").is_some_and(|v| crate::http::head::trim(v).eq_ignore_ascii_case(b"100-continue")) {
+            expect_continue = s.req.version() == Version::Http11 && !s.ex.req_body.complete() && !s.has_input();
+            if !s.snap.config.forward_expect {
+                s.req.head.remove("expect");
+            }
+        }
         let max_body = s.snap.config.limits.max_body_bytes;
         if let Framing::Length(n) = s.req.framing() {
             if n > max_body {
@@ -117,6 +131,11 @@ impl Core {
         if s.req.head.get("x-request-id").is_none() {
             let id = self.next_request_id();
             s.req.head.append("X-Request-Id", &id);
+        }
+        // `path()` is the normalised path; the backend gets the target as
+        // received unless the configuration asks for the normalised one.
+        if s.snap.config.normalize_upstream_path {
+            s.req.use_normalized_target();
         }
         s.ex.route = s.snap.router.lookup(s.req.host(), s.req.path());
         if let Some(r) = s.ex.route {
@@ -161,11 +180,34 @@ impl Core {
             Ok(up) => up,
             Err(status) => return self.respond(s, status),
         };
+        // Tests of the worker's panic containment: a panic while the
+        // session holds a backend connection.
+        #[cfg(feature = "fault-injection")]
+        if s.req.head.get("x-pitcher-test-panic").is_some() {
+            panic!("fault injection: X-Pitcher-Test-Panic");
+        }
+        let mut p = Proxying::new(up, std::mem::take(&mut s.up_out));
+        if !s.ex.req_body.complete() {
+            let t = &s.snap.config.timeouts;
+            p.body_pace = Some(BodyPace {
+                deadline: self.now + t.client_body_total,
+                window_start: self.now,
+                window_bytes: 0,
+                backpressure: false,
+            });
+        }
+        // Ready for the body: route, modules and backend are settled.
+        if expect_continue {
+            s.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            p.continue_sent = true;
+            if s.write_client(&[]).is_err() {
+                return (State::Proxy(p), Step::Close);
+            }
+        }
         let client = match s.peer {
             Peer::Ip(ip) => Some(ip),
             Peer::Unix => None,
         };
-        let mut p = Proxying::new(up, std::mem::take(&mut s.up_out));
         p.queue_head(&s.req, client, s.ex.upgrade);
         (State::Proxy(p), Step::Again)
     }

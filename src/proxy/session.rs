@@ -112,7 +112,9 @@ impl Session {
         let mut sp =
             Spare { out: self.out, req: self.req, resp: self.resp, ex: self.ex, vars: self.vars, up_out: self.up_out };
         sp.out.clear();
-        sp.req.head.clear();
+        // The head, its normalised path, and where the scan of a head
+        // still arriving stood.
+        sp.req.clear();
         sp.resp.head.clear();
         sp.ex.reset();
         sp.vars.clear();

@@ -121,6 +121,26 @@ pub struct Proxying {
     pub(super) last_chunk_queued: bool,
     /// The backend's connection may serve another request.
     pub(super) upstream_keep: bool,
+    /// Interim (1xx) response heads received, and their bytes.
+    pub(super) interim: u32,
+    pub(super) interim_bytes: usize,
+    /// Pitcher sent the client a `100 Continue` (a backend's is not relayed).
+    pub(super) continue_sent: bool,
+    /// The pace of a request body still to come (`None`: no body to wait for).
+    pub(super) body_pace: Option<BodyPace>,
+}
+
+/// How fast a request body arrives: its deadline (`client_body_total_ms`)
+/// and the current rate window.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyPace {
+    pub(super) deadline: Instant,
+    /// When the current window started.
+    pub(super) window_start: Instant,
+    /// Body bytes read in the current window.
+    pub(super) window_bytes: u64,
+    /// The backend held the body back in this window (then it is not judged).
+    pub(super) backpressure: bool,
 }
 
 impl Proxying {
@@ -142,6 +162,10 @@ impl Proxying {
             chunk_left: 0,
             last_chunk_queued: false,
             upstream_keep: false,
+            interim: 0,
+            interim_bytes: 0,
+            continue_sent: false,
+            body_pace: None,
         }
     }
 

@@ -3,9 +3,13 @@
 //! their backend's pool (or closing them). The exchange that uses a
 //! connection is in `forward`; a connection in use belongs to the
 //! session state that holds its index (`Proxy`, then maybe `Tunnel`).
-
-use std::io;
-use std::time::Duration;
+//!
+//! A pooled connection stays registered for reads (like nginx's keep-alive
+//! close handler): any readiness while it sits idle (a stray byte, a FIN,
+//! an error) closes it at once, so taking it from the pool needs no
+//! syscall, and a connection is only pooled when its readiness says
+//! nothing is waiting to be read (with edge-triggered epoll, data that came
+//! before the release would raise no new event).
 
 use mio::Interest;
 
@@ -15,10 +19,6 @@ use super::core::{Core, UpConn};
 use super::session::Session;
 use super::timer::{Timed, Timers};
 use super::token::{self, Kind};
-
-/// A pooled connection idle at least this long is checked for a close
-/// (one non-blocking read) before a request is written to it.
-const PROBE_AFTER_IDLE: Duration = Duration::from_millis(250);
 
 impl Core {
     /// Picks a backend and connects to it (or takes a pooled connection):
@@ -59,13 +59,11 @@ impl Core {
         let (_, sid) = token::decode(mio::Token(s.key));
         let cluster = &s.snap.clusters[s.ex.cluster];
         let id = cluster.members[s.ex.backend].id;
-        // A pooled connection whose FIN (or stray bytes) arrived but has not
-        // been seen by the loop yet is dropped here rather than found closed
-        // after the request was written to it. (Connections idle for less
-        // than PROBE_AFTER_IDLE are not probed: a backend closing one that
-        // young is rare, the replay covers it, and a probe costs a syscall.)
+        // A pooled connection whose readiness was raised while idle (stray
+        // bytes, a FIN) is dropped here in case its event has not been
+        // handled yet. No read: the flags say it all.
         while let Some(&ui) = self.backends.get(id).idle.last() {
-            if self.idle_usable(ui) {
+            if idle_usable(&self.ups[ui]) {
                 break;
             }
             self.drop_idle(ui);
@@ -93,7 +91,6 @@ impl Core {
                     owner: Some(sid),
                     backend: id,
                     reused: false,
-                    idle_since: self.now,
                     timed: Timed::default(),
                 };
                 if let Err(e) =
@@ -130,10 +127,13 @@ impl Core {
             let clean = buf.is_empty();
             self.up_bufs.put(buf);
             let cluster = &s.snap.clusters[s.ex.cluster];
-            if reusable && clean && !u.rd.read_closed && !be.retired && be.idle.len() < cluster.keepalive {
+            // Bytes after the response (`!clean`), or readiness that says
+            // some may be waiting unread (`readable`: the last read filled
+            // the buffer, or an event came after it), make the connection
+            // unfit: they would be taken for the next request's response.
+            if reusable && clean && idle_usable(u) && !be.retired && be.idle.len() < cluster.keepalive {
                 u.owner = None;
                 u.reused = false;
-                u.idle_since = self.now;
                 be.idle.push(ui);
                 let at = self.now + cluster.keepalive_timeout;
                 self.timers.set(&mut u.timed, u.key, at);
@@ -141,6 +141,17 @@ impl Core {
             }
         }
         self.close_upstream(ui);
+    }
+
+    /// Closes the backend connections still owned by session `sid` after
+    /// it was closed (a step that panicked held them): the backend's
+    /// counters are released too.
+    pub(super) fn release_orphans(&mut self, sid: usize) {
+        let owned: Vec<usize> = self.ups.iter().filter(|(_, u)| u.owner == Some(sid)).map(|(i, _)| i).collect();
+        for ui in owned {
+            self.backends.get_mut(self.ups[ui].backend).release(self.place);
+            self.close_upstream(ui);
+        }
     }
 
     /// Closes an upstream connection and forgets it.
@@ -155,28 +166,14 @@ impl Core {
         }
     }
 
-    /// An event on a pooled, idle connection: the backend closed it or sent
-    /// something unasked. Either way it is no longer usable.
+    /// An event on a pooled, idle connection. Readable (unasked bytes),
+    /// closed or failed: it is no longer usable and is closed. A writable
+    /// edge alone changes nothing.
     pub(super) fn idle_upstream_event(&mut self, ui: usize) {
-        if !self.idle_usable(ui) {
+        if !idle_usable(&self.ups[ui]) {
+            slog::debug!(self.log, "pooled backend connection became readable; closing it";
+                "backend" => %self.backends.get(self.ups[ui].backend).addr, "closed" => self.ups[ui].rd.read_closed);
             self.drop_idle(ui);
-        }
-    }
-
-    /// An idle connection has nothing to read and is not closed: reading
-    /// would block. (EOF, an error or unasked bytes make it unusable.)
-    fn idle_usable(&mut self, ui: usize) -> bool {
-        let mut probe = [0u8; 1];
-        let u = &mut self.ups[ui];
-        if u.rd.read_closed {
-            return false;
-        }
-        if self.now.saturating_duration_since(u.idle_since) < PROBE_AFTER_IDLE {
-            return true;
-        }
-        match io::Read::read(&mut u.stream, &mut probe) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => !u.rd.read_closed,
-            _ => false,
         }
     }
 
@@ -188,4 +185,12 @@ impl Core {
         }
         self.close_upstream(ui);
     }
+}
+
+/// Nothing may be waiting to be read on the connection and it is not
+/// closed, as far as its edge-triggered readiness tells: `readable` is
+/// cleared only by a read that found the socket drained, and set again by
+/// any event (data, FIN, error).
+fn idle_usable(u: &UpConn) -> bool {
+    !u.rd.readable && !u.rd.read_closed
 }

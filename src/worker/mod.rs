@@ -351,7 +351,7 @@ impl Worker {
         backend_slots: Vec<(String, u32)>,
         fds: Vec<OwnedFd>,
     ) -> Result<(), String> {
-        let config = Config::parse(std::path::Path::new(path), text).map_err(|e| e.to_string())?;
+        let config = Config::parse_resolved(std::path::Path::new(path), text).map_err(|e| e.to_string())?;
         // The region is the one this worker mapped at start; the copy is dropped.
         let (fds, _region) = split_fds(&entries, fds)?;
         self.engine.set_slots(&backend_slots);
@@ -405,6 +405,7 @@ fn add_listener(
 
 /// Runs a worker until it is stopped or has drained.
 pub fn run(init: WorkerInit) -> io::Result<()> {
+    crate::proxy::install_panic_hook();
     let mut w = Worker::new(init)?;
     w.run()
 }

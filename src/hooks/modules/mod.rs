@@ -27,3 +27,12 @@ pub static REGISTRY: &[Registration] = &[
 pub(crate) fn settings<T: serde::de::DeserializeOwned>(t: &toml::Table) -> Result<T, String> {
     toml::Value::Table(t.clone()).try_into().map_err(|e: toml::de::Error| e.message().to_string())
 }
+
+/// Refuses a setting over its bound (the caller's error is prefixed with
+/// the file, the line and the module's table).
+pub(crate) fn at_most(name: &str, value: u64, max: u64) -> Result<(), String> {
+    if value > max {
+        return Err(format!("{name} = {value} is over the limit of {max}"));
+    }
+    Ok(())
+}

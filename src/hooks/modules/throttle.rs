@@ -11,7 +11,10 @@ use serde::Deserialize;
 use crate::config::ModuleConfig;
 use crate::hooks::{Build, Ctx, Module, Point, Response, Verdict};
 use crate::http::RequestHead;
-use crate::shm::now_ms;
+use crate::shm::{now_ms, MAX_BURST, MAX_RATE_PER_SEC};
+
+/// Longest `retry_after_secs` accepted (a day).
+pub const MAX_RETRY_AFTER_SECS: u64 = 86_400;
 
 /// The shared limiter slot of the global throttle.
 pub const SLOT: usize = 0;
@@ -19,11 +22,15 @@ pub const SLOT: usize = 0;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Settings {
+    /// Requests per second, all workers together.
     rate_per_sec: u64,
+    /// Requests admitted at once above the rate.
     #[serde(default = "default_burst")]
     burst: u64,
+    /// Status of a refused request.
     #[serde(default = "default_status")]
     status: u16,
+    /// `Retry-After` of a refused request.
     #[serde(default = "default_retry_after")]
     retry_after_secs: u64,
 }
@@ -51,6 +58,9 @@ pub fn build(c: &ModuleConfig, _: &Build) -> Result<Arc<dyn Module>, String> {
     if !(400..=599).contains(&s.status) {
         return Err(format!("status {} must be a 4xx or 5xx", s.status));
     }
+    super::at_most("rate_per_sec", s.rate_per_sec, MAX_RATE_PER_SEC)?;
+    super::at_most("burst", s.burst, MAX_BURST)?;
+    super::at_most("retry_after_secs", s.retry_after_secs, MAX_RETRY_AFTER_SECS)?;
     Ok(Arc::new(Throttle { retry_after: s.retry_after_secs.to_string(), s }))
 }
 
