@@ -7,9 +7,12 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::master::{alive, wait_gone, MasterRun};
+use common::master::{alive, nobody, run_pitcher_as, wait_gone, MasterRun};
 use common::*;
 
 /// Routes `/route-N/` for N in 0..count, all to cluster `a`, each with a
@@ -60,4 +63,79 @@ fn a_configuration_of_more_than_a_mebibyte_starts_reloads_and_upgrades() {
     assert_eq!(get(&m, "/route-8999/x"), 200);
     assert_eq!(get(&m, "/route-9001/x"), 404);
     assert!(alive(new));
+}
+
+fn small(a: &Backend) -> ConfigBuilder {
+    ConfigBuilder::new().top("workers = 1").cluster("a", [a.spec()]).route(None, "/", "a")
+}
+
+#[test]
+fn the_control_socket_refuses_another_uid_even_when_its_file_is_opened_to_everyone() {
+    let a = Backend::start("A");
+    let m = MasterRun::start(&small(&a));
+    let mode = std::fs::metadata(m.control_socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the control socket is created 0600");
+    // An operator's mistake: everything opened to everyone. The peer check
+    // still refuses a user who is neither root nor the master's.
+    for (p, mode) in [(m.dir(), 0o755), (m.config_path(), 0o644), (m.control_socket(), 0o666)] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let (uid, gid) = nobody();
+    let cfg = m.config_path().display().to_string();
+    let out = run_pitcher_as(uid, gid, &["-c", &cfg, "ctl", "status"], Duration::from_secs(20));
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.all().contains("permission denied"), "{out:?}");
+    assert!(m.log().contains("control connection refused"), "{}", m.log());
+    assert!(m.log().contains(&format!("peer_uid: {uid}")), "{}", m.log());
+    // Root still gets its answer, and sees the refusal counted.
+    let out = m.command(&["ctl", "--json", "status"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    assert_eq!(v["data"]["control_refused"]["peer_uid"], 1, "{v}");
+}
+
+#[test]
+fn a_silent_or_trickling_control_client_does_not_stall_the_master() {
+    let a = Backend::start("A");
+    let m = MasterRun::start(&small(&a));
+    // One client that connects and says nothing, one that sends a byte
+    // every 100 ms and never ends its line.
+    let silent = UnixStream::connect(m.control_socket()).unwrap();
+    let mut trickle = UnixStream::connect(m.control_socket()).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let mut t2 = trickle.try_clone().unwrap();
+    let trickler = std::thread::spawn(move || {
+        for _ in 0..150 {
+            if stop2.load(std::sync::atomic::Ordering::Relaxed) || t2.write_all(b" ").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    // While both are connected, the master answers others.
+    let out = run_pitcher(&["-c", &m.config_path().display().to_string(), "ctl", "status"], Duration::from_secs(10));
+    assert!(out.status.success(), "{out:?}\n{}", m.log());
+    assert_eq!(get_once(m.addr(), "t.example", "/").status, 200);
+    // Each is answered with a timeout and closed, the trickler too.
+    trickle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut answer = String::new();
+    let _ = trickle.read_to_string(&mut answer);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    trickler.join().unwrap();
+    assert!(answer.contains("timed out"), "{answer:?}");
+    let mut silent_answer = String::new();
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = (&silent).read_to_string(&mut silent_answer);
+    assert!(silent_answer.contains("timed out"), "{silent_answer:?}");
+    // Too large: refused without reading on forever.
+    let mut big = UnixStream::connect(m.control_socket()).unwrap();
+    big.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = big.write_all(&vec![b' '; 200 * 1024]);
+    let mut big_answer = String::new();
+    let _ = big.read_to_string(&mut big_answer);
+    assert!(big_answer.contains("larger than"), "{big_answer:?}");
+    let st = m.command(&["ctl", "--json", "status"]);
+    let v: serde_json::Value = serde_json::from_str(&st.stdout).expect("json");
+    assert_eq!(v["data"]["control_refused"]["timed_out"], 2, "{v}");
+    assert_eq!(v["data"]["control_refused"]["too_large"], 1, "{v}");
 }

@@ -165,6 +165,10 @@ pub struct Master {
     /// (device, inode) of the control socket file this master bound.
     control_id: Option<(u64, u64)>,
     pending: Vec<control::Pending>,
+    /// Control connections whose request is still arriving.
+    control_clients: Vec<control::Client>,
+    next_client: usize,
+    control_refused: control::Refusals,
     upgrade: Option<upgrade::Upgrade>,
     /// This master is the new one of an upgrade, not yet ready.
     handover: Option<Channel>,
@@ -241,6 +245,9 @@ impl Master {
             control: None,
             control_id: None,
             pending: Vec::new(),
+            control_clients: Vec::new(),
+            next_client: 0,
+            control_refused: control::Refusals::default(),
             upgrade: None,
             handover,
             region,
@@ -286,6 +293,7 @@ impl Master {
                     Token(t) if t >= health::PROBE_BASE => {
                         self.health.event(ev.token(), self.poll.registry(), &self.log.logger)
                     }
+                    Token(t) if t >= control::CLIENT_BASE => self.control_client_event(t - control::CLIENT_BASE),
                     Token(t) if t >= WORKER_BASE => self.worker_event(Pid::from_raw((t - WORKER_BASE) as i32)),
                     _ => {}
                 }
@@ -342,6 +350,7 @@ impl Master {
         self.upgrade_tick(now);
         self.handover_tick();
         self.reply_pending(now);
+        self.expire_control_clients(now);
         if let Some(d) = self.quit_deadline {
             if now >= d {
                 self.quit_deadline = None;
