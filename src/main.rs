@@ -15,7 +15,7 @@ use pitcher::channel::{self, Channel, ToWorker};
 use pitcher::config::Config;
 use pitcher::control::{self, Request};
 use pitcher::master::daemon::{self, Notifier};
-use pitcher::master::{Handover, Master, MasterArgs};
+use pitcher::master::{Handover, Master, MasterArgs, PidFile};
 use pitcher::shm::Region;
 use pitcher::upstream::SlotTable;
 
@@ -115,6 +115,16 @@ fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> ExitCo
             return ExitCode::FAILURE;
         }
     };
+    // Before binding anything: a second master of this pid file stops here
+    // with a clear message. (In an upgrade the old master has renamed its
+    // file to .oldbin, so the path is free for the new one.)
+    let pid_file = match PidFile::lock(&config.pid_file) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("pitcher: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut inherited = Vec::new();
     let mut shared = None;
     if let Some(ch) = &handover {
@@ -170,7 +180,7 @@ fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> ExitCo
     };
     let args =
         MasterArgs { config_path: path, exe: own_path(), argv: std::env::args_os().skip(1).collect::<Vec<OsString>>() };
-    match Master::start(args, config, text, listeners, log, handover, shared) {
+    match Master::start(args, config, text, listeners, pid_file, log, handover, shared) {
         Ok(m) => {
             notifier.ok();
             ExitCode::from(m.run() as u8)
@@ -443,13 +453,14 @@ fn signal(config: &Path, sig: &str) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            let Some(pid) = pitcher::master::read_pid(&pid_file) else {
-                eprintln!(
-                    "pitcher: cannot reach the master: {}: {e}; no pid in {}",
-                    socket.display(),
-                    pid_file.display()
-                );
-                return ExitCode::FAILURE;
+            // Only a live master holding its locked pid file is signalled,
+            // never whatever process a stale file names.
+            let pid = match pitcher::master::running_master(&pid_file) {
+                Ok(pid) => pid,
+                Err(why) => {
+                    eprintln!("pitcher: cannot reach the master: {}: {e}; not signalling: {why}", socket.display());
+                    return ExitCode::FAILURE;
+                }
             };
             match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), unix_sig) {
                 Ok(()) => {

@@ -139,3 +139,67 @@ fn a_silent_or_trickling_control_client_does_not_stall_the_master() {
     assert_eq!(v["data"]["control_refused"]["timed_out"], 2, "{v}");
     assert_eq!(v["data"]["control_refused"]["too_large"], 1, "{v}");
 }
+
+#[test]
+fn a_second_master_of_the_same_pid_file_refuses_to_start() {
+    let a = Backend::start("A");
+    let m = MasterRun::start(&small(&a));
+    let first = m.pid().unwrap();
+    let cfg = m.config_path().display().to_string();
+    // Same file, so the same pid file (and the same port: the pid file is
+    // checked before anything is bound).
+    let out = run_pitcher(&["-c", &cfg, "--foreground"], Duration::from_secs(20));
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.stderr.contains(&format!("another master (pid {first}) holds the pid file")), "{out:?}");
+    assert_eq!(m.pid(), Some(first), "the pid file still names the first master");
+    assert!(alive(first));
+    assert_eq!(m.expect_status().master_pid, first);
+}
+
+#[test]
+fn signal_never_reaches_a_process_that_is_not_a_pitcher_master() {
+    let a = Backend::start("A");
+    let m = MasterRun::prepare(&small(&a));
+    // A stale pid file naming an unrelated process, and no control socket.
+    let mut sleep = std::process::Command::new("sleep").arg("30").spawn().expect("spawn sleep");
+    std::fs::write(m.pid_file(), format!("{}\n", sleep.id())).unwrap();
+    let out = m.signal_cmd("reload");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.stderr.contains("not signalling"), "{out:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(sleep.try_wait().unwrap().is_none(), "sleep was not signalled");
+    // Even when something holds the file locked, a process that is not a
+    // Pitcher master is not signalled.
+    let held = std::fs::File::open(m.pid_file()).unwrap();
+    let _lock = nix::fcntl::Flock::lock(held, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e).unwrap();
+    let out = m.signal_cmd("stop");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.stderr.contains("not a Pitcher master"), "{out:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(sleep.try_wait().unwrap().is_none(), "sleep was not signalled");
+    sleep.kill().unwrap();
+    sleep.wait().unwrap();
+}
+
+#[test]
+fn the_pid_file_lock_passes_to_the_new_master_of_an_upgrade() {
+    let a = Backend::start("A");
+    let mut m = MasterRun::start(&small(&a).top("drain_timeout_ms = 1000"));
+    let old = m.pid().unwrap();
+    let out = m.signal_cmd("upgrade");
+    assert!(out.status.success(), "{out:?}\n{}", m.log());
+    let new = m.pid().unwrap();
+    m.track(new);
+    assert!(wait_gone(old, Duration::from_secs(10)), "the old master exits");
+    assert!(!m.oldbin().exists(), "the old master removed its .oldbin");
+    // The new master holds the lock: a second master is refused, and with
+    // the control socket gone, -s still finds it by its locked pid file.
+    let cfg = m.config_path().display().to_string();
+    let out = run_pitcher(&["-c", &cfg, "--foreground"], Duration::from_secs(20));
+    assert!(out.stderr.contains(&format!("another master (pid {new})")), "{out:?}");
+    std::fs::remove_file(m.control_socket()).unwrap();
+    let out = m.signal_cmd("quit");
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.contains(&format!("master pid {new}")), "{out:?}");
+    assert!(wait_gone(new, Duration::from_secs(10)), "the new master quits on the signal");
+}

@@ -12,6 +12,7 @@
 mod control;
 pub mod daemon;
 mod health;
+mod pidfile;
 mod upgrade;
 
 use std::ffi::OsString;
@@ -38,6 +39,7 @@ use crate::log::Log;
 use crate::shm::Region;
 use crate::upstream::SlotTable;
 
+pub use pidfile::{read_pid, running_master, PidFile};
 pub use upgrade::{Handover, Received};
 
 /// Longest sleep of the master loop.
@@ -161,6 +163,8 @@ pub struct Master {
     seq: u64,
     poll: Poll,
     signals: Signals,
+    /// The pid file, locked for the master's life.
+    pid_file: PidFile,
     control: Option<std::os::unix::net::UnixListener>,
     /// (device, inode) of the control socket file this master bound.
     control_id: Option<(u64, u64)>,
@@ -192,6 +196,7 @@ impl Master {
         config: Config,
         config_text: String,
         listeners: Vec<(ListenerConfig, OwnedFd)>,
+        pid_file: PidFile,
         log: Log,
         handover: Option<Channel>,
         shared: Option<(Region, Vec<(String, u32)>)>,
@@ -242,6 +247,7 @@ impl Master {
             seq: 1,
             poll,
             signals,
+            pid_file,
             control: None,
             control_id: None,
             pending: Vec::new(),
@@ -678,9 +684,9 @@ impl Master {
     }
 
     fn write_pid_file(&self) -> io::Result<()> {
-        let path = &self.config.pid_file;
-        std::fs::write(path, format!("{}\n", std::process::id()))
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot write the pid file {}: {e}", path.display())))
+        self.pid_file.write_pid(std::process::id()).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot write the pid file {}: {e}", self.pid_file.path().display()))
+        })
     }
 
     /// Removes what this master owns on its way out.
@@ -701,9 +707,4 @@ impl Master {
             let _ = std::fs::remove_file(&self.config.control_socket);
         }
     }
-}
-
-/// The pid in a pid file.
-pub fn read_pid(path: &std::path::Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
