@@ -178,9 +178,13 @@ fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> ExitCo
             return ExitCode::FAILURE;
         }
     };
-    let args =
-        MasterArgs { config_path: path, exe: own_path(), argv: std::env::args_os().skip(1).collect::<Vec<OsString>>() };
-    match Master::start(args, config, text, listeners, pid_file, log, handover, shared) {
+    let args = MasterArgs {
+        config_path: path,
+        exe: own_path(),
+        argv: std::env::args_os().skip(1).collect::<Vec<OsString>>(),
+        pid_file,
+    };
+    match Master::start(args, config, text, listeners, log, handover, shared) {
         Ok(m) => {
             notifier.ok();
             ExitCode::from(m.run() as u8)

@@ -67,6 +67,9 @@ pub struct MasterArgs {
     pub exe: PathBuf,
     /// The arguments the master was started with (after argv[0]).
     pub argv: Vec<OsString>,
+    /// The pid file, locked before anything was bound; held for the
+    /// master's life.
+    pub pid_file: PidFile,
 }
 
 /// A bound listening socket.
@@ -163,8 +166,6 @@ pub struct Master {
     seq: u64,
     poll: Poll,
     signals: Signals,
-    /// The pid file, locked for the master's life.
-    pid_file: PidFile,
     control: Option<std::os::unix::net::UnixListener>,
     /// (device, inode) of the control socket file this master bound.
     control_id: Option<(u64, u64)>,
@@ -196,7 +197,6 @@ impl Master {
         config: Config,
         config_text: String,
         listeners: Vec<(ListenerConfig, OwnedFd)>,
-        pid_file: PidFile,
         log: Log,
         handover: Option<Channel>,
         shared: Option<(Region, Vec<(String, u32)>)>,
@@ -247,7 +247,6 @@ impl Master {
             seq: 1,
             poll,
             signals,
-            pid_file,
             control: None,
             control_id: None,
             pending: Vec::new(),
@@ -684,8 +683,8 @@ impl Master {
     }
 
     fn write_pid_file(&self) -> io::Result<()> {
-        self.pid_file.write_pid(std::process::id()).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot write the pid file {}: {e}", self.pid_file.path().display()))
+        self.args.pid_file.write_pid(std::process::id()).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot write the pid file {}: {e}", self.args.pid_file.path().display()))
         })
     }
 

@@ -172,7 +172,7 @@ impl Master {
             slog::error!(self.logger(), "cannot restore the pid file; writing a new one"; "error" => %e);
             match super::PidFile::lock(&pid_file) {
                 Ok(f) => {
-                    self.pid_file = f;
+                    self.args.pid_file = f;
                     let _ = self.write_pid_file();
                 }
                 Err(e) => slog::error!(self.logger(), "cannot write a new pid file"; "error" => %e),
