@@ -64,6 +64,9 @@ pub enum ToWorker {
         listeners: Vec<ListenerEntry>,
         backend_slots: Vec<(String, u32)>,
     },
+    /// Files the master opened for the worker (access logs), fds attached
+    /// in the order of `paths`; sent before each `Configure` and `Reopen`.
+    Files { paths: Vec<String> },
     /// Stop accepting, finish what is in flight, exit.
     Drain { timeout_ms: u64 },
     /// Reopen log files.

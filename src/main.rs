@@ -233,7 +233,17 @@ fn worker_main(cli: &Cli) -> ExitCode {
         }
     };
     let _ = ch.set_read_timeout(Some(Duration::from_secs(10)));
-    let (config_path, text, entries, slots, fds) = match ch.recv::<ToWorker>() {
+    let mut first = ch.recv::<ToWorker>();
+    // Files the master opened for us (access logs) come before the
+    // configuration that names them.
+    if let Ok(Some((ToWorker::Files { paths }, fds))) = first {
+        if let Err(e) = pitcher::log::take_over(&paths, fds) {
+            eprintln!("pitcher: worker: files from the master refused: {e}");
+            return ExitCode::FAILURE;
+        }
+        first = ch.recv::<ToWorker>();
+    }
+    let (config_path, text, entries, slots, fds) = match first {
         Ok(Some((ToWorker::Configure { config_path, config_text, listeners, backend_slots, .. }, fds))) => {
             (config_path, config_text, listeners, backend_slots, fds)
         }
@@ -295,7 +305,11 @@ fn worker_main(cli: &Cli) -> ExitCode {
         slots: SlotTable::from_entries(shared, &slots),
         place: std::env::var(channel::WORKER_PLACE_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(0),
     };
-    match pitcher::worker::run(init) {
+    let outcome = pitcher::worker::run(init);
+    // The worker and its modules are gone: their last access-log lines are
+    // with the writer threads. Let them reach the files.
+    pitcher::hooks::modules::access_log::wait_writers(WRITERS_AT_EXIT);
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             slog::crit!(log.logger, "worker failed"; "error" => %e);
@@ -303,6 +317,9 @@ fn worker_main(cli: &Cli) -> ExitCode {
         }
     }
 }
+
+/// Longest an exiting worker waits for its access-log writers.
+const WRITERS_AT_EXIT: Duration = Duration::from_secs(2);
 
 /// TERM/INT stop at once, QUIT drains; HUP, USR1 and USR2 are the
 /// master's business and must not kill a worker that receives them.
@@ -321,14 +338,19 @@ fn worker_signals() -> std::io::Result<(Arc<AtomicBool>, Arc<AtomicBool>)> {
     Ok((stop, quit))
 }
 
-/// Switches to the configured user and group when running as root.
+/// Switches to the configured user and group when running as root:
+/// `nobody` (nginx's default) when the configuration names none; root only
+/// when it says `user = "root"`.
 fn drop_privileges(config: &Config) -> Result<(), String> {
     use nix::unistd::{setgid, setgroups, setuid, Group, User};
     if !nix::unistd::geteuid().is_root() {
         return Ok(());
     }
-    let Some(name) = &config.user else { return Ok(()) };
+    let name = pitcher::master::worker_user(config);
     let user = User::from_name(name).map_err(|e| e.to_string())?.ok_or_else(|| format!("no user {name:?}"))?;
+    if user.uid.is_root() && config.group.is_none() {
+        return Ok(());
+    }
     let gid = match &config.group {
         Some(g) => Group::from_name(g).map_err(|e| e.to_string())?.ok_or_else(|| format!("no group {g:?}"))?.gid,
         None => user.gid,

@@ -203,3 +203,134 @@ fn the_pid_file_lock_passes_to_the_new_master_of_an_upgrade() {
     assert!(out.stdout.contains(&format!("master pid {new}")), "{out:?}");
     assert!(wait_gone(new, Duration::from_secs(10)), "the new master quits on the signal");
 }
+
+/// The real uid of a process (from `/proc/PID/status`).
+fn uid_of(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
+#[test]
+fn a_root_master_runs_its_workers_as_nobody_unless_told_root() {
+    // These tests run as root (here and in CI): that is the case at hand.
+    assert_eq!(uid_of(std::process::id()), Some(0), "the test suite runs as root");
+    let (nobody_uid, _) = nobody();
+    let a = Backend::start("A");
+    let m = MasterRun::start(&small(&a).top("workers = 2"));
+    for w in m.expect_status().worker_pids() {
+        assert_eq!(uid_of(w), Some(nobody_uid), "worker {w} runs as nobody");
+    }
+    assert_eq!(uid_of(m.pid().unwrap()), Some(0), "the master stays root");
+    assert!(m.log().contains("workers run as user nobody (default"), "{}", m.log());
+    assert_eq!(get_once(m.addr(), "t.example", "/").status, 200);
+    drop(m);
+
+    let m = MasterRun::start(&small(&a).top("user = \"root\""));
+    for w in m.expect_status().worker_pids() {
+        assert_eq!(uid_of(w), Some(0), "worker {w} runs as root when told so");
+    }
+    assert!(m.log().contains("workers run as user root (configured)"), "{}", m.log());
+}
+
+/// A log directory the workers' user cannot write to (root's, 0755), with
+/// the error log and an access log in it.
+fn with_logs(a: &Backend) -> ConfigBuilder {
+    small(a)
+        .top("workers = 2")
+        .top("drain_timeout_ms = 2000")
+        .top("error_log = \"@DIR@/logs/error.log\"")
+        .section("[modules.access_log]\npath = \"@DIR@/logs/access.log\"\nformat = \"json\"")
+}
+
+fn lines(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path).unwrap_or_default().lines().count()
+}
+
+#[test]
+fn logs_rotate_under_workers_that_run_as_nobody_and_cannot_open_them() {
+    let a = Backend::start("A");
+    let builder = with_logs(&a);
+    let mut m = start_with_log_dir(&builder);
+    let (nobody_uid, _) = nobody();
+    let workers = m.expect_status().worker_pids();
+    assert!(workers.iter().all(|&w| uid_of(w) == Some(nobody_uid)), "workers run as nobody");
+    let logs = m.dir().join("logs");
+    let access = logs.join("access.log");
+    for i in 0..5 {
+        assert_eq!(get_once(m.addr(), "t.example", &format!("/before/{i}")).status, 200);
+    }
+    assert!(wait_until(Duration::from_secs(5), || lines(&access) == 5), "{}", m.log());
+
+    // logrotate: move both files away, then -s reopen.
+    std::fs::rename(&access, logs.join("access.log.1")).unwrap();
+    std::fs::rename(logs.join("error.log"), logs.join("error.log.1")).unwrap();
+    let out = m.signal_cmd("reopen");
+    assert!(out.status.success(), "{out:?}");
+    for i in 0..4 {
+        assert_eq!(get_once(m.addr(), "t.example", &format!("/after/{i}")).status, 200);
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || lines(&access) == 4),
+        "the new access log gets the new lines: {:?}\nerror log:\n{}",
+        std::fs::read_to_string(&access),
+        std::fs::read_to_string(logs.join("error.log")).unwrap_or_default()
+    );
+    let old = std::fs::read_to_string(logs.join("access.log.1")).unwrap();
+    assert_eq!(old.lines().count(), 5, "{old}");
+    assert!(!old.contains("/after/"));
+    // The workers write the error log through the master's new file.
+    let new_error_log = logs.join("error.log");
+    for w in workers {
+        let fds: Vec<_> = std::fs::read_dir(format!("/proc/{w}/fd")).unwrap().filter_map(Result::ok).collect();
+        let targets: Vec<_> = fds.iter().filter_map(|f| std::fs::read_link(f.path()).ok()).collect();
+        assert!(targets.contains(&new_error_log), "worker {w} holds the new error log: {targets:?}");
+    }
+    m.stop();
+}
+
+/// `MasterRun::start` with a root-owned `logs/` directory (0755) made in
+/// the run's directory before the master starts.
+fn start_with_log_dir(builder: &ConfigBuilder) -> MasterRun {
+    MasterRun::start_prepared(builder, |dir| {
+        let logs = dir.join("logs");
+        std::fs::create_dir(&logs).unwrap();
+        std::fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o755)).unwrap();
+    })
+}
+
+#[test]
+fn quit_and_upgrade_lose_no_access_log_line_of_a_completed_request() {
+    let a = Backend::start("A");
+    let mut m = start_with_log_dir(&with_logs(&a));
+    let access = m.dir().join("logs/access.log");
+    // Completed requests, then at once an upgrade: the old workers drain
+    // and exit with lines still in their buffers.
+    for i in 0..40 {
+        assert_eq!(get_once(m.addr(), "t.example", &format!("/one/{i}")).status, 200);
+    }
+    let old = m.pid().unwrap();
+    let out = m.signal_cmd("upgrade");
+    assert!(out.status.success(), "{out:?}");
+    let new = m.pid().unwrap();
+    m.track(new);
+    assert!(wait_gone(old, Duration::from_secs(10)), "the old generation exits");
+    assert!(
+        wait_until(Duration::from_secs(3), || lines(&access) == 40),
+        "every request of the old generation is logged: {} lines",
+        lines(&access)
+    );
+    for i in 0..40 {
+        assert_eq!(get_once(m.addr(), "t.example", &format!("/two/{i}")).status, 200);
+    }
+    let out = m.signal_cmd("quit");
+    assert!(out.status.success(), "{out:?}");
+    assert!(m.wait_family_gone(Duration::from_secs(10)), "{:?}", m.family());
+    let text = std::fs::read_to_string(&access).unwrap();
+    assert_eq!(text.lines().count(), 80, "no line lost at quit:\n{text}");
+    for i in 0..40 {
+        assert!(text.contains(&format!("\"/two/{i}\"")), "/two/{i} is logged");
+    }
+}

@@ -58,6 +58,15 @@ const UPGRADE: Token = Token(2);
 /// Worker channels: `WORKER_BASE + pid`.
 const WORKER_BASE: usize = 16;
 
+/// The user workers run as when the master is root and the configuration
+/// names none (nginx's default).
+pub const DEFAULT_WORKER_USER: &str = "nobody";
+
+/// The user a root master's workers switch to.
+pub fn worker_user(config: &Config) -> &str {
+    config.user.as_deref().unwrap_or(DEFAULT_WORKER_USER)
+}
+
 /// How the master was started.
 pub struct MasterArgs {
     /// Absolute path of the configuration file.
@@ -276,6 +285,14 @@ impl Master {
             m.spawn(i);
         }
         slog::info!(m.logger(), "master started"; "workers" => n, "config" => %m.args.config_path.display());
+        if nix::unistd::geteuid().is_root() {
+            let user = worker_user(&m.config);
+            let why = if m.config.user.is_some() { "configured" } else { "default: no user in the configuration" };
+            slog::info!(m.logger(), "workers run as user {user} ({why})"; "user" => user);
+            if user == "root" {
+                slog::warn!(m.logger(), "workers run as root (user = \"root\"): a compromised worker owns the host");
+            }
+        }
         Ok(m)
     }
 
@@ -419,6 +436,7 @@ impl Master {
         // The child is reaped by waitpid(-1) on SIGCHLD; `Child` is not waited.
         drop(child);
         let p = WorkerProc { pid, place, chan: mine, started: Instant::now(), ready: false, acked: self.seq };
+        self.send_files(&p.chan)?;
         p.chan.send(&self.configure_message(), &self.message_fds())?;
         p.chan.set_nonblocking(true)?;
         self.poll.registry().register(
@@ -427,6 +445,30 @@ impl Master {
             Interest::READABLE,
         )?;
         Ok(p)
+    }
+
+    /// Opens the files modules write (access logs) and sends them to a
+    /// worker: running as `nobody`, it may not be allowed to open them. A
+    /// file the master cannot open is logged and left to the worker.
+    fn send_files(&self, chan: &Channel) -> io::Result<()> {
+        let mut paths = Vec::new();
+        let mut files = Vec::new();
+        for p in crate::hooks::modules::access_log::files(&self.config) {
+            match std::fs::OpenOptions::new().create(true).append(true).open(&p) {
+                Ok(f) => {
+                    paths.push(p.to_string_lossy().into_owned());
+                    files.push(f);
+                }
+                Err(e) => {
+                    slog::error!(self.log.logger, "cannot open a log file for the workers"; "path" => %p.display(), "error" => %e)
+                }
+            }
+        }
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+        chan.send(&ToWorker::Files { paths }, &fds)
     }
 
     fn configure_message(&self) -> ToWorker {
@@ -599,7 +641,7 @@ impl Master {
         let msg = self.configure_message();
         let fds = self.message_fds();
         for p in self.slots.iter().filter_map(|s| s.proc.as_ref()) {
-            if let Err(e) = p.chan.send(&msg, &fds) {
+            if let Err(e) = self.send_files(&p.chan).and_then(|()| p.chan.send(&msg, &fds)) {
                 slog::error!(self.log.logger, "cannot send the configuration to a worker"; "worker_pid" => p.pid.as_raw(), "error" => %e);
             }
         }
@@ -642,6 +684,9 @@ impl Master {
         };
         let fds: Vec<RawFd> = file.iter().map(|f| f.as_raw_fd()).collect();
         for p in self.slots.iter().filter_map(|s| s.proc.as_ref()).chain(self.retiring.iter()) {
+            if let Err(e) = self.send_files(&p.chan) {
+                slog::error!(self.logger(), "cannot send the reopened files to a worker"; "worker_pid" => p.pid.as_raw(), "error" => %e);
+            }
             let _ = p.chan.send(&ToWorker::Reopen, &fds);
         }
         slog::info!(self.logger(), "log files reopened");

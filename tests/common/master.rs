@@ -187,7 +187,14 @@ impl MasterRun {
     /// the test's directory) on a free port, and waits until every worker
     /// is ready and the listener accepts.
     pub fn start(builder: &ConfigBuilder) -> MasterRun {
+        MasterRun::start_prepared(builder, |_| {})
+    }
+
+    /// [`MasterRun::start`], with `setup` run on the directory before the
+    /// master starts (directories the configuration names, for instance).
+    pub fn start_prepared(builder: &ConfigBuilder, setup: impl Fn(&Path)) -> MasterRun {
         let mut run = MasterRun::prepare(builder);
+        setup(run.dir());
         let mut last = String::new();
         for _ in 0..5 {
             run.port = free_port();
@@ -226,6 +233,8 @@ impl MasterRun {
     /// the init script does).
     pub fn prepare(builder: &ConfigBuilder) -> MasterRun {
         let dir = tempfile::Builder::new().prefix("pitcher-master").tempdir().expect("create temporary directory");
+        // Workers run as nobody: they must reach Unix-socket backends here.
+        super::pitcher::traversable(dir.path());
         let sbin = dir.path().join("sbin");
         std::fs::create_dir(&sbin).expect("mkdir sbin");
         let exe = sbin.join("pitcher");

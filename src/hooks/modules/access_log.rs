@@ -8,6 +8,12 @@
 //! server) drops the batch and counts its lines; the count is logged by the
 //! writer when it catches up. The file is reopened on SIGUSR1 (logrotate).
 //!
+//! Under a master, the file is opened by the master ([`files`]) and handed
+//! over as an fd (`log::handed_file`), at start and at each reopen: a worker
+//! running as `nobody` may not be allowed to open it. A worker that exits
+//! waits (bounded) for its writers to write what was handed to them
+//! ([`wait_writers`]).
+//!
 //! ```toml
 //! [modules.access_log]
 //! path = "/var/log/pitcher/access.log"   # optional
@@ -22,11 +28,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
-use crate::config::ModuleConfig;
+use crate::config::{Config, ModuleConfig};
 use crate::hooks::{Build, Ctx, Finished, Module, Point};
 
 /// Batches waiting for the writer before new ones are dropped.
@@ -41,6 +48,33 @@ struct Settings {
     #[serde(default = "default_format")]
     format: String,
     syslog_udp: Option<String>,
+}
+
+/// Writer threads of this process, to wait for at exit.
+static WRITERS: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// The files the master opens for this module (the `path`s of enabled
+/// access logs).
+pub fn files(config: &Config) -> Vec<PathBuf> {
+    config
+        .modules
+        .iter()
+        .filter(|m| m.enabled && m.name == "access_log")
+        .filter_map(|m| super::settings::<Settings>(&m.settings).ok()?.path)
+        .collect()
+}
+
+/// Waits until every writer thread whose module is gone has written what
+/// it was handed, or `limit` passed. Called by a worker on its way out.
+pub fn wait_writers(limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let Ok(mut writers) = WRITERS.lock() else { return };
+    while writers.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for h in writers.drain(..).filter(|h| h.is_finished()) {
+        let _ = h.join();
+    }
 }
 
 fn default_format() -> String {
@@ -109,10 +143,14 @@ pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, String> {
         return Ok(Arc::new(AccessLog { json, tx, dropped, batch: Mutex::default() }));
     }
     let writer = Writer { path: s.path, syslog, file: None, udp: None, dropped: dropped.clone(), log: b.log.clone() };
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name("access-log".into())
         .spawn(move || writer.run(rx))
         .map_err(|e| format!("cannot start the writer thread: {e}"))?;
+    if let Ok(mut w) = WRITERS.lock() {
+        w.retain(|h| !h.is_finished());
+        w.push(handle);
+    }
     Ok(Arc::new(AccessLog { json, tx, dropped, batch: Mutex::default() }))
 }
 
@@ -292,7 +330,10 @@ impl Writer {
 
     fn open(&mut self) {
         if let Some(p) = &self.path {
-            match OpenOptions::new().create(true).append(true).open(p) {
+            // The master's fd when it opened the file for us.
+            let opened =
+                crate::log::handed_file(p).unwrap_or_else(|| OpenOptions::new().create(true).append(true).open(p));
+            match opened {
                 Ok(f) => self.file = Some(BufWriter::new(f)),
                 Err(e) => slog::error!(self.log, "cannot open the access log"; "path" => %p.display(), "error" => %e),
             }
