@@ -81,6 +81,9 @@ pub enum ToMaster {
     Ready { pid: u32 },
     /// Outcome of a `Configure` after the first.
     Configured { seq: u64, error: Option<String> },
+    /// Access-log lines this worker dropped so far (a slow target), sent
+    /// by its writer thread when the count grows.
+    Dropped { access_log_lines: u64 },
 }
 
 /// Old master ↔ new master during a binary upgrade.
@@ -129,6 +132,12 @@ impl Channel {
         let sock = unsafe { UnixStream::from_raw_fd(fd) };
         fcntl(sock.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
         Ok(Some(Channel { sock }))
+    }
+
+    /// Another handle on this end (the same socket), for a second thread
+    /// that only sends.
+    pub fn try_clone(&self) -> io::Result<Channel> {
+        Ok(Channel { sock: self.sock.try_clone()? })
     }
 
     pub fn set_nonblocking(&self, nb: bool) -> io::Result<()> {

@@ -20,6 +20,27 @@ use crate::config::LogTarget;
 /// Messages queued for the log thread before new ones are dropped.
 const QUEUE: usize = 8192;
 
+/// A sending handle on the worker's channel to the master, for reports
+/// from threads other than the event loop's.
+static REPORTER: Mutex<Option<crate::channel::Channel>> = Mutex::new(None);
+
+/// Lets [`report_dropped`] reach the master through `ch`.
+pub fn set_reporter(ch: crate::channel::Channel) {
+    if let Ok(mut r) = REPORTER.lock() {
+        *r = Some(ch);
+    }
+}
+
+/// Tells the master how many access-log lines this process dropped so far
+/// (a total, so a report lost to a full channel is made good by the next).
+pub fn report_dropped(total: u64) {
+    if let Ok(r) = REPORTER.lock() {
+        if let Some(ch) = r.as_ref() {
+            let _ = ch.send(&crate::channel::ToMaster::Dropped { access_log_lines: total }, &[]);
+        }
+    }
+}
+
 /// Files the master opened for this process, by the path it was given.
 static HANDED: Mutex<Vec<(PathBuf, File)>> = Mutex::new(Vec::new());
 

@@ -232,6 +232,10 @@ fn worker_main(cli: &Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Access-log writer threads report dropped lines through this.
+    if let Ok(reporter) = ch.try_clone() {
+        pitcher::log::set_reporter(reporter);
+    }
     let _ = ch.set_read_timeout(Some(Duration::from_secs(10)));
     let mut first = ch.recv::<ToWorker>();
     // Files the master opened for us (access logs) come before the

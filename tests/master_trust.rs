@@ -16,18 +16,20 @@ use common::master::{alive, nobody, run_pitcher_as, wait_gone, MasterRun};
 use common::*;
 
 /// Routes `/route-N/` for N in 0..count, all to cluster `a`, each with a
-/// long name: 9000 routes make about 4.5 MiB of TOML, more than one socket
+/// long name: 3000 routes make about 4.5 MiB of TOML, more than one socket
 /// message can carry even where `net.core.wmem_max` was raised to 4 MiB.
+/// (Long names rather than more routes keep the parsing, done by the
+/// master and each worker, short in a debug build.)
 fn many_routes(a: &Backend, count: usize) -> ConfigBuilder {
     let mut b = ConfigBuilder::new()
-        .top("workers = 2")
+        .top("workers = 1")
         .top("drain_timeout_ms = 1500")
         .top("upgrade_timeout_ms = 10000")
         .cluster("a", [a.spec()]);
     for i in 0..count {
         b = b.section(&format!(
             "[[routes]]\nname = \"route-{i:05}-{}\"\npath_prefix = \"/route-{i}/\"\ncluster = \"a\"",
-            "of-a-configuration-larger-than-one-socket-message-".repeat(9)
+            "of-a-configuration-larger-than-one-socket-message-".repeat(29)
         ));
     }
     b
@@ -36,20 +38,20 @@ fn many_routes(a: &Backend, count: usize) -> ConfigBuilder {
 #[test]
 fn a_configuration_of_more_than_a_mebibyte_starts_reloads_and_upgrades() {
     let a = Backend::start("A");
-    let builder = many_routes(&a, 9000);
+    let builder = many_routes(&a, 3000);
     let mut m = MasterRun::start(&builder);
     let size = std::fs::metadata(m.config_path()).unwrap().len();
     assert!(size >= 4 << 20, "the configuration is {size} bytes");
     let get = |m: &MasterRun, path: &str| get_once(m.addr(), "t.example", path).status;
-    assert_eq!(get(&m, "/route-4321/x"), 200, "{}", m.log());
-    assert_eq!(get(&m, "/route-9000/x"), 404, "no such route");
+    assert_eq!(get(&m, "/route-2345/x"), 200, "{}", m.log());
+    assert_eq!(get(&m, "/route-3000/x"), 404, "no such route");
 
     // Reload with one more route: every worker takes the new file.
-    let builder = many_routes(&a, 9001);
+    let builder = many_routes(&a, 3001);
     m.write_config(&builder);
     let out = m.signal_cmd("reload");
     assert!(out.status.success(), "{out:?}\n{}", m.log());
-    assert_eq!(get(&m, "/route-9000/x"), 200);
+    assert_eq!(get(&m, "/route-3000/x"), 200);
     assert_eq!(get(&m, "/route-17/x"), 200);
 
     let old = m.pid().unwrap();
@@ -60,8 +62,8 @@ fn a_configuration_of_more_than_a_mebibyte_starts_reloads_and_upgrades() {
     assert_ne!(new, old);
     assert!(wait_gone(old, Duration::from_secs(10)), "the old master exits");
     m.wait_ready(common::master::READY_TIMEOUT).expect("the new generation is ready");
-    assert_eq!(get(&m, "/route-8999/x"), 200);
-    assert_eq!(get(&m, "/route-9001/x"), 404);
+    assert_eq!(get(&m, "/route-2999/x"), 200);
+    assert_eq!(get(&m, "/route-3001/x"), 404);
     assert!(alive(new));
 }
 
@@ -333,4 +335,21 @@ fn quit_and_upgrade_lose_no_access_log_line_of_a_completed_request() {
     for i in 0..40 {
         assert!(text.contains(&format!("\"/two/{i}\"")), "/two/{i} is logged");
     }
+}
+
+#[test]
+fn access_log_lines_lost_to_a_full_disk_are_counted_and_shown_by_ctl() {
+    let a = Backend::start("A");
+    let m = MasterRun::start(&small(&a).section("[modules.access_log]\npath = \"/dev/full\"\nformat = \"json\""));
+    for i in 0..7 {
+        assert_eq!(get_once(m.addr(), "t.example", &format!("/lost/{i}")).status, 200);
+    }
+    let dropped = || {
+        let out = m.command(&["ctl", "--json", "status"]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+        v["data"]["access_log_dropped_lines"].as_u64()
+    };
+    assert!(wait_until(Duration::from_secs(5), || dropped() == Some(7)), "dropped: {:?}\n{}", dropped(), m.log());
+    let out = m.command(&["ctl", "modules"]);
+    assert!(out.stdout.contains("access log lines dropped: 7"), "{out:?}");
 }

@@ -304,6 +304,7 @@ impl Master {
             "retiring": self.retiring.iter().map(|p| p.pid.as_raw()).collect::<Vec<_>>(),
             "upgrade_pid": self.upgrade.as_ref().map(|u| u.pid.as_raw()),
             "listeners": self.listeners.iter().map(|b| b.entry.local.clone()).collect::<Vec<_>>(),
+            "access_log_dropped_lines": self.access_log_dropped(),
             "control_refused": {
                 "peer_uid": self.control_refused.peer_uid,
                 "too_large": self.control_refused.too_large,
@@ -345,7 +346,12 @@ impl Master {
             workers.push(serde_json::json!({"slot": i, "pid": p.pid.as_raw(), "level": level, "busy_percent": busy,
                 "in_flight": in_flight, "level_changes": w.level_changes.load(Relaxed)}));
         }
-        (text.trim_end().to_string(), serde_json::json!({"modules": rows, "workers": workers}))
+        let dropped = self.access_log_dropped();
+        text.push_str(&format!("\naccess log lines dropped: {dropped}\n"));
+        (
+            text.trim_end().to_string(),
+            serde_json::json!({"modules": rows, "workers": workers, "access_log_dropped_lines": dropped}),
+        )
     }
 
     /// `module enable|disable NAME`: a switch in shared memory, so every

@@ -98,6 +98,8 @@ struct WorkerProc {
     ready: bool,
     /// Last configuration sequence the worker confirmed.
     acked: u64,
+    /// Access-log lines it reported dropped.
+    access_log_dropped: u64,
 }
 
 /// One of the `workers` places: a process, or a respawn pending.
@@ -183,6 +185,8 @@ pub struct Master {
     control_clients: Vec<control::Client>,
     next_client: usize,
     control_refused: control::Refusals,
+    /// Access-log lines dropped by workers that have exited.
+    access_log_dropped_gone: u64,
     upgrade: Option<upgrade::Upgrade>,
     /// This master is the new one of an upgrade, not yet ready.
     handover: Option<Channel>,
@@ -262,6 +266,7 @@ impl Master {
             control_clients: Vec::new(),
             next_client: 0,
             control_refused: control::Refusals::default(),
+            access_log_dropped_gone: 0,
             upgrade: None,
             handover,
             region,
@@ -435,7 +440,15 @@ impl Master {
         let pid = Pid::from_raw(child.id() as i32);
         // The child is reaped by waitpid(-1) on SIGCHLD; `Child` is not waited.
         drop(child);
-        let p = WorkerProc { pid, place, chan: mine, started: Instant::now(), ready: false, acked: self.seq };
+        let p = WorkerProc {
+            pid,
+            place,
+            chan: mine,
+            started: Instant::now(),
+            ready: false,
+            acked: self.seq,
+            access_log_dropped: 0,
+        };
         self.send_files(&p.chan)?;
         p.chan.send(&self.configure_message(), &self.message_fds())?;
         p.chan.set_nonblocking(true)?;
@@ -520,6 +533,9 @@ impl Master {
                     p.ready = true;
                     slog::debug!(self.log.logger, "worker ready"; "worker_pid" => pid.as_raw());
                 }
+                Ok(Some((ToMaster::Dropped { access_log_lines }, _))) => {
+                    p.access_log_dropped = p.access_log_dropped.max(access_log_lines);
+                }
                 Ok(Some((ToMaster::Configured { seq, error }, _))) => {
                     p.acked = p.acked.max(seq);
                     if let Some(e) = error {
@@ -560,6 +576,7 @@ impl Master {
             }
             if let Some(i) = self.retiring.iter().position(|p| p.pid == pid) {
                 let p = self.retiring.remove(i);
+                self.access_log_dropped_gone += p.access_log_dropped;
                 if p.place >= self.slots.len() {
                     self.region.shared().forget_worker(p.place);
                 }
@@ -571,6 +588,7 @@ impl Master {
                 continue;
             };
             let p = self.slots[i].proc.take().expect("slot has the process");
+            self.access_log_dropped_gone += p.access_log_dropped;
             let _ = self.poll.registry().deregister(&mut SourceFd(&p.chan.raw_fd()));
             // Its backend connections died with it.
             self.region.shared().forget_worker(i);
@@ -725,6 +743,18 @@ impl Master {
         for p in self.slots.iter().filter_map(|s| s.proc.as_ref()).chain(self.retiring.iter()) {
             let _ = kill(p.pid, sig);
         }
+    }
+
+    /// Access-log lines dropped by every worker of this master, live or gone.
+    fn access_log_dropped(&self) -> u64 {
+        let live: u64 = self
+            .slots
+            .iter()
+            .filter_map(|s| s.proc.as_ref())
+            .chain(self.retiring.iter())
+            .map(|p| p.access_log_dropped)
+            .sum();
+        self.access_log_dropped_gone + live
     }
 
     fn write_pid_file(&self) -> io::Result<()> {

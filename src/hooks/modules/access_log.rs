@@ -5,8 +5,9 @@
 //! batch that goes, when it is large or at the next tick (100 ms), to a
 //! bounded queue that a writer thread of this worker empties — one hand-over
 //! per batch, not per line. A full queue (a slow disk, a missing syslog
-//! server) drops the batch and counts its lines; the count is logged by the
-//! writer when it catches up. The file is reopened on SIGUSR1 (logrotate).
+//! server) or a failed write (a full disk) drops the batch and counts its
+//! lines; the count is logged by the writer when it catches up and reported
+//! to the master (`ctl status`, `ctl modules`: `access_log_dropped_lines`). The file is reopened on SIGUSR1 (logrotate).
 //!
 //! Under a master, the file is opened by the master ([`files`]) and handed
 //! over as an fd (`log::handed_file`), at start and at each reopen: a worker
@@ -22,7 +23,7 @@
 //! ```
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -49,6 +50,9 @@ struct Settings {
     format: String,
     syslog_udp: Option<String>,
 }
+
+/// Lines dropped by every access log of this process (all reloads).
+static DROPPED_TOTAL: AtomicU64 = AtomicU64::new(0);
 
 /// Writer threads of this process, to wait for at exit.
 static WRITERS: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
@@ -112,6 +116,7 @@ impl AccessLog {
         let n = std::mem::take(&mut b.lines);
         if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Lines(text)) {
             self.dropped.fetch_add(n, Relaxed);
+            DROPPED_TOTAL.fetch_add(n, Relaxed);
         }
     }
 }
@@ -301,7 +306,9 @@ pub fn iso8601(t: SystemTime) -> String {
 struct Writer {
     path: Option<PathBuf>,
     syslog: Option<SocketAddr>,
-    file: Option<BufWriter<File>>,
+    /// Written one batch per `write` (batches are already large): a
+    /// failed write is known at once and its lines are counted as dropped.
+    file: Option<File>,
     udp: Option<UdpSocket>,
     dropped: Arc<AtomicU64>,
     log: slog::Logger,
@@ -324,7 +331,11 @@ impl Writer {
             if dropped > reported {
                 slog::warn!(self.log, "access log lines dropped (target too slow)"; "dropped_total" => dropped);
                 reported = dropped;
+                crate::log::report_dropped(DROPPED_TOTAL.load(Relaxed));
             }
+        }
+        if self.dropped.load(Relaxed) > reported {
+            crate::log::report_dropped(DROPPED_TOTAL.load(Relaxed));
         }
     }
 
@@ -334,7 +345,7 @@ impl Writer {
             let opened =
                 crate::log::handed_file(p).unwrap_or_else(|| OpenOptions::new().create(true).append(true).open(p));
             match opened {
-                Ok(f) => self.file = Some(BufWriter::new(f)),
+                Ok(f) => self.file = Some(f),
                 Err(e) => slog::error!(self.log, "cannot open the access log"; "path" => %p.display(), "error" => %e),
             }
         }
@@ -351,7 +362,12 @@ impl Writer {
         match msg {
             Msg::Lines(text) => {
                 if let Some(f) = self.file.as_mut() {
-                    let _ = f.write_all(text.as_bytes());
+                    if f.write_all(text.as_bytes()).is_err() {
+                        // A full disk: the lines are lost, and counted.
+                        let n = text.lines().count() as u64;
+                        self.dropped.fetch_add(n, Relaxed);
+                        DROPPED_TOTAL.fetch_add(n, Relaxed);
+                    }
                 }
                 let Some(u) = &self.udp else { return };
                 for line in text.lines() {
