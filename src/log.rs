@@ -96,8 +96,13 @@ impl LogFile {
     }
 }
 
+/// The file at `path` for appending: the master's fd when it handed one
+/// over for this path, else opened here.
 fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    match handed_file(path) {
+        Some(f) => f,
+        None => OpenOptions::new().create(true).append(true).open(path),
+    }
 }
 
 impl Write for LogFile {

@@ -460,14 +460,30 @@ impl Master {
         Ok(p)
     }
 
-    /// Opens the files modules write (access logs) and sends them to a
-    /// worker: running as `nobody`, it may not be allowed to open them. A
-    /// file the master cannot open is logged and left to the worker.
+    /// Opens the files workers write (the error log, access logs) and
+    /// sends them to a worker: running as `nobody`, it may not be allowed
+    /// to open them. A file the master cannot open is logged and left to
+    /// the worker. Opened without blocking (a FIFO with no reader would
+    /// stall the master), then made blocking for the worker's writer.
     fn send_files(&self, chan: &Channel) -> io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
         let mut paths = Vec::new();
         let mut files = Vec::new();
-        for p in crate::hooks::modules::access_log::files(&self.config) {
-            match std::fs::OpenOptions::new().create(true).append(true).open(&p) {
+        let error_log = match &self.config.error_log {
+            crate::config::LogTarget::File(p) => Some(p.clone()),
+            crate::config::LogTarget::Stderr => None,
+        };
+        for p in error_log.into_iter().chain(crate::hooks::modules::access_log::files(&self.config)) {
+            let opened = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(&p)
+                .and_then(|f| {
+                    nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_APPEND))?;
+                    Ok(f)
+                });
+            match opened {
                 Ok(f) => {
                     paths.push(p.to_string_lossy().into_owned());
                     files.push(f);
