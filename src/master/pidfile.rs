@@ -67,6 +67,16 @@ impl PidFile {
     }
 }
 
+impl Drop for PidFile {
+    /// A start that failed before the pid was written leaves no empty file
+    /// behind (the file is ours: we hold its lock).
+    fn drop(&mut self) {
+        if self.file.metadata().is_ok_and(|m| m.len() == 0) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// The pid in a pid file.
 pub fn read_pid(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
@@ -109,6 +119,8 @@ mod tests {
     fn a_second_lock_is_refused_and_names_the_holder() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.pid");
+        drop(PidFile::lock(&path).unwrap());
+        assert!(!path.exists(), "a start that never wrote its pid leaves no file");
         let first = PidFile::lock(&path).unwrap();
         first.write_pid(4242).unwrap();
         let e = PidFile::lock(&path).unwrap_err();
