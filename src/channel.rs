@@ -4,6 +4,13 @@
 //! with the packet that names them (`sendfd`), and the peer's exit reads as
 //! end-of-file. Listening sockets always travel with a manifest of names
 //! that the receiver checks against the fds themselves.
+//!
+//! A socket message is bounded by the socket buffer (about 200 KiB), a
+//! configuration of thousands of routes is not: a message larger than
+//! [`INLINE_MAX`] is written to a sealed `memfd` (no write, grow or shrink
+//! possible once sealed) that travels as the packet's last fd, behind a
+//! small header packet giving its length. The receiver checks the seals and
+//! the length and accepts at most [`MAX_MESSAGE`] bytes.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -17,8 +24,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ListenAddr, SockAddr};
 
-/// Largest message (a configuration file travels in one).
-pub const MAX_MESSAGE: usize = 4 << 20;
+/// Largest message a receiver accepts (a configuration file travels in one).
+pub const MAX_MESSAGE: usize = 64 << 20;
+/// Largest message sent as one packet; larger ones go in a sealed memfd.
+pub const INLINE_MAX: usize = 32 << 10;
+/// First byte of a header packet whose payload is in a memfd (a JSON
+/// message starts with `{`), followed by the payload's length (u64 LE).
+const MEMFD_TAG: u8 = 0;
+const HEADER_LEN: usize = 9;
 /// Most fds one message carries (the kernel's SCM_RIGHTS limit is 253).
 pub const MAX_FDS: usize = 250;
 /// Environment variable naming a worker's channel fd.
@@ -51,6 +64,9 @@ pub enum ToWorker {
         listeners: Vec<ListenerEntry>,
         backend_slots: Vec<(String, u32)>,
     },
+    /// Files the master opened for the worker (access logs), fds attached
+    /// in the order of `paths`; sent before each `Configure` and `Reopen`.
+    Files { paths: Vec<String> },
     /// Stop accepting, finish what is in flight, exit.
     Drain { timeout_ms: u64 },
     /// Reopen log files.
@@ -65,6 +81,9 @@ pub enum ToMaster {
     Ready { pid: u32 },
     /// Outcome of a `Configure` after the first.
     Configured { seq: u64, error: Option<String> },
+    /// Access-log lines this worker dropped so far (a slow target), sent
+    /// by its writer thread when the count grows.
+    Dropped { access_log_lines: u64 },
 }
 
 /// Old master ↔ new master during a binary upgrade.
@@ -90,9 +109,6 @@ impl Channel {
     /// A connected pair; both ends close-on-exec.
     pub fn pair() -> io::Result<(Channel, Channel)> {
         let (a, b) = socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
-        for fd in [&a, &b] {
-            let _ = socket::setsockopt(fd, socket::sockopt::SndBuf, &MAX_MESSAGE);
-        }
         Ok((Channel { sock: UnixStream::from(a) }, Channel { sock: UnixStream::from(b) }))
     }
 
@@ -118,6 +134,12 @@ impl Channel {
         Ok(Some(Channel { sock }))
     }
 
+    /// Another handle on this end (the same socket), for a second thread
+    /// that only sends.
+    pub fn try_clone(&self) -> io::Result<Channel> {
+        Ok(Channel { sock: self.sock.try_clone()? })
+    }
+
     pub fn set_nonblocking(&self, nb: bool) -> io::Result<()> {
         self.sock.set_nonblocking(nb)
     }
@@ -130,16 +152,30 @@ impl Channel {
         self.sock.as_raw_fd()
     }
 
-    /// Sends one message with `fds` attached.
+    /// Sends one message with `fds` attached: in one packet when it is
+    /// small, else in a sealed memfd attached after `fds`.
     pub fn send<T: Serialize>(&self, msg: &T, fds: &[RawFd]) -> io::Result<()> {
         let bytes = serde_json::to_vec(msg).map_err(io::Error::other)?;
         if bytes.len() > MAX_MESSAGE {
             return Err(io::Error::other(format!("message of {} bytes exceeds {MAX_MESSAGE}", bytes.len())));
         }
-        if fds.len() > MAX_FDS {
-            return Err(io::Error::other(format!("{} fds exceed {MAX_FDS} per message", fds.len())));
+        if fds.len() + 1 > MAX_FDS {
+            return Err(io::Error::other(format!("{} fds exceed {} per message", fds.len(), MAX_FDS - 1)));
         }
-        let n = self.sock.send_with_fd(&bytes, fds)?;
+        if bytes.len() <= INLINE_MAX {
+            return self.send_packet(&bytes, fds);
+        }
+        let payload = sealed_memfd(&bytes)?;
+        let mut header = [0u8; HEADER_LEN];
+        header[0] = MEMFD_TAG;
+        header[1..].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+        let mut all = fds.to_vec();
+        all.push(payload.as_raw_fd());
+        self.send_packet(&header, &all)
+    }
+
+    fn send_packet(&self, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        let n = self.sock.send_with_fd(bytes, fds)?;
         if n != bytes.len() {
             return Err(io::Error::other("short send on a seqpacket channel"));
         }
@@ -147,9 +183,13 @@ impl Channel {
     }
 
     /// Receives one message. `Ok(None)`: nothing now (non-blocking).
-    /// `Err(UnexpectedEof)`: the peer is gone.
+    /// `Err(UnexpectedEof)`: the peer is gone. `Err(InvalidData)`: a packet
+    /// longer than [`INLINE_MAX`], a payload that is not a sealed memfd of
+    /// the announced length, or more than [`MAX_MESSAGE`] bytes.
     pub fn recv<T: DeserializeOwned>(&self) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
-        let mut buf = vec![0u8; MAX_MESSAGE];
+        // One byte more than any packet we accept: a longer one is refused
+        // rather than read truncated.
+        let mut buf = vec![0u8; INLINE_MAX + 1];
         let mut raw = [0 as RawFd; MAX_FDS];
         let (n, nfds) = match self.sock.recv_with_fd(&mut buf, &mut raw) {
             Ok(x) => x,
@@ -167,9 +207,66 @@ impl Channel {
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        let msg = serde_json::from_slice(&buf[..n]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+        if n > INLINE_MAX {
+            return Err(invalid(format!("a packet of more than {INLINE_MAX} bytes")));
+        }
+        let payload;
+        let bytes = if buf[0] == MEMFD_TAG {
+            if n != HEADER_LEN {
+                return Err(invalid(format!("a memfd header of {n} bytes")));
+            }
+            let len = u64::from_le_bytes(buf[1..HEADER_LEN].try_into().expect("8 bytes"));
+            let fd = fds.pop().ok_or_else(|| invalid("a memfd header without its fd".into()))?;
+            payload = read_sealed(fd, len)?;
+            &payload[..]
+        } else {
+            &buf[..n]
+        };
+        let msg = serde_json::from_slice(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         Ok(Some((msg, fds)))
     }
+}
+
+/// A memfd holding `bytes`, sealed against any change.
+fn sealed_memfd(bytes: &[u8]) -> io::Result<OwnedFd> {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use std::io::Write;
+    let fd = memfd_create(c"pitcher-message", MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING)?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(bytes)?;
+    fcntl(f.as_raw_fd(), FcntlArg::F_ADD_SEALS(SEALS))?;
+    Ok(OwnedFd::from(f))
+}
+
+/// Seals a payload memfd must carry: nobody can change it once received.
+const SEALS: nix::fcntl::SealFlag = nix::fcntl::SealFlag::from_bits_truncate(
+    nix::fcntl::SealFlag::F_SEAL_SEAL.bits()
+        | nix::fcntl::SealFlag::F_SEAL_SHRINK.bits()
+        | nix::fcntl::SealFlag::F_SEAL_GROW.bits()
+        | nix::fcntl::SealFlag::F_SEAL_WRITE.bits(),
+);
+
+/// Reads a payload memfd after checking its seals and length.
+fn read_sealed(fd: OwnedFd, len: u64) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+    if len > MAX_MESSAGE as u64 {
+        return Err(invalid(format!("a message of {len} bytes exceeds {MAX_MESSAGE}")));
+    }
+    let seals = fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS).map_err(|e| invalid(format!("payload fd: {e}")))?;
+    let seals = nix::fcntl::SealFlag::from_bits_truncate(seals);
+    if !seals.contains(SEALS) {
+        return Err(invalid("the payload memfd is not sealed".into()));
+    }
+    let f = std::fs::File::from(fd);
+    let size = f.metadata()?.len();
+    if size != len {
+        return Err(invalid(format!("the payload memfd holds {size} bytes, the header says {len}")));
+    }
+    let mut bytes = vec![0u8; len as usize];
+    f.read_exact_at(&mut bytes, 0)?;
+    Ok(bytes)
 }
 
 /// A borrowed fd for a getsockopt check.
@@ -231,4 +328,50 @@ pub fn check_manifest(entries: &[ListenerEntry], fds: &[OwnedFd]) -> Result<(), 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct Blob {
+        text: String,
+    }
+
+    #[test]
+    fn messages_larger_than_a_packet_travel_in_a_sealed_memfd() {
+        let (a, b) = Channel::pair().unwrap();
+        for len in [10, INLINE_MAX - 20, INLINE_MAX + 1, 3 << 20] {
+            let msg = Blob { text: "r".repeat(len) };
+            let (extra, _keep) = Channel::pair().unwrap();
+            a.send(&msg, &[extra.raw_fd()]).unwrap();
+            let (got, fds) = b.recv::<Blob>().unwrap().unwrap();
+            assert_eq!(got, msg, "len {len}");
+            assert_eq!(fds.len(), 1, "only the caller's fds come back (len {len})");
+        }
+    }
+
+    #[test]
+    fn an_unsealed_or_oversized_payload_is_refused() {
+        let (a, b) = Channel::pair().unwrap();
+        // A header pointing at an unsealed memfd.
+        let fd = nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC).unwrap();
+        let body = br#"{"text":"x"}"#;
+        nix::unistd::write(&fd, body).unwrap();
+        let mut header = [0u8; HEADER_LEN];
+        header[1..].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        a.send_packet(&header, &[fd.as_raw_fd()]).unwrap();
+        let e = b.recv::<Blob>().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        // A header announcing more than the receiver accepts.
+        let sealed = sealed_memfd(body).unwrap();
+        header[1..].copy_from_slice(&((MAX_MESSAGE as u64) + 1).to_le_bytes());
+        a.send_packet(&header, &[sealed.as_raw_fd()]).unwrap();
+        let e = b.recv::<Blob>().unwrap_err();
+        assert!(e.to_string().contains("exceeds"), "{e}");
+        // A packet longer than INLINE_MAX.
+        a.send_packet(&vec![b' '; INLINE_MAX + 5], &[]).unwrap();
+        assert_eq!(b.recv::<Blob>().unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
 }

@@ -1,6 +1,7 @@
 //! The control socket protocol (`pitcher -s ...`, `pitcher ctl ...`): one
-//! JSON request line, one JSON reply line, over the master's Unix socket
-//! (mode 0600). The client side is here too; the master answers in
+//! JSON request line (at most 64 KiB, sent within 2 s), one JSON reply
+//! line, over the master's Unix socket (mode 0600; root and the master's
+//! user only). The client side is here too; the master answers in
 //! `master::control`.
 
 use std::io::{self, BufRead, BufReader, Write};
@@ -47,7 +48,13 @@ pub fn send(socket: &Path, req: &Request) -> io::Result<Reply> {
     s.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     let mut line = serde_json::to_vec(req).map_err(io::Error::other)?;
     line.push(b'\n');
-    s.write_all(&line)?;
+    if let Err(e) = s.write_all(&line) {
+        // A master that refuses us may answer and close before we wrote:
+        // its answer says why, so read it.
+        if e.kind() != io::ErrorKind::BrokenPipe {
+            return Err(e);
+        }
+    }
     let mut reply = String::new();
     BufReader::new(s).read_line(&mut reply)?;
     if reply.is_empty() {

@@ -15,7 +15,7 @@ use pitcher::channel::{self, Channel, ToWorker};
 use pitcher::config::Config;
 use pitcher::control::{self, Request};
 use pitcher::master::daemon::{self, Notifier};
-use pitcher::master::{Handover, Master, MasterArgs};
+use pitcher::master::{Handover, Master, MasterArgs, PidFile};
 use pitcher::shm::Region;
 use pitcher::upstream::SlotTable;
 
@@ -116,6 +116,16 @@ fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> ExitCo
             return ExitCode::FAILURE;
         }
     };
+    // Before binding anything: a second master of this pid file stops here
+    // with a clear message. (In an upgrade the old master has renamed its
+    // file to .oldbin, so the path is free for the new one.)
+    let pid_file = match PidFile::lock(&config.pid_file) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("pitcher: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut inherited = Vec::new();
     let mut shared = None;
     if let Some(ch) = &handover {
@@ -169,8 +179,12 @@ fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> ExitCo
             return ExitCode::FAILURE;
         }
     };
-    let args =
-        MasterArgs { config_path: path, exe: own_path(), argv: std::env::args_os().skip(1).collect::<Vec<OsString>>() };
+    let args = MasterArgs {
+        config_path: path,
+        exe: own_path(),
+        argv: std::env::args_os().skip(1).collect::<Vec<OsString>>(),
+        pid_file,
+    };
     match Master::start(args, config, text, listeners, log, handover, shared) {
         Ok(m) => {
             notifier.ok();
@@ -219,8 +233,22 @@ fn worker_main(cli: &Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Access-log writer threads report dropped lines through this.
+    if let Ok(reporter) = ch.try_clone() {
+        pitcher::log::set_reporter(reporter);
+    }
     let _ = ch.set_read_timeout(Some(Duration::from_secs(10)));
-    let (config_path, text, entries, slots, fds) = match ch.recv::<ToWorker>() {
+    let mut first = ch.recv::<ToWorker>();
+    // Files the master opened for us (access logs) come before the
+    // configuration that names them.
+    if let Ok(Some((ToWorker::Files { paths }, fds))) = first {
+        if let Err(e) = pitcher::log::take_over(&paths, fds) {
+            eprintln!("pitcher: worker: files from the master refused: {e}");
+            return ExitCode::FAILURE;
+        }
+        first = ch.recv::<ToWorker>();
+    }
+    let (config_path, text, entries, slots, fds) = match first {
         Ok(Some((ToWorker::Configure { config_path, config_text, listeners, backend_slots, .. }, fds))) => {
             (config_path, config_text, listeners, backend_slots, fds)
         }
@@ -282,7 +310,11 @@ fn worker_main(cli: &Cli) -> ExitCode {
         slots: SlotTable::from_entries(shared, &slots),
         place: std::env::var(channel::WORKER_PLACE_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(0),
     };
-    match pitcher::worker::run(init) {
+    let outcome = pitcher::worker::run(init);
+    // The worker and its modules are gone: their last access-log lines are
+    // with the writer threads. Let them reach the files.
+    pitcher::hooks::modules::access_log::wait_writers(WRITERS_AT_EXIT);
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             slog::crit!(log.logger, "worker failed"; "error" => %e);
@@ -290,6 +322,9 @@ fn worker_main(cli: &Cli) -> ExitCode {
         }
     }
 }
+
+/// Longest an exiting worker waits for its access-log writers.
+const WRITERS_AT_EXIT: Duration = Duration::from_secs(2);
 
 /// TERM/INT stop at once, QUIT drains; HUP, USR1 and USR2 are the
 /// master's business and must not kill a worker that receives them.
@@ -308,14 +343,19 @@ fn worker_signals() -> std::io::Result<(Arc<AtomicBool>, Arc<AtomicBool>)> {
     Ok((stop, quit))
 }
 
-/// Switches to the configured user and group when running as root.
+/// Switches to the configured user and group when running as root:
+/// `nobody` (nginx's default) when the configuration names none; root only
+/// when it says `user = "root"`.
 fn drop_privileges(config: &Config) -> Result<(), String> {
     use nix::unistd::{setgid, setgroups, setuid, Group, User};
     if !nix::unistd::geteuid().is_root() {
         return Ok(());
     }
-    let Some(name) = &config.user else { return Ok(()) };
+    let name = pitcher::master::worker_user(config);
     let user = User::from_name(name).map_err(|e| e.to_string())?.ok_or_else(|| format!("no user {name:?}"))?;
+    if user.uid.is_root() && config.group.is_none() {
+        return Ok(());
+    }
     let gid = match &config.group {
         Some(g) => Group::from_name(g).map_err(|e| e.to_string())?.ok_or_else(|| format!("no group {g:?}"))?.gid,
         None => user.gid,
@@ -449,13 +489,14 @@ fn signal(config: &Path, sig: &str) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            let Some(pid) = pitcher::master::read_pid(&pid_file) else {
-                eprintln!(
-                    "pitcher: cannot reach the master: {}: {e}; no pid in {}",
-                    socket.display(),
-                    pid_file.display()
-                );
-                return ExitCode::FAILURE;
+            // Only a live master holding its locked pid file is signalled,
+            // never whatever process a stale file names.
+            let pid = match pitcher::master::running_master(&pid_file) {
+                Ok(pid) => pid,
+                Err(why) => {
+                    eprintln!("pitcher: cannot reach the master: {}: {e}; not signalling: {why}", socket.display());
+                    return ExitCode::FAILURE;
+                }
             };
             match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), unix_sig) {
                 Ok(()) => {

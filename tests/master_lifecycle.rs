@@ -483,22 +483,24 @@ fn daemon_mode_start_failure_after_detaching_fails_the_command_with_the_reason_a
     let a = Backend::start("A");
     let b = Backend::start("B");
     let m = MasterRun::prepare(&two_clusters(&a, &b, "a", 1).top("error_log = \"@DIR@/error.log\""));
-    // A pid file in a directory that does not exist: the master can only
-    // find out after it detached. An init script or systemd's
-    // Type=forking must still learn that the start failed, and why.
+    // A control socket in a directory that does not exist: the master can
+    // only find out after it detached (the pid file is locked before, so a
+    // second master is refused before it binds anything). An init script
+    // or systemd's Type=forking must still learn that the start failed,
+    // and why.
     let text = m.config_text(m.builder()).replace(
-        &format!("pid_file = \"{}\"", m.pid_file().display()),
-        &format!("pid_file = \"{}/missing/pitcher.pid\"", m.dir().display()),
+        &format!("control_socket = \"{}\"", m.control_socket().display()),
+        &format!("control_socket = \"{}/missing/pitcher.sock\"", m.dir().display()),
     );
     m.write_config_text(&text);
     let out = Command::new(m.exe()).arg("-c").arg(m.config_path()).stdin(Stdio::null()).output().expect("run pitcher");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the start failed, so must the command: {out:?}");
-    assert!(stderr.contains("cannot write the pid file"), "the reason is printed: {stderr:?}");
+    assert!(stderr.contains("cannot bind the control socket"), "the reason is printed: {stderr:?}");
     let log = m.dir().join("error.log");
     assert!(
         common::wait_until(Duration::from_secs(3), || {
-            std::fs::read_to_string(&log).is_ok_and(|t| t.contains("cannot write the pid file"))
+            std::fs::read_to_string(&log).is_ok_and(|t| t.contains("cannot bind the control socket"))
         }),
         "the reason is in the error log: {:?}",
         std::fs::read_to_string(&log).unwrap_or_default()

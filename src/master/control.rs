@@ -2,9 +2,17 @@
 //! request line, act, answer. Answers that depend on workers (a reload is
 //! done when every worker confirmed it) or on a new master (an upgrade is
 //! done when it is ready or rolled back) wait in [`Pending`].
+//!
+//! The socket is a trust boundary. It is created with its final mode (0600,
+//! by the umask around `bind`: there is no moment when it is more open), a
+//! peer that is neither root nor the master's user is refused whatever the
+//! file's mode (`SO_PEERCRED`), and a client is read without blocking the
+//! loop: its request line must fit in [`REQUEST_MAX_BYTES`] and arrive
+//! within [`REQUEST_TIMEOUT`], and at most [`MAX_CLIENTS`] may be reading at
+//! once. Each refusal is logged and counted (`ctl status`: `control`).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,7 +21,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 
 use mio::unix::SourceFd;
-use mio::Interest;
+use mio::{Interest, Token};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::sys::stat::{umask, Mode};
 
 use crate::control::{Reply, Request};
 
@@ -21,6 +31,36 @@ use super::{Master, State, CONTROL};
 
 /// Longest wait for every worker to confirm a reload.
 const RELOAD_CONFIRM: Duration = Duration::from_secs(10);
+/// Largest request line a client may send.
+pub const REQUEST_MAX_BYTES: usize = 64 * 1024;
+/// How long a client has to send its whole request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most clients reading their request at once; more are refused.
+pub const MAX_CLIENTS: usize = 32;
+/// Tokens of control clients: `CLIENT_BASE + id` (above any pid-based
+/// worker token, below the health probes').
+pub const CLIENT_BASE: usize = 1 << 32;
+
+/// A control connection whose request line is still arriving.
+pub struct Client {
+    id: usize,
+    stream: StdUnixStream,
+    buf: Vec<u8>,
+    deadline: Instant,
+}
+
+/// Control connections refused, by reason (shown by `ctl status`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Refusals {
+    /// Peers that are neither root nor the master's user.
+    pub peer_uid: u64,
+    /// Requests longer than [`REQUEST_MAX_BYTES`].
+    pub too_large: u64,
+    /// Requests not complete within [`REQUEST_TIMEOUT`].
+    pub timed_out: u64,
+    /// Connections over [`MAX_CLIENTS`].
+    pub too_many: u64,
+}
 
 /// An answer waiting for something to finish.
 pub struct Pending {
@@ -47,11 +87,16 @@ impl Master {
         }
         let path = self.config.control_socket.clone();
         let _ = std::fs::remove_file(&path);
-        let l = UnixListener::bind(&path).map_err(|e| {
+        // The file is created 0600 by bind itself: no chmod window. The
+        // master is the only thread that creates files, so the umask
+        // change is seen by nothing else.
+        let saved = umask(Mode::from_bits_truncate(0o177));
+        let bound = UnixListener::bind(&path);
+        umask(saved);
+        let l = bound.map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot bind the control socket {}: {e}", path.display()))
         })?;
         l.set_nonblocking(true)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         self.poll.registry().register(&mut SourceFd(&l.as_raw_fd()), CONTROL, Interest::READABLE)?;
         self.control = Some(l);
         self.control_id = file_id(&path);
@@ -63,26 +108,123 @@ impl Master {
         self.control_id.is_some() && file_id(&self.config.control_socket) == self.control_id
     }
 
+    /// Accepts control connections: checks the peer, then reads its
+    /// request as it arrives ([`Master::control_client_event`]).
     pub(super) fn accept_control(&mut self) {
         loop {
             let Some(l) = self.control.as_ref() else { return };
-            let std_stream = match l.accept() {
+            let stream = match l.accept() {
                 Ok((s, _)) => s,
                 Err(_) => return,
             };
-            // Local tools write their request at once; a short blocking read
-            // keeps this simple without letting a silent client stall us.
-            let _ = std_stream.set_nonblocking(false);
-            let _ = std_stream.set_read_timeout(Some(Duration::from_secs(1)));
-            let mut line = String::new();
-            let req: Result<Request, String> = match BufReader::new(&std_stream).read_line(&mut line) {
-                Ok(_) => serde_json::from_str(&line).map_err(|e| format!("bad request: {e}")),
-                Err(e) => Err(format!("cannot read the request: {e}")),
-            };
-            match req {
-                Ok(req) => self.command(std_stream, req),
-                Err(e) => answer(std_stream, &Reply::err(e)),
+            let me = nix::unistd::geteuid().as_raw();
+            match getsockopt(&stream, PeerCredentials) {
+                Ok(c) if c.uid() == 0 || c.uid() == me => {}
+                Ok(c) => {
+                    self.control_refused.peer_uid += 1;
+                    slog::warn!(self.logger(), "control connection refused: not root nor the master's user";
+                        "peer_uid" => c.uid(), "peer_pid" => c.pid(), "master_uid" => me);
+                    answer(stream, &Reply::err("permission denied: only root and the master's user may control it"));
+                    continue;
+                }
+                Err(e) => {
+                    slog::warn!(self.logger(), "control connection refused: no peer credentials"; "error" => %e);
+                    self.control_refused.peer_uid += 1;
+                    continue;
+                }
             }
+            if self.control_clients.len() >= MAX_CLIENTS {
+                self.control_refused.too_many += 1;
+                slog::warn!(self.logger(), "control connection refused: too many clients"; "max" => MAX_CLIENTS);
+                answer(stream, &Reply::err(format!("too many control clients (at most {MAX_CLIENTS})")));
+                continue;
+            }
+            let id = self.next_client;
+            self.next_client += 1;
+            let registered = stream.set_nonblocking(true).and_then(|()| {
+                self.poll.registry().register(
+                    &mut SourceFd(&stream.as_raw_fd()),
+                    Token(CLIENT_BASE + id),
+                    Interest::READABLE,
+                )
+            });
+            if let Err(e) = registered {
+                slog::error!(self.logger(), "cannot watch a control connection"; "error" => %e);
+                continue;
+            }
+            self.control_clients.push(Client {
+                id,
+                stream,
+                buf: Vec::new(),
+                deadline: Instant::now() + REQUEST_TIMEOUT,
+            });
+            // The request is often there already.
+            self.control_client_event(id);
+        }
+    }
+
+    /// Reads what a control client sent; acts once its line is complete.
+    pub(super) fn control_client_event(&mut self, id: usize) {
+        let Some(i) = self.control_clients.iter().position(|c| c.id == id) else { return };
+        let c = &mut self.control_clients[i];
+        let mut chunk = [0u8; 4096];
+        let mut eof = false;
+        loop {
+            match (&c.stream).read(&mut chunk) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    c.buf.extend_from_slice(&chunk[..n]);
+                    if c.buf.len() > REQUEST_MAX_BYTES || c.buf.contains(&b'\n') {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        let line_end = c.buf.iter().position(|&b| b == b'\n');
+        if line_end.is_none() && c.buf.len() <= REQUEST_MAX_BYTES && !eof {
+            return;
+        }
+        let c = self.control_clients.swap_remove(i);
+        let _ = self.poll.registry().deregister(&mut SourceFd(&c.stream.as_raw_fd()));
+        let _ = c.stream.set_nonblocking(false);
+        let line = match line_end {
+            Some(n) if n <= REQUEST_MAX_BYTES => &c.buf[..n],
+            None if c.buf.is_empty() => return,
+            None if eof && c.buf.len() <= REQUEST_MAX_BYTES => &c.buf[..],
+            _ => {
+                self.control_refused.too_large += 1;
+                slog::warn!(self.logger(), "control request refused: too large"; "max_bytes" => REQUEST_MAX_BYTES);
+                return answer(c.stream, &Reply::err(format!("request larger than {REQUEST_MAX_BYTES} bytes")));
+            }
+        };
+        match serde_json::from_slice::<Request>(line) {
+            Ok(req) => self.command(c.stream, req),
+            Err(e) => answer(c.stream, &Reply::err(format!("bad request: {e}"))),
+        }
+    }
+
+    /// Clients that did not send their request in time.
+    pub(super) fn expire_control_clients(&mut self, now: Instant) {
+        while let Some(i) = self.control_clients.iter().position(|c| c.deadline <= now) {
+            let c = self.control_clients.swap_remove(i);
+            let _ = self.poll.registry().deregister(&mut SourceFd(&c.stream.as_raw_fd()));
+            let _ = c.stream.set_nonblocking(false);
+            self.control_refused.timed_out += 1;
+            slog::warn!(self.logger(), "control request timed out"; "after_ms" => REQUEST_TIMEOUT.as_millis() as u64,
+                "bytes" => c.buf.len());
+            answer(
+                c.stream,
+                &Reply::err(format!("request timed out: a whole line within {} ms", REQUEST_TIMEOUT.as_millis())),
+            );
         }
     }
 
@@ -162,6 +304,13 @@ impl Master {
             "retiring": self.retiring.iter().map(|p| p.pid.as_raw()).collect::<Vec<_>>(),
             "upgrade_pid": self.upgrade.as_ref().map(|u| u.pid.as_raw()),
             "listeners": self.listeners.iter().map(|b| b.entry.local.clone()).collect::<Vec<_>>(),
+            "access_log_dropped_lines": self.access_log_dropped(),
+            "control_refused": {
+                "peer_uid": self.control_refused.peer_uid,
+                "too_large": self.control_refused.too_large,
+                "timed_out": self.control_refused.timed_out,
+                "too_many": self.control_refused.too_many,
+            },
         })
     }
 
@@ -199,7 +348,12 @@ impl Master {
         }
         let (quota_text, quota) = self.quota_keys();
         text.push_str(&quota_text);
-        (text.trim_end().to_string(), serde_json::json!({"modules": rows, "workers": workers, "quota": quota}))
+        let dropped = self.access_log_dropped();
+        text.push_str(&format!("\naccess log lines dropped: {dropped}\n"));
+        (
+            text.trim_end().to_string(),
+            serde_json::json!({"modules": rows, "workers": workers, "quota": quota, "access_log_dropped_lines": dropped}),
+        )
     }
 
     /// The quota's key table in shared memory: slots held by a key, slots

@@ -12,6 +12,7 @@
 mod control;
 pub mod daemon;
 mod health;
+mod pidfile;
 mod upgrade;
 
 use std::ffi::OsString;
@@ -38,6 +39,7 @@ use crate::log::Log;
 use crate::shm::Region;
 use crate::upstream::SlotTable;
 
+pub use pidfile::{read_pid, running_master, PidFile};
 pub use upgrade::{Handover, Received};
 
 /// Longest sleep of the master loop.
@@ -56,6 +58,15 @@ const UPGRADE: Token = Token(2);
 /// Worker channels: `WORKER_BASE + pid`.
 const WORKER_BASE: usize = 16;
 
+/// The user workers run as when the master is root and the configuration
+/// names none (nginx's default).
+pub const DEFAULT_WORKER_USER: &str = "nobody";
+
+/// The user a root master's workers switch to.
+pub fn worker_user(config: &Config) -> &str {
+    config.user.as_deref().unwrap_or(DEFAULT_WORKER_USER)
+}
+
 /// How the master was started.
 pub struct MasterArgs {
     /// Absolute path of the configuration file.
@@ -65,6 +76,9 @@ pub struct MasterArgs {
     pub exe: PathBuf,
     /// The arguments the master was started with (after argv[0]).
     pub argv: Vec<OsString>,
+    /// The pid file, locked before anything was bound; held for the
+    /// master's life.
+    pub pid_file: PidFile,
 }
 
 /// A bound listening socket.
@@ -84,6 +98,8 @@ struct WorkerProc {
     ready: bool,
     /// Last configuration sequence the worker confirmed.
     acked: u64,
+    /// Access-log lines it reported dropped.
+    access_log_dropped: u64,
 }
 
 /// One of the `workers` places: a process, or a respawn pending.
@@ -165,6 +181,12 @@ pub struct Master {
     /// (device, inode) of the control socket file this master bound.
     control_id: Option<(u64, u64)>,
     pending: Vec<control::Pending>,
+    /// Control connections whose request is still arriving.
+    control_clients: Vec<control::Client>,
+    next_client: usize,
+    control_refused: control::Refusals,
+    /// Access-log lines dropped by workers that have exited.
+    access_log_dropped_gone: u64,
     upgrade: Option<upgrade::Upgrade>,
     /// This master is the new one of an upgrade, not yet ready.
     handover: Option<Channel>,
@@ -243,6 +265,10 @@ impl Master {
             control: None,
             control_id: None,
             pending: Vec::new(),
+            control_clients: Vec::new(),
+            next_client: 0,
+            control_refused: control::Refusals::default(),
+            access_log_dropped_gone: 0,
             upgrade: None,
             handover,
             region,
@@ -267,6 +293,14 @@ impl Master {
             m.spawn(i);
         }
         slog::info!(m.logger(), "master started"; "workers" => n, "config" => %m.args.config_path.display());
+        if nix::unistd::geteuid().is_root() {
+            let user = worker_user(&m.config);
+            let why = if m.config.user.is_some() { "configured" } else { "default: no user in the configuration" };
+            slog::info!(m.logger(), "workers run as user {user} ({why})"; "user" => user);
+            if user == "root" {
+                slog::warn!(m.logger(), "workers run as root (user = \"root\"): a compromised worker owns the host");
+            }
+        }
         Ok(m)
     }
 
@@ -289,6 +323,7 @@ impl Master {
                     Token(t) if t >= health::PROBE_BASE => {
                         self.health.event(ev.token(), self.poll.registry(), &self.log.logger)
                     }
+                    Token(t) if t >= control::CLIENT_BASE => self.control_client_event(t - control::CLIENT_BASE),
                     Token(t) if t >= WORKER_BASE => self.worker_event(Pid::from_raw((t - WORKER_BASE) as i32)),
                     _ => {}
                 }
@@ -346,6 +381,7 @@ impl Master {
         self.upgrade_tick(now);
         self.handover_tick();
         self.reply_pending(now);
+        self.expire_control_clients(now);
         if let Some(d) = self.quit_deadline {
             if now >= d {
                 self.quit_deadline = None;
@@ -447,7 +483,16 @@ impl Master {
         let pid = Pid::from_raw(child.id() as i32);
         // The child is reaped by waitpid(-1) on SIGCHLD; `Child` is not waited.
         drop(child);
-        let p = WorkerProc { pid, place, chan: mine, started: Instant::now(), ready: false, acked: self.seq };
+        let p = WorkerProc {
+            pid,
+            place,
+            chan: mine,
+            started: Instant::now(),
+            ready: false,
+            acked: self.seq,
+            access_log_dropped: 0,
+        };
+        self.send_files(&p.chan)?;
         p.chan.send(&self.configure_message(), &self.message_fds())?;
         p.chan.set_nonblocking(true)?;
         self.poll.registry().register(
@@ -456,6 +501,46 @@ impl Master {
             Interest::READABLE,
         )?;
         Ok(p)
+    }
+
+    /// Opens the files workers write (the error log, access logs) and
+    /// sends them to a worker: running as `nobody`, it may not be allowed
+    /// to open them. A file the master cannot open is logged and left to
+    /// the worker. Opened without blocking (a FIFO with no reader would
+    /// stall the master), then made blocking for the worker's writer.
+    fn send_files(&self, chan: &Channel) -> io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut paths = Vec::new();
+        let mut files = Vec::new();
+        let error_log = match &self.config.error_log {
+            crate::config::LogTarget::File(p) => Some(p.clone()),
+            crate::config::LogTarget::Stderr => None,
+        };
+        for p in error_log.into_iter().chain(crate::hooks::modules::access_log::files(&self.config)) {
+            let opened = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(&p)
+                .and_then(|f| {
+                    nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_APPEND))?;
+                    Ok(f)
+                });
+            match opened {
+                Ok(f) => {
+                    paths.push(p.to_string_lossy().into_owned());
+                    files.push(f);
+                }
+                Err(e) => {
+                    slog::error!(self.log.logger, "cannot open a log file for the workers"; "path" => %p.display(), "error" => %e)
+                }
+            }
+        }
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+        chan.send(&ToWorker::Files { paths }, &fds)
     }
 
     fn configure_message(&self) -> ToWorker {
@@ -507,6 +592,9 @@ impl Master {
                     p.ready = true;
                     slog::debug!(self.log.logger, "worker ready"; "worker_pid" => pid.as_raw());
                 }
+                Ok(Some((ToMaster::Dropped { access_log_lines }, _))) => {
+                    p.access_log_dropped = p.access_log_dropped.max(access_log_lines);
+                }
                 Ok(Some((ToMaster::Configured { seq, error }, _))) => {
                     p.acked = p.acked.max(seq);
                     if let Some(e) = error {
@@ -547,6 +635,7 @@ impl Master {
             }
             if let Some(i) = self.retiring.iter().position(|p| p.pid == pid) {
                 let p = self.retiring.remove(i);
+                self.access_log_dropped_gone += p.access_log_dropped;
                 self.release_place(&p);
                 slog::info!(self.logger(), "drained worker exited"; "worker_pid" => pid.as_raw(), "how" => &how);
                 continue;
@@ -556,6 +645,7 @@ impl Master {
                 continue;
             };
             let p = self.slots[i].proc.take().expect("slot has the process");
+            self.access_log_dropped_gone += p.access_log_dropped;
             let _ = self.poll.registry().deregister(&mut SourceFd(&p.chan.raw_fd()));
             // Its backend connections died with it.
             self.release_place(&p);
@@ -626,7 +716,7 @@ impl Master {
         let msg = self.configure_message();
         let fds = self.message_fds();
         for p in self.slots.iter().filter_map(|s| s.proc.as_ref()) {
-            if let Err(e) = p.chan.send(&msg, &fds) {
+            if let Err(e) = self.send_files(&p.chan).and_then(|()| p.chan.send(&msg, &fds)) {
                 slog::error!(self.log.logger, "cannot send the configuration to a worker"; "worker_pid" => p.pid.as_raw(), "error" => %e);
             }
         }
@@ -669,6 +759,9 @@ impl Master {
         };
         let fds: Vec<RawFd> = file.iter().map(|f| f.as_raw_fd()).collect();
         for p in self.slots.iter().filter_map(|s| s.proc.as_ref()).chain(self.retiring.iter()) {
+            if let Err(e) = self.send_files(&p.chan) {
+                slog::error!(self.logger(), "cannot send the reopened files to a worker"; "worker_pid" => p.pid.as_raw(), "error" => %e);
+            }
             let _ = p.chan.send(&ToWorker::Reopen, &fds);
         }
         slog::info!(self.logger(), "log files reopened");
@@ -709,10 +802,22 @@ impl Master {
         }
     }
 
+    /// Access-log lines dropped by every worker of this master, live or gone.
+    fn access_log_dropped(&self) -> u64 {
+        let live: u64 = self
+            .slots
+            .iter()
+            .filter_map(|s| s.proc.as_ref())
+            .chain(self.retiring.iter())
+            .map(|p| p.access_log_dropped)
+            .sum();
+        self.access_log_dropped_gone + live
+    }
+
     fn write_pid_file(&self) -> io::Result<()> {
-        let path = &self.config.pid_file;
-        std::fs::write(path, format!("{}\n", std::process::id()))
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot write the pid file {}: {e}", path.display())))
+        self.args.pid_file.write_pid(std::process::id()).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot write the pid file {}: {e}", self.args.pid_file.path().display()))
+        })
     }
 
     /// Removes what this master owns on its way out.
@@ -733,9 +838,4 @@ impl Master {
             let _ = std::fs::remove_file(&self.config.control_socket);
         }
     }
-}
-
-/// The pid in a pid file.
-pub fn read_pid(path: &std::path::Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }

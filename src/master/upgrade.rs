@@ -169,8 +169,14 @@ impl Master {
         let _ = kill(u.pid, Signal::SIGKILL);
         let pid_file = self.config.pid_file.clone();
         if let Err(e) = std::fs::rename(oldbin(&pid_file), &pid_file) {
-            slog::error!(self.logger(), "cannot restore the pid file"; "error" => %e);
-            let _ = self.write_pid_file();
+            slog::error!(self.logger(), "cannot restore the pid file; writing a new one"; "error" => %e);
+            match super::PidFile::lock(&pid_file) {
+                Ok(f) => {
+                    self.args.pid_file = f;
+                    let _ = self.write_pid_file();
+                }
+                Err(e) => slog::error!(self.logger(), "cannot write a new pid file"; "error" => %e),
+            }
         }
         if !self.control_is_ours() {
             if let Err(e) = self.bind_control() {

@@ -303,6 +303,11 @@ impl Worker {
                         let _ = ch.send(&ToMaster::Configured { seq, error }, &[]);
                     }
                 }
+                Ok(Some((ToWorker::Files { paths }, fds))) => {
+                    if let Err(e) = crate::log::take_over(&paths, fds) {
+                        slog::error!(self.log, "files from the master refused"; "error" => e);
+                    }
+                }
                 Ok(Some((ToWorker::Drain { timeout_ms }, _))) => self.start_drain(Duration::from_millis(timeout_ms)),
                 Ok(Some((ToWorker::Reopen, mut fds))) => {
                     // Modules' own files (access logs), in their writer threads.

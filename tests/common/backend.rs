@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -308,6 +309,8 @@ impl Backend {
     {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).unwrap_or_else(|e| panic!("bind backend on {}: {e}", path.display()));
+        // Pitcher's workers run as nobody: they must be able to connect.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).expect("chmod the backend socket");
         Backend::run(name, Listener::Unix(listener), Where::Unix(path.to_path_buf()), Arc::new(handler), false)
     }
 
@@ -324,6 +327,7 @@ impl Backend {
         F: Fn(&RecordedRequest) -> Reply + Send + Sync + 'static,
     {
         let dir = tempfile::Builder::new().prefix("pitcher-be").tempdir().expect("tempdir for unix backend");
+        super::pitcher::traversable(dir.path());
         let path = dir.path().join(format!("{name}.sock"));
         let mut b = Backend::unix_with_handler_at(name, &path, handler);
         b._dir = Some(dir);

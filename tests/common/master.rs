@@ -187,7 +187,14 @@ impl MasterRun {
     /// the test's directory) on a free port, and waits until every worker
     /// is ready and the listener accepts.
     pub fn start(builder: &ConfigBuilder) -> MasterRun {
+        MasterRun::start_prepared(builder, |_| {})
+    }
+
+    /// [`MasterRun::start`], with `setup` run on the directory before the
+    /// master starts (directories the configuration names, for instance).
+    pub fn start_prepared(builder: &ConfigBuilder, setup: impl Fn(&Path)) -> MasterRun {
         let mut run = MasterRun::prepare(builder);
+        setup(run.dir());
         let mut last = String::new();
         for _ in 0..5 {
             run.port = free_port();
@@ -226,6 +233,8 @@ impl MasterRun {
     /// the init script does).
     pub fn prepare(builder: &ConfigBuilder) -> MasterRun {
         let dir = tempfile::Builder::new().prefix("pitcher-master").tempdir().expect("create temporary directory");
+        // Workers run as nobody: they must reach Unix-socket backends here.
+        super::pitcher::traversable(dir.path());
         let sbin = dir.path().join("sbin");
         std::fs::create_dir(&sbin).expect("mkdir sbin");
         let exe = sbin.join("pitcher");
@@ -751,4 +760,48 @@ pub fn request_in_thread(addr: SocketAddr, host: &str, path: &str) -> JoinHandle
         c.try_send(&req).map_err(|e| format!("send: {e}"))?;
         c.try_read_response().map_err(|e| format!("read: {e}"))
     })
+}
+
+/// Uid and gid of the `nobody` user (from `/etc/passwd`).
+pub fn nobody() -> (u32, u32) {
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+    passwd
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 3 && f[0] == "nobody").then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?))).flatten()
+        })
+        .expect("a nobody user in /etc/passwd")
+}
+
+/// Runs the binary under test with `args` as `uid`/`gid` (bounded: killed
+/// after `timeout`).
+pub fn run_pitcher_as(uid: u32, gid: u32, args: &[&str], timeout: Duration) -> RunOutput {
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(PITCHER)
+        .args(args)
+        .uid(uid)
+        .gid(gid)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {PITCHER} as uid {uid}: {e}"));
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().expect("collect the output");
+    RunOutput {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }

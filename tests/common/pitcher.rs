@@ -50,8 +50,20 @@ pub struct StartError {
     pub log: String,
 }
 
-fn new_dir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("pitcher-test").tempdir().expect("create temporary directory")
+/// A test's directory, traversable by everyone (0711): started as root,
+/// Pitcher's workers run as `nobody`, and connect to Unix-socket backends
+/// here. Files in it keep their own modes; what the workers write (logs)
+/// the master opens for them.
+pub fn new_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("pitcher-test").tempdir().expect("create temporary directory");
+    traversable(dir.path());
+    dir
+}
+
+/// Mode 0711 on a directory: anyone may reach what is inside by name.
+pub fn traversable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).expect("chmod 0711");
 }
 
 impl Pitcher {

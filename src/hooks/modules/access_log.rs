@@ -5,8 +5,15 @@
 //! batch that goes, when it is large or at the next tick (100 ms), to a
 //! bounded queue that a writer thread of this worker empties — one hand-over
 //! per batch, not per line. A full queue (a slow disk, a missing syslog
-//! server) drops the batch and counts its lines; the count is logged by the
-//! writer when it catches up. The file is reopened on SIGUSR1 (logrotate).
+//! server) or a failed write (a full disk) drops the batch and counts its
+//! lines; the count is logged by the writer when it catches up and reported
+//! to the master (`ctl status`, `ctl modules`: `access_log_dropped_lines`). The file is reopened on SIGUSR1 (logrotate).
+//!
+//! Under a master, the file is opened by the master ([`files`]) and handed
+//! over as an fd (`log::handed_file`), at start and at each reopen: a worker
+//! running as `nobody` may not be allowed to open it. A worker that exits
+//! waits (bounded) for its writers to write what was handed to them
+//! ([`wait_writers`]).
 //!
 //! ```toml
 //! [modules.access_log]
@@ -16,17 +23,18 @@
 //! ```
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
-use crate::config::ModuleConfig;
+use crate::config::{Config, ModuleConfig};
 use crate::hooks::{Build, Ctx, Finished, Module, Point};
 
 /// Batches waiting for the writer before new ones are dropped.
@@ -41,6 +49,36 @@ struct Settings {
     #[serde(default = "default_format")]
     format: String,
     syslog_udp: Option<String>,
+}
+
+/// Lines dropped by every access log of this process (all reloads).
+static DROPPED_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// Writer threads of this process, to wait for at exit.
+static WRITERS: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// The files the master opens for this module (the `path`s of enabled
+/// access logs).
+pub fn files(config: &Config) -> Vec<PathBuf> {
+    config
+        .modules
+        .iter()
+        .filter(|m| m.enabled && m.name == "access_log")
+        .filter_map(|m| super::settings::<Settings>(&m.settings).ok()?.path)
+        .collect()
+}
+
+/// Waits until every writer thread whose module is gone has written what
+/// it was handed, or `limit` passed. Called by a worker on its way out.
+pub fn wait_writers(limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let Ok(mut writers) = WRITERS.lock() else { return };
+    while writers.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for h in writers.drain(..).filter(|h| h.is_finished()) {
+        let _ = h.join();
+    }
 }
 
 fn default_format() -> String {
@@ -78,6 +116,7 @@ impl AccessLog {
         let n = std::mem::take(&mut b.lines);
         if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Lines(text)) {
             self.dropped.fetch_add(n, Relaxed);
+            DROPPED_TOTAL.fetch_add(n, Relaxed);
         }
     }
 }
@@ -109,10 +148,14 @@ pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, String> {
         return Ok(Arc::new(AccessLog { json, tx, dropped, batch: Mutex::default() }));
     }
     let writer = Writer { path: s.path, syslog, file: None, udp: None, dropped: dropped.clone(), log: b.log.clone() };
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name("access-log".into())
         .spawn(move || writer.run(rx))
         .map_err(|e| format!("cannot start the writer thread: {e}"))?;
+    if let Ok(mut w) = WRITERS.lock() {
+        w.retain(|h| !h.is_finished());
+        w.push(handle);
+    }
     Ok(Arc::new(AccessLog { json, tx, dropped, batch: Mutex::default() }))
 }
 
@@ -263,7 +306,9 @@ pub fn iso8601(t: SystemTime) -> String {
 struct Writer {
     path: Option<PathBuf>,
     syslog: Option<SocketAddr>,
-    file: Option<BufWriter<File>>,
+    /// Written one batch per `write` (batches are already large): a
+    /// failed write is known at once and its lines are counted as dropped.
+    file: Option<File>,
     udp: Option<UdpSocket>,
     dropped: Arc<AtomicU64>,
     log: slog::Logger,
@@ -286,14 +331,21 @@ impl Writer {
             if dropped > reported {
                 slog::warn!(self.log, "access log lines dropped (target too slow)"; "dropped_total" => dropped);
                 reported = dropped;
+                crate::log::report_dropped(DROPPED_TOTAL.load(Relaxed));
             }
+        }
+        if self.dropped.load(Relaxed) > reported {
+            crate::log::report_dropped(DROPPED_TOTAL.load(Relaxed));
         }
     }
 
     fn open(&mut self) {
         if let Some(p) = &self.path {
-            match OpenOptions::new().create(true).append(true).open(p) {
-                Ok(f) => self.file = Some(BufWriter::new(f)),
+            // The master's fd when it opened the file for us.
+            let opened =
+                crate::log::handed_file(p).unwrap_or_else(|| OpenOptions::new().create(true).append(true).open(p));
+            match opened {
+                Ok(f) => self.file = Some(f),
                 Err(e) => slog::error!(self.log, "cannot open the access log"; "path" => %p.display(), "error" => %e),
             }
         }
@@ -310,7 +362,12 @@ impl Writer {
         match msg {
             Msg::Lines(text) => {
                 if let Some(f) = self.file.as_mut() {
-                    let _ = f.write_all(text.as_bytes());
+                    if f.write_all(text.as_bytes()).is_err() {
+                        // A full disk: the lines are lost, and counted.
+                        let n = text.lines().count() as u64;
+                        self.dropped.fetch_add(n, Relaxed);
+                        DROPPED_TOTAL.fetch_add(n, Relaxed);
+                    }
                 }
                 let Some(u) = &self.udp else { return };
                 for line in text.lines() {

@@ -2,7 +2,7 @@
 //! gives them their names (and their shared on/off flag, by position:
 //! append, never reorder, so a flag keeps its meaning across an upgrade).
 
-mod access_log;
+pub mod access_log;
 mod degrade;
 mod headers;
 mod quota;
