@@ -167,7 +167,10 @@ fn upgrade_with_a_configuration_the_new_binary_refuses_is_rolled_back() {
 fn old_generation_draining_leaves_the_oldbin_pid_file_of_a_later_upgrade_alone() {
     let a = Backend::start("A");
     // Long enough drain that generation 1 is still there during upgrade 2.
-    let mut m = MasterRun::start(&config(&a, 1).top("drain_timeout_ms = 2500"));
+    // The hanging upgrade 2 must still be pending when generation 1 exits:
+    // its timeout is far past generation 1's drain deadline, so a loaded
+    // machine cannot reorder the two.
+    let mut m = MasterRun::start(&config(&a, 1).top("drain_timeout_ms = 2500").top("upgrade_timeout_ms = 8000"));
     let gen1 = m.pid().unwrap();
     // An idle keep-alive connection keeps generation 1 draining until its deadline.
     let mut idle = m.client();
@@ -181,7 +184,7 @@ fn old_generation_draining_leaves_the_oldbin_pid_file_of_a_later_upgrade_alone()
     assert!(alive(gen1), "generation 1 drains");
 
     // Upgrade 2 with a binary that hangs: generation 2's pid file is
-    // .oldbin until the 3 s timeout; generation 1 exits meanwhile.
+    // .oldbin until the 8 s timeout; generation 1 exits meanwhile.
     m.install_script("#!/bin/sh\nexec sleep 60\n");
     let cfg = m.config_path().display().to_string();
     let pending = std::thread::spawn(move || run_pitcher(&["-c", &cfg, "-s", "upgrade"], Duration::from_secs(30)));
