@@ -96,7 +96,7 @@ enum Pumped {
 impl Core {
     /// `Proxy`: moves bytes both ways until nothing can move, the response
     /// is complete, or the exchange fails.
-    pub(super) fn step_proxy(&mut self, s: &mut Session, mut p: Proxying) -> Next {
+    pub(super) fn step_proxy(&mut self, s: &mut Session, mut p: Box<Proxying>) -> Next {
         loop {
             let mut moved = false;
             let u = &mut self.ups[p.up];
@@ -126,7 +126,7 @@ impl Core {
                 Ok(Pumped::Switch(Switch::Upgrade)) => {
                     let up = p.up;
                     let resp_eof = p.resp_eof;
-                    s.up_out = p.into_up_out();
+                    s.spare_proxy = Some(p.recycle());
                     return (State::Tunnel(Tunnel::new(up, resp_eof)), Step::Again);
                 }
                 Ok(Pumped::Switch(Switch::Answer(r))) => {
@@ -505,14 +505,14 @@ impl Core {
     /// Leaves `Proxy` without a tunnel: the backend connection goes back
     /// to its pool when `reusable`, else it is closed; the session keeps
     /// the head's allocation.
-    pub(super) fn leave_proxy(&mut self, s: &mut Session, p: Proxying, reusable: bool) {
+    pub(super) fn leave_proxy(&mut self, s: &mut Session, p: Box<Proxying>, reusable: bool) {
         self.release_upstream(s, p.up, reusable);
-        s.up_out = p.into_up_out();
+        s.spare_proxy = Some(p.recycle());
     }
 
     /// `Proxy` → end of the exchange: pool or close the upstream
     /// connection, then the next request or close.
-    fn finish(&mut self, s: &mut Session, p: Proxying) -> Next {
+    fn finish(&mut self, s: &mut Session, p: Box<Proxying>) -> Next {
         let reusable = p.upstream_keep && p.request_sent(&s.ex) && !p.resp_eof;
         self.leave_proxy(s, p, reusable);
         // Body bytes the backend did not take before answering are
@@ -530,7 +530,7 @@ impl Core {
 
     /// `Proxy` → a failure becomes a retry (`Proxy` on a new connection),
     /// an error response (`Local`), or a close.
-    fn fail(&mut self, s: &mut Session, p: Proxying, f: Fail) -> Next {
+    fn fail(&mut self, s: &mut Session, p: Box<Proxying>, f: Fail) -> Next {
         let started = p.resp_head_done || s.out_pos < s.out.len();
         let reused = self.ups[p.up].reused;
         match f {
@@ -623,7 +623,7 @@ impl Core {
     /// The same request again on a new connection (nothing of it was
     /// processed): `Proxy` again, or `Local` with `status_if_none` when no
     /// backend can be had. The failed connection is closed.
-    fn retry(&mut self, s: &mut Session, mut p: Proxying, status_if_none: u16) -> Next {
+    fn retry(&mut self, s: &mut Session, mut p: Box<Proxying>, status_if_none: u16) -> Next {
         self.release_upstream(s, p.up, false);
         p.up_out_pos = 0;
         p.resp_eof = false;
@@ -634,7 +634,7 @@ impl Core {
                 (State::Proxy(p), Step::Again)
             }
             Err(_) => {
-                s.up_out = p.into_up_out();
+                s.spare_proxy = Some(p.recycle());
                 self.respond(s, status_if_none)
             }
         }
@@ -669,7 +669,7 @@ impl Core {
     }
 
     /// `Proxy`'s deadline passed.
-    pub(super) fn proxy_timeout(&mut self, s: &mut Session, p: Proxying) -> Next {
+    pub(super) fn proxy_timeout(&mut self, s: &mut Session, p: Box<Proxying>) -> Next {
         if self.ups[p.up].connecting {
             return self.fail(s, p, Fail::ConnectTimeout);
         }
@@ -690,7 +690,7 @@ impl Core {
     /// client kept up (or the backend was the slow side). A body too slow
     /// is answered 408 (a close if anything of a response went out), and
     /// the backend connection it held is closed.
-    fn body_timeout(&mut self, s: &mut Session, mut p: Proxying) -> Next {
+    fn body_timeout(&mut self, s: &mut Session, mut p: Box<Proxying>) -> Next {
         let t = &s.snap.config.timeouts;
         let now = self.now;
         let window = t.client_body_rate_window;

@@ -186,7 +186,7 @@ impl Core {
         if s.req.head.get("x-pitcher-test-panic").is_some() {
             panic!("fault injection: X-Pitcher-Test-Panic");
         }
-        let mut p = Proxying::new(up, std::mem::take(&mut s.up_out));
+        let mut p = Proxying::start(s.spare_proxy.take(), up);
         if !s.ex.req_body.complete() {
             let t = &s.snap.config.timeouts;
             p.body_pace = Some(BodyPace {

@@ -21,7 +21,7 @@ use crate::net::{Peer, Readiness, Stream};
 
 use super::core::{Core, Snapshot};
 use super::exchange::Exchange;
-use super::state::{State, Step};
+use super::state::{Proxying, State, Step};
 use super::timer::Timed;
 
 /// A client connection.
@@ -64,9 +64,9 @@ pub struct Session {
     pub(super) write_interest: bool,
     /// Writes to the client since the connection's last exchange ended.
     pub(super) writes: u32,
-    /// The allocation of the request head for a backend while no exchange
-    /// holds it (`Proxy` takes it and gives it back).
-    pub(super) up_out: Vec<u8>,
+    /// The allocation of the exchange with a backend (and of its request
+    /// head) while no exchange holds it: `Proxy` takes it and gives it back.
+    pub(super) spare_proxy: Option<Box<Proxying>>,
     /// The current request's logger, built at its first log line
     /// (see `keys`).
     pub(super) log: Option<Logger>,
@@ -102,15 +102,21 @@ impl Session {
             write_blocked: false,
             write_interest: false,
             writes: 0,
-            up_out: spare.up_out,
+            spare_proxy: spare.spare_proxy,
             log: None,
         }
     }
 
     /// The allocations of a closing session, for the next one.
     pub(super) fn into_spare(self) -> Spare {
-        let mut sp =
-            Spare { out: self.out, req: self.req, resp: self.resp, ex: self.ex, vars: self.vars, up_out: self.up_out };
+        let mut sp = Spare {
+            out: self.out,
+            req: self.req,
+            resp: self.resp,
+            ex: self.ex,
+            vars: self.vars,
+            spare_proxy: self.spare_proxy,
+        };
         sp.out.clear();
         // The head, its normalised path, and where the scan of a head
         // still arriving stood.
@@ -118,7 +124,6 @@ impl Session {
         sp.resp.head.clear();
         sp.ex.reset();
         sp.vars.clear();
-        sp.up_out.clear();
         sp
     }
 
@@ -198,7 +203,7 @@ pub struct Spare {
     resp: ResponseHead,
     ex: Exchange,
     vars: Vars,
-    up_out: Vec<u8>,
+    spare_proxy: Option<Box<Proxying>>,
 }
 
 /// Reads from `stream` into `buf`: `Ok(Some(n))` bytes (0 = EOF),

@@ -48,7 +48,7 @@ pub enum State {
     Head { started: Option<Instant> },
     /// An exchange with a backend: its connection and the framing state
     /// of both directions.
-    Proxy(Proxying),
+    Proxy(Box<Proxying>),
     /// Writing a response Pitcher made; then the next request (`keep`)
     /// or the end of the connection.
     Local { keep: bool },
@@ -144,9 +144,23 @@ pub struct BodyPace {
 }
 
 impl Proxying {
-    /// An exchange over connection `up`; `up_out` is the (empty)
-    /// allocation the session keeps for the request head.
-    pub(super) fn new(up: usize, up_out: Vec<u8>) -> Proxying {
+    /// An exchange over connection `up`, in the allocation of the
+    /// session's previous exchange when there is one (`spare`): a state
+    /// that moves is then a pointer, and no request allocates one.
+    pub(super) fn start(spare: Option<Box<Proxying>>, up: usize) -> Box<Proxying> {
+        match spare {
+            Some(mut p) => {
+                let up_out = std::mem::take(&mut p.up_out);
+                *p = Proxying::fresh(up, up_out);
+                p
+            }
+            None => Box::new(Proxying::fresh(up, Vec::new())),
+        }
+    }
+
+    /// An exchange over connection `up`; `up_out` is an empty allocation
+    /// for the request head.
+    fn fresh(up: usize, up_out: Vec<u8>) -> Proxying {
         Proxying {
             up,
             up_out,
@@ -180,11 +194,11 @@ impl Proxying {
         self.up_out_pos == self.up_out.len() && ex.body_read()
     }
 
-    /// The allocation of `up_out`, emptied, for the session to keep.
-    pub(super) fn into_up_out(self) -> Vec<u8> {
-        let mut v = self.up_out;
-        v.clear();
-        v
+    /// This exchange's allocations, emptied, for the session to keep
+    /// for its next exchange.
+    pub(super) fn recycle(mut self: Box<Self>) -> Box<Self> {
+        self.up_out.clear();
+        self
     }
 }
 
