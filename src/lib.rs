@@ -16,5 +16,7 @@ pub mod master;
 pub mod net;
 pub mod router;
 pub mod shm;
+pub mod syslog;
+pub mod timefmt;
 pub mod upstream;
 pub mod worker;
