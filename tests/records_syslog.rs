@@ -194,3 +194,18 @@ fn error_log_shapes_are_checked_at_t() {
         }
     }
 }
+
+#[test]
+fn error_log_lines_carry_the_year_and_zone_and_notice_is_a_level() {
+    let be = backend();
+    let p = builder(&be).top("log_level = \"notice\"").start();
+    assert_eq!(get_once(p.addr(), "app.example", "/app/x").status, 200);
+    assert!(wait_until(WAIT, || !p.log().trim().is_empty()), "no error log line");
+    let log = p.log();
+    let line = log.lines().find(|l| l.contains("listening")).unwrap_or_else(|| panic!("{log}"));
+    let time = line.split(' ').next().unwrap_or("");
+    // 2026-12-02T18:17:00.123Z: year, and the zone (UTC).
+    assert!(time.len() == 24 && time.ends_with('Z') && time.as_bytes()[4] == b'-', "{line}");
+    let year: u32 = time[..4].parse().unwrap_or(0);
+    assert!(year >= 2024, "{line}");
+}
