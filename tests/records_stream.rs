@@ -139,10 +139,21 @@ fn the_receiver_prints_the_json_log_lines_of_the_same_requests_over_tcp() {
 }
 
 #[test]
-fn killing_and_restarting_the_receiver_loses_only_counted_records() {
+fn killing_and_restarting_the_receiver_loses_only_counted_records_over_unix() {
     let (_d, sock) = socket_dir();
-    let listen = format!("unix:{}", sock.display());
-    let r = Receiver::start(&listen);
+    kill_and_restart(&format!("unix:{}", sock.display()));
+}
+
+#[test]
+fn killing_and_restarting_the_receiver_loses_only_counted_records_over_tcp() {
+    kill_and_restart("tcp:127.0.0.1:0");
+}
+
+/// Records before, while and after the receiver is away; it comes back on
+/// the address it had (a kernel-picked port is bound again).
+fn kill_and_restart(listen: &str) {
+    let r = Receiver::start(listen);
+    let listen = r.addr.clone();
     let be = backend();
     let m = MasterRun::start(&builder(&be, &listen));
     let log = m.dir().join("access.log");

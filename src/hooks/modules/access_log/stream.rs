@@ -222,4 +222,37 @@ mod tests {
         c.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"two");
     }
+
+    /// The subtle case: a write into a TCP connection the receiver closed
+    /// succeeds (the reset comes later), so the batch would be lost without
+    /// being counted. The check before each batch sees the close.
+    #[test]
+    fn a_closed_tcp_receiver_is_noticed_before_a_batch_is_written_into_it() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut s = RecordStream::new(StreamAddr::Tcp(l.local_addr().unwrap()), log());
+        assert_eq!(s.send(b"one"), Sent::Delivered);
+        let (c, _) = l.accept().unwrap();
+        drop(c);
+        // Let the FIN arrive.
+        let gone = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(5));
+            s.conn.as_ref().is_some_and(Conn::peer_gone)
+        });
+        assert!(gone, "the close is seen");
+        assert_eq!(s.send(b"two"), Sent::Delivered);
+        l.set_nonblocking(true).unwrap();
+        let mut got = None;
+        for _ in 0..200 {
+            if let Ok((c, _)) = l.accept() {
+                got = Some(c);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut c = got.expect("\"two\" went over a new connection");
+        c.set_nonblocking(false).unwrap();
+        let mut b = [0u8; 3];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"two");
+    }
 }
