@@ -170,6 +170,11 @@ fn kill_and_restart(listen: &str) {
         assert_eq!(get(m.addr(), &format!("/app/away/{i}")).status, 200);
     }
     assert!(wait_until(WAIT, || dropped(&m) >= 1), "records lost while away are counted\n{}", m.log());
+    assert!(
+        wait_until(WAIT, || m.log().contains("records_dropped")),
+        "the writer says how many records it dropped\n{}",
+        m.log()
+    );
 
     // Back: the writer reconnects (after its back-off).
     let r = Receiver::start(&listen);

@@ -230,6 +230,8 @@ pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, String> {
         syslog: p.syslog.map(|(a, f, tag)| Syslog::new(a, f, &tag)),
         records: p.records.map(|a| RecordStream::new(a, b.log.clone())),
         dropped,
+        records_dropped: 0,
+        syslog_dropped: 0,
         log: b.log.clone(),
     };
     let handle = std::thread::Builder::new()

@@ -36,6 +36,10 @@ pub struct Writer {
     pub syslog: Option<Syslog>,
     pub records: Option<RecordStream>,
     pub dropped: Arc<AtomicU64>,
+    /// Of which: records not delivered to the receiver (away, stopped).
+    pub records_dropped: u64,
+    /// Of which: lines no syslog socket took.
+    pub syslog_dropped: u64,
     pub log: slog::Logger,
 }
 
@@ -54,7 +58,9 @@ impl Writer {
             }
             let dropped = self.dropped.load(Relaxed);
             if dropped > reported {
-                slog::warn!(self.log, "access log lines dropped (a target is slow or away)"; "dropped_total" => dropped);
+                slog::warn!(self.log, "access log lines dropped (a target is slow or away)";
+                    "dropped_total" => dropped, "records_dropped" => self.records_dropped,
+                    "syslog_dropped" => self.syslog_dropped);
                 reported = dropped;
                 crate::log::report_dropped(DROPPED_TOTAL.load(Relaxed));
             }
@@ -93,11 +99,13 @@ impl Writer {
                         }
                     }
                     if lost > 0 {
+                        self.syslog_dropped += lost;
                         count_dropped(&self.dropped, lost);
                     }
                 }
                 if let Some(r) = self.records.as_mut() {
                     if r.send(&records) == Sent::Dropped {
+                        self.records_dropped += lines;
                         count_dropped(&self.dropped, lines);
                     }
                 }
