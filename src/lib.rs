@@ -19,5 +19,7 @@ pub mod net;
 pub mod proxy;
 pub mod router;
 pub mod shm;
+pub mod syslog;
+pub mod timefmt;
 pub mod upstream;
 pub mod worker;

@@ -1,7 +1,11 @@
 //! The error log: `slog` with a plain-text formatter behind an async drain,
 //! so that a slow terminal or disk never blocks an event loop (records are
 //! dropped, and counted by slog-async, when its queue is full). A file log
-//! can be reopened in place (SIGUSR1, for logrotate).
+//! can be reopened in place (SIGUSR1, for logrotate). Lines start with the
+//! time in RFC 3339 with the year and the zone (UTC: `Z`). The error log
+//! can also go to syslog (`error_log = "syslog:udp:IP:PORT"` or
+//! `"syslog:unix:/dev/log"`, [`SyslogDrain`]), sent from the async drain's
+//! thread.
 //!
 //! Also the table of files the master opened for this worker process
 //! ([`take_over`], [`handed_file`]): a worker running as an unprivileged
@@ -11,7 +15,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use slog::{Drain, Logger};
 
@@ -138,21 +144,90 @@ impl Log {
     }
 }
 
+/// The time at the start of each line: `2026-12-02T18:17:00.123Z`.
+fn timestamp(w: &mut dyn Write) -> io::Result<()> {
+    w.write_all(crate::timefmt::iso8601(SystemTime::now()).as_bytes())
+}
+
+/// Error log lines that syslog did not take (no server, no `/dev/log`):
+/// they are written to stderr instead, and counted.
+pub static SYSLOG_LOST: AtomicU64 = AtomicU64::new(0);
+
+/// The error log as RFC 5424 syslog datagrams (facility daemon, APP-NAME
+/// `pitcher`, MSGID `error`): `message key=value ...`.
+pub struct SyslogDrain {
+    syslog: Mutex<crate::syslog::Syslog>,
+}
+
+impl SyslogDrain {
+    pub fn new(addr: crate::syslog::SyslogAddr) -> SyslogDrain {
+        SyslogDrain { syslog: Mutex::new(crate::syslog::Syslog::new(addr, 3, "pitcher")) }
+    }
+}
+
+/// `key=value` pairs appended to a line.
+struct Pairs<'a>(&'a mut String);
+
+impl slog::Serializer for Pairs<'_> {
+    fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments<'_>) -> slog::Result {
+        use std::fmt::Write as _;
+        let _ = write!(self.0, " {key}={val}");
+        Ok(())
+    }
+}
+
+impl Drain for SyslogDrain {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(&self, record: &slog::Record<'_>, values: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        use crate::syslog::severity;
+        use slog::KV;
+        let mut line = record.msg().to_string();
+        let _ = record.kv().serialize(record, &mut Pairs(&mut line));
+        let _ = values.serialize(record, &mut Pairs(&mut line));
+        let sev = match record.level() {
+            slog::Level::Critical => severity::CRIT,
+            slog::Level::Error => severity::ERR,
+            slog::Level::Warning => severity::WARNING,
+            slog::Level::Info => severity::INFO,
+            slog::Level::Debug | slog::Level::Trace => severity::DEBUG,
+        };
+        let sent = match self.syslog.lock() {
+            Ok(mut s) => s.send(sev, "error", &line).is_ok(),
+            Err(_) => false,
+        };
+        if !sent {
+            let lost = SYSLOG_LOST.fetch_add(1, Relaxed) + 1;
+            eprintln!(
+                "{} {} (syslog unreachable; {lost} error log lines sent here instead)",
+                record.level().as_short_str(),
+                line
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Builds the root logger for a process.
 pub fn build(target: &LogTarget, level: slog::Level, process: &'static str) -> io::Result<Log> {
     let (drain, guard, file) = match target {
         LogTarget::Stderr => {
             let decorator = slog_term::PlainSyncDecorator::new(io::stderr());
-            let fmt = slog_term::FullFormat::new(decorator).build().fuse();
+            let fmt = slog_term::FullFormat::new(decorator).use_custom_timestamp(timestamp).build().fuse();
             let (d, g) = slog_async::Async::new(fmt).chan_size(QUEUE).build_with_guard();
             (d, g, None)
         }
         LogTarget::File(path) => {
             let file = LogFile::open(path)?;
             let decorator = slog_term::PlainSyncDecorator::new(file.clone());
-            let fmt = slog_term::FullFormat::new(decorator).build().fuse();
+            let fmt = slog_term::FullFormat::new(decorator).use_custom_timestamp(timestamp).build().fuse();
             let (d, g) = slog_async::Async::new(fmt).chan_size(QUEUE).build_with_guard();
             (d, g, Some(file))
+        }
+        LogTarget::Syslog(addr) => {
+            let (d, g) = slog_async::Async::new(SyslogDrain::new(addr.clone())).chan_size(QUEUE).build_with_guard();
+            (d, g, None)
         }
     };
     let drain = drain.filter_level(level).fuse();

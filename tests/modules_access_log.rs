@@ -1,5 +1,5 @@
 //! The `access_log` module with the real binary: one line per request, as
-//! JSON or in the combined format, in a file and at a syslog server over
+//! JSON, in nginx's combined format or a custom one, in a file and at a syslog server over
 //! UDP; the file is reopened on SIGUSR1 (`pitcher -s reopen`) after
 //! logrotate renamed it; a log file that cannot be opened never holds up a
 //! request.
@@ -121,27 +121,56 @@ fn pitchers_own_answers_are_logged_with_the_body_bytes_sent() {
     assert_eq!(v["bytes"].as_u64(), Some(r.body.len() as u64), "{v}");
 }
 
+/// The standard regex for nginx's combined log format.
+const COMBINED: &str = r#"^(\S+) (\S+) (\S+) \[(\d{2})/([A-Z][a-z]{2})/(\d{4}):(\d{2}):(\d{2}):(\d{2}) ([+-]\d{4})\] "(\S+) (\S+) (\S+)" (\d{3}) (\d+) "([^"]*)" "([^"]*)"$"#;
+
 #[test]
-fn combined_lines_follow_the_combined_format_plus_timings_and_backend() {
+fn combined_lines_are_nginxs_combined_format_exactly() {
     let be = backend();
     let p = config(&be, "[modules.access_log]\npath = \"@DIR@/access.log\"\nformat = \"combined\"").start();
     let log = p.dir().join("access.log");
+    let re = regex::Regex::new(COMBINED).expect("regex");
 
     assert_ok_body(&send(p.addr(), "GET", "/app/slow/c?x=1", b""), b"ok from a");
     let line = wait_line(&log, "/app/slow/c");
-    assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
-    assert!(line.contains("] \"GET /app/slow/c?x=1 HTTP/1.1\" 200 9 \"http://ref.example/\" \"probe/1.0\" "), "{line}");
-    assert!(line.contains(&format!(" backend={} ", be.spec())), "{line}");
-    let field = |k: &str| -> f64 {
-        let v = line.split(&format!(" {k}=")).nth(1).and_then(|r| r.split(' ').next()).unwrap_or("");
-        v.parse().unwrap_or_else(|_| panic!("{k}= is {v:?} in {line}"))
-    };
-    let (rt, urt) = (field("rt"), field("urt"));
-    assert!(urt >= 0.05 && rt >= urt, "seconds: rt={rt} urt={urt} in {line}");
+    let c = re.captures(&line).unwrap_or_else(|| panic!("not a combined line: {line}"));
+    let year: i32 = c[6].parse().expect("year");
+    assert!(year >= 2024, "{line}");
+    assert_eq!(
+        (&c[1], &c[2], &c[3], &c[11], &c[12], &c[13], &c[14], &c[15], &c[16], &c[17]),
+        ("127.0.0.1", "-", "-", "GET", "/app/slow/c?x=1", "HTTP/1.1", "200", "9", "http://ref.example/", "probe/1.0"),
+        "{line}"
+    );
 
     assert_eq!(send(p.addr(), "GET", "/nowhere", b"").status, 404);
     let line = wait_line(&log, "/nowhere");
-    assert!(line.contains("\"GET /nowhere HTTP/1.1\" 404 ") && line.contains(" backend=- urt=-"), "{line}");
+    let c = re.captures(&line).unwrap_or_else(|| panic!("not a combined line: {line}"));
+    assert_eq!((&c[12], &c[14]), ("/nowhere", "404"), "{line}");
+}
+
+#[test]
+fn custom_lines_fill_named_variables_with_timings_and_backend() {
+    let be = backend();
+    let module = "[modules.access_log]\npath = \"@DIR@/access.log\"\nformat = \"custom\"\n\
+        custom = \"$remote_addr|$request|$status|$body_bytes_sent|$upstream_addr|$upstream_response_time|$request_time|$http_user_agent|$request_id|$route\"";
+    let p = config(&be, module).start();
+    let log = p.dir().join("access.log");
+
+    let r = send(p.addr(), "GET", "/app/slow/custom", b"");
+    assert_ok_body(&r, b"ok from a");
+    let line = wait_line(&log, "/app/slow/custom");
+    let f: Vec<&str> = line.split('|').collect();
+    assert_eq!(f.len(), 10, "{line}");
+    assert_eq!(&f[..5], &["127.0.0.1", "GET /app/slow/custom HTTP/1.1", "200", "9", be.spec().as_str()], "{line}");
+    let (urt, rt): (f64, f64) = (f[5].parse().expect("urt"), f[6].parse().expect("rt"));
+    assert!(urt >= 0.05 && rt >= urt, "seconds: {line}");
+    assert_eq!(f[7], "probe/1.0", "{line}");
+    assert!(f[8].len() >= 8 && f[8] != "-", "Pitcher's request id: {line}");
+
+    assert_eq!(send(p.addr(), "GET", "/nowhere", b"").status, 404);
+    let line = wait_line(&log, "/nowhere");
+    let f: Vec<&str> = line.split('|').collect();
+    assert_eq!((f[4], f[5], f[9]), ("-", "-", "-"), "no backend, no route: {line}");
 }
 
 #[test]

@@ -69,6 +69,9 @@ impl<'de> Deserialize<'de> for Workers {
 pub enum LogTarget {
     Stderr,
     File(PathBuf),
+    /// `syslog:udp:IP:PORT` or `syslog:unix:/dev/log` (RFC 5424, facility
+    /// daemon, APP-NAME pitcher).
+    Syslog(crate::syslog::SyslogAddr),
 }
 
 /// The file as written. Every field is documented in `conf/pitcher.toml`.
@@ -386,19 +389,24 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
             "critical" | "crit" => slog::Level::Critical,
             "error" => slog::Level::Error,
             "warn" | "warning" => slog::Level::Warning,
-            "info" => slog::Level::Info,
+            // nginx's `notice` (start, reload, exit messages) is our info.
+            "notice" | "info" => slog::Level::Info,
             "debug" => slog::Level::Debug,
             "trace" => slog::Level::Trace,
             other => {
                 return Err((
                     Some(s.span()),
-                    format!("log_level {other:?}: expected one of critical, error, warn, info, debug, trace"),
+                    format!("log_level {other:?}: expected one of crit, error, warn, notice, info, debug, trace"),
                 ))
             }
         },
     };
     let error_log = match f.error_log.as_deref() {
         None | Some("stderr") => LogTarget::Stderr,
+        Some(s) if s.starts_with("syslog:") => match crate::syslog::SyslogAddr::parse(&s["syslog:".len()..]) {
+            Ok(a) => LogTarget::Syslog(a),
+            Err(e) => return Err((None, format!("error_log = {e} after \"syslog:\""))),
+        },
         Some(p) => LogTarget::File(PathBuf::from(p)),
     };
 

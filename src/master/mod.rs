@@ -514,7 +514,7 @@ impl Master {
         let mut files = Vec::new();
         let error_log = match &self.config.error_log {
             crate::config::LogTarget::File(p) => Some(p.clone()),
-            crate::config::LogTarget::Stderr => None,
+            crate::config::LogTarget::Stderr | crate::config::LogTarget::Syslog(_) => None,
         };
         for p in error_log.into_iter().chain(crate::hooks::modules::access_log::files(&self.config)) {
             let opened = std::fs::OpenOptions::new()
@@ -755,7 +755,7 @@ impl Master {
                     None
                 }
             },
-            crate::config::LogTarget::Stderr => None,
+            crate::config::LogTarget::Stderr | crate::config::LogTarget::Syslog(_) => None,
         };
         let fds: Vec<RawFd> = file.iter().map(|f| f.as_raw_fd()).collect();
         for p in self.slots.iter().filter_map(|s| s.proc.as_ref()).chain(self.retiring.iter()) {
