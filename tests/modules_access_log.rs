@@ -152,7 +152,7 @@ fn combined_lines_are_nginxs_combined_format_exactly() {
 fn custom_lines_fill_named_variables_with_timings_and_backend() {
     let be = backend();
     let module = "[modules.access_log]\npath = \"@DIR@/access.log\"\nformat = \"custom\"\n\
-        custom = \"$remote_addr|$request|$status|$body_bytes_sent|$upstream_addr|$upstream_response_time|$request_time|$http_user_agent|$request_id|$route\"";
+        custom = \"$remote_addr|$request|$status|$body_bytes_sent|$upstream_addr|$upstream_response_time|$request_time|$http_user_agent|$request_id|$route|$http_connection|$http_X_Absent\"";
     let p = config(&be, module).start();
     let log = p.dir().join("access.log");
 
@@ -160,12 +160,14 @@ fn custom_lines_fill_named_variables_with_timings_and_backend() {
     assert_ok_body(&r, b"ok from a");
     let line = wait_line(&log, "/app/slow/custom");
     let f: Vec<&str> = line.split('|').collect();
-    assert_eq!(f.len(), 10, "{line}");
+    assert_eq!(f.len(), 12, "{line}");
     assert_eq!(&f[..5], &["127.0.0.1", "GET /app/slow/custom HTTP/1.1", "200", "9", be.spec().as_str()], "{line}");
     let (urt, rt): (f64, f64) = (f[5].parse().expect("urt"), f[6].parse().expect("rt"));
     assert!(urt >= 0.05 && rt >= urt, "seconds: {line}");
     assert_eq!(f[7], "probe/1.0", "{line}");
     assert!(f[8].len() >= 8 && f[8] != "-", "Pitcher's request id: {line}");
+    // Any field by name ($http_NAME, `_` read as `-`), and "-" when absent.
+    assert_eq!((f[10], f[11]), ("close", "-"), "{line}");
 
     assert_eq!(send(p.addr(), "GET", "/nowhere", b"").status, 404);
     let line = wait_line(&log, "/nowhere");

@@ -215,6 +215,8 @@ pub struct Finished<'a> {
     pub referer: &'a [u8],
     /// The request's X-Request-Id (Pitcher's, or the client's).
     pub request_id: &'a [u8],
+    /// Every field of the request head, as forwarded (`$http_NAME`).
+    pub headers: &'a crate::http::head::Head,
 }
 
 /// A client connection, for ACCEPT and FINISH.

@@ -171,6 +171,7 @@ impl Core {
             user_agent: s.req.head.get("user-agent").unwrap_or(b""),
             referer: s.req.head.get("referer").unwrap_or(b""),
             request_id: s.req.head.get("x-request-id").unwrap_or(b""),
+            headers: &s.req.head,
         };
         let at = AtRequest {
             route: s.ex.route,

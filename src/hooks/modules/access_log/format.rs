@@ -24,6 +24,9 @@ pub enum Format {
 pub enum Part {
     Text(String),
     Var(Var),
+    /// `$http_NAME` for a field without a variable of its own: the
+    /// field's name, lower case with `_` read as `-` (nginx's rule).
+    Header(String),
 }
 
 /// The variables of a custom format (nginx's names).
@@ -93,6 +96,7 @@ impl Format {
                     match p {
                         Part::Text(t) => o.push_str(t),
                         Part::Var(v) => var(o, *v, clock, d, ctx),
+                        Part::Header(name) => esc(o, d.headers.get(name).unwrap_or(b"-")),
                     }
                 }
             }
@@ -120,14 +124,23 @@ fn parse_custom(t: &str) -> Result<Vec<Part>, String> {
             let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
             (&rest[..end], &rest[end..])
         };
-        let v = VARS.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).ok_or_else(|| {
-            let known: Vec<&str> = VARS.iter().map(|(n, _)| *n).collect();
-            format!("custom: unknown variable ${name}; known: ${}", known.join(", $"))
-        })?;
+        let part = match VARS.iter().find(|(n, _)| *n == name) {
+            Some((_, v)) => Part::Var(*v),
+            None => match name.strip_prefix("http_") {
+                Some(field) if !field.is_empty() => Part::Header(field.to_ascii_lowercase().replace('_', "-")),
+                _ => {
+                    let known: Vec<&str> = VARS.iter().map(|(n, _)| *n).collect();
+                    return Err(format!(
+                        "custom: unknown variable ${name}; known: $http_NAME (any request field), ${}",
+                        known.join(", $")
+                    ));
+                }
+            },
+        };
         if !text.is_empty() {
             parts.push(Part::Text(std::mem::take(&mut text)));
         }
-        parts.push(Part::Var(v));
+        parts.push(part);
         rest = after;
     }
     text.push_str(rest);
