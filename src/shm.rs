@@ -21,7 +21,8 @@
 //! another's slots.
 //!
 //! Owns: the region's layout, creating, sealing and mapping it, worker
-//! places, the key hash, the shared clock.
+//! places, the key hash, the shared clock, the table of backend slots
+//! ([`SlotTable`]).
 //! Must not: hold policy (what counts as a failure lives in `health`).
 
 use std::io;
@@ -33,6 +34,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+
+mod slots;
+pub use slots::SlotTable;
 
 /// Backend slots in a region; addresses get slots for the instance's life.
 pub const MAX_BACKENDS: usize = 4096;

@@ -67,7 +67,9 @@ impl<'de> Deserialize<'de> for Workers {
 /// Where the error log goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogTarget {
+    /// The standard error of the process.
     Stderr,
+    /// A file, appended to.
     File(PathBuf),
 }
 
@@ -319,6 +321,24 @@ pub const MIN_HEADER_BYTES: usize = 1024;
 pub const MAX_HEADER_BYTES: usize = 1 << 20;
 
 impl Config {
+    /// The files the master opens for its workers (which may run as a user
+    /// that cannot open them): the error log, then the `path` of every
+    /// enabled access log. Read from the settings as written (the module
+    /// checked them when the configuration was validated), so that the
+    /// master needs nothing of the modules to find them.
+    pub fn log_files(&self) -> Vec<PathBuf> {
+        let error_log = match &self.error_log {
+            LogTarget::File(p) => Some(p.clone()),
+            LogTarget::Stderr => None,
+        };
+        let access_logs = self
+            .modules
+            .iter()
+            .filter(|m| m.enabled && m.name == "access_log")
+            .filter_map(|m| m.settings.get("path")?.as_str().map(PathBuf::from));
+        error_log.into_iter().chain(access_logs).collect()
+    }
+
     /// Reads and validates a configuration file and the files it includes,
     /// with `${VAR}` from the environment (see [`include`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {

@@ -36,6 +36,99 @@ use crate::config::{Config, ModuleConfig, RouteConfig};
 use crate::http::{RequestHead, ResponseHead};
 use crate::shm::Shared;
 
+/// What is wrong with a module's settings (its `[modules.NAME]` table), or
+/// why it could not start. The table's file and line are added by
+/// [`ModuleError`].
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The table does not fit the module's settings: an unknown key, a
+    /// value of the wrong type, a missing key.
+    #[error("{message}")]
+    Table {
+        /// The parser's message.
+        message: String,
+    },
+    /// A value over its bound.
+    #[error("{name} = {value} is over the limit of {max}")]
+    OverLimit {
+        /// The setting.
+        name: &'static str,
+        /// Its value.
+        value: u64,
+        /// The largest value accepted.
+        max: u64,
+    },
+    /// A value, or a combination of values, the module refuses.
+    #[error("{reason}")]
+    Invalid {
+        /// What is wrong, naming the setting.
+        reason: String,
+    },
+    /// The module could not start what it needs (a writer thread).
+    #[error("cannot start the {what}: {source}")]
+    Start {
+        /// What could not be started.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl From<String> for SettingsError {
+    fn from(reason: String) -> SettingsError {
+        SettingsError::Invalid { reason }
+    }
+}
+
+impl From<&str> for SettingsError {
+    fn from(reason: &str) -> SettingsError {
+        SettingsError::Invalid { reason: reason.to_string() }
+    }
+}
+
+/// Bridge for module code that still reports its settings' errors as text.
+impl From<SettingsError> for String {
+    fn from(e: SettingsError) -> String {
+        e.to_string()
+    }
+}
+
+/// A module table that cannot be loaded, with the file and line of the
+/// table: `FILE:LINE: [modules.NAME]: PROBLEM`.
+#[derive(Debug, thiserror::Error)]
+#[error("{}:{line}: [modules.{module}]: {problem}", file.display())]
+pub struct ModuleError {
+    /// The file that holds the table.
+    pub file: std::path::PathBuf,
+    /// The table's 1-based line.
+    pub line: usize,
+    /// The module's name as written.
+    pub module: String,
+    /// What is wrong.
+    pub problem: ModuleProblem,
+}
+
+/// What is wrong with one module table.
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleProblem {
+    /// No module of that name is compiled in.
+    #[error("no such module (compiled in: {})", known.join(", "))]
+    Unknown {
+        /// The modules that are.
+        known: Vec<&'static str>,
+    },
+    /// The module refused its settings.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+}
+
+/// Bridge for callers that report errors as text (the worker's snapshot).
+impl From<ModuleError> for String {
+    fn from(e: ModuleError) -> String {
+        e.to_string()
+    }
+}
+
 /// The six hook points, in the order a request meets them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Point {
@@ -262,7 +355,7 @@ pub struct Registration {
 }
 
 /// Builds a module from its table; the error says what is wrong with it.
-pub type BuildFn = fn(&ModuleConfig, &Build) -> Result<Arc<dyn Module>, String>;
+pub type BuildFn = fn(&ModuleConfig, &Build) -> Result<Arc<dyn Module>, SettingsError>;
 
 /// What a module may use when it is built.
 pub struct Build<'a> {
@@ -332,26 +425,28 @@ impl std::fmt::Debug for Modules {
 impl Modules {
     /// Builds the enabled modules of `config`. Errors name the module's
     /// table and line.
-    pub fn build(config: &Config, shared: &'static Shared, log: &Logger) -> Result<Modules, String> {
+    pub fn build(config: &Config, shared: &'static Shared, log: &Logger) -> Result<Modules, ModuleError> {
         Modules::build_with(config, shared, log, false)
     }
 
-    fn build_with(config: &Config, shared: &'static Shared, log: &Logger, check_only: bool) -> Result<Modules, String> {
+    fn build_with(
+        config: &Config,
+        shared: &'static Shared,
+        log: &Logger,
+        check_only: bool,
+    ) -> Result<Modules, ModuleError> {
         let mut out = Modules::default();
         let b = Build { config, shared, log, check_only };
         for mc in config.modules.iter().filter(|m| m.enabled) {
-            let flag = registry_index(&mc.name).ok_or_else(|| {
-                let known: Vec<&str> = registry().iter().map(|r| r.name).collect();
-                format!(
-                    "{}:{}: [modules.{}]: no such module (compiled in: {})",
-                    mc.file.display(),
-                    mc.line,
-                    mc.name,
-                    known.join(", ")
-                )
-            })?;
-            let module = (registry()[flag].build)(mc, &b)
-                .map_err(|e| format!("{}:{}: [modules.{}]: {e}", mc.file.display(), mc.line, mc.name))?;
+            let error = |problem: ModuleProblem| ModuleError {
+                file: mc.file.clone(),
+                line: mc.line,
+                module: mc.name.clone(),
+                problem,
+            };
+            let flag = registry_index(&mc.name)
+                .ok_or_else(|| error(ModuleProblem::Unknown { known: registry().iter().map(|r| r.name).collect() }))?;
+            let module = (registry()[flag].build)(mc, &b).map_err(|e| error(e.into()))?;
             out.loaded.push(Loaded { name: registry()[flag].name, module, flag, essential: mc.essential });
         }
         let all: Vec<usize> = (0..out.loaded.len()).collect();
@@ -406,7 +501,7 @@ impl Modules {
 
 /// Checks the module tables of a configuration (for `-t` and reloads) by
 /// building every enabled module; nothing is written to `shared`.
-pub fn validate(config: &Config, shared: &'static Shared) -> Result<(), String> {
+pub fn validate(config: &Config, shared: &'static Shared) -> Result<(), ModuleError> {
     let log = Logger::root(slog::Discard, slog::o!());
     Modules::build_with(config, shared, &log, true).map(|_| ())
 }
@@ -437,10 +532,14 @@ mod tests {
             "[[listeners]]\naddress = \"127.0.0.1:1\"\n[[clusters]]\nname = \"a\"\nbackends = [\"127.0.0.1:2\"]\n";
         let c = Config::parse(std::path::Path::new("x.toml"), &format!("{base}[modules.nosuch]\n")).unwrap();
         let e = validate(&c, shared).unwrap_err();
+        assert!(matches!(e.problem, ModuleProblem::Unknown { .. }) && e.line == 6, "{e}");
+        let e = e.to_string();
         assert!(e.starts_with("x.toml:6: [modules.nosuch]: no such module"), "{e}");
         let c =
             Config::parse(std::path::Path::new("x.toml"), &format!("{base}[modules.throttle]\nburst = 1\n")).unwrap();
         let e = validate(&c, shared).unwrap_err();
+        assert!(matches!(e.problem, ModuleProblem::Settings(SettingsError::Table { .. })), "{e}");
+        let e = e.to_string();
         assert!(e.contains("x.toml:6: [modules.throttle]") && e.contains("rate_per_sec"), "{e}");
     }
 }

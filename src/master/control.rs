@@ -238,8 +238,8 @@ impl Master {
                     deadline: Instant::now() + RELOAD_CONFIRM,
                 }),
                 Err(e) => {
-                    slog::error!(self.logger(), "reload refused; the running configuration stays"; "error" => &e);
-                    answer(stream, &Reply::err(e));
+                    slog::error!(self.logger(), "reload refused; the running configuration stays"; "error" => %e);
+                    answer(stream, &Reply::err(e.to_string()));
                 }
             },
             "upgrade" => match self.start_upgrade(Some(stream)) {

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::config::ModuleConfig;
-use crate::hooks::{Build, Ctx, Module, Point, Response, Verdict};
+use crate::hooks::{Build, Ctx, Module, Point, Response, SettingsError, Verdict};
 use crate::http::RequestHead;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,7 +86,7 @@ impl DegradeSettings {
         super::settings(&m.settings).ok()
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), SettingsError> {
         if self.busy_low_percent > self.busy_high_percent || self.in_flight_low > self.in_flight_high {
             return Err("the *_low thresholds must not exceed the *_high ones".into());
         }
@@ -104,7 +104,7 @@ struct Degrade {
     status: u16,
 }
 
-pub fn build(c: &ModuleConfig, _: &Build) -> Result<Arc<dyn Module>, String> {
+pub fn build(c: &ModuleConfig, _: &Build) -> Result<Arc<dyn Module>, SettingsError> {
     let s: DegradeSettings = super::settings(&c.settings)?;
     s.check()?;
     Ok(Arc::new(Degrade { status: s.status }))
