@@ -122,6 +122,7 @@ impl Write for LogFile {
 
 /// A process's root logger and what keeps it alive.
 pub struct Log {
+    /// The logger to write to.
     pub logger: Logger,
     /// Present when logging to a file: reopen it on SIGUSR1.
     pub file: Option<LogFile>,

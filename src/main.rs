@@ -201,7 +201,9 @@ fn run(cli: &Cli) -> Result<ExitCode, MainError> {
         Err(e) => return Err(e.into()),
     };
     if cli.test {
-        files.iter().for_each(|f| println!("pitcher: read {}", f.display()));
+        for f in &files {
+            println!("pitcher: read {}", f.display());
+        }
         println!("pitcher: configuration ok: {}", path.display());
         return Ok(ExitCode::SUCCESS);
     }
@@ -363,7 +365,7 @@ const WRITERS_AT_EXIT: Duration = Duration::from_secs(2);
 /// TERM/INT stop at once, QUIT drains; HUP, USR1 and USR2 are the
 /// master's business and must not kill a worker that receives them.
 fn worker_signals() -> std::io::Result<(Arc<AtomicBool>, Arc<AtomicBool>)> {
-    use signal_hook::consts::*;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
     let stop = Arc::new(AtomicBool::new(false));
     let quit = Arc::new(AtomicBool::new(false));
     let ignored = Arc::new(AtomicBool::new(false));

@@ -22,6 +22,7 @@ pub use crate::shm::SlotTable;
 /// The worker's state for one backend address.
 #[derive(Debug)]
 pub struct BackendRt {
+    /// The backend's address.
     pub addr: BackendAddr,
     /// `addr` as text (for logs and modules, without formatting each time).
     pub name: String,
@@ -59,6 +60,7 @@ impl BackendRt {
 
 /// Gives the shared-memory slot of a backend address.
 pub trait SlotMap {
+    /// The state of `addr`, or `None` when it has no slot.
     fn slot(&mut self, addr: &BackendAddr) -> Option<&'static BackendShm>;
 }
 
@@ -99,10 +101,12 @@ impl Backends {
         id
     }
 
+    /// The backend of id `id`.
     pub fn get(&self, id: usize) -> &BackendRt {
         &self.list[id]
     }
 
+    /// The backend of id `id`, to change.
     pub fn get_mut(&mut self, id: usize) -> &mut BackendRt {
         &mut self.list[id]
     }
@@ -133,7 +137,9 @@ fn overflow_slot() -> &'static BackendShm {
 pub struct Member {
     /// Id in the worker's [`Backends`].
     pub id: usize,
+    /// Its weight (traffic share).
     pub weight: i64,
+    /// Its shared state.
     pub shm: &'static BackendShm,
     /// Smooth WRR running weight. Atomic only so that a snapshot is `Sync`
     /// (one worker thread uses it; relaxed loads and stores are plain moves).
@@ -148,16 +154,27 @@ const RING_POINTS: usize = 64;
 /// A cluster of one configuration snapshot.
 #[derive(Debug)]
 pub struct Cluster {
+    /// The cluster's name.
     pub name: String,
+    /// Its backends.
     pub members: Vec<Member>,
+    /// Idle connections kept per backend.
     pub keepalive: usize,
+    /// How long an idle connection is kept.
     pub keepalive_timeout: Duration,
+    /// Other backends a failed request may be tried on.
     pub retries: u32,
+    /// Retries happen only this soon after the request started.
     pub retry_budget: Duration,
+    /// How requests are spread.
     pub lb: Balance,
+    /// What a `hash` cluster hashes.
     pub hash_key: HashKey,
+    /// Slow-start ramp, in ms (0: none).
     pub slow_start_ms: u64,
+    /// Active health check (done by the master).
     pub health_check: Option<HealthCheck>,
+    /// Passive failure detection.
     pub passive: Passive,
     /// Consistent-hash ring: (point, member index), sorted by point.
     ring: Vec<(u64, usize)>,
@@ -166,6 +183,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The cluster of `c`, its backends given ids in `backends` and slots by `slots`.
     pub fn new(c: &ClusterConfig, backends: &mut Backends, slots: &mut dyn SlotMap) -> Cluster {
         let members: Vec<Member> = c
             .backends
@@ -332,8 +350,11 @@ pub fn hash64<T: Hash>(v: &T) -> u64 {
 /// The outcome of one request to a backend, for passive detection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// A response that is not a 5xx.
     Success,
+    /// The connection failed.
     ConnectError,
+    /// A connect, read or write timed out.
     Timeout,
     /// A 5xx status from the backend.
     ServerError,

@@ -25,9 +25,11 @@ pub use upstream::{Balance, HashKey, HealthCheck, Passive};
 /// A configuration that was refused, with where and why.
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct ConfigError {
+    /// The file at fault (the main file or an included one).
     pub file: PathBuf,
     /// 1-based line and column, when the error has a place in the file.
     pub line_col: Option<(usize, usize)>,
+    /// What is wrong.
     pub reason: String,
 }
 
@@ -43,7 +45,9 @@ impl fmt::Display for ConfigError {
 /// Number of worker processes: a count or `"auto"` (one per core).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workers {
+    /// One worker per core.
     Auto,
+    /// This many workers.
     Count(usize),
 }
 
@@ -170,6 +174,7 @@ struct FileLimits {
 /// A listening socket to bind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerConfig {
+    /// Where to listen.
     pub address: ListenAddr,
     /// `listen(2)` backlog.
     pub backlog: u32,
@@ -178,7 +183,9 @@ pub struct ListenerConfig {
 /// A named group of backends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
+    /// The name routes refer to.
     pub name: String,
+    /// Its backends, with their weights.
     pub backends: Vec<BackendSpec>,
     /// Idle upstream connections kept per backend, per worker.
     pub keepalive: usize,
@@ -190,12 +197,16 @@ pub struct ClusterConfig {
     pub retries: u32,
     /// Retries happen only this soon after the request started.
     pub retry_budget: Duration,
+    /// How requests are spread over the backends.
     pub lb: Balance,
+    /// What a `hash` cluster hashes.
     pub hash_key: HashKey,
     /// Traffic to a backend that was added, re-admitted or came back up
     /// ramps linearly over this time (zero: no ramp).
     pub slow_start: Duration,
+    /// Active health check done by the master (`None`: none).
     pub health_check: Option<HealthCheck>,
+    /// Passive failure detection from real traffic.
     pub passive: Passive,
 }
 
@@ -215,7 +226,9 @@ pub enum HostMatch {
 pub struct RouteConfig {
     /// For logs and quotas: `name`, or `route<N>` (1-based, in file order).
     pub name: String,
+    /// Which hosts the route matches.
     pub host: HostMatch,
+    /// Path prefix the route matches (`/` matches every path).
     pub path_prefix: String,
     /// Index into [`Config::clusters`].
     pub cluster: usize,
@@ -228,7 +241,9 @@ pub struct RouteConfig {
 /// One `[modules.NAME]` table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModuleConfig {
+    /// The module's name (the table's key).
     pub name: String,
+    /// Loaded at all (`enabled = false` keeps the table but not the module).
     pub enabled: bool,
     /// Non-essential modules are switched off under overload.
     pub essential: bool,
@@ -259,6 +274,7 @@ pub struct Timeouts {
     pub client_write: Duration,
     /// Idle time allowed between requests on a client connection.
     pub keepalive_idle: Duration,
+    /// Longest wait for a connection to a backend.
     pub upstream_connect: Duration,
     /// Longest wait for the next bytes of a response from a backend.
     pub upstream_read: Duration,
@@ -271,8 +287,11 @@ pub struct Timeouts {
 /// Size limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
+    /// Largest request or response head, in bytes.
     pub max_header_bytes: usize,
+    /// Most header fields in a head.
     pub max_headers: usize,
+    /// Largest request body, in bytes (413 beyond).
     pub max_body_bytes: u64,
     /// Client connections per worker.
     pub max_connections: usize,
@@ -283,13 +302,21 @@ pub struct Limits {
 pub struct Config {
     /// The file it was read from (for messages and reloads).
     pub source: PathBuf,
+    /// Worker processes (`auto` resolved to the number of cores).
     pub workers: usize,
+    /// The master's pid file (locked while it runs).
     pub pid_file: PathBuf,
+    /// The master's control socket (`ctl`, `-s`).
     pub control_socket: PathBuf,
+    /// Where the error log goes.
     pub error_log: LogTarget,
+    /// Least severe level written to the error log.
     pub log_level: slog::Level,
+    /// User the workers run as when started by root (`None`: `nobody`).
     pub user: Option<String>,
+    /// Group the workers run as (`None`: the user's group).
     pub group: Option<String>,
+    /// Longest a graceful stop or a reload waits for requests in flight.
     pub drain_timeout: Duration,
     /// How long a new master may take to report ready before rollback.
     pub upgrade_timeout: Duration,
@@ -302,10 +329,15 @@ pub struct Config {
     /// Pass `Expect: 100-continue` on to backends (Pitcher answers it
     /// itself either way; a backend's own 100 is then not relayed again).
     pub forward_expect: bool,
+    /// Sockets to listen on.
     pub listeners: Vec<ListenerConfig>,
+    /// Backend clusters, by index.
     pub clusters: Vec<ClusterConfig>,
+    /// Routing rules, in the order they are tried.
     pub routes: Vec<RouteConfig>,
+    /// Every timeout.
     pub timeouts: Timeouts,
+    /// Size limits.
     pub limits: Limits,
     /// Module tables, in pipeline order (`[modules] order`, then the rest
     /// in name order).

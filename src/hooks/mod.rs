@@ -132,15 +132,22 @@ impl From<ModuleError> for String {
 /// The six hook points, in the order a request meets them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Point {
+    /// A client connection was accepted.
     Accept = 0,
+    /// A request head was read and routed; no backend is chosen yet.
     BeforeCluster = 1,
+    /// A backend was chosen; the request is about to be sent.
     AfterCluster = 2,
+    /// The backend's response head arrived.
     BackendResponse = 3,
+    /// A request is over (answered, failed or cut).
     RequestFinish = 4,
+    /// The client connection is closing.
     Finish = 5,
 }
 
 impl Point {
+    /// Every point, in order.
     pub const ALL: [Point; 6] = [
         Point::Accept,
         Point::BeforeCluster,
@@ -150,6 +157,7 @@ impl Point {
         Point::Finish,
     ];
 
+    /// The point's name in logs and `docs/modules.md`.
     pub fn name(self) -> &'static str {
         match self {
             Point::Accept => "ACCEPT",
@@ -177,22 +185,27 @@ pub enum Verdict {
 /// A response made by a module.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
+    /// Status code.
     pub status: u16,
+    /// Header fields, in order.
     pub headers: Vec<(String, String)>,
     /// Empty: Pitcher's standard short text body for the status.
     pub body: Vec<u8>,
 }
 
 impl Response {
+    /// A response with `status`, no header and no body.
     pub fn new(status: u16) -> Response {
         Response { status, headers: Vec::new(), body: Vec::new() }
     }
 
+    /// Adds a header field.
     pub fn header(mut self, name: &str, value: &str) -> Response {
         self.headers.push((name.to_string(), value.to_string()));
         self
     }
 
+    /// Sets the body.
     pub fn body(mut self, body: impl Into<Vec<u8>>) -> Response {
         self.body = body.into();
         self
@@ -207,10 +220,12 @@ pub struct Vars {
 }
 
 impl Vars {
+    /// The value module `module` stored (0 when none).
     pub fn get(&self, module: usize) -> u64 {
         self.values.get(module).copied().unwrap_or(0)
     }
 
+    /// Stores a value for module `module`.
     pub fn set(&mut self, module: usize, v: u64) {
         if self.values.len() <= module {
             self.values.resize(module + 1, 0);
@@ -218,6 +233,7 @@ impl Vars {
         self.values[module] = v;
     }
 
+    /// Forgets every value (a new request).
     pub fn clear(&mut self) {
         self.values.iter_mut().for_each(|v| *v = 0);
     }
@@ -225,9 +241,11 @@ impl Vars {
 
 /// What every handler is given besides the message.
 pub struct Ctx<'a> {
+    /// The time of the event being handled.
     pub now: Instant,
     /// The client's IP (`None` on a Unix-domain listener).
     pub client: Option<IpAddr>,
+    /// The connection's logger (`worker`, `conn` keys).
     pub log: &'a Logger,
     /// The route the request matched (request points only).
     pub route: Option<&'a RouteConfig>,
@@ -241,6 +259,7 @@ pub struct Ctx<'a> {
     /// The worker's overload level: 0 normal, 1 non-essential modules
     /// off, 2 low-priority routes shed.
     pub load_level: u32,
+    /// Per-request values modules keep between points.
     pub vars: &'a mut Vars,
     /// State shared by all workers (global limits).
     pub shared: &'static Shared,
@@ -291,20 +310,28 @@ impl<'a> Ctx<'a> {
 /// A finished exchange, for REQUEST_FINISH.
 #[derive(Debug)]
 pub struct Finished<'a> {
+    /// The request's method.
     pub method: &'a [u8],
+    /// The request target as received.
     pub target: &'a [u8],
     /// The request's protocol version, `HTTP/1.0` or `HTTP/1.1`.
     pub version: &'static str,
+    /// The request's host.
     pub host: &'a [u8],
+    /// The status sent to the client.
     pub status: u16,
     /// Body bytes sent to the client.
     pub bytes: u64,
+    /// From the first byte of the request to the last of the response.
     pub duration: Duration,
     /// Time from sending the request to the backend to the end of its
     /// response (`None`: no backend was involved).
     pub upstream_time: Option<Duration>,
+    /// The backend that served it, if any.
     pub backend: Option<&'a str>,
+    /// The `User-Agent` header (empty when none).
     pub user_agent: &'a [u8],
+    /// The `Referer` header (empty when none).
     pub referer: &'a [u8],
     /// The request's X-Request-Id (Pitcher's, or the client's).
     pub request_id: &'a [u8],
@@ -313,8 +340,11 @@ pub struct Finished<'a> {
 /// A client connection, for ACCEPT and FINISH.
 #[derive(Debug)]
 pub struct Connection {
+    /// The client's address (`None` on a Unix socket).
     pub client: Option<IpAddr>,
+    /// Requests served on the connection.
     pub requests: u64,
+    /// How long the connection was open.
     pub duration: Duration,
 }
 
@@ -326,19 +356,25 @@ pub trait Module: Send + Sync {
     /// The points this module handles; the others are never called.
     fn points(&self) -> &'static [Point];
 
+    /// [`Point::Accept`].
     fn accept(&self, _conn: &Connection, _ctx: &mut Ctx<'_>) -> Verdict {
         Verdict::Continue
     }
+    /// [`Point::BeforeCluster`]: may change the request head.
     fn before_cluster(&self, _req: &mut RequestHead, _ctx: &mut Ctx<'_>) -> Verdict {
         Verdict::Continue
     }
+    /// [`Point::AfterCluster`]: may change the request head.
     fn after_cluster(&self, _req: &mut RequestHead, _ctx: &mut Ctx<'_>) -> Verdict {
         Verdict::Continue
     }
+    /// [`Point::BackendResponse`]: may change the response head.
     fn backend_response(&self, _resp: &mut ResponseHead, _ctx: &mut Ctx<'_>) -> Verdict {
         Verdict::Continue
     }
+    /// [`Point::RequestFinish`]: what happened, for logs and counters.
     fn request_finish(&self, _done: &Finished<'_>, _ctx: &mut Ctx<'_>) {}
+    /// [`Point::Finish`].
     fn finish(&self, _conn: &Connection, _ctx: &mut Ctx<'_>) {}
     /// Reopen files (SIGUSR1).
     fn reopen(&self) {}
@@ -350,7 +386,9 @@ pub trait Module: Send + Sync {
 /// A module compiled into Pitcher: its name and how to build it from its
 /// `[modules.NAME]` table.
 pub struct Registration {
+    /// The name of its `[modules.NAME]` table.
     pub name: &'static str,
+    /// Builds it from that table.
     pub build: BuildFn,
 }
 
@@ -359,8 +397,11 @@ pub type BuildFn = fn(&ModuleConfig, &Build) -> Result<Arc<dyn Module>, Settings
 
 /// What a module may use when it is built.
 pub struct Build<'a> {
+    /// The whole configuration (for cross-checks such as route names).
     pub config: &'a Config,
+    /// The shared region (limiter slots, flags).
     pub shared: &'static Shared,
+    /// The worker's logger.
     pub log: &'a Logger,
     /// Only checking the settings (`pitcher -t`, a reload in the master):
     /// open no file, start no thread.
@@ -382,10 +423,13 @@ pub fn registry_index(name: &str) -> Option<usize> {
 
 /// A loaded module of one snapshot.
 pub struct Loaded {
+    /// The registered name.
     pub name: &'static str,
+    /// The built module.
     pub module: Arc<dyn Module>,
     /// Index in [`registry`]: the shared on/off flag.
     pub flag: usize,
+    /// Kept on under overload.
     pub essential: bool,
 }
 
@@ -401,6 +445,7 @@ impl Pipeline {
         &self.by_point[p as usize]
     }
 
+    /// Calls no module at any point?
     pub fn is_empty(&self) -> bool {
         self.by_point.iter().all(|v| v.is_empty())
     }
@@ -410,7 +455,9 @@ impl Pipeline {
 /// them: one global, one per route that names its own modules.
 #[derive(Default)]
 pub struct Modules {
+    /// The enabled modules, in pipeline order.
     pub loaded: Vec<Loaded>,
+    /// The pipeline of routes that name no modules of their own.
     pub global: Pipeline,
     /// Per route (index in `config.routes`); `None`: the global pipeline.
     pub per_route: Vec<Option<Pipeline>>,
@@ -486,12 +533,14 @@ impl Modules {
         (l.essential || !shedding) && shared.modules[l.flag].disabled.load(Relaxed) == 0
     }
 
+    /// Asks every module to reopen its files (SIGUSR1).
     pub fn reopen(&self) {
         for l in &self.loaded {
             l.module.reopen();
         }
     }
 
+    /// Runs every module's housekeeping (about every 100 ms).
     pub fn tick(&self) {
         for l in &self.loaded {
             l.module.tick();

@@ -135,7 +135,7 @@ struct Signals {
 
 impl Signals {
     fn install() -> io::Result<Signals> {
-        use signal_hook::consts::*;
+        use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
         let (read, write) = StdUnixStream::pair()?;
         read.set_nonblocking(true)?;
         write.set_nonblocking(true)?;
@@ -320,7 +320,7 @@ impl Master {
                     CONTROL => self.accept_control(),
                     UPGRADE => self.upgrade_event(),
                     Token(t) if t >= health::PROBE_BASE => {
-                        self.health.event(ev.token(), self.poll.registry(), &self.log.logger)
+                        self.health.event(ev.token(), self.poll.registry(), &self.log.logger);
                     }
                     Token(t) if t >= control::CLIENT_BASE => self.control_client_event(t - control::CLIENT_BASE),
                     Token(t) if t >= WORKER_BASE => self.worker_event(Pid::from_raw((t - WORKER_BASE) as i32)),
@@ -527,7 +527,7 @@ impl Master {
                     files.push(f);
                 }
                 Err(e) => {
-                    slog::error!(self.log.logger, "cannot open a log file for the workers"; "path" => %p.display(), "error" => %e)
+                    slog::error!(self.log.logger, "cannot open a log file for the workers"; "path" => %p.display(), "error" => %e);
                 }
             }
         }
@@ -570,7 +570,7 @@ impl Master {
                     Some(_) => {}
                     None => {
                         slog::warn!(self.log.logger, "shared slots are full; this backend has no shared health state";
-                        "backend" => %b.addr, "slots" => crate::shm::MAX_BACKENDS)
+                        "backend" => %b.addr, "slots" => crate::shm::MAX_BACKENDS);
                     }
                 }
             }

@@ -62,6 +62,7 @@ impl PidFile {
         Ok(())
     }
 
+    /// The pid file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }

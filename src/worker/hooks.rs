@@ -3,6 +3,8 @@
 //! or shed under overload), and turning a handler's verdict into the
 //! session's next step. With no module configured, every entry point
 //! returns after one check.
+// missing_docs: documented in the proxy/ restructuring (issue 10)
+#![allow(missing_docs)]
 
 use std::time::Instant;
 

@@ -9,6 +9,8 @@
 //! Tokens: the low two bits name the kind of socket, the rest is the slab
 //! index (`token(kind, index)`), so an event finds its owner in O(1) and a
 //! pooled upstream connection keeps its registration when it changes hands.
+// missing_docs: documented in the proxy/ restructuring (issue 10)
+#![allow(missing_docs)]
 
 mod hooks;
 mod proxy;

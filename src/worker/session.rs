@@ -11,6 +11,8 @@
 //!
 //! Owns: the client socket, its buffers, the parsed request and response.
 //! Must not: block, or know about processes and signals.
+// missing_docs: documented in the proxy/ restructuring (issue 10)
+#![allow(missing_docs)]
 
 use std::io::{self, IoSlice, Read, Write};
 use std::sync::Arc;

@@ -128,6 +128,7 @@ impl Drop for AccessLog {
     }
 }
 
+/// Builds an access log from its `[modules.access_log]` table.
 pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, String> {
     let s: Settings = super::settings(&c.settings)?;
     let json = match s.format.as_str() {

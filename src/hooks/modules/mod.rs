@@ -13,6 +13,7 @@ pub use degrade::{Controller, DegradeSettings};
 
 use super::{Registration, SettingsError};
 
+/// Every module compiled in; a module's position is its shared flag.
 pub static REGISTRY: &[Registration] = &[
     // access_log still reports its errors as text.
     Registration { name: "access_log", build: |c, b| access_log::build(c, b).map_err(SettingsError::from) },
