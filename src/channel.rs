@@ -544,6 +544,24 @@ mod tests {
     }
 
     #[test]
+    fn a_manifest_that_does_not_match_its_fds_says_what_arrived() {
+        let e = split_fds(&[], Vec::new()).unwrap_err();
+        assert!(matches!(e, ManifestError::Count { listeners: 0, region: true, fds: 0 }), "{e}");
+        assert_eq!(e.to_string(), "manifest names 0 listeners and a shared region, but 0 fds arrived");
+        // A socket that is not listening, named as a listener.
+        let (a, _b) = Channel::pair().unwrap();
+        let entry = ListenerEntry { name: "127.0.0.1:1".into(), local: "127.0.0.1:1".into() };
+        let fd = OwnedFd::from(a.sock);
+        let e = check_manifest(std::slice::from_ref(&entry), std::slice::from_ref(&fd)).unwrap_err();
+        assert!(matches!(&e, ManifestError::NotListening { name, .. } if name == "127.0.0.1:1"), "{e}");
+        // The peer gone reads as Closed, of kind UnexpectedEof.
+        let (c, d) = Channel::pair().unwrap();
+        drop(d);
+        let e = c.recv::<Blob>().unwrap_err();
+        assert!(matches!(e, ChannelError::Closed) && e.kind() == io::ErrorKind::UnexpectedEof, "{e}");
+    }
+
+    #[test]
     fn an_unsealed_or_oversized_payload_is_refused() {
         let (a, b) = Channel::pair().unwrap();
         // A header pointing at an unsealed memfd.
