@@ -12,6 +12,7 @@ pub struct Buf {
 }
 
 impl Buf {
+    /// An empty buffer of `n` bytes.
     pub fn with_capacity(n: usize) -> Buf {
         Buf { mem: vec![0; n].into_boxed_slice(), start: 0, end: 0 }
     }
@@ -21,14 +22,17 @@ impl Buf {
         &self.mem[self.start..self.end]
     }
 
+    /// Bytes held, not yet consumed.
     pub fn len(&self) -> usize {
         self.end - self.start
     }
 
+    /// Holds no unconsumed byte?
     pub fn is_empty(&self) -> bool {
         self.start == self.end
     }
 
+    /// Total size of the backing storage.
     pub fn capacity(&self) -> usize {
         self.mem.len()
     }
@@ -65,6 +69,7 @@ impl Buf {
         self.end += n;
     }
 
+    /// Drops every byte held; the storage stays.
     pub fn clear(&mut self) {
         self.start = 0;
         self.end = 0;
@@ -80,10 +85,12 @@ pub struct BufPool {
 }
 
 impl BufPool {
+    /// A pool of `size`-byte buffers that keeps at most `max_free` idle ones.
     pub fn new(size: usize, max_free: usize) -> BufPool {
         BufPool { size, free: Vec::new(), max_free }
     }
 
+    /// An empty buffer: a pooled one, or a new one when none is idle.
     pub fn get(&mut self) -> Buf {
         self.free.pop().unwrap_or_else(|| Buf::with_capacity(self.size))
     }
@@ -97,6 +104,7 @@ impl BufPool {
         }
     }
 
+    /// The size of every buffer of this pool.
     pub fn size(&self) -> usize {
         self.size
     }

@@ -24,6 +24,164 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ListenAddr, SockAddr};
 
+/// Why a message could not be sent or received. [`kind`](Self::kind) maps
+/// it to the [`io::ErrorKind`] callers match on (`WouldBlock` never
+/// appears: "nothing now" is `Ok(None)`).
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The socket failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The peer closed its end (it exited).
+    #[error("the peer closed the channel")]
+    Closed,
+    /// The environment variable does not name a channel fd.
+    #[error("{var}={value:?} is not a channel fd: {reason}")]
+    BadFd {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A message could not be encoded.
+    #[error("cannot encode a message: {0}")]
+    Encode(serde_json::Error),
+    /// A message could not be decoded.
+    #[error("cannot decode a message: {0}")]
+    Decode(serde_json::Error),
+    /// A message is larger than [`MAX_MESSAGE`].
+    #[error("a message of {len} bytes exceeds {MAX_MESSAGE}")]
+    TooLarge {
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// More fds than one message carries.
+    #[error("{count} fds exceed {max} per message", max = MAX_FDS - 1)]
+    TooManyFds {
+        /// How many were given.
+        count: usize,
+    },
+    /// The kernel took part of a packet.
+    #[error("short send on a seqpacket channel")]
+    ShortSend,
+    /// A packet longer than [`INLINE_MAX`] arrived.
+    #[error("a packet of more than {INLINE_MAX} bytes")]
+    PacketTooLong,
+    /// A memfd header of the wrong size.
+    #[error("a memfd header of {len} bytes")]
+    BadHeader {
+        /// The packet's length.
+        len: usize,
+    },
+    /// A memfd header arrived without an fd.
+    #[error("a memfd header without its fd")]
+    MissingPayload,
+    /// The payload memfd could change under the reader.
+    #[error("the payload memfd is not sealed")]
+    Unsealed,
+    /// The payload memfd's size differs from its header's.
+    #[error("the payload memfd holds {size} bytes, the header says {len}")]
+    LengthMismatch {
+        /// Bytes in the memfd.
+        size: u64,
+        /// Bytes the header announced.
+        len: u64,
+    },
+}
+
+impl ChannelError {
+    /// The I/O error kind of this error: `UnexpectedEof` when the peer is
+    /// gone, `InvalidData` for a malformed message, `InvalidInput` for one
+    /// this side may not send.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            ChannelError::Io(e) => e.kind(),
+            ChannelError::Closed => io::ErrorKind::UnexpectedEof,
+            ChannelError::BadFd { .. }
+            | ChannelError::Encode(_)
+            | ChannelError::TooLarge { .. }
+            | ChannelError::TooManyFds { .. } => io::ErrorKind::InvalidInput,
+            ChannelError::ShortSend => io::ErrorKind::WriteZero,
+            ChannelError::Decode(_)
+            | ChannelError::PacketTooLong
+            | ChannelError::BadHeader { .. }
+            | ChannelError::MissingPayload
+            | ChannelError::Unsealed
+            | ChannelError::LengthMismatch { .. } => io::ErrorKind::InvalidData,
+        }
+    }
+}
+
+/// Bridge for callers that still speak `io::Error` (the worker's loop).
+impl From<ChannelError> for io::Error {
+    fn from(e: ChannelError) -> io::Error {
+        match e {
+            ChannelError::Io(e) => e,
+            other => io::Error::new(other.kind(), other),
+        }
+    }
+}
+
+impl From<nix::Error> for ChannelError {
+    fn from(e: nix::Error) -> ChannelError {
+        ChannelError::Io(e.into())
+    }
+}
+
+/// Why received fds do not match their manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// Not as many fds as the manifest names (`region`: one more was
+    /// expected for the shared region).
+    #[error(
+        "manifest names {listeners} listeners{}, but {fds} fds arrived",
+        if *region { " and a shared region" } else { "" }
+    )]
+    Count {
+        /// Listeners in the manifest.
+        listeners: usize,
+        /// Whether the shared region's fd was expected after them.
+        region: bool,
+        /// Fds received.
+        fds: usize,
+    },
+    /// An fd is not a listening socket.
+    #[error("fd {fd} for {name} is not a listening socket")]
+    NotListening {
+        /// The fd number.
+        fd: RawFd,
+        /// The manifest's name for it.
+        name: String,
+    },
+    /// A Unix socket fd is not bound to its entry's path.
+    #[error("fd {fd} is not bound to {local}")]
+    NotBound {
+        /// The fd number.
+        fd: RawFd,
+        /// Where the manifest says.
+        local: String,
+    },
+    /// An fd is bound somewhere else than its entry says.
+    #[error("fd {fd} is bound to {actual}, manifest says {local}")]
+    BoundElsewhere {
+        /// The fd number.
+        fd: RawFd,
+        /// Where it is bound (empty when unknown).
+        actual: String,
+        /// Where the manifest says.
+        local: String,
+    },
+}
+
+/// Bridge for callers that report errors as text (the worker's reload).
+impl From<ManifestError> for String {
+    fn from(e: ManifestError) -> String {
+        e.to_string()
+    }
+}
+
 /// Largest message a receiver accepts (a configuration file travels in one).
 pub const MAX_MESSAGE: usize = 64 << 20;
 /// Largest message sent as one packet; larger ones go in a sealed memfd.
@@ -45,7 +203,9 @@ pub const UPGRADE_FD_ENV: &str = "PITCHER_UPGRADE_FD";
 /// address it is actually bound to (they differ for port 0).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenerEntry {
+    /// The address as configured (`127.0.0.1:0`, `unix:/run/p.sock`).
     pub name: String,
+    /// The address it is bound to (`127.0.0.1:43121`).
     pub local: String,
 }
 
@@ -58,17 +218,28 @@ pub enum ToWorker {
     /// memory region's fd. `backend_slots` gives each backend address its
     /// slot in that region.
     Configure {
+        /// Sequence number, echoed by [`ToMaster::Configured`].
         seq: u64,
+        /// The main configuration file (for messages and relative paths).
         config_path: String,
+        /// The configuration with includes and `${VAR}` resolved.
         config_text: String,
+        /// The manifest of the attached listening fds.
         listeners: Vec<ListenerEntry>,
+        /// Each backend address's slot in the shared region.
         backend_slots: Vec<(String, u32)>,
     },
     /// Files the master opened for the worker (access logs), fds attached
     /// in the order of `paths`; sent before each `Configure` and `Reopen`.
-    Files { paths: Vec<String> },
+    Files {
+        /// The path of each attached fd.
+        paths: Vec<String>,
+    },
     /// Stop accepting, finish what is in flight, exit.
-    Drain { timeout_ms: u64 },
+    Drain {
+        /// Longest wait for requests in flight.
+        timeout_ms: u64,
+    },
     /// Reopen log files.
     Reopen,
 }
@@ -78,12 +249,23 @@ pub enum ToWorker {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToMaster {
     /// Configured and accepting.
-    Ready { pid: u32 },
+    Ready {
+        /// The worker's pid.
+        pid: u32,
+    },
     /// Outcome of a `Configure` after the first.
-    Configured { seq: u64, error: Option<String> },
+    Configured {
+        /// The `seq` of the `Configure`.
+        seq: u64,
+        /// Why it was refused (`None`: applied).
+        error: Option<String>,
+    },
     /// Access-log lines this worker dropped so far (a slow target), sent
     /// by its writer thread when the count grows.
-    Dropped { access_log_lines: u64 },
+    Dropped {
+        /// Lines dropped since the worker started.
+        access_log_lines: u64,
+    },
 }
 
 /// Old master ↔ new master during a binary upgrade.
@@ -92,9 +274,17 @@ pub enum ToMaster {
 pub enum Handoff {
     /// Old to new: the listening sockets, fds attached in manifest order,
     /// then the shared memory region (its state outlives the old binary).
-    Listeners { listeners: Vec<ListenerEntry>, backend_slots: Vec<(String, u32)> },
+    Listeners {
+        /// The manifest of the attached listening fds.
+        listeners: Vec<ListenerEntry>,
+        /// Each backend address's slot in the shared region.
+        backend_slots: Vec<(String, u32)>,
+    },
     /// New to old: workers are accepting; the old generation may go.
-    Ready { pid: u32 },
+    Ready {
+        /// The new master's pid.
+        pid: u32,
+    },
 }
 
 /// One end of a channel.
@@ -120,12 +310,13 @@ impl Channel {
     }
 
     /// Takes the channel fd named by an environment variable.
-    pub fn from_env(var: &str) -> io::Result<Option<Channel>> {
+    pub fn from_env(var: &'static str) -> Result<Option<Channel>, ChannelError> {
         let Ok(v) = std::env::var(var) else { return Ok(None) };
-        let fd: RawFd = v.parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{var}={v:?}")))?;
+        let bad = |reason: String| ChannelError::BadFd { var, value: v.clone(), reason };
+        let fd: RawFd = v.parse().map_err(|_| bad("not an fd number".into()))?;
         // The fd must be an open socket; fstat-like check via getsockopt.
         socket::getsockopt(&unsafe_borrow(fd), socket::sockopt::SockType)
-            .map_err(|e| io::Error::other(format!("{var}={fd} is not a socket: {e}")))?;
+            .map_err(|e| bad(format!("not a socket: {e}")))?;
         // SAFETY: the parent passed this fd, open and not close-on-exec, for
         // this process alone (checked just above that it is a socket); we
         // take sole ownership here and nothing else in this process uses it.
@@ -140,27 +331,30 @@ impl Channel {
         Ok(Channel { sock: self.sock.try_clone()? })
     }
 
+    /// Makes `recv` return `Ok(None)` instead of waiting.
     pub fn set_nonblocking(&self, nb: bool) -> io::Result<()> {
         self.sock.set_nonblocking(nb)
     }
 
+    /// Bounds how long a blocking `recv` waits.
     pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
         self.sock.set_read_timeout(t)
     }
 
+    /// The socket's fd (to register with a poller).
     pub fn raw_fd(&self) -> RawFd {
         self.sock.as_raw_fd()
     }
 
     /// Sends one message with `fds` attached: in one packet when it is
     /// small, else in a sealed memfd attached after `fds`.
-    pub fn send<T: Serialize>(&self, msg: &T, fds: &[RawFd]) -> io::Result<()> {
-        let bytes = serde_json::to_vec(msg).map_err(io::Error::other)?;
+    pub fn send<T: Serialize>(&self, msg: &T, fds: &[RawFd]) -> Result<(), ChannelError> {
+        let bytes = serde_json::to_vec(msg).map_err(ChannelError::Encode)?;
         if bytes.len() > MAX_MESSAGE {
-            return Err(io::Error::other(format!("message of {} bytes exceeds {MAX_MESSAGE}", bytes.len())));
+            return Err(ChannelError::TooLarge { len: bytes.len() as u64 });
         }
         if fds.len() + 1 > MAX_FDS {
-            return Err(io::Error::other(format!("{} fds exceed {} per message", fds.len(), MAX_FDS - 1)));
+            return Err(ChannelError::TooManyFds { count: fds.len() });
         }
         if bytes.len() <= INLINE_MAX {
             return self.send_packet(&bytes, fds);
@@ -174,19 +368,20 @@ impl Channel {
         self.send_packet(&header, &all)
     }
 
-    fn send_packet(&self, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    fn send_packet(&self, bytes: &[u8], fds: &[RawFd]) -> Result<(), ChannelError> {
         let n = self.sock.send_with_fd(bytes, fds)?;
         if n != bytes.len() {
-            return Err(io::Error::other("short send on a seqpacket channel"));
+            return Err(ChannelError::ShortSend);
         }
         Ok(())
     }
 
     /// Receives one message. `Ok(None)`: nothing now (non-blocking).
-    /// `Err(UnexpectedEof)`: the peer is gone. `Err(InvalidData)`: a packet
-    /// longer than [`INLINE_MAX`], a payload that is not a sealed memfd of
-    /// the announced length, or more than [`MAX_MESSAGE`] bytes.
-    pub fn recv<T: DeserializeOwned>(&self) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
+    /// [`ChannelError::Closed`]: the peer is gone. An error of kind
+    /// `InvalidData`: a packet longer than [`INLINE_MAX`], a payload that
+    /// is not a sealed memfd of the announced length, or more than
+    /// [`MAX_MESSAGE`] bytes.
+    pub fn recv<T: DeserializeOwned>(&self) -> Result<Option<(T, Vec<OwnedFd>)>, ChannelError> {
         // One byte more than any packet we accept: a longer one is refused
         // rather than read truncated.
         let mut buf = vec![0u8; INLINE_MAX + 1];
@@ -194,7 +389,7 @@ impl Channel {
         let (n, nfds) = match self.sock.recv_with_fd(&mut buf, &mut raw) {
             Ok(x) => x,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         let mut fds = Vec::with_capacity(nfds);
         for &fd in &raw[..nfds] {
@@ -205,25 +400,24 @@ impl Channel {
             fds.push(owned);
         }
         if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+            return Err(ChannelError::Closed);
         }
-        let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
         if n > INLINE_MAX {
-            return Err(invalid(format!("a packet of more than {INLINE_MAX} bytes")));
+            return Err(ChannelError::PacketTooLong);
         }
         let payload;
         let bytes = if buf[0] == MEMFD_TAG {
             if n != HEADER_LEN {
-                return Err(invalid(format!("a memfd header of {n} bytes")));
+                return Err(ChannelError::BadHeader { len: n });
             }
             let len = u64::from_le_bytes(buf[1..HEADER_LEN].try_into().expect("8 bytes"));
-            let fd = fds.pop().ok_or_else(|| invalid("a memfd header without its fd".into()))?;
+            let fd = fds.pop().ok_or(ChannelError::MissingPayload)?;
             payload = read_sealed(fd, len)?;
             &payload[..]
         } else {
             &buf[..n]
         };
-        let msg = serde_json::from_slice(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let msg = serde_json::from_slice(bytes).map_err(ChannelError::Decode)?;
         Ok(Some((msg, fds)))
     }
 }
@@ -248,21 +442,21 @@ const SEALS: nix::fcntl::SealFlag = nix::fcntl::SealFlag::from_bits_truncate(
 );
 
 /// Reads a payload memfd after checking its seals and length.
-fn read_sealed(fd: OwnedFd, len: u64) -> io::Result<Vec<u8>> {
+fn read_sealed(fd: OwnedFd, len: u64) -> Result<Vec<u8>, ChannelError> {
     use std::os::unix::fs::FileExt;
-    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
     if len > MAX_MESSAGE as u64 {
-        return Err(invalid(format!("a message of {len} bytes exceeds {MAX_MESSAGE}")));
+        return Err(ChannelError::TooLarge { len });
     }
-    let seals = fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS).map_err(|e| invalid(format!("payload fd: {e}")))?;
+    // Not a memfd at all reads as one without seals.
+    let seals = fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS).map_err(|_| ChannelError::Unsealed)?;
     let seals = nix::fcntl::SealFlag::from_bits_truncate(seals);
     if !seals.contains(SEALS) {
-        return Err(invalid("the payload memfd is not sealed".into()));
+        return Err(ChannelError::Unsealed);
     }
     let f = std::fs::File::from(fd);
     let size = f.metadata()?.len();
     if size != len {
-        return Err(invalid(format!("the payload memfd holds {size} bytes, the header says {len}")));
+        return Err(ChannelError::LengthMismatch { size, len });
     }
     let mut bytes = vec![0u8; len as usize];
     f.read_exact_at(&mut bytes, 0)?;
@@ -288,29 +482,26 @@ pub fn entry_for(addr: &ListenAddr, fd: RawFd) -> ListenerEntry {
 /// Splits the fds of a message into listeners and the shared region (the
 /// one fd after the listeners), checking the listeners against their
 /// manifest.
-pub fn split_fds(entries: &[ListenerEntry], mut fds: Vec<OwnedFd>) -> Result<(Vec<OwnedFd>, OwnedFd), String> {
+pub fn split_fds(entries: &[ListenerEntry], mut fds: Vec<OwnedFd>) -> Result<(Vec<OwnedFd>, OwnedFd), ManifestError> {
+    let count = ManifestError::Count { listeners: entries.len(), region: true, fds: fds.len() };
     if fds.len() != entries.len() + 1 {
-        return Err(format!(
-            "manifest names {} listeners and a shared region, but {} fds arrived",
-            entries.len(),
-            fds.len()
-        ));
+        return Err(count);
     }
-    let region = fds.pop().expect("one more than the listeners");
+    let region = fds.pop().ok_or(count)?;
     check_manifest(entries, &fds)?;
     Ok((fds, region))
 }
 
 /// Checks received fds against their manifest: same count, and each fd is
 /// a listening socket bound where the manifest says.
-pub fn check_manifest(entries: &[ListenerEntry], fds: &[OwnedFd]) -> Result<(), String> {
+pub fn check_manifest(entries: &[ListenerEntry], fds: &[OwnedFd]) -> Result<(), ManifestError> {
     if entries.len() != fds.len() {
-        return Err(format!("manifest names {} listeners but {} fds arrived", entries.len(), fds.len()));
+        return Err(ManifestError::Count { listeners: entries.len(), region: false, fds: fds.len() });
     }
     for (e, fd) in entries.iter().zip(fds) {
         let listening = socket::getsockopt(fd, socket::sockopt::AcceptConn).unwrap_or(false);
         if !listening {
-            return Err(format!("fd {} for {} is not a listening socket", fd.as_raw_fd(), e.name));
+            return Err(ManifestError::NotListening { fd: fd.as_raw_fd(), name: e.name.clone() });
         }
         if e.local.starts_with("unix:") {
             let ok = socket::getsockname::<socket::UnixAddr>(fd.as_raw_fd())
@@ -318,12 +509,12 @@ pub fn check_manifest(entries: &[ListenerEntry], fds: &[OwnedFd]) -> Result<(), 
                 .and_then(|a| a.path().map(|p| format!("unix:{}", p.display())))
                 .is_some_and(|p| p == e.local);
             if !ok {
-                return Err(format!("fd {} is not bound to {}", fd.as_raw_fd(), e.local));
+                return Err(ManifestError::NotBound { fd: fd.as_raw_fd(), local: e.local.clone() });
             }
         } else {
             let actual = crate::net::local_addr(fd.as_raw_fd()).map(|a| a.to_string()).unwrap_or_default();
             if actual != e.local {
-                return Err(format!("fd {} is bound to {actual}, manifest says {}", fd.as_raw_fd(), e.local));
+                return Err(ManifestError::BoundElsewhere { fd: fd.as_raw_fd(), actual, local: e.local.clone() });
             }
         }
     }
@@ -350,6 +541,24 @@ mod tests {
             assert_eq!(got, msg, "len {len}");
             assert_eq!(fds.len(), 1, "only the caller's fds come back (len {len})");
         }
+    }
+
+    #[test]
+    fn a_manifest_that_does_not_match_its_fds_says_what_arrived() {
+        let e = split_fds(&[], Vec::new()).unwrap_err();
+        assert!(matches!(e, ManifestError::Count { listeners: 0, region: true, fds: 0 }), "{e}");
+        assert_eq!(e.to_string(), "manifest names 0 listeners and a shared region, but 0 fds arrived");
+        // A socket that is not listening, named as a listener.
+        let (a, _b) = Channel::pair().unwrap();
+        let entry = ListenerEntry { name: "127.0.0.1:1".into(), local: "127.0.0.1:1".into() };
+        let fd = OwnedFd::from(a.sock);
+        let e = check_manifest(std::slice::from_ref(&entry), std::slice::from_ref(&fd)).unwrap_err();
+        assert!(matches!(&e, ManifestError::NotListening { name, .. } if name == "127.0.0.1:1"), "{e}");
+        // The peer gone reads as Closed, of kind UnexpectedEof.
+        let (c, d) = Channel::pair().unwrap();
+        drop(d);
+        let e = c.recv::<Blob>().unwrap_err();
+        assert!(matches!(e, ChannelError::Closed) && e.kind() == io::ErrorKind::UnexpectedEof, "{e}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 pub struct Request {
     /// `reload`, `upgrade`, `quit`, `stop`, `reopen`, `status`.
     pub cmd: String,
+    /// The command's arguments.
     #[serde(default)]
     pub args: Vec<String>,
 }
@@ -23,16 +24,21 @@ pub struct Request {
 /// The master's answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Reply {
+    /// Done (`false`: refused or failed).
     pub ok: bool,
+    /// One line for the operator.
     pub message: String,
+    /// Structured details (`ctl --json`), or null.
     #[serde(default)]
     pub data: serde_json::Value,
 }
 
 impl Reply {
+    /// A success with `message`.
     pub fn ok(message: impl Into<String>) -> Reply {
         Reply { ok: true, message: message.into(), data: serde_json::Value::Null }
     }
+    /// A refusal or failure with `message`.
     pub fn err(message: impl Into<String>) -> Reply {
         Reply { ok: false, message: message.into(), data: serde_json::Value::Null }
     }

@@ -2,10 +2,10 @@
 //! single-threaded mio workers. See `docs/ARCHITECTURE.md`.
 //!
 //! Layers point one way: `config` and `http` are pure (no I/O); `net`,
-//! `buffer`, `router`, `upstream` and `hooks` are the proxy's parts;
+//! `buffer`, `shm`, `router`, `upstream` and `hooks` are the proxy's parts;
 //! `proxy` is the state machine of client connections on them; `worker`
-//! is the process and event loop around `proxy`; `master` and the binary
-//! sit on top.
+//! is the process and event loop around `proxy`; `master` (which imports
+//! nothing of the engine) and the binary sit on top.
 
 pub mod buffer;
 pub mod channel;

@@ -128,6 +128,7 @@ impl Write for LogFile {
 
 /// A process's root logger and what keeps it alive.
 pub struct Log {
+    /// The logger to write to.
     pub logger: Logger,
     /// Present when logging to a file: reopen it on SIGUSR1.
     pub file: Option<LogFile>,
@@ -160,6 +161,7 @@ pub struct SyslogDrain {
 }
 
 impl SyslogDrain {
+    /// A drain that sends error-log lines to `addr`.
     pub fn new(addr: crate::syslog::SyslogAddr) -> SyslogDrain {
         SyslogDrain { syslog: Mutex::new(crate::syslog::Syslog::new(addr, 3, "pitcher")) }
     }

@@ -1,6 +1,7 @@
 //! The `pitcher` command: parses the command line and hands over to the
-//! master, a worker, or a one-shot action (`-t`, `-s`, `ctl`). Errors end
-//! here as a message on stderr and a non-zero exit status.
+//! master, a worker, or a one-shot action (`-t`, `-s`, `ctl`). Every path
+//! returns a [`MainError`] on failure; [`report`] is the one place that
+//! prints it and chooses the exit status.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -11,13 +12,13 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use pitcher::channel::{self, Channel, ToWorker};
-use pitcher::config::Config;
+use pitcher::channel::{self, Channel, ChannelError, ManifestError, ToWorker};
+use pitcher::config::{Config, ConfigError};
 use pitcher::control::{self, Request};
+use pitcher::hooks::ModuleError;
 use pitcher::master::daemon::{self, Notifier};
-use pitcher::master::{Handover, Master, MasterArgs, PidFile};
-use pitcher::shm::Region;
-use pitcher::upstream::SlotTable;
+use pitcher::master::{Handover, Master, MasterArgs, NotRunning, PidFile};
+use pitcher::shm::{Region, SlotTable};
 
 /// Default configuration file.
 const DEFAULT_CONFIG: &str = "/etc/pitcher/pitcher.toml";
@@ -62,8 +63,130 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => report(&e),
+    }
+}
+
+/// The one place where a failure becomes a message on stderr and an exit
+/// status (2 for a command line that asks for something unknown, 1 for
+/// everything else).
+fn report(e: &MainError) -> ExitCode {
+    match e {
+        MainError::Logged => {}
+        MainError::Test { path, source } => {
+            eprintln!("pitcher: {source}");
+            eprintln!("pitcher: configuration file {} test failed", path.display());
+        }
+        other => eprintln!("pitcher: {other}"),
+    }
+    match e {
+        MainError::UnknownSignal { .. } => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// Why the command failed. The text is what the operator reads after
+/// `pitcher: `.
+#[derive(Debug, thiserror::Error)]
+enum MainError {
+    /// Already written to the error log; nothing more to print.
+    #[error("see the error log")]
+    Logged,
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// `-t` on a configuration that does not load.
+    #[error("{source}")]
+    Test { path: PathBuf, source: LoadError },
+    #[error("bad upgrade channel: {0}")]
+    UpgradeChannel(ChannelError),
+    #[error(transparent)]
+    PidFile(std::io::Error),
+    #[error("cannot receive the listeners from the old master: {0}")]
+    Handover(std::io::Error),
+    #[error("cannot listen on {address}: {source}")]
+    Listen { address: String, source: std::io::Error },
+    #[error("cannot daemonize: {0}")]
+    Daemonize(std::io::Error),
+    #[error("cannot open the error log: {0}")]
+    ErrorLog(std::io::Error),
+    #[error(transparent)]
+    Start(std::io::Error),
+    #[error("--worker is for processes started by the master")]
+    NotAWorker,
+    #[error("worker: {0}")]
+    Worker(#[from] WorkerError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("cannot create the shared region: {0}")]
+    Region(std::io::Error),
+    #[error("worker failed: {0}")]
+    WorkerFailed(std::io::Error),
+    #[error("unknown signal {0:?}: expected reload, upgrade, quit, stop or reopen")]
+    UnknownSignal(String),
+    #[error("{}: cannot read: {source}", path.display())]
+    ControlPaths { path: PathBuf, source: std::io::Error },
+    #[error("{sig} failed: {message}")]
+    Refused { sig: String, message: String },
+    #[error("cannot reach the master: {}: {source}; not signalling: {why}", socket.display())]
+    NotSignalling { socket: PathBuf, source: std::io::Error, why: NotRunning },
+    #[error("cannot signal master pid {pid}: {source}")]
+    Kill { pid: u32, source: nix::errno::Errno },
+    #[error("cannot reach the master at {}: {source}", socket.display())]
+    Unreachable { socket: PathBuf, source: std::io::Error },
+}
+
+/// Why a configuration does not load (for `-t`, a start, single process).
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot create a shared region: {0}")]
+    Region(std::io::Error),
+    #[error(transparent)]
+    Modules(#[from] ModuleError),
+}
+
+/// Why a worker could not start (printed after `pitcher: worker: `).
+#[derive(Debug, thiserror::Error)]
+enum WorkerError {
+    #[error("bad channel: {0}")]
+    Channel(ChannelError),
+    #[error("files from the master refused: {0}")]
+    Files(String),
+    #[error("expected a configuration from the master, got {0}")]
+    NoConfiguration(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("listener manifest refused: {0}")]
+    Manifest(#[from] ManifestError),
+    #[error("cannot map the shared region: {0}")]
+    Region(std::io::Error),
+    #[error("cannot open the error log: {0}")]
+    ErrorLog(std::io::Error),
+    #[error("cannot drop privileges: {0}")]
+    Privileges(#[from] PrivilegeError),
+    #[error("{0}")]
+    Signals(std::io::Error),
+}
+
+/// Why a worker could not switch to its user and group.
+#[derive(Debug, thiserror::Error)]
+enum PrivilegeError {
+    #[error("{0}")]
+    Lookup(nix::errno::Errno),
+    #[error("no user {0:?}")]
+    NoUser(String),
+    #[error("no group {0:?}")]
+    NoGroup(String),
+    #[error("{call}: {source}")]
+    Call { call: &'static str, source: nix::errno::Errno },
+}
+
+fn run(cli: &Cli) -> Result<ExitCode, MainError> {
     if cli.worker {
-        return worker_main(&cli);
+        return worker_main(cli);
     }
     if let Some(Cmd::Ctl { json, words }) = &cli.command {
         return ctl(&cli.config, *json, words);
@@ -74,23 +197,20 @@ fn main() -> ExitCode {
     let path = absolute(&cli.config);
     let (config, text, files) = match load(&path) {
         Ok(x) => x,
-        Err(e) => {
-            eprintln!("pitcher: {e}");
-            if cli.test {
-                eprintln!("pitcher: configuration file {} test failed", path.display());
-            }
-            return ExitCode::FAILURE;
-        }
+        Err(source) if cli.test => return Err(MainError::Test { path, source }),
+        Err(e) => return Err(e.into()),
     };
     if cli.test {
-        files.iter().for_each(|f| println!("pitcher: read {}", f.display()));
+        for f in &files {
+            println!("pitcher: read {}", f.display());
+        }
         println!("pitcher: configuration ok: {}", path.display());
-        return ExitCode::SUCCESS;
+        return Ok(ExitCode::SUCCESS);
     }
     if cli.single_process {
         return single_process(config);
     }
-    master_main(&cli, path, config, text)
+    master_main(cli, path, config, text)
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -98,47 +218,27 @@ fn absolute(p: &Path) -> PathBuf {
 }
 
 /// Reads and validates a configuration, module settings included.
-fn load(path: &Path) -> Result<(Config, String, Vec<PathBuf>), String> {
-    let pitcher::config::Loaded { config, text, files } =
-        pitcher::config::include::load(path).map_err(|e| e.to_string())?;
+fn load(path: &Path) -> Result<(Config, String, Vec<PathBuf>), LoadError> {
+    let pitcher::config::Loaded { config, text, files } = pitcher::config::include::load(path)?;
     // Modules are checked against a scratch region (nothing is written to it).
-    let scratch = Region::create().map_err(|e| format!("cannot create a shared region: {e}"))?;
+    let scratch = Region::create().map_err(LoadError::Region)?;
     pitcher::hooks::validate(&config, scratch.leak())?;
     Ok((config, text, files))
 }
 
 /// The master: bind (or receive, after an upgrade), detach, supervise.
-fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> ExitCode {
-    let handover = match Channel::from_env(channel::UPGRADE_FD_ENV) {
-        Ok(h) => h,
-        Err(e) => {
-            eprintln!("pitcher: bad upgrade channel: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> Result<ExitCode, MainError> {
+    let handover = Channel::from_env(channel::UPGRADE_FD_ENV).map_err(MainError::UpgradeChannel)?;
     // Before binding anything: a second master of this pid file stops here
     // with a clear message. (In an upgrade the old master has renamed its
     // file to .oldbin, so the path is free for the new one.)
-    let pid_file = match PidFile::lock(&config.pid_file) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("pitcher: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let pid_file = PidFile::lock(&config.pid_file).map_err(MainError::PidFile)?;
     let mut inherited = Vec::new();
     let mut shared = None;
     if let Some(ch) = &handover {
-        match Handover::receive(ch) {
-            Ok(r) => {
-                inherited = r.listeners;
-                shared = Some((r.region, r.backend_slots));
-            }
-            Err(e) => {
-                eprintln!("pitcher: cannot receive the listeners from the old master: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
+        let r = Handover::receive(ch).map_err(MainError::Handover)?;
+        inherited = r.listeners;
+        shared = Some((r.region, r.backend_slots));
     }
     let mut listeners = Vec::new();
     for l in &config.listeners {
@@ -146,39 +246,25 @@ fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> ExitCo
         if let Some(i) = inherited.iter().position(|(e, _)| e.name == name) {
             let (_, fd) = inherited.swap_remove(i);
             if let Err(e) = pitcher::net::set_backlog(&fd, l.backlog) {
+                // Not fatal: the socket keeps its old backlog.
                 eprintln!("pitcher: cannot set the backlog of {name}: {e}");
             }
             listeners.push((l.clone(), fd));
             continue;
         }
-        match pitcher::net::bind(&l.address, l.backlog) {
-            Ok(fd) => listeners.push((l.clone(), fd)),
-            Err(e) => {
-                eprintln!("pitcher: cannot listen on {}: {e}", l.address);
-                return ExitCode::FAILURE;
-            }
-        }
+        let fd =
+            pitcher::net::bind(&l.address, l.backlog).map_err(|source| MainError::Listen { address: name, source })?;
+        listeners.push((l.clone(), fd));
     }
     drop(inherited); // Listeners the new configuration no longer has.
     let mut notifier = Notifier::none();
     if !cli.foreground && handover.is_none() {
         // Before any thread exists (the log thread starts below).
-        match daemon::detach() {
-            Ok(n) => notifier = n,
-            Err(e) => {
-                eprintln!("pitcher: cannot daemonize: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
+        notifier = daemon::detach().map_err(MainError::Daemonize)?;
     }
-    let log = match pitcher::log::build(&config.error_log, config.log_level, "master") {
-        Ok(l) => l,
-        Err(e) => {
-            notifier.fail(&format!("cannot open the error log: {e}"));
-            eprintln!("pitcher: cannot open the error log: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let log = pitcher::log::build(&config.error_log, config.log_level, "master")
+        .map_err(MainError::ErrorLog)
+        .inspect_err(|e| notifier.fail(&e.to_string()))?;
     let args = MasterArgs {
         config_path: path,
         exe: own_path(),
@@ -188,14 +274,13 @@ fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> ExitCo
     match Master::start(args, config, text, listeners, log, handover, shared) {
         Ok(m) => {
             notifier.ok();
-            ExitCode::from(m.run() as u8)
+            Ok(ExitCode::from(m.run() as u8))
         }
         Err((e, log)) => {
             slog::crit!(log.logger, "master failed to start"; "error" => %e);
             drop(log); // Flushes the log before the process ends.
             notifier.fail(&e.to_string());
-            eprintln!("pitcher: {e}");
-            ExitCode::FAILURE
+            Err(MainError::Start(e))
         }
     }
 }
@@ -219,20 +304,10 @@ fn own_path() -> PathBuf {
 
 /// `--worker`: receive configuration and listeners from the master, drop
 /// privileges, serve.
-fn worker_main(cli: &Cli) -> ExitCode {
+fn worker_main(cli: &Cli) -> Result<ExitCode, MainError> {
     // Started from /proc/self/exe: show up as "pitcher" in ps -C, pidof, top.
     let _ = nix::sys::prctl::set_name(c"pitcher");
-    let ch = match Channel::from_env(channel::WORKER_FD_ENV) {
-        Ok(Some(ch)) => ch,
-        Ok(None) => {
-            eprintln!("pitcher: --worker is for processes started by the master");
-            return ExitCode::FAILURE;
-        }
-        Err(e) => {
-            eprintln!("pitcher: worker: bad channel: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let ch = Channel::from_env(channel::WORKER_FD_ENV).map_err(WorkerError::Channel)?.ok_or(MainError::NotAWorker)?;
     // Access-log writer threads report dropped lines through this.
     if let Ok(reporter) = ch.try_clone() {
         pitcher::log::set_reporter(reporter);
@@ -242,63 +317,26 @@ fn worker_main(cli: &Cli) -> ExitCode {
     // Files the master opened for us (access logs) come before the
     // configuration that names them.
     if let Ok(Some((ToWorker::Files { paths }, fds))) = first {
-        if let Err(e) = pitcher::log::take_over(&paths, fds) {
-            eprintln!("pitcher: worker: files from the master refused: {e}");
-            return ExitCode::FAILURE;
-        }
+        pitcher::log::take_over(&paths, fds).map_err(WorkerError::Files)?;
         first = ch.recv::<ToWorker>();
     }
     let (config_path, text, entries, slots, fds) = match first {
         Ok(Some((ToWorker::Configure { config_path, config_text, listeners, backend_slots, .. }, fds))) => {
             (config_path, config_text, listeners, backend_slots, fds)
         }
-        other => {
-            eprintln!("pitcher: worker: expected a configuration from the master, got {other:?}");
-            return ExitCode::FAILURE;
-        }
+        other => return Err(WorkerError::NoConfiguration(format!("{other:?}")).into()),
     };
     let _ = ch.set_read_timeout(None);
-    let config = match Config::parse_resolved(Path::new(&config_path), &text) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("pitcher: worker: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let (fds, region) = match channel::split_fds(&entries, fds) {
-        Ok(x) => x,
-        Err(e) => {
-            eprintln!("pitcher: worker: listener manifest refused: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let shared = match Region::open(region) {
-        Ok(r) => r.leak(),
-        Err(e) => {
-            eprintln!("pitcher: worker: cannot map the shared region: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let log = match pitcher::log::build(&config.error_log, config.log_level, "worker") {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("pitcher: worker: cannot open the error log: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let config = Config::parse_resolved(Path::new(&config_path), &text).map_err(WorkerError::Config)?;
+    let (fds, region) = channel::split_fds(&entries, fds).map_err(WorkerError::Manifest)?;
+    let shared = Region::open(region).map_err(WorkerError::Region)?.leak();
+    let log = pitcher::log::build(&config.error_log, config.log_level, "worker").map_err(WorkerError::ErrorLog)?;
     if let Err(e) = drop_privileges(&config) {
-        slog::crit!(log.logger, "cannot drop privileges"; "error" => &e);
-        eprintln!("pitcher: worker: cannot drop privileges: {e}");
-        return ExitCode::FAILURE;
+        slog::crit!(log.logger, "cannot drop privileges"; "error" => %e);
+        return Err(WorkerError::Privileges(e).into());
     }
     let _ = cli;
-    let (stop, quit) = match worker_signals() {
-        Ok(x) => x,
-        Err(e) => {
-            eprintln!("pitcher: worker: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let (stop, quit) = worker_signals().map_err(WorkerError::Signals)?;
     let init = pitcher::worker::WorkerInit {
         config: Arc::new(config),
         listeners: entries.into_iter().zip(fds).collect(),
@@ -314,13 +352,11 @@ fn worker_main(cli: &Cli) -> ExitCode {
     // The worker and its modules are gone: their last access-log lines are
     // with the writer threads. Let them reach the files.
     pitcher::hooks::modules::access_log::wait_writers(WRITERS_AT_EXIT);
-    match outcome {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            slog::crit!(log.logger, "worker failed"; "error" => %e);
-            ExitCode::FAILURE
-        }
+    if let Err(e) = outcome {
+        slog::crit!(log.logger, "worker failed"; "error" => %e);
+        return Err(MainError::Logged);
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Longest an exiting worker waits for its access-log writers.
@@ -329,7 +365,7 @@ const WRITERS_AT_EXIT: Duration = Duration::from_secs(2);
 /// TERM/INT stop at once, QUIT drains; HUP, USR1 and USR2 are the
 /// master's business and must not kill a worker that receives them.
 fn worker_signals() -> std::io::Result<(Arc<AtomicBool>, Arc<AtomicBool>)> {
-    use signal_hook::consts::*;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
     let stop = Arc::new(AtomicBool::new(false));
     let quit = Arc::new(AtomicBool::new(false));
     let ignored = Arc::new(AtomicBool::new(false));
@@ -346,62 +382,42 @@ fn worker_signals() -> std::io::Result<(Arc<AtomicBool>, Arc<AtomicBool>)> {
 /// Switches to the configured user and group when running as root:
 /// `nobody` (nginx's default) when the configuration names none; root only
 /// when it says `user = "root"`.
-fn drop_privileges(config: &Config) -> Result<(), String> {
+fn drop_privileges(config: &Config) -> Result<(), PrivilegeError> {
     use nix::unistd::{setgid, setgroups, setuid, Group, User};
     if !nix::unistd::geteuid().is_root() {
         return Ok(());
     }
     let name = pitcher::master::worker_user(config);
-    let user = User::from_name(name).map_err(|e| e.to_string())?.ok_or_else(|| format!("no user {name:?}"))?;
+    let user =
+        User::from_name(name).map_err(PrivilegeError::Lookup)?.ok_or_else(|| PrivilegeError::NoUser(name.into()))?;
     if user.uid.is_root() && config.group.is_none() {
         return Ok(());
     }
     let gid = match &config.group {
-        Some(g) => Group::from_name(g).map_err(|e| e.to_string())?.ok_or_else(|| format!("no group {g:?}"))?.gid,
+        Some(g) => {
+            Group::from_name(g).map_err(PrivilegeError::Lookup)?.ok_or_else(|| PrivilegeError::NoGroup(g.clone()))?.gid
+        }
         None => user.gid,
     };
-    setgroups(&[gid]).map_err(|e| format!("setgroups: {e}"))?;
-    setgid(gid).map_err(|e| format!("setgid: {e}"))?;
-    setuid(user.uid).map_err(|e| format!("setuid: {e}"))?;
+    let call = |call: &'static str| move |source| PrivilegeError::Call { call, source };
+    setgroups(&[gid]).map_err(call("setgroups"))?;
+    setgid(gid).map_err(call("setgid"))?;
+    setuid(user.uid).map_err(call("setuid"))?;
     Ok(())
 }
 
 /// `--single-process`: bind the listeners here and run one worker.
-fn single_process(config: Config) -> ExitCode {
-    let log = match pitcher::log::build(&config.error_log, config.log_level, "worker") {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("pitcher: cannot open the error log: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+fn single_process(config: Config) -> Result<ExitCode, MainError> {
+    let log = pitcher::log::build(&config.error_log, config.log_level, "worker").map_err(MainError::ErrorLog)?;
     let mut listeners = Vec::new();
     for l in &config.listeners {
-        match pitcher::net::bind(&l.address, l.backlog) {
-            Ok(fd) => {
-                use std::os::fd::AsRawFd;
-                listeners.push((channel::entry_for(&l.address, fd.as_raw_fd()), fd));
-            }
-            Err(e) => {
-                eprintln!("pitcher: cannot listen on {}: {e}", l.address);
-                return ExitCode::FAILURE;
-            }
-        }
+        use std::os::fd::AsRawFd;
+        let fd = pitcher::net::bind(&l.address, l.backlog)
+            .map_err(|source| MainError::Listen { address: l.address.to_string(), source })?;
+        listeners.push((channel::entry_for(&l.address, fd.as_raw_fd()), fd));
     }
-    let (stop, quit) = match worker_signals() {
-        Ok(x) => x,
-        Err(e) => {
-            eprintln!("pitcher: cannot install signal handlers: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let shared = match Region::create() {
-        Ok(r) => r.leak(),
-        Err(e) => {
-            eprintln!("pitcher: cannot create the shared region: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let (stop, quit) = worker_signals().map_err(MainError::Signals)?;
+    let shared = Region::create().map_err(MainError::Region)?.leak();
     let init = pitcher::worker::WorkerInit {
         config: Arc::new(config),
         listeners,
@@ -413,22 +429,20 @@ fn single_process(config: Config) -> ExitCode {
         slots: SlotTable::new(shared, true),
         place: 0,
     };
-    match pitcher::worker::run(init) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            slog::crit!(log.logger, "worker failed"; "error" => %e);
-            eprintln!("pitcher: worker failed: {e}");
-            ExitCode::FAILURE
-        }
+    if let Err(e) = pitcher::worker::run(init) {
+        slog::crit!(log.logger, "worker failed"; "error" => %e);
+        return Err(MainError::WorkerFailed(e));
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Where the master of this configuration file listens and writes its pid.
 /// Read leniently, so that `-s reload` reaches the master even when the
 /// file now has an error (the master then reports it): when the file is
 /// not valid TOML any more, the two keys are looked for line by line.
-fn control_paths(config: &Path) -> Result<(PathBuf, PathBuf), String> {
-    let text = std::fs::read_to_string(config).map_err(|e| format!("{}: cannot read: {e}", config.display()))?;
+fn control_paths(config: &Path) -> Result<(PathBuf, PathBuf), MainError> {
+    let text = std::fs::read_to_string(config)
+        .map_err(|source| MainError::ControlPaths { path: config.to_path_buf(), source })?;
     let (mut socket, mut pid) = (None, None);
     match toml::from_str::<toml::Table>(&text) {
         Ok(v) => {
@@ -460,87 +474,50 @@ fn control_paths(config: &Path) -> Result<(PathBuf, PathBuf), String> {
 
 /// `-s SIGNAL`: through the control socket, or by pid file and kill(2)
 /// when the socket is not there.
-fn signal(config: &Path, sig: &str) -> ExitCode {
+fn signal(config: &Path, sig: &str) -> Result<ExitCode, MainError> {
     let unix_sig = match sig {
         "reload" => nix::sys::signal::Signal::SIGHUP,
         "upgrade" => nix::sys::signal::Signal::SIGUSR2,
         "quit" => nix::sys::signal::Signal::SIGQUIT,
         "stop" => nix::sys::signal::Signal::SIGTERM,
         "reopen" => nix::sys::signal::Signal::SIGUSR1,
-        other => {
-            eprintln!("pitcher: unknown signal {other:?}: expected reload, upgrade, quit, stop or reopen");
-            return ExitCode::from(2);
-        }
+        other => return Err(MainError::UnknownSignal(other.to_string())),
     };
-    let (socket, pid_file) = match control_paths(config) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("pitcher: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let (socket, pid_file) = control_paths(config)?;
     match control::send(&socket, &Request { cmd: sig.to_string(), args: Vec::new() }) {
         Ok(reply) if reply.ok => {
             println!("pitcher: {}", reply.message);
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }
-        Ok(reply) => {
-            eprintln!("pitcher: {sig} failed: {}", reply.message);
-            ExitCode::FAILURE
-        }
-        Err(e) => {
+        Ok(reply) => Err(MainError::Refused { sig: sig.to_string(), message: reply.message }),
+        Err(source) => {
             // Only a live master holding its locked pid file is signalled,
             // never whatever process a stale file names.
             let pid = match pitcher::master::running_master(&pid_file) {
                 Ok(pid) => pid,
-                Err(why) => {
-                    eprintln!("pitcher: cannot reach the master: {}: {e}; not signalling: {why}", socket.display());
-                    return ExitCode::FAILURE;
-                }
+                Err(why) => return Err(MainError::NotSignalling { socket, source, why }),
             };
-            match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), unix_sig) {
-                Ok(()) => {
-                    println!("pitcher: control socket unavailable ({e}); sent {unix_sig} to master pid {pid}");
-                    ExitCode::SUCCESS
-                }
-                Err(k) => {
-                    eprintln!("pitcher: cannot signal master pid {pid}: {k}");
-                    ExitCode::FAILURE
-                }
-            }
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), unix_sig)
+                .map_err(|k| MainError::Kill { pid, source: k })?;
+            println!("pitcher: control socket unavailable ({source}); sent {unix_sig} to master pid {pid}");
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-/// `ctl WORDS...`: ask the master and print its answer.
-fn ctl(config: &Path, json: bool, words: &[String]) -> ExitCode {
-    let (socket, _) = match control_paths(config) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("pitcher: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+/// `ctl WORDS...`: ask the master and print its answer. A refusal is an
+/// answer too: printed like any other, with exit status 1.
+fn ctl(config: &Path, json: bool, words: &[String]) -> Result<ExitCode, MainError> {
+    let (socket, _) = control_paths(config)?;
     let req = Request { cmd: words[0].clone(), args: words[1..].to_vec() };
-    match control::send(&socket, &req) {
-        Ok(reply) => {
-            if json {
-                println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
-            } else {
-                println!("{}", reply.message);
-                if !reply.data.is_null() && req.cmd == "status" {
-                    println!("{}", serde_json::to_string_pretty(&reply.data).unwrap_or_default());
-                }
-            }
-            if reply.ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
-            eprintln!("pitcher: cannot reach the master at {}: {e}", socket.display());
-            ExitCode::FAILURE
+    let reply = control::send(&socket, &req).map_err(|source| MainError::Unreachable { socket, source })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+    } else {
+        println!("{}", reply.message);
+        if !reply.data.is_null() && req.cmd == "status" {
+            println!("{}", serde_json::to_string_pretty(&reply.data).unwrap_or_default());
         }
     }
+    Ok(if reply.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -17,7 +17,9 @@ use crate::config::{BackendAddr, ListenAddr, SockAddr};
 /// A connected stream, TCP or Unix.
 #[derive(Debug)]
 pub enum Stream {
+    /// A TCP connection.
     Tcp(TcpStream),
+    /// A Unix socket connection.
     Unix(UnixStream),
 }
 
@@ -66,6 +68,7 @@ impl Stream {
         }
     }
 
+    /// Shuts the write side down (errors ignored: the peer may be gone).
     pub fn shutdown_write(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Write),
@@ -125,7 +128,9 @@ impl Source for Stream {
 /// A listening socket, TCP or Unix.
 #[derive(Debug)]
 pub enum Listener {
+    /// A TCP listening socket.
     Tcp(TcpListener),
+    /// A Unix listening socket.
     Unix(UnixListener),
 }
 
@@ -133,7 +138,9 @@ pub enum Listener {
 /// `unix` for a client on a Unix-domain listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peer {
+    /// A TCP peer's address.
     Ip(IpAddr),
+    /// A Unix socket peer (no address).
     Unix,
 }
 
@@ -172,6 +179,7 @@ impl Listener {
         }
     }
 
+    /// The socket's fd.
     pub fn raw_fd(&self) -> RawFd {
         match self {
             Listener::Tcp(l) => l.as_raw_fd(),
@@ -183,7 +191,7 @@ impl Listener {
 fn canonical_ip(a: SocketAddr) -> IpAddr {
     match a.ip() {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-        ip => ip,
+        ip @ IpAddr::V4(_) => ip,
     }
 }
 
@@ -254,7 +262,9 @@ pub fn local_addr(fd: RawFd) -> Option<SocketAddr> {
 /// events, cleared when an operation would block.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Readiness {
+    /// Readable since the last `WouldBlock` on a read.
     pub readable: bool,
+    /// Writable since the last `WouldBlock` on a write.
     pub writable: bool,
     /// The peer closed its side (EPOLLRDHUP) or the socket has an error:
     /// reads will not block any more, so `readable` stays set.
@@ -262,6 +272,7 @@ pub struct Readiness {
 }
 
 impl Readiness {
+    /// Records what an event says is ready.
     pub fn update(&mut self, ev: &mio::event::Event) {
         if ev.is_readable() {
             self.readable = true;

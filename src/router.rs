@@ -49,6 +49,7 @@ pub struct Router {
 }
 
 impl Router {
+    /// The routing table of `config`.
     pub fn new(config: &Config) -> Router {
         let mut r = Router::default();
         for (index, route) in config.routes.iter().enumerate() {

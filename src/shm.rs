@@ -21,7 +21,8 @@
 //! another's slots.
 //!
 //! Owns: the region's layout, creating, sealing and mapping it, worker
-//! places, the key hash, the shared clock.
+//! places, the key hash, the shared clock, the table of backend slots
+//! ([`SlotTable`]).
 //! Must not: hold policy (what counts as a failure lives in `health`).
 
 use std::io;
@@ -33,6 +34,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+
+mod slots;
+pub use slots::SlotTable;
 
 /// Backend slots in a region; addresses get slots for the instance's life.
 pub const MAX_BACKENDS: usize = 4096;
@@ -73,19 +77,27 @@ pub struct BackendShm {
     pub active: AtomicU32,
     /// Consecutive failed requests (count-window detector).
     pub consecutive_failures: AtomicU32,
+    /// Requests sent to it, all workers together.
     pub requests: AtomicU64,
+    /// Of which failed.
     pub failures: AtomicU64,
     /// Time window detector: window start (shared ms) and its counts.
     pub window_start_ms: AtomicU64,
+    /// Requests in the current window.
     pub window_requests: AtomicU32,
+    /// Failures in the current window.
     pub window_failures: AtomicU32,
     /// Passive ejection: until when, and how many times so far.
     pub ejected_until_ms: AtomicU64,
+    /// Ejections so far.
     pub ejections: AtomicU32,
     /// Active health: 0 = up (or not checked), 1 = down.
     pub down: AtomicU32,
+    /// Successful probes in a row.
     pub probe_ok_run: AtomicU32,
+    /// Failed probes in a row.
     pub probe_fail_run: AtomicU32,
+    /// Probes done.
     pub probes: AtomicU64,
     /// Slow start ramps from this instant (shared ms; 0 = no ramp).
     pub ramp_start_ms: AtomicU64,
@@ -100,17 +112,21 @@ pub struct BackendShm {
 pub struct LimiterShm {
     /// Tokens in thousandths, and when they were last refilled.
     pub milli_tokens: AtomicU64,
+    /// When tokens were last added (shared ms).
     pub refilled_ms: AtomicU64,
     /// Requests in flight (concurrency limits), and each worker place's
     /// share of them (given back by the master when a worker dies).
     pub in_flight: AtomicU32,
+    /// Each worker place's share of `in_flight`.
     pub in_flight_by_worker: [AtomicU32; ACCOUNTED_WORKERS],
     /// Fingerprint of the key that owns this slot (0: free).
     pub key: AtomicU64,
     /// Last time (shared ms) a request of the key used this slot: an idle
     /// slot with nothing in flight can be taken by another key.
     pub used_ms: AtomicU64,
+    /// Requests let through.
     pub admitted: AtomicU64,
+    /// Requests refused.
     pub rejected: AtomicU64,
 }
 
@@ -137,12 +153,15 @@ pub struct ModuleShm {
 #[repr(C)]
 #[derive(Debug)]
 pub struct WorkerShm {
+    /// The worker's pid (0: no worker at this place).
     pub pid: AtomicU32,
     /// Overload level: 0 normal, 1 non-essential modules off, 2 shedding.
     pub level: AtomicU32,
     /// Event-loop busy ratio over the last measurement, in percent.
     pub busy_percent: AtomicU32,
+    /// Requests in flight.
     pub in_flight: AtomicU32,
+    /// Times the overload level changed.
     pub level_changes: AtomicU64,
 }
 
@@ -154,10 +173,15 @@ pub struct Shared {
     /// The key of [`KeyHasher`], drawn when the region is created and kept
     /// with it (so across upgrades).
     hash_key: [AtomicU64; 2],
+    /// Backend state, by slot ([`SlotTable`]).
     pub backends: [BackendShm; MAX_BACKENDS],
+    /// Token buckets: 0 the global throttle, then quota keys, the last the quota overflow.
     pub limiters: [LimiterShm; MAX_LIMITERS],
+    /// Counters of the quota's key table.
     pub quota: QuotaShm,
+    /// Module switches, by registry index.
     pub modules: [ModuleShm; MAX_MODULES],
+    /// Published load, by worker place.
     pub workers: [WorkerShm; MAX_WORKERS],
     /// Who holds each worker place: 0 free, else the pid of the worker
     /// there (or of the master that is starting it).
@@ -236,10 +260,12 @@ impl Region {
         s
     }
 
+    /// The mapped region, for the life of the process.
     pub fn shared(&self) -> &'static Shared {
         self.shared
     }
 
+    /// The memfd (to send to workers and a new master).
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
@@ -373,6 +399,7 @@ pub struct KeyHasher {
 }
 
 impl KeyHasher {
+    /// A hasher with the 128-bit key `(k0, k1)`.
     pub fn new(k0: u64, k1: u64) -> KeyHasher {
         KeyHasher {
             v: [

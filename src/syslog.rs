@@ -21,11 +21,14 @@ const RETRY: Duration = Duration::from_secs(1);
 /// Where syslog lines go: `udp:IP:PORT` or `unix:/dev/log`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyslogAddr {
+    /// A syslog server over UDP.
     Udp(SocketAddr),
+    /// A local Unix datagram socket such as `/dev/log`.
     Unix(PathBuf),
 }
 
 impl SyslogAddr {
+    /// `udp:IP:PORT` or `unix:/path`.
     pub fn parse(s: &str) -> Result<SyslogAddr, String> {
         if let Some(a) = s.strip_prefix("udp:") {
             return a.parse().map(SyslogAddr::Udp).map_err(|_| format!("{s:?}: expected udp:IP:PORT"));
@@ -72,11 +75,17 @@ pub fn facility(name: &str) -> Result<u8, String> {
 
 /// RFC 5424 severities used here.
 pub mod severity {
+    /// Critical conditions.
     pub const CRIT: u8 = 2;
+    /// Error conditions.
     pub const ERR: u8 = 3;
+    /// Warning conditions.
     pub const WARNING: u8 = 4;
+    /// Normal but significant.
     pub const NOTICE: u8 = 5;
+    /// Informational.
     pub const INFO: u8 = 6;
+    /// Debug messages.
     pub const DEBUG: u8 = 7;
 }
 
@@ -118,6 +127,7 @@ pub struct Syslog {
 }
 
 impl Syslog {
+    /// A sender to `addr` with this facility and APP-NAME (`tag`).
     pub fn new(addr: SyslogAddr, facility: u8, tag: &str) -> Syslog {
         Syslog {
             addr,
@@ -131,6 +141,7 @@ impl Syslog {
         }
     }
 
+    /// Where the lines go.
     pub fn addr(&self) -> &SyslogAddr {
         &self.addr
     }

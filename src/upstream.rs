@@ -17,10 +17,12 @@ use std::time::Duration;
 
 use crate::config::{BackendAddr, Balance, ClusterConfig, HashKey, HealthCheck, Passive};
 use crate::shm::BackendShm;
+pub use crate::shm::SlotTable;
 
 /// The worker's state for one backend address.
 #[derive(Debug)]
 pub struct BackendRt {
+    /// The backend's address.
     pub addr: BackendAddr,
     /// `addr` as text (for logs and modules, without formatting each time).
     pub name: String,
@@ -58,74 +60,8 @@ impl BackendRt {
 
 /// Gives the shared-memory slot of a backend address.
 pub trait SlotMap {
+    /// The state of `addr`, or `None` when it has no slot.
     fn slot(&mut self, addr: &BackendAddr) -> Option<&'static BackendShm>;
-}
-
-/// Which shared-memory slot each backend address has. The master assigns
-/// slots (an address keeps its slot for the life of the instance, across
-/// reloads and upgrades) and sends the table to its workers, which only
-/// look it up. `--single-process` assigns its own.
-#[derive(Debug)]
-pub struct SlotTable {
-    shared: &'static crate::shm::Shared,
-    map: HashMap<String, u32>,
-    /// May this table assign new slots (master, single process)?
-    assigns: bool,
-}
-
-impl SlotTable {
-    pub fn new(shared: &'static crate::shm::Shared, assigns: bool) -> SlotTable {
-        SlotTable { shared, map: HashMap::new(), assigns }
-    }
-
-    /// A worker's copy of the master's table.
-    pub fn from_entries(shared: &'static crate::shm::Shared, entries: &[(String, u32)]) -> SlotTable {
-        SlotTable { shared, map: entries.iter().cloned().collect(), assigns: false }
-    }
-
-    /// Adds entries (a predecessor's table) to an assigning table.
-    pub fn extend(&mut self, entries: &[(String, u32)]) {
-        self.map.extend(entries.iter().cloned());
-    }
-
-    /// The shared state of a known address (never assigns).
-    pub fn peek(&self, addr: &BackendAddr) -> Option<&'static BackendShm> {
-        self.map.get(&addr.to_string()).map(|&n| self.shm(n))
-    }
-
-    pub fn contains(&self, addr: &BackendAddr) -> bool {
-        self.map.contains_key(&addr.to_string())
-    }
-
-    pub fn entries(&self) -> Vec<(String, u32)> {
-        self.map.iter().map(|(k, v)| (k.clone(), *v)).collect()
-    }
-
-    /// The slot of `addr`, assigning one if allowed. `None` when the region
-    /// is full or the address is unknown to a worker.
-    pub fn slot_of(&mut self, addr: &BackendAddr) -> Option<u32> {
-        let key = addr.to_string();
-        if let Some(&n) = self.map.get(&key) {
-            return Some(n);
-        }
-        if !self.assigns || self.map.len() >= crate::shm::MAX_BACKENDS {
-            return None;
-        }
-        let n = self.map.values().max().map_or(0, |m| m + 1);
-        if n as usize >= crate::shm::MAX_BACKENDS {
-            return None;
-        }
-        self.map.insert(key, n);
-        Some(n)
-    }
-
-    pub fn shared(&self) -> &'static crate::shm::Shared {
-        self.shared
-    }
-
-    pub fn shm(&self, slot: u32) -> &'static BackendShm {
-        &self.shared.backends[slot as usize]
-    }
 }
 
 impl SlotMap for SlotTable {
@@ -165,10 +101,12 @@ impl Backends {
         id
     }
 
+    /// The backend of id `id`.
     pub fn get(&self, id: usize) -> &BackendRt {
         &self.list[id]
     }
 
+    /// The backend of id `id`, to change.
     pub fn get_mut(&mut self, id: usize) -> &mut BackendRt {
         &mut self.list[id]
     }
@@ -199,7 +137,9 @@ fn overflow_slot() -> &'static BackendShm {
 pub struct Member {
     /// Id in the worker's [`Backends`].
     pub id: usize,
+    /// Its weight (traffic share).
     pub weight: i64,
+    /// Its shared state.
     pub shm: &'static BackendShm,
     /// Smooth WRR running weight. Atomic only so that a snapshot is `Sync`
     /// (one worker thread uses it; relaxed loads and stores are plain moves).
@@ -214,16 +154,27 @@ const RING_POINTS: usize = 64;
 /// A cluster of one configuration snapshot.
 #[derive(Debug)]
 pub struct Cluster {
+    /// The cluster's name.
     pub name: String,
+    /// Its backends.
     pub members: Vec<Member>,
+    /// Idle connections kept per backend.
     pub keepalive: usize,
+    /// How long an idle connection is kept.
     pub keepalive_timeout: Duration,
+    /// Other backends a failed request may be tried on.
     pub retries: u32,
+    /// Retries happen only this soon after the request started.
     pub retry_budget: Duration,
+    /// How requests are spread.
     pub lb: Balance,
+    /// What a `hash` cluster hashes.
     pub hash_key: HashKey,
+    /// Slow-start ramp, in ms (0: none).
     pub slow_start_ms: u64,
+    /// Active health check (done by the master).
     pub health_check: Option<HealthCheck>,
+    /// Passive failure detection.
     pub passive: Passive,
     /// Consistent-hash ring: (point, member index), sorted by point.
     ring: Vec<(u64, usize)>,
@@ -232,6 +183,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The cluster of `c`, its backends given ids in `backends` and slots by `slots`.
     pub fn new(c: &ClusterConfig, backends: &mut Backends, slots: &mut dyn SlotMap) -> Cluster {
         let members: Vec<Member> = c
             .backends
@@ -398,8 +350,11 @@ pub fn hash64<T: Hash>(v: &T) -> u64 {
 /// The outcome of one request to a backend, for passive detection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// A response that is not a 5xx.
     Success,
+    /// The connection failed.
     ConnectError,
+    /// A connect, read or write timed out.
     Timeout,
     /// A 5xx status from the backend.
     ServerError,

@@ -45,7 +45,7 @@ fn master_starts_the_configured_number_of_ready_workers_as_its_children() {
     assert_eq!(st.workers.len(), 3, "{st:?}");
     assert!(st.all_ready(), "{st:?}");
     let mut pids = st.worker_pids();
-    pids.sort();
+    pids.sort_unstable();
     pids.dedup();
     assert_eq!(pids.len(), 3, "three distinct worker pids: {st:?}");
     for pid in &pids {

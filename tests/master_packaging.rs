@@ -274,7 +274,7 @@ fn init_script_settings_come_from_the_defaults_file_and_the_environment_wins() {
         .output()
         .unwrap();
     assert_eq!(status.status.code(), Some(1), "reads {}: {status:?}", m.pid_file().display());
-    assert_eq!(read_pid(m.pid_file()), Some(999999));
+    assert_eq!(read_pid(m.pid_file()), Some(999_999));
 }
 
 /// The value of every `Key=` line of a systemd unit, in order.

@@ -120,9 +120,9 @@ impl Drop for Flood {
 
 #[test]
 fn the_global_throttle_holds_its_rate_across_two_workers() {
-    let _g = serial();
     const RATE: f64 = 200.0;
     const BURST: f64 = 20.0;
+    let _g = serial();
     let be = Backend::start("a");
     let builder = ConfigBuilder::new()
         .top("workers = 2")

@@ -93,6 +93,8 @@ fn connect_failure_is_retried_on_the_next_backend() {
 #[test]
 fn slow_reader_keeps_memory_bounded_and_applies_backpressure() {
     const GIB: u64 = 1 << 30;
+    const MAX_RSS_GROWTH_KIB: u64 = 16 * 1024;
+    const MAX_WRITTEN: u64 = 128 << 20;
     let be =
         Backend::with_handler("be", |req| if req.path() == "/big" { Reply::stream(GIB) } else { Reply::ok("warm") });
     let p = single(&be.spec(), "");
@@ -111,8 +113,6 @@ fn slow_reader_keeps_memory_bounded_and_applies_backpressure() {
     assert_eq!(r.status, 200, "{}", r.head_str());
     assert_eq!(r.header("content-length"), Some(GIB.to_string().as_str()), "{}", r.head_str());
 
-    const MAX_RSS_GROWTH_KIB: u64 = 16 * 1024;
-    const MAX_WRITTEN: u64 = 128 << 20;
     let mut offset: u64 = 0;
     let started = Instant::now();
     let mut last_check = Instant::now();

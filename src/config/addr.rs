@@ -12,7 +12,9 @@ use serde::de::{self, Deserialize, Deserializer};
 /// Unix domain socket (`unix:/run/app.sock`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum SockAddr {
+    /// A TCP address.
     Tcp(SocketAddr),
+    /// A Unix socket path.
     Unix(PathBuf),
 }
 
@@ -76,6 +78,7 @@ impl fmt::Display for BackendAddr {
 /// One entry of a cluster's `backends` list: `"ADDR [weight=N]"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendSpec {
+    /// Where the backend listens.
     pub addr: BackendAddr,
     /// Relative share of traffic, 1..=1000.
     pub weight: u32,
@@ -85,6 +88,7 @@ pub struct BackendSpec {
 pub const MAX_WEIGHT: u32 = 1000;
 
 impl BackendSpec {
+    /// Parses `ADDR` or `ADDR weight=N`; the error says what is wrong.
     pub fn parse(s: &str) -> Result<BackendSpec, String> {
         let mut parts = s.split_whitespace();
         let addr = parts.next().ok_or_else(|| "empty backend entry".to_string())?;

@@ -27,6 +27,7 @@ pub const MAX_INCLUDE_DEPTH: usize = 8;
 /// A configuration as the master read it.
 #[derive(Debug, Clone)]
 pub struct Loaded {
+    /// The resolved, validated configuration.
     pub config: Config,
     /// The resolved text to send to workers ([`Config::parse_resolved`]).
     pub text: String,

@@ -25,9 +25,11 @@ pub use upstream::{Balance, HashKey, HealthCheck, Passive};
 /// A configuration that was refused, with where and why.
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct ConfigError {
+    /// The file at fault (the main file or an included one).
     pub file: PathBuf,
     /// 1-based line and column, when the error has a place in the file.
     pub line_col: Option<(usize, usize)>,
+    /// What is wrong.
     pub reason: String,
 }
 
@@ -43,7 +45,9 @@ impl fmt::Display for ConfigError {
 /// Number of worker processes: a count or `"auto"` (one per core).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workers {
+    /// One worker per core.
     Auto,
+    /// This many workers.
     Count(usize),
 }
 
@@ -67,7 +71,9 @@ impl<'de> Deserialize<'de> for Workers {
 /// Where the error log goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogTarget {
+    /// The standard error of the process.
     Stderr,
+    /// A file, appended to.
     File(PathBuf),
     /// `syslog:udp:IP:PORT` or `syslog:unix:/dev/log` (RFC 5424, facility
     /// daemon, APP-NAME pitcher).
@@ -171,6 +177,7 @@ struct FileLimits {
 /// A listening socket to bind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerConfig {
+    /// Where to listen.
     pub address: ListenAddr,
     /// `listen(2)` backlog.
     pub backlog: u32,
@@ -179,7 +186,9 @@ pub struct ListenerConfig {
 /// A named group of backends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
+    /// The name routes refer to.
     pub name: String,
+    /// Its backends, with their weights.
     pub backends: Vec<BackendSpec>,
     /// Idle upstream connections kept per backend, per worker.
     pub keepalive: usize,
@@ -191,12 +200,16 @@ pub struct ClusterConfig {
     pub retries: u32,
     /// Retries happen only this soon after the request started.
     pub retry_budget: Duration,
+    /// How requests are spread over the backends.
     pub lb: Balance,
+    /// What a `hash` cluster hashes.
     pub hash_key: HashKey,
     /// Traffic to a backend that was added, re-admitted or came back up
     /// ramps linearly over this time (zero: no ramp).
     pub slow_start: Duration,
+    /// Active health check done by the master (`None`: none).
     pub health_check: Option<HealthCheck>,
+    /// Passive failure detection from real traffic.
     pub passive: Passive,
 }
 
@@ -216,7 +229,9 @@ pub enum HostMatch {
 pub struct RouteConfig {
     /// For logs and quotas: `name`, or `route<N>` (1-based, in file order).
     pub name: String,
+    /// Which hosts the route matches.
     pub host: HostMatch,
+    /// Path prefix the route matches (`/` matches every path).
     pub path_prefix: String,
     /// Index into [`Config::clusters`].
     pub cluster: usize,
@@ -229,7 +244,9 @@ pub struct RouteConfig {
 /// One `[modules.NAME]` table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModuleConfig {
+    /// The module's name (the table's key).
     pub name: String,
+    /// Loaded at all (`enabled = false` keeps the table but not the module).
     pub enabled: bool,
     /// Non-essential modules are switched off under overload.
     pub essential: bool,
@@ -260,6 +277,7 @@ pub struct Timeouts {
     pub client_write: Duration,
     /// Idle time allowed between requests on a client connection.
     pub keepalive_idle: Duration,
+    /// Longest wait for a connection to a backend.
     pub upstream_connect: Duration,
     /// Longest wait for the next bytes of a response from a backend.
     pub upstream_read: Duration,
@@ -272,8 +290,11 @@ pub struct Timeouts {
 /// Size limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
+    /// Largest request or response head, in bytes.
     pub max_header_bytes: usize,
+    /// Most header fields in a head.
     pub max_headers: usize,
+    /// Largest request body, in bytes (413 beyond).
     pub max_body_bytes: u64,
     /// Client connections per worker.
     pub max_connections: usize,
@@ -284,13 +305,21 @@ pub struct Limits {
 pub struct Config {
     /// The file it was read from (for messages and reloads).
     pub source: PathBuf,
+    /// Worker processes (`auto` resolved to the number of cores).
     pub workers: usize,
+    /// The master's pid file (locked while it runs).
     pub pid_file: PathBuf,
+    /// The master's control socket (`ctl`, `-s`).
     pub control_socket: PathBuf,
+    /// Where the error log goes.
     pub error_log: LogTarget,
+    /// Least severe level written to the error log.
     pub log_level: slog::Level,
+    /// User the workers run as when started by root (`None`: `nobody`).
     pub user: Option<String>,
+    /// Group the workers run as (`None`: the user's group).
     pub group: Option<String>,
+    /// Longest a graceful stop or a reload waits for requests in flight.
     pub drain_timeout: Duration,
     /// How long a new master may take to report ready before rollback.
     pub upgrade_timeout: Duration,
@@ -303,10 +332,15 @@ pub struct Config {
     /// Pass `Expect: 100-continue` on to backends (Pitcher answers it
     /// itself either way; a backend's own 100 is then not relayed again).
     pub forward_expect: bool,
+    /// Sockets to listen on.
     pub listeners: Vec<ListenerConfig>,
+    /// Backend clusters, by index.
     pub clusters: Vec<ClusterConfig>,
+    /// Routing rules, in the order they are tried.
     pub routes: Vec<RouteConfig>,
+    /// Every timeout.
     pub timeouts: Timeouts,
+    /// Size limits.
     pub limits: Limits,
     /// Module tables, in pipeline order (`[modules] order`, then the rest
     /// in name order).
@@ -322,6 +356,24 @@ pub const MIN_HEADER_BYTES: usize = 1024;
 pub const MAX_HEADER_BYTES: usize = 1 << 20;
 
 impl Config {
+    /// The files the master opens for its workers (which may run as a user
+    /// that cannot open them): the error log, then the `path` of every
+    /// enabled access log. Read from the settings as written (the module
+    /// checked them when the configuration was validated), so that the
+    /// master needs nothing of the modules to find them.
+    pub fn log_files(&self) -> Vec<PathBuf> {
+        let error_log = match &self.error_log {
+            LogTarget::File(p) => Some(p.clone()),
+            LogTarget::Stderr | LogTarget::Syslog(_) => None,
+        };
+        let access_logs = self
+            .modules
+            .iter()
+            .filter(|m| m.enabled && m.name == "access_log")
+            .filter_map(|m| m.settings.get("path")?.as_str().map(PathBuf::from));
+        error_log.into_iter().chain(access_logs).collect()
+    }
+
     /// Reads and validates a configuration file and the files it includes,
     /// with `${VAR}` from the environment (see [`include`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {

@@ -24,8 +24,10 @@ pub enum Balance {
 /// What a `hash` cluster hashes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum HashKey {
+    /// The client's IP address.
     #[default]
     ClientIp,
+    /// The request path.
     Path,
     /// A request header (lower-case name).
     Header(String),
@@ -35,8 +37,11 @@ pub enum HashKey {
 /// the master for every worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
+    /// Path of the probe request.
     pub path: String,
+    /// Time between two probes of a backend.
     pub interval: Duration,
+    /// Longest a probe may take.
     pub timeout: Duration,
     /// Successes in a row that bring a down backend up.
     pub rise: u32,
@@ -44,6 +49,7 @@ pub struct HealthCheck {
     pub fall: u32,
     /// Statuses that count as healthy: `status_min..=status_max`.
     pub status_min: u16,
+    /// Highest healthy status (see `status_min`).
     pub status_max: u16,
 }
 
@@ -55,15 +61,21 @@ pub struct Passive {
     /// Time window: within `window`, with at least `window_min_requests`,
     /// eject when failures reach `window_failure_percent` (0 = off).
     pub window: Duration,
+    /// Requests a window needs before its failure ratio counts.
     pub window_min_requests: u32,
+    /// Failure ratio of a window, in percent, that ejects the backend.
     pub window_failure_percent: u32,
     /// First ejection lasts `ejection`; each repeat doubles it, up to `max_ejection`.
     pub ejection: Duration,
+    /// Longest ejection (each ejection doubles the last one up to this).
     pub max_ejection: Duration,
     /// Never eject more than this share of a cluster at once.
     pub max_ejected_percent: u32,
+    /// A failed connection counts as a failure.
     pub on_connect_error: bool,
+    /// A timeout counts as a failure.
     pub on_timeout: bool,
+    /// A 5xx response counts as a failure.
     pub on_5xx: bool,
 }
 

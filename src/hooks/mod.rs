@@ -36,18 +36,118 @@ use crate::config::{Config, ModuleConfig, RouteConfig};
 use crate::http::{RequestHead, ResponseHead};
 use crate::shm::Shared;
 
+/// What is wrong with a module's settings (its `[modules.NAME]` table), or
+/// why it could not start. The table's file and line are added by
+/// [`ModuleError`].
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The table does not fit the module's settings: an unknown key, a
+    /// value of the wrong type, a missing key.
+    #[error("{message}")]
+    Table {
+        /// The parser's message.
+        message: String,
+    },
+    /// A value over its bound.
+    #[error("{name} = {value} is over the limit of {max}")]
+    OverLimit {
+        /// The setting.
+        name: &'static str,
+        /// Its value.
+        value: u64,
+        /// The largest value accepted.
+        max: u64,
+    },
+    /// A value, or a combination of values, the module refuses.
+    #[error("{reason}")]
+    Invalid {
+        /// What is wrong, naming the setting.
+        reason: String,
+    },
+    /// The module could not start what it needs (a writer thread).
+    #[error("cannot start the {what}: {source}")]
+    Start {
+        /// What could not be started.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl From<String> for SettingsError {
+    fn from(reason: String) -> SettingsError {
+        SettingsError::Invalid { reason }
+    }
+}
+
+impl From<&str> for SettingsError {
+    fn from(reason: &str) -> SettingsError {
+        SettingsError::Invalid { reason: reason.to_string() }
+    }
+}
+
+/// Bridge for module code that still reports its settings' errors as text.
+impl From<SettingsError> for String {
+    fn from(e: SettingsError) -> String {
+        e.to_string()
+    }
+}
+
+/// A module table that cannot be loaded, with the file and line of the
+/// table: `FILE:LINE: [modules.NAME]: PROBLEM`.
+#[derive(Debug, thiserror::Error)]
+#[error("{}:{line}: [modules.{module}]: {problem}", file.display())]
+pub struct ModuleError {
+    /// The file that holds the table.
+    pub file: std::path::PathBuf,
+    /// The table's 1-based line.
+    pub line: usize,
+    /// The module's name as written.
+    pub module: String,
+    /// What is wrong.
+    pub problem: ModuleProblem,
+}
+
+/// What is wrong with one module table.
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleProblem {
+    /// No module of that name is compiled in.
+    #[error("no such module (compiled in: {})", known.join(", "))]
+    Unknown {
+        /// The modules that are.
+        known: Vec<&'static str>,
+    },
+    /// The module refused its settings.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+}
+
+/// Bridge for callers that report errors as text (the worker's snapshot).
+impl From<ModuleError> for String {
+    fn from(e: ModuleError) -> String {
+        e.to_string()
+    }
+}
+
 /// The six hook points, in the order a request meets them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Point {
+    /// A client connection was accepted.
     Accept = 0,
+    /// A request head was read and routed; no backend is chosen yet.
     BeforeCluster = 1,
+    /// A backend was chosen; the request is about to be sent.
     AfterCluster = 2,
+    /// The backend's response head arrived.
     BackendResponse = 3,
+    /// A request is over (answered, failed or cut).
     RequestFinish = 4,
+    /// The client connection is closing.
     Finish = 5,
 }
 
 impl Point {
+    /// Every point, in order.
     pub const ALL: [Point; 6] = [
         Point::Accept,
         Point::BeforeCluster,
@@ -57,6 +157,7 @@ impl Point {
         Point::Finish,
     ];
 
+    /// The point's name in logs and `docs/modules.md`.
     pub fn name(self) -> &'static str {
         match self {
             Point::Accept => "ACCEPT",
@@ -84,22 +185,27 @@ pub enum Verdict {
 /// A response made by a module.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
+    /// Status code.
     pub status: u16,
+    /// Header fields, in order.
     pub headers: Vec<(String, String)>,
     /// Empty: Pitcher's standard short text body for the status.
     pub body: Vec<u8>,
 }
 
 impl Response {
+    /// A response with `status`, no header and no body.
     pub fn new(status: u16) -> Response {
         Response { status, headers: Vec::new(), body: Vec::new() }
     }
 
+    /// Adds a header field.
     pub fn header(mut self, name: &str, value: &str) -> Response {
         self.headers.push((name.to_string(), value.to_string()));
         self
     }
 
+    /// Sets the body.
     pub fn body(mut self, body: impl Into<Vec<u8>>) -> Response {
         self.body = body.into();
         self
@@ -114,10 +220,12 @@ pub struct Vars {
 }
 
 impl Vars {
+    /// The value module `module` stored (0 when none).
     pub fn get(&self, module: usize) -> u64 {
         self.values.get(module).copied().unwrap_or(0)
     }
 
+    /// Stores a value for module `module`.
     pub fn set(&mut self, module: usize, v: u64) {
         if self.values.len() <= module {
             self.values.resize(module + 1, 0);
@@ -125,6 +233,7 @@ impl Vars {
         self.values[module] = v;
     }
 
+    /// Forgets every value (a new request).
     pub fn clear(&mut self) {
         self.values.iter_mut().for_each(|v| *v = 0);
     }
@@ -132,9 +241,11 @@ impl Vars {
 
 /// What every handler is given besides the message.
 pub struct Ctx<'a> {
+    /// The time of the event being handled.
     pub now: Instant,
     /// The client's IP (`None` on a Unix-domain listener).
     pub client: Option<IpAddr>,
+    /// The connection's logger (`worker`, `conn` keys).
     pub log: &'a Logger,
     /// The route the request matched (request points only).
     pub route: Option<&'a RouteConfig>,
@@ -148,6 +259,7 @@ pub struct Ctx<'a> {
     /// The worker's overload level: 0 normal, 1 non-essential modules
     /// off, 2 low-priority routes shed.
     pub load_level: u32,
+    /// Per-request values modules keep between points.
     pub vars: &'a mut Vars,
     /// State shared by all workers (global limits).
     pub shared: &'static Shared,
@@ -198,20 +310,28 @@ impl<'a> Ctx<'a> {
 /// A finished exchange, for REQUEST_FINISH.
 #[derive(Debug)]
 pub struct Finished<'a> {
+    /// The request's method.
     pub method: &'a [u8],
+    /// The request target as received.
     pub target: &'a [u8],
     /// The request's protocol version, `HTTP/1.0` or `HTTP/1.1`.
     pub version: &'static str,
+    /// The request's host.
     pub host: &'a [u8],
+    /// The status sent to the client.
     pub status: u16,
     /// Body bytes sent to the client.
     pub bytes: u64,
+    /// From the first byte of the request to the last of the response.
     pub duration: Duration,
     /// Time from sending the request to the backend to the end of its
     /// response (`None`: no backend was involved).
     pub upstream_time: Option<Duration>,
+    /// The backend that served it, if any.
     pub backend: Option<&'a str>,
+    /// The `User-Agent` header (empty when none).
     pub user_agent: &'a [u8],
+    /// The `Referer` header (empty when none).
     pub referer: &'a [u8],
     /// The request's X-Request-Id (Pitcher's, or the client's).
     pub request_id: &'a [u8],
@@ -222,8 +342,11 @@ pub struct Finished<'a> {
 /// A client connection, for ACCEPT and FINISH.
 #[derive(Debug)]
 pub struct Connection {
+    /// The client's address (`None` on a Unix socket).
     pub client: Option<IpAddr>,
+    /// Requests served on the connection.
     pub requests: u64,
+    /// How long the connection was open.
     pub duration: Duration,
 }
 
@@ -235,19 +358,25 @@ pub trait Module: Send + Sync {
     /// The points this module handles; the others are never called.
     fn points(&self) -> &'static [Point];
 
+    /// [`Point::Accept`].
     fn accept(&self, _conn: &Connection, _ctx: &mut Ctx<'_>) -> Verdict {
         Verdict::Continue
     }
+    /// [`Point::BeforeCluster`]: may change the request head.
     fn before_cluster(&self, _req: &mut RequestHead, _ctx: &mut Ctx<'_>) -> Verdict {
         Verdict::Continue
     }
+    /// [`Point::AfterCluster`]: may change the request head.
     fn after_cluster(&self, _req: &mut RequestHead, _ctx: &mut Ctx<'_>) -> Verdict {
         Verdict::Continue
     }
+    /// [`Point::BackendResponse`]: may change the response head.
     fn backend_response(&self, _resp: &mut ResponseHead, _ctx: &mut Ctx<'_>) -> Verdict {
         Verdict::Continue
     }
+    /// [`Point::RequestFinish`]: what happened, for logs and counters.
     fn request_finish(&self, _done: &Finished<'_>, _ctx: &mut Ctx<'_>) {}
+    /// [`Point::Finish`].
     fn finish(&self, _conn: &Connection, _ctx: &mut Ctx<'_>) {}
     /// Reopen files (SIGUSR1).
     fn reopen(&self) {}
@@ -259,17 +388,22 @@ pub trait Module: Send + Sync {
 /// A module compiled into Pitcher: its name and how to build it from its
 /// `[modules.NAME]` table.
 pub struct Registration {
+    /// The name of its `[modules.NAME]` table.
     pub name: &'static str,
+    /// Builds it from that table.
     pub build: BuildFn,
 }
 
 /// Builds a module from its table; the error says what is wrong with it.
-pub type BuildFn = fn(&ModuleConfig, &Build) -> Result<Arc<dyn Module>, String>;
+pub type BuildFn = fn(&ModuleConfig, &Build) -> Result<Arc<dyn Module>, SettingsError>;
 
 /// What a module may use when it is built.
 pub struct Build<'a> {
+    /// The whole configuration (for cross-checks such as route names).
     pub config: &'a Config,
+    /// The shared region (limiter slots, flags).
     pub shared: &'static Shared,
+    /// The worker's logger.
     pub log: &'a Logger,
     /// Only checking the settings (`pitcher -t`, a reload in the master):
     /// open no file, start no thread.
@@ -291,10 +425,13 @@ pub fn registry_index(name: &str) -> Option<usize> {
 
 /// A loaded module of one snapshot.
 pub struct Loaded {
+    /// The registered name.
     pub name: &'static str,
+    /// The built module.
     pub module: Arc<dyn Module>,
     /// Index in [`registry`]: the shared on/off flag.
     pub flag: usize,
+    /// Kept on under overload.
     pub essential: bool,
 }
 
@@ -310,6 +447,7 @@ impl Pipeline {
         &self.by_point[p as usize]
     }
 
+    /// Calls no module at any point?
     pub fn is_empty(&self) -> bool {
         self.by_point.iter().all(|v| v.is_empty())
     }
@@ -319,7 +457,9 @@ impl Pipeline {
 /// them: one global, one per route that names its own modules.
 #[derive(Default)]
 pub struct Modules {
+    /// The enabled modules, in pipeline order.
     pub loaded: Vec<Loaded>,
+    /// The pipeline of routes that name no modules of their own.
     pub global: Pipeline,
     /// Per route (index in `config.routes`); `None`: the global pipeline.
     pub per_route: Vec<Option<Pipeline>>,
@@ -334,26 +474,28 @@ impl std::fmt::Debug for Modules {
 impl Modules {
     /// Builds the enabled modules of `config`. Errors name the module's
     /// table and line.
-    pub fn build(config: &Config, shared: &'static Shared, log: &Logger) -> Result<Modules, String> {
+    pub fn build(config: &Config, shared: &'static Shared, log: &Logger) -> Result<Modules, ModuleError> {
         Modules::build_with(config, shared, log, false)
     }
 
-    fn build_with(config: &Config, shared: &'static Shared, log: &Logger, check_only: bool) -> Result<Modules, String> {
+    fn build_with(
+        config: &Config,
+        shared: &'static Shared,
+        log: &Logger,
+        check_only: bool,
+    ) -> Result<Modules, ModuleError> {
         let mut out = Modules::default();
         let b = Build { config, shared, log, check_only };
         for mc in config.modules.iter().filter(|m| m.enabled) {
-            let flag = registry_index(&mc.name).ok_or_else(|| {
-                let known: Vec<&str> = registry().iter().map(|r| r.name).collect();
-                format!(
-                    "{}:{}: [modules.{}]: no such module (compiled in: {})",
-                    mc.file.display(),
-                    mc.line,
-                    mc.name,
-                    known.join(", ")
-                )
-            })?;
-            let module = (registry()[flag].build)(mc, &b)
-                .map_err(|e| format!("{}:{}: [modules.{}]: {e}", mc.file.display(), mc.line, mc.name))?;
+            let error = |problem: ModuleProblem| ModuleError {
+                file: mc.file.clone(),
+                line: mc.line,
+                module: mc.name.clone(),
+                problem,
+            };
+            let flag = registry_index(&mc.name)
+                .ok_or_else(|| error(ModuleProblem::Unknown { known: registry().iter().map(|r| r.name).collect() }))?;
+            let module = (registry()[flag].build)(mc, &b).map_err(|e| error(e.into()))?;
             out.loaded.push(Loaded { name: registry()[flag].name, module, flag, essential: mc.essential });
         }
         let all: Vec<usize> = (0..out.loaded.len()).collect();
@@ -393,12 +535,14 @@ impl Modules {
         (l.essential || !shedding) && shared.modules[l.flag].disabled.load(Relaxed) == 0
     }
 
+    /// Asks every module to reopen its files (SIGUSR1).
     pub fn reopen(&self) {
         for l in &self.loaded {
             l.module.reopen();
         }
     }
 
+    /// Runs every module's housekeeping (about every 100 ms).
     pub fn tick(&self) {
         for l in &self.loaded {
             l.module.tick();
@@ -408,7 +552,7 @@ impl Modules {
 
 /// Checks the module tables of a configuration (for `-t` and reloads) by
 /// building every enabled module; nothing is written to `shared`.
-pub fn validate(config: &Config, shared: &'static Shared) -> Result<(), String> {
+pub fn validate(config: &Config, shared: &'static Shared) -> Result<(), ModuleError> {
     let log = Logger::root(slog::Discard, slog::o!());
     Modules::build_with(config, shared, &log, true).map(|_| ())
 }
@@ -439,10 +583,14 @@ mod tests {
             "[[listeners]]\naddress = \"127.0.0.1:1\"\n[[clusters]]\nname = \"a\"\nbackends = [\"127.0.0.1:2\"]\n";
         let c = Config::parse(std::path::Path::new("x.toml"), &format!("{base}[modules.nosuch]\n")).unwrap();
         let e = validate(&c, shared).unwrap_err();
+        assert!(matches!(e.problem, ModuleProblem::Unknown { .. }) && e.line == 6, "{e}");
+        let e = e.to_string();
         assert!(e.starts_with("x.toml:6: [modules.nosuch]: no such module"), "{e}");
         let c =
             Config::parse(std::path::Path::new("x.toml"), &format!("{base}[modules.throttle]\nburst = 1\n")).unwrap();
         let e = validate(&c, shared).unwrap_err();
+        assert!(matches!(e.problem, ModuleProblem::Settings(SettingsError::Table { .. })), "{e}");
+        let e = e.to_string();
         assert!(e.contains("x.toml:6: [modules.throttle]") && e.contains("rate_per_sec"), "{e}");
     }
 }

@@ -16,20 +16,28 @@ pub const MAX_CHUNK_LINE: usize = 4096;
 /// Most trailer bytes accepted after the last chunk.
 pub const MAX_TRAILER_BYTES: usize = 16 * 1024;
 
+/// Why a chunked body is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ChunkedError {
+    /// A chunk size that is not hex digits.
     #[error("invalid chunk size")]
     Size,
+    /// A chunk size beyond `u64`.
     #[error("chunk size too large")]
     SizeOverflow,
+    /// A malformed chunk extension.
     #[error("invalid chunk extension")]
     Extension,
+    /// A chunk-size line longer than allowed.
     #[error("chunk line too long")]
     LineTooLong,
+    /// Chunk data not followed by CRLF.
     #[error("missing CRLF after chunk data")]
     DataCrlf,
+    /// A malformed trailer field.
     #[error("invalid trailer")]
     Trailer,
+    /// Trailers larger than allowed.
     #[error("trailers too large")]
     TrailerTooLarge,
 }
@@ -104,6 +112,7 @@ impl Default for ChunkedScanner {
 }
 
 impl ChunkedScanner {
+    /// A decoder at the start of a body.
     pub fn new() -> Self {
         ChunkedScanner { state: State::SizeStart, size: 0, line_len: 0, trailer_len: 0, data_total: 0 }
     }

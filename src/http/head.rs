@@ -15,14 +15,18 @@ use super::{path, HttpError};
 /// A header field as ranges into [`Head::buf`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Field {
+    /// Where the name is in the head's bytes.
     pub name: Range<usize>,
+    /// Where the value is (trimmed).
     pub value: Range<usize>,
 }
 
 /// HTTP version of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
+    /// HTTP/1.0.
     Http10,
+    /// HTTP/1.1.
     Http11,
 }
 
@@ -44,19 +48,23 @@ pub enum Framing {
 pub struct Head {
     /// The head's bytes; ranges point into it. Edits append to it.
     pub buf: Vec<u8>,
+    /// The header fields, in order.
     pub fields: Vec<Field>,
 }
 
 impl Head {
+    /// Empties the head for reuse.
     pub fn clear(&mut self) {
         self.buf.clear();
         self.fields.clear();
     }
 
+    /// The name of field `f`.
     pub fn name(&self, f: &Field) -> &[u8] {
         &self.buf[f.name.clone()]
     }
 
+    /// The value of field `f`.
     pub fn value(&self, f: &Field) -> &[u8] {
         &self.buf[f.value.clone()]
     }
@@ -198,17 +206,21 @@ impl TransferCodings {
 /// A parsed request head.
 #[derive(Debug, Clone, Default)]
 pub struct RequestHead {
+    /// The bytes and header fields.
     pub head: Head,
+    /// Where the method is.
     pub method: Range<usize>,
     /// The request target in origin form (`/path?query`); absolute-form
     /// targets are normalised and their authority becomes the host.
     pub target: Range<usize>,
+    /// The version (`None` until parsed).
     pub version: Option<Version>,
     /// Host, lower-cased, without port (from the target or the Host field).
     pub host: Range<usize>,
     /// The authority of an absolute-form target, as received: it replaces
     /// the Host field towards the backend (RFC 9112 §3.2.2).
     pub authority: Option<Range<usize>>,
+    /// How the body is framed (`None` until parsed).
     pub framing: Option<Framing>,
     /// The normalised path ([`path::normalize`]) of the target, which
     /// routes and modules match. Kept from request to request, so its
@@ -266,9 +278,11 @@ impl HeadScan {
 }
 
 impl RequestHead {
+    /// The method's bytes.
     pub fn method(&self) -> &[u8] {
         &self.head.buf[self.method.clone()]
     }
+    /// The target's bytes, as received.
     pub fn target(&self) -> &[u8] {
         &self.head.buf[self.target.clone()]
     }
@@ -284,15 +298,19 @@ impl RequestHead {
         let t = self.target();
         &t[..t.iter().position(|&b| b == b'?').unwrap_or(t.len())]
     }
+    /// The host, lower case, without port (from the target or `Host`).
     pub fn host(&self) -> &[u8] {
         &self.head.buf[self.host.clone()]
     }
+    /// The HTTP version.
     pub fn version(&self) -> Version {
         self.version.unwrap_or(Version::Http11)
     }
+    /// How the body is framed.
     pub fn framing(&self) -> Framing {
         self.framing.unwrap_or(Framing::None)
     }
+    /// Is the method HEAD (a response without a body)?
     pub fn is_head(&self) -> bool {
         self.method() == b"HEAD"
     }
@@ -488,13 +506,18 @@ impl RequestHead {
 /// A parsed response head.
 #[derive(Debug, Clone, Default)]
 pub struct ResponseHead {
+    /// The bytes and header fields.
     pub head: Head,
+    /// The status code.
     pub status: u16,
+    /// Where the reason phrase is.
     pub reason: Range<usize>,
+    /// The version (`None` until parsed).
     pub version: Option<Version>,
 }
 
 impl ResponseHead {
+    /// The reason phrase's bytes.
     pub fn reason(&self) -> &[u8] {
         &self.head.buf[self.reason.clone()]
     }
@@ -642,6 +665,7 @@ fn has_bare_lf(raw: &[u8]) -> bool {
     raw.iter().enumerate().any(|(i, &b)| b == b'\n' && (i == 0 || raw[i - 1] != b'\r'))
 }
 
+/// `s` without leading and trailing spaces and tabs.
 pub fn trim(s: &[u8]) -> &[u8] {
     let start = s.iter().position(|&b| b != b' ' && b != b'\t').unwrap_or(s.len());
     let end = s.iter().rposition(|&b| b != b' ' && b != b'\t').map(|i| i + 1).unwrap_or(start);

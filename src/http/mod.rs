@@ -14,38 +14,55 @@ pub use head::{Field, Framing, Head, RequestHead, ResponseHead, Version};
 /// Why a message was refused. Each maps to one status code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HttpError {
+    /// The request line or head is malformed.
     #[error("malformed request")]
     BadRequest,
+    /// A header field is malformed.
     #[error("malformed header field")]
     BadHeader,
+    /// The method is not in upper case.
     #[error("method not in upper case")]
     BadMethod,
+    /// The target has a fragment, a malformed escape, or a path above the root.
     #[error("request target with a fragment, a malformed escape, or a path above the root")]
     BadTarget,
+    /// A header name that differs from a hop-by-hop, framing or forwarding field only by `_`.
     #[error("header name that differs from a hop-by-hop, framing or forwarding field only by '_'")]
     UnderscoreHeader,
+    /// An HTTP version other than 1.0 or 1.1.
     #[error("unsupported HTTP version")]
     BadVersion,
+    /// An HTTP/1.1 request without `Host`.
     #[error("missing Host header")]
     MissingHost,
+    /// An invalid `Content-Length`.
     #[error("invalid Content-Length")]
     BadContentLength,
+    /// Both `Content-Length` and `Transfer-Encoding`.
     #[error("both Content-Length and Transfer-Encoding")]
     LengthAndChunked,
+    /// A malformed `Transfer-Encoding`.
     #[error("invalid Transfer-Encoding")]
     BadTransferEncoding,
+    /// A transfer coding Pitcher does not know.
     #[error("unknown transfer coding")]
     UnknownTransferEncoding,
+    /// More header fields than allowed.
     #[error("too many header fields")]
     TooManyHeaders,
+    /// The request line is longer than allowed.
     #[error("request line too long")]
     UriTooLong,
+    /// The head is larger than allowed.
     #[error("request header fields too large")]
     HeadersTooLarge,
+    /// The body is larger than allowed.
     #[error("request body too large")]
     BodyTooLarge,
+    /// The chunked body is malformed.
     #[error("malformed chunked body: {0}")]
     Chunked(ChunkedError),
+    /// A backend's response head is malformed.
     #[error("malformed response from backend")]
     BadResponse,
 }

@@ -12,7 +12,9 @@ use super::{is_hop_by_hop, reason, Framing, Head};
 /// How the body Pitcher sends is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutFraming {
+    /// No body.
     None,
+    /// A body of this many bytes.
     Length(u64),
     /// `Transfer-Encoding: chunked` (forwarded or re-framed).
     Chunked,
@@ -21,6 +23,7 @@ pub enum OutFraming {
 }
 
 impl OutFraming {
+    /// How a request body of framing `f` is sent on.
     pub fn from_request(f: Framing) -> OutFraming {
         match f {
             Framing::None => OutFraming::None,

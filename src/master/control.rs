@@ -113,10 +113,7 @@ impl Master {
     pub(super) fn accept_control(&mut self) {
         loop {
             let Some(l) = self.control.as_ref() else { return };
-            let stream = match l.accept() {
-                Ok((s, _)) => s,
-                Err(_) => return,
-            };
+            let Ok((stream, _)) = l.accept() else { return };
             let me = nix::unistd::geteuid().as_raw();
             match getsockopt(&stream, PeerCredentials) {
                 Ok(c) if c.uid() == 0 || c.uid() == me => {}
@@ -238,8 +235,8 @@ impl Master {
                     deadline: Instant::now() + RELOAD_CONFIRM,
                 }),
                 Err(e) => {
-                    slog::error!(self.logger(), "reload refused; the running configuration stays"; "error" => &e);
-                    answer(stream, &Reply::err(e));
+                    slog::error!(self.logger(), "reload refused; the running configuration stays"; "error" => %e);
+                    answer(stream, &Reply::err(e.to_string()));
                 }
             },
             "upgrade" => match self.start_upgrade(Some(stream)) {

@@ -14,8 +14,7 @@ use slog::Logger;
 
 use crate::config::{BackendAddr, Config, HealthCheck};
 use crate::net::Stream;
-use crate::shm::{now_ms, BackendShm};
-use crate::upstream::SlotTable;
+use crate::shm::{now_ms, BackendShm, SlotTable};
 
 /// Probe tokens: `PROBE_BASE + target index` (above any pid-based token).
 pub const PROBE_BASE: usize = 1 << 40;

@@ -36,10 +36,9 @@ use slog::Logger;
 use crate::channel::{self, Channel, ListenerEntry, ToMaster, ToWorker, WORKER_FD_ENV};
 use crate::config::{Config, ListenerConfig};
 use crate::log::Log;
-use crate::shm::Region;
-use crate::upstream::SlotTable;
+use crate::shm::{Region, SlotTable};
 
-pub use pidfile::{read_pid, running_master, PidFile};
+pub use pidfile::{read_pid, running_master, NotRunning, PidFile};
 pub use upgrade::{Handover, Received};
 
 /// Longest sleep of the master loop.
@@ -136,7 +135,7 @@ struct Signals {
 
 impl Signals {
     fn install() -> io::Result<Signals> {
-        use signal_hook::consts::*;
+        use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
         let (read, write) = StdUnixStream::pair()?;
         read.set_nonblocking(true)?;
         write.set_nonblocking(true)?;
@@ -321,7 +320,7 @@ impl Master {
                     CONTROL => self.accept_control(),
                     UPGRADE => self.upgrade_event(),
                     Token(t) if t >= health::PROBE_BASE => {
-                        self.health.event(ev.token(), self.poll.registry(), &self.log.logger)
+                        self.health.event(ev.token(), self.poll.registry(), &self.log.logger);
                     }
                     Token(t) if t >= control::CLIENT_BASE => self.control_client_event(t - control::CLIENT_BASE),
                     Token(t) if t >= WORKER_BASE => self.worker_event(Pid::from_raw((t - WORKER_BASE) as i32)),
@@ -508,15 +507,11 @@ impl Master {
     /// to open them. A file the master cannot open is logged and left to
     /// the worker. Opened without blocking (a FIFO with no reader would
     /// stall the master), then made blocking for the worker's writer.
-    fn send_files(&self, chan: &Channel) -> io::Result<()> {
+    fn send_files(&self, chan: &Channel) -> Result<(), channel::ChannelError> {
         use std::os::unix::fs::OpenOptionsExt;
         let mut paths = Vec::new();
         let mut files = Vec::new();
-        let error_log = match &self.config.error_log {
-            crate::config::LogTarget::File(p) => Some(p.clone()),
-            crate::config::LogTarget::Stderr | crate::config::LogTarget::Syslog(_) => None,
-        };
-        for p in error_log.into_iter().chain(crate::hooks::modules::access_log::files(&self.config)) {
+        for p in self.config.log_files() {
             let opened = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -532,7 +527,7 @@ impl Master {
                     files.push(f);
                 }
                 Err(e) => {
-                    slog::error!(self.log.logger, "cannot open a log file for the workers"; "path" => %p.display(), "error" => %e)
+                    slog::error!(self.log.logger, "cannot open a log file for the workers"; "path" => %p.display(), "error" => %e);
                 }
             }
         }
@@ -575,7 +570,7 @@ impl Master {
                     Some(_) => {}
                     None => {
                         slog::warn!(self.log.logger, "shared slots are full; this backend has no shared health state";
-                        "backend" => %b.addr, "slots" => crate::shm::MAX_BACKENDS)
+                        "backend" => %b.addr, "slots" => crate::shm::MAX_BACKENDS);
                     }
                 }
             }
@@ -671,29 +666,30 @@ impl Master {
     /// Re-reads and validates the configuration and sends it to the
     /// workers. Invalid: nothing changes. Returns the sequence number the
     /// workers confirm.
-    pub fn reload(&mut self) -> Result<u64, String> {
+    pub fn reload(&mut self) -> Result<u64, ReloadError> {
         if self.state != State::Running {
-            return Err("the master is stopping".into());
+            return Err(ReloadError::Stopping);
         }
         let path = self.args.config_path.clone();
-        let crate::config::Loaded { config, text, .. } =
-            crate::config::include::load(&path).map_err(|e| e.to_string())?;
+        let crate::config::Loaded { config, text, .. } = crate::config::include::load(&path)?;
         crate::hooks::validate(&config, self.region.shared())?;
         // Listeners: keep the sockets of unchanged addresses, bind new ones.
         let mut next = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             let bound = match self.listeners.iter().find(|b| b.config.address == l.address) {
                 Some(b) => {
+                    let listener = || l.address.to_string();
                     let fd =
-                        b.fd.try_clone().map_err(|e| format!("cannot duplicate the socket of {}: {e}", l.address))?;
+                        b.fd.try_clone().map_err(|source| ReloadError::Duplicate { listener: listener(), source })?;
                     if b.config.backlog != l.backlog {
-                        crate::net::set_backlog(&fd, l.backlog).map_err(|e| format!("{}: {e}", l.address))?;
+                        crate::net::set_backlog(&fd, l.backlog)
+                            .map_err(|source| ReloadError::Backlog { listener: listener(), source })?;
                     }
                     Bound { config: l.clone(), fd, entry: b.entry.clone() }
                 }
                 None => {
                     let fd = crate::net::bind(&l.address, l.backlog)
-                        .map_err(|e| format!("cannot listen on {}: {e}", l.address))?;
+                        .map_err(|source| ReloadError::Listen { listener: l.address.to_string(), source })?;
                     let entry = channel::entry_for(&l.address, fd.as_raw_fd());
                     slog::info!(self.logger(), "listening"; "address" => &entry.local);
                     Bound { config: l.clone(), fd, entry }
@@ -838,4 +834,42 @@ impl Master {
             let _ = std::fs::remove_file(&self.config.control_socket);
         }
     }
+}
+
+/// Why a reload was refused (the running configuration stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The master is shutting down or handing over.
+    #[error("the master is stopping")]
+    Stopping,
+    /// The configuration does not load.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A module table is wrong.
+    #[error(transparent)]
+    Modules(#[from] crate::hooks::ModuleError),
+    /// A kept listening socket could not be duplicated.
+    #[error("cannot duplicate the socket of {listener}: {source}")]
+    Duplicate {
+        /// The listener's address.
+        listener: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// A kept listening socket's new backlog could not be set.
+    #[error("{listener}: {source}")]
+    Backlog {
+        /// The listener's address.
+        listener: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// A new listener could not be bound.
+    #[error("cannot listen on {listener}: {source}")]
+    Listen {
+        /// The listener's address.
+        listener: String,
+        /// Why.
+        source: io::Error,
+    },
 }

@@ -62,6 +62,7 @@ impl PidFile {
         Ok(())
     }
 
+    /// The pid file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -82,31 +83,87 @@ pub fn read_pid(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
+/// Why no running master was found behind a pid file (so nothing is
+/// signalled).
+#[derive(Debug, thiserror::Error)]
+pub enum NotRunning {
+    /// The file holds no pid.
+    #[error("no pid in {}", file.display())]
+    NoPid {
+        /// The pid file.
+        file: PathBuf,
+    },
+    /// The file or the process could not be read.
+    #[error("{what}: {source}")]
+    Unreadable {
+        /// The pid file or the process (`pid N`).
+        what: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// Nobody holds the file's lock.
+    #[error("{} is not locked by a running master (stale; pid {pid})", file.display())]
+    Unlocked {
+        /// The pid file.
+        file: PathBuf,
+        /// The pid it names.
+        pid: u32,
+    },
+    /// The lock could not be tested.
+    #[error("cannot check the lock of {}: {source}", file.display())]
+    Lock {
+        /// The pid file.
+        file: PathBuf,
+        /// Why.
+        source: nix::errno::Errno,
+    },
+    /// The pid is another program, or a worker.
+    #[error("pid {pid} in {} is not a Pitcher master ({argv0:?})", file.display())]
+    NotPitcher {
+        /// The pid file.
+        file: PathBuf,
+        /// The pid it names.
+        pid: u32,
+        /// That process's argv[0].
+        argv0: String,
+    },
+    /// The process does not have the file open.
+    #[error("pid {pid} does not hold {} (stale pid file)", file.display())]
+    NotHolding {
+        /// The pid file.
+        file: PathBuf,
+        /// The pid it names.
+        pid: u32,
+    },
+}
+
 /// The pid of the live Pitcher master that holds `path`, for `-s` to
 /// signal; an error saying why not otherwise. A pid is trusted only if the
 /// file is locked, the process is a Pitcher master (its command line, not
 /// a worker's), and it has the pid file open: a stale file naming a pid
 /// that was reused by another program is never signalled.
-pub fn running_master(path: &Path) -> Result<u32, String> {
-    let pid = read_pid(path).ok_or_else(|| format!("no pid in {}", path.display()))?;
-    let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+pub fn running_master(path: &Path) -> Result<u32, NotRunning> {
+    let file = || path.to_path_buf();
+    let unreadable = |what: String| move |source| NotRunning::Unreadable { what, source };
+    let pid = read_pid(path).ok_or_else(|| NotRunning::NoPid { file: file() })?;
+    let f = File::open(path).map_err(unreadable(path.display().to_string()))?;
+    match Flock::lock(f, FlockArg::LockSharedNonblock) {
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {}
-        Ok(_) => return Err(format!("{} is not locked by a running master (stale; pid {pid})", path.display())),
-        Err((_, e)) => return Err(format!("cannot check the lock of {}: {e}", path.display())),
+        Ok(_) => return Err(NotRunning::Unlocked { file: file(), pid }),
+        Err((_, source)) => return Err(NotRunning::Lock { file: file(), source }),
     }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).map_err(|e| format!("pid {pid}: {e}"))?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).map_err(unreadable(format!("pid {pid}")))?;
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).filter(|a| !a.is_empty()).collect();
     let argv0 = args.first().map(|a| String::from_utf8_lossy(a).into_owned()).unwrap_or_default();
     let name = Path::new(&argv0).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if !name.starts_with("pitcher") || args.iter().any(|a| *a == b"--worker") {
-        return Err(format!("pid {pid} in {} is not a Pitcher master ({argv0:?})", path.display()));
+        return Err(NotRunning::NotPitcher { file: file(), pid, argv0 });
     }
-    let wanted = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(|e| format!("pid {pid}: {e}"))?;
+    let wanted = std::fs::canonicalize(path).map_err(unreadable(path.display().to_string()))?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(unreadable(format!("pid {pid}")))?;
     let holds = fds.filter_map(Result::ok).any(|fd| std::fs::read_link(fd.path()).is_ok_and(|p| p == wanted));
     if !holds {
-        return Err(format!("pid {pid} does not hold {} (stale pid file)", path.display()));
+        return Err(NotRunning::NotHolding { file: file(), pid });
     }
     Ok(pid)
 }
@@ -130,11 +187,13 @@ mod tests {
         let mut other = std::process::Command::new("sleep").arg("10").spawn().unwrap();
         first.write_pid(other.id()).unwrap();
         let e = running_master(&path).unwrap_err();
-        assert!(e.contains("not a Pitcher master"), "{e}");
+        assert!(matches!(e, NotRunning::NotPitcher { .. }), "{e}");
+        assert!(e.to_string().contains("not a Pitcher master"), "{e}");
         other.kill().unwrap();
         other.wait().unwrap();
         drop(first);
         let e = running_master(&path).unwrap_err();
-        assert!(e.contains("not locked"), "{e}");
+        assert!(matches!(e, NotRunning::Unlocked { .. }), "{e}");
+        assert!(e.to_string().contains("not locked"), "{e}");
     }
 }

@@ -128,7 +128,7 @@ impl Master {
                         _ => std::thread::sleep(Duration::from_millis(10)),
                     }
                 }
-                self.rollback(format!("the new master closed its channel before it was ready ({e})"))
+                self.rollback(format!("the new master closed its channel before it was ready ({e})"));
             }
         }
     }
@@ -224,7 +224,10 @@ impl Handover {
 
 /// What a new master receives from the old one.
 pub struct Received {
+    /// The listening sockets, checked against their manifest.
     pub listeners: Vec<(ListenerEntry, OwnedFd)>,
+    /// The shared region of the old master.
     pub region: Region,
+    /// The old master's backend slots.
     pub backend_slots: Vec<(String, u32)>,
 }

@@ -30,8 +30,11 @@ use super::timer::{Timed, Timers};
 /// started with, so requests in flight finish on it.
 #[derive(Debug)]
 pub struct Snapshot {
+    /// The configuration it was built from.
     pub config: Arc<Config>,
+    /// Request routing of this configuration.
     pub router: Router,
+    /// The clusters, by index in the configuration.
     pub clusters: Vec<Cluster>,
     /// The enabled modules and their pipelines.
     pub modules: Modules,

@@ -9,6 +9,8 @@
 //! (connections per second × client_header_ms) stale entries. Appending to a
 //! slot costs the same whatever that number is; a heap push or pop walks
 //! log2(n) scattered entries. A timeout fires at most one slot (10 ms) late.
+// missing_docs: documented in the proxy/ restructuring (issue 10)
+#![allow(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -10,6 +10,8 @@
 //! syscall, and a connection is only pooled when its readiness says
 //! nothing is waiting to be read (with edge-triggered epoll, data that came
 //! before the release would raise no new event).
+// missing_docs: documented in the proxy/ restructuring (issue 10)
+#![allow(missing_docs)]
 
 use mio::Interest;
 

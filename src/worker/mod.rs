@@ -35,9 +35,11 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// What a worker is started with.
 pub struct WorkerInit {
+    /// The configuration to start with.
     pub config: Arc<Config>,
     /// Listening sockets and their manifest entries.
     pub listeners: Vec<(ListenerEntry, OwnedFd)>,
+    /// The worker's logger.
     pub log: Logger,
     /// The log file to reopen on request, if logging to a file.
     pub log_file: Option<LogFile>,
@@ -98,6 +100,7 @@ struct LoadMeter {
 }
 
 impl Worker {
+    /// A worker with its listeners registered and its first snapshot built.
     pub fn new(init: WorkerInit) -> io::Result<Worker> {
         let poll = Poll::new()?;
         let mut listeners = Slab::new();

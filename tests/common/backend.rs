@@ -500,10 +500,7 @@ fn serve(inner: &Inner, conn: usize, stream: Stream) {
     }
     let mut c = BufConn::new(stream);
     while !inner.stop.load(Ordering::SeqCst) {
-        let head = match c.read_head() {
-            Ok(Some(h)) => h,
-            _ => return,
-        };
+        let Ok(Some(head)) = c.read_head() else { return };
         let Ok((line, headers)) = parse_head(&head) else {
             return;
         };

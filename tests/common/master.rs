@@ -487,7 +487,7 @@ impl MasterRun {
                 masters.push(pid);
             }
         }
-        masters.sort();
+        masters.sort_unstable();
         masters.dedup();
         // Every master of this run names its configuration file on its
         // command line; a pid that no longer does was reused by another

@@ -21,32 +21,42 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::config::ModuleConfig;
-use crate::hooks::{Build, Ctx, Module, Point, Response, Verdict};
+use crate::hooks::{Build, Ctx, Module, Point, Response, SettingsError, Verdict};
 use crate::http::RequestHead;
 
+/// The `[modules.degrade]` settings; the worker's overload controller reads them too.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DegradeSettings {
+    /// Event-loop busy share, in percent, that counts as overload.
     #[serde(default = "d_busy_high")]
     pub busy_high_percent: u32,
+    /// Busy share under which the worker counts as recovered.
     #[serde(default = "d_busy_low")]
     pub busy_low_percent: u32,
+    /// Requests in flight in a worker that count as overload.
     #[serde(default = "d_in_flight_high")]
     pub in_flight_high: u32,
+    /// Requests in flight under which the worker counts as recovered.
     #[serde(default = "d_in_flight_low")]
     pub in_flight_low: u32,
+    /// Busy share at which low-priority routes are shed (level 2).
     #[serde(default = "d_shed_busy")]
     pub shed_busy_percent: u32,
+    /// Requests in flight at which low-priority routes are shed (level 2).
     #[serde(default = "d_shed_in_flight")]
     pub shed_in_flight: u32,
+    /// Time window: overload must last this long to raise the level.
     #[serde(default = "d_window_ms")]
     pub window_ms: u64,
     /// Count window: this many requests in a row seen while overloaded
     /// (0: only the time window).
     #[serde(default)]
     pub window_requests: u64,
+    /// Time under the `*_low` thresholds before the level goes back to 0.
     #[serde(default = "d_restore_ms")]
     pub restore_ms: u64,
+    /// Status of a shed request.
     #[serde(default = "d_status")]
     pub status: u16,
 }
@@ -86,7 +96,7 @@ impl DegradeSettings {
         super::settings(&m.settings).ok()
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), SettingsError> {
         if self.busy_low_percent > self.busy_high_percent || self.in_flight_low > self.in_flight_high {
             return Err("the *_low thresholds must not exceed the *_high ones".into());
         }
@@ -104,7 +114,7 @@ struct Degrade {
     status: u16,
 }
 
-pub fn build(c: &ModuleConfig, _: &Build) -> Result<Arc<dyn Module>, String> {
+pub fn build(c: &ModuleConfig, _: &Build) -> Result<Arc<dyn Module>, SettingsError> {
     let s: DegradeSettings = super::settings(&c.settings)?;
     s.check()?;
     Ok(Arc::new(Degrade { status: s.status }))
@@ -127,6 +137,7 @@ impl Module for Degrade {
 #[derive(Debug)]
 pub struct Controller {
     s: DegradeSettings,
+    /// The current level: 0 normal, 1 non-essential modules off, 2 shedding.
     pub level: u32,
     /// Since when the load has been at least level 1 / level 2 / calm.
     over_since: Option<Instant>,
@@ -140,6 +151,7 @@ pub struct Controller {
 }
 
 impl Controller {
+    /// A controller at level 0.
     pub fn new(s: DegradeSettings) -> Controller {
         Controller {
             s,

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::config::ModuleConfig;
-use crate::hooks::{Build, Ctx, Module, Point, Verdict};
+use crate::hooks::{Build, Ctx, Module, Point, SettingsError, Verdict};
 use crate::http::{Head, RequestHead, ResponseHead};
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -50,21 +50,21 @@ struct Headers {
     routes: BTreeMap<String, Rules>,
 }
 
-pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, String> {
+pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, SettingsError> {
     let s: Settings = super::settings(&c.settings)?;
     for r in std::iter::once(&s.all).chain(s.routes.values()) {
         for (k, v) in r.request_set.iter().chain(&r.request_append).chain(&r.response_set).chain(&r.response_append) {
             if k.is_empty() || !k.bytes().all(crate::http::head::is_tchar) {
-                return Err(format!("header name {k:?} is not a token"));
+                return Err(format!("header name {k:?} is not a token").into());
             }
             if v.bytes().any(|c| c < 0x20 && c != b'\t' || c == 0x7f) {
-                return Err(format!("header {k:?}: the value has control characters"));
+                return Err(format!("header {k:?}: the value has control characters").into());
             }
         }
     }
     for name in s.routes.keys() {
         if !b.config.routes.iter().any(|r| &r.name == name) {
-            return Err(format!("routes.{name}: no route has that name"));
+            return Err(format!("routes.{name}: no route has that name").into());
         }
     }
     Ok(Arc::new(Headers { all: s.all, routes: s.routes }))

@@ -11,10 +11,12 @@ mod trace;
 
 pub use degrade::{Controller, DegradeSettings};
 
-use super::Registration;
+use super::{Registration, SettingsError};
 
+/// Every module compiled in; a module's position is its shared flag.
 pub static REGISTRY: &[Registration] = &[
-    Registration { name: "access_log", build: access_log::build },
+    // access_log still reports its errors as text.
+    Registration { name: "access_log", build: |c, b| access_log::build(c, b).map_err(SettingsError::from) },
     Registration { name: "headers", build: headers::build },
     Registration { name: "throttle", build: throttle::build },
     Registration { name: "quota", build: quota::build },
@@ -24,15 +26,17 @@ pub static REGISTRY: &[Registration] = &[
 
 /// Deserializes a module's settings table into its typed form, with the
 /// unknown keys refused.
-pub(crate) fn settings<T: serde::de::DeserializeOwned>(t: &toml::Table) -> Result<T, String> {
-    toml::Value::Table(t.clone()).try_into().map_err(|e: toml::de::Error| e.message().to_string())
+pub(crate) fn settings<T: serde::de::DeserializeOwned>(t: &toml::Table) -> Result<T, SettingsError> {
+    toml::Value::Table(t.clone())
+        .try_into()
+        .map_err(|e: toml::de::Error| SettingsError::Table { message: e.message().to_string() })
 }
 
 /// Refuses a setting over its bound (the caller's error is prefixed with
 /// the file, the line and the module's table).
-pub(crate) fn at_most(name: &str, value: u64, max: u64) -> Result<(), String> {
+pub(crate) fn at_most(name: &'static str, value: u64, max: u64) -> Result<(), SettingsError> {
     if value > max {
-        return Err(format!("{name} = {value} is over the limit of {max}"));
+        return Err(SettingsError::OverLimit { name, value, max });
     }
     Ok(())
 }

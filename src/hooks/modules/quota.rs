@@ -29,7 +29,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::config::ModuleConfig;
-use crate::hooks::{Build, Ctx, Finished, Module, Point, Response, Verdict};
+use crate::hooks::{Build, Ctx, Finished, Module, Point, Response, SettingsError, Verdict};
 use crate::http::RequestHead;
 use crate::shm::{now_ms, KeyHasher, Shared, MAX_BURST, MAX_QUOTA_KEYS, MAX_RATE_PER_SEC, QUOTA_OVERFLOW_SLOT};
 
@@ -94,24 +94,24 @@ struct Quota {
     hasher: KeyHasher,
 }
 
-pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, String> {
+pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, SettingsError> {
     let s: Settings = super::settings(&c.settings)?;
     let key = match s.key.as_str() {
         "route" => Key::Route,
         k if k.starts_with("header:") && k.len() > 7 => Key::Header(k[7..].to_string()),
-        other => return Err(format!("key = {other:?}: expected \"route\" or \"header:NAME\"")),
+        other => return Err(format!("key = {other:?}: expected \"route\" or \"header:NAME\"").into()),
     };
     if !(400..=599).contains(&s.status) {
-        return Err(format!("status {} must be a 4xx or 5xx", s.status));
+        return Err(format!("status {} must be a 4xx or 5xx", s.status).into());
     }
     super::at_most("rate_per_sec", s.rate_per_sec, MAX_RATE_PER_SEC)?;
     super::at_most("burst", s.burst, MAX_BURST)?;
     super::at_most("concurrency", u64::from(s.concurrency), u64::from(MAX_CONCURRENCY))?;
     if !(1..=MAX_QUOTA_KEYS).contains(&s.max_keys) {
-        return Err(format!("max_keys = {}: expected 1 to {MAX_QUOTA_KEYS}", s.max_keys));
+        return Err(format!("max_keys = {}: expected 1 to {MAX_QUOTA_KEYS}", s.max_keys).into());
     }
     if !(MIN_KEY_IDLE_MS..=MAX_KEY_IDLE_MS).contains(&s.key_idle_ms) {
-        return Err(format!("key_idle_ms = {}: expected {MIN_KEY_IDLE_MS} to {MAX_KEY_IDLE_MS}", s.key_idle_ms));
+        return Err(format!("key_idle_ms = {}: expected {MIN_KEY_IDLE_MS} to {MAX_KEY_IDLE_MS}", s.key_idle_ms).into());
     }
     let mut hasher = b.shared.key_hasher();
     hasher.write(b"quota\0");

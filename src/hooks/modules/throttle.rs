@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::config::ModuleConfig;
-use crate::hooks::{Build, Ctx, Module, Point, Response, Verdict};
+use crate::hooks::{Build, Ctx, Module, Point, Response, SettingsError, Verdict};
 use crate::http::RequestHead;
 use crate::shm::{now_ms, MAX_BURST, MAX_RATE_PER_SEC};
 
@@ -50,13 +50,13 @@ struct Throttle {
     retry_after: String,
 }
 
-pub fn build(c: &ModuleConfig, _: &Build) -> Result<Arc<dyn Module>, String> {
+pub fn build(c: &ModuleConfig, _: &Build) -> Result<Arc<dyn Module>, SettingsError> {
     let s: Settings = super::settings(&c.settings)?;
     if s.rate_per_sec == 0 {
         return Err("rate_per_sec must be at least 1".into());
     }
     if !(400..=599).contains(&s.status) {
-        return Err(format!("status {} must be a 4xx or 5xx", s.status));
+        return Err(format!("status {} must be a 4xx or 5xx", s.status).into());
     }
     super::at_most("rate_per_sec", s.rate_per_sec, MAX_RATE_PER_SEC)?;
     super::at_most("burst", s.burst, MAX_BURST)?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::config::ModuleConfig;
-use crate::hooks::{Build, Connection, Ctx, Finished, Module, Point, Verdict};
+use crate::hooks::{Build, Connection, Ctx, Finished, Module, Point, SettingsError, Verdict};
 use crate::http::{RequestHead, ResponseHead};
 
 #[derive(Debug, Default, Deserialize)]
@@ -16,7 +16,7 @@ struct Settings {}
 
 struct Trace;
 
-pub fn build(c: &ModuleConfig, _: &Build) -> Result<Arc<dyn Module>, String> {
+pub fn build(c: &ModuleConfig, _: &Build) -> Result<Arc<dyn Module>, SettingsError> {
     let _: Settings = super::settings(&c.settings)?;
     Ok(Arc::new(Trace))
 }

@@ -164,6 +164,7 @@ pub struct Clock {
 impl Clock {
     /// Takes the time of `now`; reformats only when the second changed.
     pub fn set(&mut self, now: SystemTime) {
+        const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
         let d = now.duration_since(UNIX_EPOCH).unwrap_or_default();
         self.millis = d.subsec_millis();
         if d.as_secs() == self.sec && !self.iso.is_empty() {
@@ -171,7 +172,6 @@ impl Clock {
         }
         self.sec = d.as_secs();
         let c = crate::timefmt::civil(self.sec);
-        const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
         self.iso.clear();
         let _ = write!(self.iso, "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}", c.0, c.1, c.2, c.3, c.4, c.5);
         self.local.clear();

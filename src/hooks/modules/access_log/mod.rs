@@ -85,17 +85,6 @@ static DROPPED_TOTAL: AtomicU64 = AtomicU64::new(0);
 /// Writer threads of this process, to wait for at exit.
 static WRITERS: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
 
-/// The files the master opens for this module (the `path`s of enabled
-/// access logs).
-pub fn files(config: &Config) -> Vec<PathBuf> {
-    config
-        .modules
-        .iter()
-        .filter(|m| m.enabled && m.name == "access_log")
-        .filter_map(|m| super::settings::<Settings>(&m.settings).ok()?.path)
-        .collect()
-}
-
 /// Waits until every writer thread whose module is gone has written what
 /// it was handed, or `limit` passed. Called by a worker on its way out.
 pub fn wait_writers(limit: Duration) {
@@ -209,6 +198,7 @@ fn parse(s: Settings) -> Result<Parsed, String> {
     Ok(Parsed { format, path: s.path, syslog, records })
 }
 
+/// Builds the access-log module from its `[modules.access_log]` table.
 pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, String> {
     let p = parse(super::settings(&c.settings)?)?;
     let (tx, rx) = sync_channel(QUEUE);

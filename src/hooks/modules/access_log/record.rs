@@ -15,30 +15,43 @@ use super::format::{self, Clock};
 /// `pitcher.access.AccessRecord` (see the `.proto` for each field).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct AccessRecord {
+    /// When the request finished, in milliseconds since the Unix epoch.
     #[prost(uint64, tag = "1")]
     pub time_unix_ms: u64,
+    /// The client address (`unix` for a Unix-socket client).
     #[prost(string, tag = "2")]
     pub client: String,
+    /// The request method.
     #[prost(string, tag = "3")]
     pub method: String,
+    /// The request target as received.
     #[prost(string, tag = "4")]
     pub path: String,
+    /// The Host the request was routed by.
     #[prost(string, tag = "5")]
     pub host: String,
+    /// The status the client got.
     #[prost(uint32, tag = "6")]
     pub status: u32,
+    /// Response body bytes sent to the client.
     #[prost(uint64, tag = "7")]
     pub bytes: u64,
+    /// From the first byte of the request head to the end of the response, in nanoseconds.
     #[prost(uint64, tag = "8")]
     pub duration_ns: u64,
+    /// The backend that answered (empty: none).
     #[prost(string, tag = "9")]
     pub backend: String,
+    /// Time spent on the backend, in nanoseconds (absent: no backend).
     #[prost(uint64, optional, tag = "10")]
     pub upstream_ns: Option<u64>,
+    /// The index of the route matched, as text (empty: none).
     #[prost(string, tag = "11")]
     pub route: String,
+    /// The User-Agent field.
     #[prost(string, tag = "12")]
     pub user_agent: String,
+    /// The X-Request-Id of the request.
     #[prost(string, tag = "13")]
     pub request_id: String,
 }
