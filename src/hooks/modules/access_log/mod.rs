@@ -43,7 +43,7 @@ use std::time::{Duration, Instant, SystemTime};
 use prost::Message;
 use serde::Deserialize;
 
-use crate::config::{Config, ModuleConfig};
+use crate::config::ModuleConfig;
 use crate::hooks::{Build, Ctx, Finished, Module, Point};
 use crate::syslog::{Syslog, SyslogAddr};
 
