@@ -777,8 +777,16 @@ pub fn nobody() -> (u32, u32) {
 /// Runs the binary under test with `args` as `uid`/`gid` (bounded: killed
 /// after `timeout`).
 pub fn run_pitcher_as(uid: u32, gid: u32, args: &[&str], timeout: Duration) -> RunOutput {
+    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
-    let mut child = Command::new(PITCHER)
+    // The build tree may sit under a directory that `uid` cannot enter
+    // (a checkout in /root): run a copy from a directory everyone can.
+    let dir = tempfile::Builder::new().prefix("pitcher-as-").tempdir().expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
+    let bin = dir.path().join("pitcher");
+    std::fs::copy(PITCHER, &bin).expect("copy the binary under test");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod binary");
+    let mut child = Command::new(&bin)
         .args(args)
         .uid(uid)
         .gid(gid)
@@ -786,7 +794,7 @@ pub fn run_pitcher_as(uid: u32, gid: u32, args: &[&str], timeout: Duration) -> R
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("spawn {PITCHER} as uid {uid}: {e}"));
+        .unwrap_or_else(|e| panic!("spawn {} as uid {uid}: {e}", bin.display()));
     let deadline = Instant::now() + timeout;
     loop {
         if child.try_wait().expect("try_wait").is_some() {
