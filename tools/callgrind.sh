@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# tools/callgrind.sh BINARY [SCENARIO] [DURATION] — user-space instructions
+# per request of one Pitcher build, counted by valgrind's callgrind.
+#
+# Wall-clock CPU per request (tools/bench.sh) swings by ±25% run to run on a
+# shared virtual machine; an instruction count does not: the same binary
+# and load give the same figure within ~1%, whatever else the host does.
+# Use it for before/after comparisons of a change to the data path (it does
+# not see kernel time: syscalls and wake-ups are bench.sh's job).
+#
+# SCENARIO: ka (small body, keep-alive; default), close (Connection: close),
+# 64k (64 KiB body, keep-alive). DURATION: wrk's -d (default 5s).
+# The figure is (instructions of a run under load − instructions of a run
+# that served one request) / requests, so start-up and shutdown cancel out.
+# Needs valgrind, wrk, nginx (origin), curl, python3; KEEP=1 keeps the
+# callgrind output for callgrind_annotate.
+set -euo pipefail
+set -euo pipefail
+BIN=$(realpath "$1") SCEN=${2:-ka} DUR=${3:-5s}
+D=$(mktemp -d /tmp/cg.XXXX); chmod 755 $D
+read -r OP PP < <(python3 -c 'import socket;a=socket.socket();a.bind(("127.0.0.1",0));b=socket.socket();b.bind(("127.0.0.1",0));print(a.getsockname()[1],b.getsockname()[1])')
+mkdir -p $D/www; head -c 65536 /dev/zero | tr '\0' x > $D/www/64k; chmod -R a+rX $D
+cat > $D/nginx.conf <<N
+worker_processes 1; daemon off; pid $D/nginx.pid; error_log $D/error.log warn;
+events { worker_connections 1024; }
+http { access_log off; client_body_temp_path $D/cb; proxy_temp_path $D/p; fastcgi_temp_path $D/f; uwsgi_temp_path $D/u; scgi_temp_path $D/s;
+ keepalive_requests 1000000;
+ server { listen 127.0.0.1:$OP; root $D/www; location / { return 200 "Hello from the origin!"; } location = /64k { } } }
+N
+/usr/sbin/nginx -p $D -c $D/nginx.conf -e $D/error.log & NG=$!
+cat > $D/p.toml <<T
+workers = 1
+pid_file = "$D/p.pid"
+control_socket = "$D/p.sock"
+error_log = "stderr"
+log_level = "warn"
+[[listeners]]
+address = "127.0.0.1:$PP"
+[[clusters]]
+name = "o"
+backends = ["127.0.0.1:$OP"]
+keepalive = 64
+[[routes]]
+path_prefix = "/"
+cluster = "o"
+T
+run() { # $1 duration or "none"
+  valgrind --tool=callgrind --callgrind-out-file=$D/cg.out.%p $BIN --single-process -c $D/p.toml 2>$D/vg.err & local VP=$!
+  for i in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:$PP/ && break; sleep 0.2; done
+  local n=1
+  if [ "$1" != none ]; then
+    local path=/ hdr=()
+    [ $SCEN = 64k ] && path=/64k
+    [ $SCEN = close ] && hdr=(-H "Connection: close")
+    n=$(wrk -t1 -c10 -d$1 "${hdr[@]}" http://127.0.0.1:$PP$path | awk '/requests in/ {print $1}')
+    n=$((n+1))
+  fi
+  kill -TERM $VP; wait $VP || true
+  local ir=$(grep -h "^summary:" $D/cg.out.$VP | awk '{print $2}')
+  echo "$n $ir"
+}
+read -r n0 i0 < <(run none)
+read -r n1 i1 < <(run $DUR)
+kill $NG; wait $NG 2>/dev/null || true
+echo "$SCEN $(basename $BIN): requests=$((n1-n0)) instr/req=$(( (i1-i0)/(n1-n0) ))"
+[ -n "${KEEP:-}" ] && echo "kept $D" || rm -rf $D
