@@ -31,30 +31,14 @@ fn main() {
     let result = if let Some(a) = arg.strip_prefix("tcp:") {
         TcpListener::bind(a).and_then(|l| {
             eprintln!("listening on tcp:{}", l.local_addr()?);
-            for c in l.incoming() {
-                let out = out.clone();
-                match c {
-                    Ok(c) => {
-                        std::thread::spawn(move || serve(c, &out));
-                    }
-                    Err(e) => eprintln!("accept: {e}"),
-                }
-            }
+            accept_all(l.incoming(), &out);
             Ok(())
         })
     } else if let Some(p) = arg.strip_prefix("unix:") {
         let _ = std::fs::remove_file(p);
         UnixListener::bind(p).map(|l| {
             eprintln!("listening on unix:{p}");
-            for c in l.incoming() {
-                let out = out.clone();
-                match c {
-                    Ok(c) => {
-                        std::thread::spawn(move || serve(c, &out));
-                    }
-                    Err(e) => eprintln!("accept: {e}"),
-                }
-            }
+            accept_all(l.incoming(), &out);
         })
     } else {
         eprintln!("usage: pitcher-records tcp:IP:PORT | unix:/path");
@@ -63,6 +47,19 @@ fn main() {
     if let Err(e) = result {
         eprintln!("pitcher-records: {arg}: {e}");
         std::process::exit(1);
+    }
+}
+
+/// Serves every connection of a listener, each on its own thread.
+fn accept_all<C: Read + Send + 'static>(incoming: impl Iterator<Item = io::Result<C>>, out: &Arc<Mutex<io::Stdout>>) {
+    for c in incoming {
+        match c {
+            Ok(c) => {
+                let out = out.clone();
+                std::thread::spawn(move || serve(c, &out));
+            }
+            Err(e) => eprintln!("accept: {e}"),
+        }
     }
 }
 

@@ -106,11 +106,7 @@ impl Core {
         }
         let snap = s.snap.clone();
         let backend = self.backend_name(s);
-        let at = AtRequest {
-            route: s.ex.route,
-            cluster: s.ex.cluster_chosen.then_some(s.ex.cluster),
-            backend: backend.as_deref(),
-        };
+        let at = at_request(s, backend.as_deref());
         let list = snap.modules.pipeline_for(s.ex.route).at(point);
         let mut run = Run { snap: &snap, point, list, peer: s.peer, vars: &mut s.vars, request: Some(at) };
         let req = &mut s.req;
@@ -133,11 +129,7 @@ impl Core {
         }
         let snap = s.snap.clone();
         let backend = self.backend_name(s);
-        let at = AtRequest {
-            route: s.ex.route,
-            cluster: s.ex.cluster_chosen.then_some(s.ex.cluster),
-            backend: backend.as_deref(),
-        };
+        let at = at_request(s, backend.as_deref());
         let list = snap.modules.pipeline_for(s.ex.route).at(Point::BackendResponse);
         let point = Point::BackendResponse;
         let mut run = Run { snap: &snap, point, list, peer: s.peer, vars: &mut s.vars, request: Some(at) };
@@ -173,11 +165,7 @@ impl Core {
             request_id: s.req.head.get("x-request-id").unwrap_or(b""),
             headers: &s.req.head,
         };
-        let at = AtRequest {
-            route: s.ex.route,
-            cluster: s.ex.cluster_chosen.then_some(s.ex.cluster),
-            backend: backend.as_deref(),
-        };
+        let at = at_request(s, backend.as_deref());
         let list = snap.modules.pipeline_for(s.ex.route).at(Point::RequestFinish);
         let point = Point::RequestFinish;
         let mut run = Run { snap: &snap, point, list, peer: s.peer, vars: &mut s.vars, request: Some(at) };
@@ -210,4 +198,9 @@ impl Core {
         let member = s.snap.clusters.get(s.ex.cluster)?.members.get(s.ex.backend)?;
         Some(self.backends.get(member.id).name.clone())
     }
+}
+
+/// What modules at a request point learn of the request's routing.
+fn at_request<'a>(s: &Session, backend: Option<&'a str>) -> AtRequest<'a> {
+    AtRequest { route: s.ex.route, cluster: s.ex.cluster_chosen.then_some(s.ex.cluster), backend }
 }
