@@ -35,7 +35,9 @@ use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::mman::{mmap, MapFlags, ProtFlags};
 
+pub mod metrics;
 mod slots;
+pub use metrics::MetricsShm;
 pub use slots::SlotTable;
 
 /// Backend slots in a region; addresses get slots for the instance's life.
@@ -63,7 +65,7 @@ pub const MAX_RATE_PER_SEC: u64 = 10_000_000;
 /// Largest burst a token bucket accepts.
 pub const MAX_BURST: u64 = 10_000_000;
 /// Identifies a Pitcher region and its layout version.
-const MAGIC: u64 = 0x5049_5443_4845_5205; // "PITCHER" + layout 5
+const MAGIC: u64 = 0x5049_5443_4845_5206; // "PITCHER" + layout 6
 /// Seals every region carries: its size can never change.
 const SEALS: SealFlag = SealFlag::from_bits_truncate(
     SealFlag::F_SEAL_SHRINK.bits() | SealFlag::F_SEAL_GROW.bits() | SealFlag::F_SEAL_SEAL.bits(),
@@ -104,6 +106,21 @@ pub struct BackendShm {
     /// Each worker place's share of `active`, so that the master can take
     /// back the connections of a worker that died.
     pub active_by_worker: [AtomicU32; ACCOUNTED_WORKERS],
+    /// Failed requests by kind: connection refused or failed.
+    pub fail_connect: AtomicU64,
+    /// Connect, read or write timed out.
+    pub fail_timeout: AtomicU64,
+    /// Closed or reset before or during the response.
+    pub fail_reset: AtomicU64,
+    /// A malformed response.
+    pub fail_invalid: AtomicU64,
+    /// A 5xx response.
+    pub fail_5xx: AtomicU64,
+    /// Requests sent again to another backend after this one failed them.
+    pub retries: AtomicU64,
+    /// Idle pooled connections, by worker place (below
+    /// `ACCOUNTED_WORKERS`; forgotten when the worker dies).
+    pub idle_by_worker: [AtomicU32; ACCOUNTED_WORKERS],
 }
 
 /// A token bucket shared by all workers (global throttle, quotas).
@@ -186,6 +203,8 @@ pub struct Shared {
     /// Who holds each worker place: 0 free, else the pid of the worker
     /// there (or of the master that is starting it).
     places: [AtomicU32; MAX_WORKERS],
+    /// The figures of `/metrics` ([`metrics`]).
+    pub metrics: MetricsShm,
 }
 
 /// A mapped region. Mappings are never unmapped while the process runs
@@ -291,6 +310,12 @@ impl Shared {
             if n > 0 {
                 let _ = b.active.fetch_update(Relaxed, Relaxed, |a| Some(a.saturating_sub(n)));
             }
+        }
+        for b in self.backends.iter().filter(|b| b.idle_by_worker[place].load(Relaxed) != 0) {
+            b.idle_by_worker[place].store(0, Relaxed);
+        }
+        if place < metrics::METRIC_BLOCKS {
+            self.metrics.blocks[place].active.store(0, Relaxed);
         }
         for l in self.limiters.iter().filter(|l| l.in_flight_by_worker[place].load(Relaxed) != 0) {
             let n = l.in_flight_by_worker[place].swap(0, Relaxed);

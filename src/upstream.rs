@@ -106,6 +106,11 @@ impl Backends {
         &self.list[id]
     }
 
+    /// Every backend this worker knows (retired ones included).
+    pub fn iter(&self) -> impl Iterator<Item = &BackendRt> {
+        self.list.iter()
+    }
+
     /// The backend of id `id`, to change.
     pub fn get_mut(&mut self, id: usize) -> &mut BackendRt {
         &mut self.list[id]
@@ -358,6 +363,11 @@ pub enum Outcome {
     Timeout,
     /// A 5xx status from the backend.
     ServerError,
+    /// The backend closed or reset the connection before the response
+    /// was complete (passive detection treats it as a connection error).
+    Reset,
+    /// The backend's response was malformed (treated as a connection error).
+    Invalid,
 }
 
 impl Cluster {
@@ -368,12 +378,19 @@ impl Cluster {
         let p = &self.passive;
         let s = self.members[i].shm;
         s.requests.fetch_add(1, Relaxed);
-        let failed = match outcome {
-            Outcome::Success => false,
-            Outcome::ConnectError => p.on_connect_error,
-            Outcome::Timeout => p.on_timeout,
-            Outcome::ServerError => p.on_5xx,
+        let (failed, kind) = match outcome {
+            Outcome::Success => (false, None),
+            Outcome::ConnectError => (p.on_connect_error, Some(&s.fail_connect)),
+            Outcome::Reset => (p.on_connect_error, Some(&s.fail_reset)),
+            Outcome::Invalid => (p.on_connect_error, Some(&s.fail_invalid)),
+            Outcome::Timeout => (p.on_timeout, Some(&s.fail_timeout)),
+            Outcome::ServerError => (p.on_5xx, Some(&s.fail_5xx)),
         };
+        // Every failure is counted by kind, whether or not it counts
+        // against the backend.
+        if let Some(k) = kind {
+            k.fetch_add(1, Relaxed);
+        }
         // Time window: a new window starts when the old one is over.
         let w0 = s.window_start_ms.load(Relaxed);
         if now_ms >= w0 + p.window.as_millis() as u64

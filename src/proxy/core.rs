@@ -19,6 +19,7 @@ use crate::hooks::modules::Controller;
 use crate::hooks::Modules;
 use crate::net::{Readiness, Stream};
 use crate::router::Router;
+use crate::shm::metrics::SeriesKind;
 use crate::shm::Shared;
 use crate::upstream::{Backends, Cluster, SlotTable};
 
@@ -38,6 +39,10 @@ pub struct Snapshot {
     pub clusters: Vec<Cluster>,
     /// The enabled modules and their pipelines.
     pub modules: Modules,
+    /// Each route's series in the shared figures, by route index.
+    pub route_series: Vec<usize>,
+    /// Each cluster's series in the shared figures, by cluster index.
+    pub cluster_series: Vec<usize>,
 }
 
 impl Snapshot {
@@ -51,7 +56,11 @@ impl Snapshot {
         let modules = Modules::build(&config, slots.shared(), log)?;
         backends.retire_all();
         let clusters = config.clusters.iter().map(|c| Cluster::new(c, backends, slots)).collect();
-        Ok(Snapshot { router: Router::new(&config), clusters, config, modules })
+        let (shared, hasher) = (slots.shared(), slots.shared().key_hasher());
+        let series = |kind, name: &str| shared.metrics.series(&hasher, kind, name);
+        let route_series = config.routes.iter().map(|r| series(SeriesKind::Route, &r.name)).collect();
+        let cluster_series = config.clusters.iter().map(|c| series(SeriesKind::Cluster, &c.name)).collect();
+        Ok(Snapshot { router: Router::new(&config), clusters, config, modules, route_series, cluster_series })
     }
 }
 

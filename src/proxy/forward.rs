@@ -28,11 +28,12 @@ use crate::hooks::{Response, Verdict};
 use crate::http::head::MAX_PARSE_HEADERS;
 use crate::http::write::{self as hw, ConnHeader, OutFraming};
 use crate::http::{Framing, HttpError, Version};
+use crate::shm::metrics::{self, TimeoutKind};
 use crate::upstream::Outcome;
 
 use super::core::Core;
 use super::exchange::Body;
-use super::session::{read_into, Session};
+use super::session::{count_received, read_into, Session};
 use super::state::{BodyPace, Next, Proxying, RespMode, State, Step, Tunnel};
 
 /// Chunk data pieces up to this size are copied into the outgoing buffer
@@ -259,7 +260,7 @@ impl Core {
                 return Ok(moved);
             }
             let inb = s.inb.get_or_insert_with(|| self.bufs.get());
-            match read_into(&mut s.stream, &mut s.rd, inb) {
+            match read_into(&mut s.stream, &mut s.rd, inb).inspect(count_received) {
                 Ok(Some(0)) | Err(_) => return Err(Fail::ClientGone),
                 Ok(Some(n)) => {
                     if let Some(pace) = p.body_pace.as_mut() {
@@ -548,6 +549,7 @@ impl Core {
                 let outcome = if matches!(f, Fail::ConnectTimeout) { Outcome::Timeout } else { Outcome::ConnectError };
                 self.record_outcome(s, outcome);
                 s.ex.failed += 1;
+                self.count_retry(s);
                 return self.retry(s, p, if matches!(f, Fail::ConnectTimeout) { 504 } else { 502 });
             }
             Fail::RequestBody(e) => {
@@ -587,16 +589,20 @@ impl Core {
         // an idempotent request none of whose body was sent goes to another
         // backend while the retry count and the time budget allow.
         if !matches!(f, Fail::RequestBody(_)) {
-            self.record_outcome(
-                s,
-                if matches!(f, Fail::UpstreamTimeout) { Outcome::Timeout } else { Outcome::ConnectError },
-            );
+            let outcome = match f {
+                Fail::UpstreamTimeout => Outcome::Timeout,
+                Fail::BadResponse | Fail::TooManyInterim => Outcome::Invalid,
+                Fail::UpstreamClosed | Fail::UpstreamWrite(_) | Fail::Truncated => Outcome::Reset,
+                _ => Outcome::ConnectError,
+            };
+            self.record_outcome(s, outcome);
             let cluster = &s.snap.clusters[s.ex.cluster];
             let in_budget =
                 s.ex.started.is_some_and(|t0| self.now.saturating_duration_since(t0) < cluster.retry_budget);
             if !started && !p.body_out && is_idempotent(s.req.method()) && s.ex.failed < cluster.retries && in_budget {
                 slog::warn!(self.req_log(s), "backend failed; retrying the request on another backend"; "error" => %f);
                 s.ex.failed += 1;
+                self.count_retry(s);
                 return self.retry(s, p, status);
             }
         }
@@ -609,14 +615,11 @@ impl Core {
         self.respond(s, status)
     }
 
-    /// Feeds passive failure detection with the outcome of the exchange on
-    /// the current backend; logs an ejection.
-    fn record_outcome(&mut self, s: &Session, outcome: Outcome) {
-        let cluster = &s.snap.clusters[s.ex.cluster];
-        if let Some(d) = cluster.record(s.ex.backend, outcome, crate::shm::now_ms()) {
-            let id = cluster.members[s.ex.backend].id;
-            slog::warn!(self.log, "backend ejected (passive detection)"; "backend" => %self.backends.get(id).addr,
-                "cluster" => &cluster.name, "for_ms" => d.as_millis() as u64, "last" => ?outcome);
+    /// The backend of the current attempt failed the request, which goes
+    /// to another (counted on the failed backend).
+    fn count_retry(&self, s: &Session) {
+        if let Some(m) = s.snap.clusters[s.ex.cluster].members.get(s.ex.backend) {
+            m.shm.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -671,11 +674,13 @@ impl Core {
     /// `Proxy`'s deadline passed.
     pub(super) fn proxy_timeout(&mut self, s: &mut Session, p: Box<Proxying>) -> Next {
         if self.ups[p.up].connecting {
+            metrics::here().timed_out(TimeoutKind::Upstream);
             return self.fail(s, p, Fail::ConnectTimeout);
         }
         if !p.resp_head_done && !s.ex.req_body.complete() && s.ex.req_ready == 0 {
             return self.body_timeout(s, p);
         }
+        metrics::here().timed_out(TimeoutKind::Upstream);
         if !p.resp_head_done {
             return self.fail(s, p, Fail::UpstreamTimeout);
         }
@@ -709,6 +714,7 @@ impl Core {
         };
         let window_bytes = p.body_pace.map_or(0, |pace| pace.window_bytes);
         self.slow_bodies += 1;
+        metrics::here().timed_out(TimeoutKind::ClientBody);
         if now.saturating_duration_since(self.slow_bodies_logged) >= Duration::from_secs(1) {
             slog::warn!(self.req_log(s), "request body too slow; refused"; "reason" => why,
                 "window_bytes" => window_bytes, "slow_bodies_total" => self.slow_bodies);

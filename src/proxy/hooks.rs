@@ -6,6 +6,7 @@
 //! session is decided by the state that called it. With no module
 //! configured, every entry returns after one check.
 
+use crate::shm::metrics;
 use std::time::Instant;
 
 use crate::hooks::{Connection, Ctx, Finished, Module, Point, Vars, Verdict};
@@ -139,14 +140,16 @@ impl Core {
 
     /// REQUEST_FINISH, once per exchange that was started.
     pub(super) fn hook_request_finish(&mut self, s: &mut Session) {
-        if !std::mem::take(&mut s.ex.finish_pending)
-            || s.snap.modules.pipeline_for(s.ex.route).at(Point::RequestFinish).is_empty()
-        {
+        if !std::mem::take(&mut s.ex.finish_pending) {
+            return;
+        }
+        let now = Instant::now();
+        count_finished(s, now);
+        if s.snap.modules.pipeline_for(s.ex.route).at(Point::RequestFinish).is_empty() {
             return;
         }
         let snap = s.snap.clone();
         let backend = self.backend_name(s);
-        let now = Instant::now();
         let done = Finished {
             method: s.req.method(),
             target: s.req.target(),
@@ -198,6 +201,16 @@ impl Core {
         let member = s.snap.clusters.get(s.ex.cluster)?.members.get(s.ex.backend)?;
         Some(self.backends.get(member.id).name.clone())
     }
+}
+
+/// A request ended: its figures in this worker's block of the shared
+/// region (by route and cluster series; durations in microseconds).
+fn count_finished(s: &Session, now: Instant) {
+    let route = s.ex.route.and_then(|r| s.snap.route_series.get(r).copied()).unwrap_or(0);
+    let cluster = if s.ex.cluster_chosen { s.snap.cluster_series.get(s.ex.cluster).copied().unwrap_or(0) } else { 0 };
+    let micros = |t: Instant| now.saturating_duration_since(t).as_micros() as u64;
+    let duration = s.ex.started.map_or(0, micros);
+    metrics::here().finished(route, cluster, s.ex.status, duration, s.ex.upstream_started.map(micros));
 }
 
 /// What modules at a request point learn of the request's routing.

@@ -63,7 +63,7 @@ use crate::config::Config;
 use crate::hooks::modules::{Controller, DegradeSettings};
 use crate::hooks::Verdict;
 use crate::net::{Peer, Stream};
-use crate::shm::Shared;
+use crate::shm::{metrics, Shared};
 use crate::upstream::{Backends, SlotTable};
 
 use self::core::Core;
@@ -185,6 +185,7 @@ impl Engine {
             slog::error!(self.core.log, "cannot register client socket"; "error" => %e);
             return;
         }
+        metrics::add(&metrics::here().accepted, 1);
         let spare = self.spares.pop();
         let s = entry.insert(Session::new(key.0, stream, peer, snap.clone(), spare));
         let at = self.core.now + snap.config.timeouts.client_header;
@@ -264,6 +265,7 @@ impl Engine {
     /// so a panic while closing it drops it as it is.
     fn session_panicked(&mut self, idx: usize, p: Panic) {
         self.panics += 1;
+        metrics::add(&metrics::here().panics, 1);
         let peer = self.sessions.get(idx).map(|s| format!("{:?}", s.peer)).unwrap_or_default();
         slog::error!(self.core.log, "panic while handling a connection; closing it"; "panic" => %p.message,
             "location" => %p.location, "peer" => peer, "panics_total" => self.panics);
@@ -353,6 +355,25 @@ impl Engine {
             core.drop_idle(ui);
         }
         Ok(())
+    }
+
+    /// Publishes the gauges of this worker (open connections, idle pooled
+    /// connections by backend) in its block of the shared region. Places
+    /// that share a block publish none (a gauge cannot be shared).
+    pub fn publish_gauges(&self) {
+        let place = self.core.place;
+        if place >= metrics::METRIC_BLOCKS {
+            return;
+        }
+        metrics::here().active.store(self.sessions.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        for b in self.core.backends.iter() {
+            if let Some(g) = b.shm.idle_by_worker.get(place) {
+                let n = b.idle.len() as u32;
+                if g.load(std::sync::atomic::Ordering::Relaxed) != n {
+                    g.store(n, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     /// A load sample of the worker (every 100 ms): the overload controller

@@ -5,6 +5,7 @@
 //! module made), the end of an exchange (REQUEST_FINISH, then the next
 //! head or the close) and `Linger`.
 
+use crate::shm::metrics;
 use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use crate::net::Peer;
 
 use super::core::Core;
 use super::exchange::Body;
-use super::session::{read_into, Session};
+use super::session::{count_received, read_into, Session};
 use super::state::{BodyPace, Next, Proxying, State, Step};
 
 /// How long a closing connection's unread input is drained.
@@ -50,6 +51,9 @@ impl Core {
                     Ok(Some(n)) => {
                         inb.consume(n);
                         s.requests += 1;
+                        if s.requests > 1 {
+                            metrics::add(&metrics::here().keepalive_requests, 1);
+                        }
                         s.progressed = true;
                         return self.start_request(s);
                     }
@@ -70,7 +74,7 @@ impl Core {
                 return (State::Head { started }, Step::Blocked);
             }
             let inb = s.inb.get_or_insert_with(|| self.bufs.get());
-            match read_into(&mut s.stream, &mut s.rd, inb) {
+            match read_into(&mut s.stream, &mut s.rd, inb).inspect(count_received) {
                 Ok(Some(0)) | Err(_) => return (State::Head { started }, Step::Close),
                 Ok(Some(_)) => {
                     s.progressed = true;

@@ -18,6 +18,7 @@ use crate::hooks::{Response, Vars};
 use crate::http::write::{self as hw, ConnHeader};
 use crate::http::{RequestHead, ResponseHead};
 use crate::net::{Peer, Readiness, Stream};
+use crate::shm::metrics::{self, TimeoutKind};
 
 use super::core::{Core, Snapshot};
 use super::exchange::Exchange;
@@ -180,6 +181,7 @@ impl Session {
             }
         }
         self.ex.bytes_out += written_body as u64;
+        metrics::add(&metrics::here().bytes_sent, total as u64);
         Ok((total, written_body))
     }
 
@@ -188,7 +190,9 @@ impl Session {
     pub(super) fn answer_and_shut(&mut self, r: &Response) {
         let mut out = Vec::new();
         hw::module_response(&mut out, r.status, &r.headers, &r.body, ConnHeader::Close, false);
-        let _ = self.stream.write(&out);
+        if let Ok(n) = self.stream.write(&out) {
+            metrics::add(&metrics::here().bytes_sent, n as u64);
+        }
         self.stream.shutdown_write();
     }
 }
@@ -204,6 +208,13 @@ pub struct Spare {
     ex: Exchange,
     vars: Vars,
     spare_proxy: Option<Box<Proxying>>,
+}
+
+/// Counts bytes read from a client (`read_into(..).inspect(count_received)`).
+pub(super) fn count_received(n: &Option<usize>) {
+    if let Some(n) = *n {
+        metrics::add(&metrics::here().bytes_received, n as u64);
+    }
 }
 
 /// Reads from `stream` into `buf`: `Ok(Some(n))` bytes (0 = EOF),
@@ -291,6 +302,18 @@ impl Core {
 
     /// A deadline passed. Returns `false` to close the session.
     pub fn timeout(&mut self, s: &mut Session) -> bool {
+        let kind = match &s.state {
+            State::Head { started: Some(_) } => Some(TimeoutKind::ClientHeader),
+            State::Head { started: None } if s.requests == 0 => Some(TimeoutKind::ClientHeader),
+            State::Head { started: None } => Some(TimeoutKind::KeepaliveIdle),
+            State::Local { .. } => Some(TimeoutKind::ClientWrite),
+            State::Tunnel(_) => Some(TimeoutKind::TunnelIdle),
+            // Proxy counts its own (upstream or request body).
+            State::Proxy(_) | State::Linger | State::Closed => None,
+        };
+        if let Some(k) = kind {
+            metrics::here().timed_out(k);
+        }
         let (next, step) = match std::mem::replace(&mut s.state, State::Closed) {
             State::Head { started: Some(_) } => {
                 slog::debug!(self.conn_log(s), "client header timeout");

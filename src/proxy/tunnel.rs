@@ -7,7 +7,7 @@
 use std::io::{self, Write};
 
 use super::core::Core;
-use super::session::{read_into, Session};
+use super::session::{count_received, read_into, Session};
 use super::state::{Next, State, Step, Tunnel};
 
 impl Core {
@@ -55,7 +55,7 @@ impl Core {
                 }
             }
             if !t.client_eof && s.rd.readable && inb.room() > 0 {
-                match read_into(&mut s.stream, &mut s.rd, inb) {
+                match read_into(&mut s.stream, &mut s.rd, inb).inspect(count_received) {
                     Ok(Some(0)) | Err(_) => {
                         t.client_eof = true;
                         moved = true;

@@ -13,6 +13,8 @@
 // missing_docs: documented in the proxy/ restructuring (issue 10)
 #![allow(missing_docs)]
 
+use crate::shm::metrics;
+use crate::upstream::Outcome;
 use mio::Interest;
 
 use crate::net::{Readiness, Stream};
@@ -78,10 +80,12 @@ impl Core {
             u.buf = Some(self.up_bufs.get());
             Timers::clear(&mut u.timed);
             backend.acquire(self.place);
+            metrics::add(&metrics::here().upstream_reuses, 1);
             return Ok(Some(ui));
         }
         match Stream::connect(&backend.addr) {
             Ok(stream) => {
+                metrics::add(&metrics::here().upstream_connects, 1);
                 let entry = self.ups.vacant_entry();
                 let key = token::token(Kind::Upstream, entry.key()).0;
                 let mut u = UpConn {
@@ -114,8 +118,20 @@ impl Core {
             Err(e) => {
                 s.ex.failed += 1;
                 slog::warn!(self.req_log(s), "connect to backend failed"; "error" => %e);
+                self.record_outcome(s, Outcome::ConnectError);
                 Ok(None)
             }
+        }
+    }
+
+    /// Feeds passive failure detection with the outcome of the exchange on
+    /// the current backend; logs an ejection.
+    pub(super) fn record_outcome(&mut self, s: &Session, outcome: Outcome) {
+        let cluster = &s.snap.clusters[s.ex.cluster];
+        if let Some(d) = cluster.record(s.ex.backend, outcome, crate::shm::now_ms()) {
+            let id = cluster.members[s.ex.backend].id;
+            slog::warn!(self.log, "backend ejected (passive detection)"; "backend" => %self.backends.get(id).addr,
+                "cluster" => &cluster.name, "for_ms" => d.as_millis() as u64, "last" => ?outcome);
         }
     }
 

@@ -112,6 +112,7 @@ impl Worker {
             poll.registry().register(&mut SourceFd(&ch.raw_fd()), CHANNEL, Interest::READABLE)?;
         }
         let shared = init.slots.shared();
+        crate::shm::metrics::install(shared, init.place);
         let registry = poll.registry().try_clone()?;
         let engine =
             Engine::new(registry, init.config, init.slots, init.place, init.log.clone()).map_err(io::Error::other)?;
@@ -263,6 +264,7 @@ impl Worker {
             w.in_flight.store(in_flight, Ordering::Relaxed);
         }
         self.engine.load_sample(now, busy_percent, in_flight);
+        self.engine.publish_gauges();
     }
 
     /// Over `max_connections`: a 503 and a close. What the client already
@@ -282,6 +284,7 @@ impl Worker {
         let _ = stream.write(&out);
         stream.shutdown_write();
         self.refused += 1;
+        crate::shm::metrics::add(&crate::shm::metrics::here().refused, 1);
         // One line per second at most under a connection storm.
         if self.now.saturating_duration_since(self.refused_logged) >= Duration::from_secs(1) {
             slog::warn!(self.log, "connection limit reached; refusing connections"; "max_connections" => max,

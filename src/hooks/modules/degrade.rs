@@ -127,6 +127,7 @@ impl Module for Degrade {
 
     fn before_cluster(&self, _req: &mut RequestHead, ctx: &mut Ctx<'_>) -> Verdict {
         if ctx.load_level >= 2 && ctx.route.is_some_and(|r| r.low_priority) {
+            crate::shm::metrics::add(&crate::shm::metrics::here().shed, 1);
             return Verdict::Respond(Response::new(self.status).header("Retry-After", "1"));
         }
         Verdict::Continue

@@ -106,6 +106,7 @@ fn default_format() -> String {
 fn count_dropped(own: &AtomicU64, n: u64) {
     own.fetch_add(n, Relaxed);
     DROPPED_TOTAL.fetch_add(n, Relaxed);
+    crate::shm::metrics::add(&crate::shm::metrics::here().log_dropped, n);
 }
 
 /// Lines and records formatted since the last hand-over.
@@ -256,6 +257,7 @@ impl Module for AccessLog {
                 let _ = b.record.encode_length_delimited(&mut b.records);
             }
             b.lines += 1;
+            crate::shm::metrics::add(&crate::shm::metrics::here().log_lines, 1);
             b.text.len() >= BATCH_BYTES || b.records.len() >= BATCH_BYTES
         };
         if full {
