@@ -15,6 +15,7 @@ pub mod hooks;
 pub mod http;
 pub mod log;
 pub mod master;
+pub mod metrics;
 pub mod net;
 pub mod proxy;
 pub mod router;

@@ -235,6 +235,7 @@ fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> Result
     let pid_file = PidFile::lock(&config.pid_file).map_err(MainError::PidFile)?;
     let mut inherited = Vec::new();
     let mut shared = None;
+    let mut admin_fd = None;
     if let Some(ch) = &handover {
         let r = Handover::receive(ch).map_err(MainError::Handover)?;
         inherited = r.listeners;
@@ -256,6 +257,13 @@ fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> Result
             pitcher::net::bind(&l.address, l.backlog).map_err(|source| MainError::Listen { address: name, source })?;
         listeners.push((l.clone(), fd));
     }
+    // The admin socket, when the new configuration keeps its address.
+    if let Some(a) = &config.admin {
+        let name = pitcher::master::admin_handover_name(&a.address);
+        if let Some(i) = inherited.iter().position(|(e, _)| e.name == name) {
+            admin_fd = Some(inherited.swap_remove(i).1);
+        }
+    }
     drop(inherited); // Listeners the new configuration no longer has.
     let mut notifier = Notifier::none();
     if !cli.foreground && handover.is_none() {
@@ -271,7 +279,8 @@ fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> Result
         argv: std::env::args_os().skip(1).collect::<Vec<OsString>>(),
         pid_file,
     };
-    match Master::start(args, config, text, listeners, log, handover, shared) {
+    let inherited = pitcher::master::Inherited { shared, admin: admin_fd };
+    match Master::start(args, config, text, listeners, log, handover, inherited) {
         Ok(m) => {
             notifier.ok();
             Ok(ExitCode::from(m.run() as u8))

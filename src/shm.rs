@@ -156,6 +156,10 @@ pub struct QuotaShm {
     pub overflow: AtomicU64,
     /// Idle slots taken over by a new key.
     pub reclaimed: AtomicU64,
+    /// Requests the quota let through, all keys together.
+    pub admitted: AtomicU64,
+    /// Requests the quota refused, all keys together.
+    pub rejected: AtomicU64,
 }
 
 /// A module's run-time switch (set through the control socket).

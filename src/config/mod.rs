@@ -106,11 +106,19 @@ struct FileConfig {
     timeouts: FileTimeouts,
     #[serde(default)]
     limits: FileLimits,
+    admin: Option<FileAdmin>,
     /// `[modules]`: an optional `order` list and one table per module.
     #[serde(default)]
     /// (Plain values: toml's spans do not cover tables given by sub-tables
     /// or dotted keys; lines are found in the text instead.)
     modules: toml::Table,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    address: Spanned<ListenAddr>,
+    client_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -345,6 +353,18 @@ pub struct Config {
     /// Module tables, in pipeline order (`[modules] order`, then the rest
     /// in name order).
     pub modules: Vec<ModuleConfig>,
+    /// `[admin]`: where the master serves `/metrics` and `/status`
+    /// (`None`: nowhere, the default).
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]`: the master's HTTP listener for metrics and status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// `IP:PORT` or `unix:/path`.
+    pub address: ListenAddr,
+    /// How long a client has to send its request and read the answer.
+    pub client_timeout: Duration,
 }
 
 /// Default `listen(2)` backlog: long, so that a burst or a restart does not
@@ -624,6 +644,20 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
     }
 
     let modules = resolve_modules(&f.modules)?;
+    let admin = match &f.admin {
+        Some(a) => {
+            let address = a.address.get_ref().clone();
+            if listeners.iter().any(|l| l.address == address) {
+                return Err((Some(a.address.span()), format!("[admin] address {address} is also a listener's")));
+            }
+            let client_timeout = ms(a.client_timeout_ms, 10_000);
+            if client_timeout.is_zero() {
+                return Err((None, "[admin] client_timeout_ms must be greater than 0".into()));
+            }
+            Some(AdminConfig { address, client_timeout })
+        }
+        None => None,
+    };
 
     Ok(Config {
         source: path.to_path_buf(),
@@ -651,6 +685,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         timeouts,
         limits,
         modules,
+        admin,
     })
 }
 

@@ -280,7 +280,7 @@ impl Master {
         }
     }
 
-    fn status(&self) -> serde_json::Value {
+    pub(super) fn status(&self) -> serde_json::Value {
         let workers: Vec<serde_json::Value> = self
             .slots
             .iter()
@@ -301,6 +301,7 @@ impl Master {
             "retiring": self.retiring.iter().map(|p| p.pid.as_raw()).collect::<Vec<_>>(),
             "upgrade_pid": self.upgrade.as_ref().map(|u| u.pid.as_raw()),
             "listeners": self.listeners.iter().map(|b| b.entry.local.clone()).collect::<Vec<_>>(),
+            "admin": self.admin.as_ref().map(|a| a.local.clone()),
             "access_log_dropped_lines": self.access_log_dropped(),
             "control_refused": {
                 "peer_uid": self.control_refused.peer_uid,

@@ -9,6 +9,7 @@
 //! (respawn back-off, upgrade timeout, stop) are checked on every turn; the
 //! loop wakes at least every `TICK`.
 
+mod admin;
 mod control;
 pub mod daemon;
 mod health;
@@ -38,6 +39,7 @@ use crate::config::{Config, ListenerConfig};
 use crate::log::Log;
 use crate::shm::{Region, SlotTable};
 
+pub use admin::handover_name as admin_handover_name;
 pub use pidfile::{read_pid, running_master, NotRunning, PidFile};
 pub use upgrade::{Handover, Received};
 
@@ -78,6 +80,16 @@ pub struct MasterArgs {
     /// The pid file, locked before anything was bound; held for the
     /// master's life.
     pub pid_file: PidFile,
+}
+
+/// What a new master takes over from the old one in a binary upgrade
+/// (nothing, at a first start).
+#[derive(Default)]
+pub struct Inherited {
+    /// The shared region and its backend slots.
+    pub shared: Option<(Region, Vec<(String, u32)>)>,
+    /// The admin listening socket, when the configuration keeps its address.
+    pub admin: Option<OwnedFd>,
 }
 
 /// A bound listening socket.
@@ -198,6 +210,8 @@ pub struct Master {
     quit_deadline: Option<Instant>,
     /// Last look for worker places held by processes that are gone.
     places_swept: Instant,
+    /// The `[admin]` listener (metrics, status), when configured.
+    admin: Option<admin::Admin>,
 }
 
 impl Master {
@@ -213,8 +227,9 @@ impl Master {
         listeners: Vec<(ListenerConfig, OwnedFd)>,
         log: Log,
         handover: Option<Channel>,
-        shared: Option<(Region, Vec<(String, u32)>)>,
+        inherited: Inherited,
     ) -> Result<Master, (io::Error, Log)> {
+        let Inherited { shared, admin: admin_fd } = inherited;
         let setup = || -> io::Result<(Poll, Signals)> {
             let poll = Poll::new()?;
             let mut signals = Signals::install()?;
@@ -276,8 +291,16 @@ impl Master {
             state: State::Running,
             quit_deadline: None,
             places_swept: Instant::now(),
+            admin: None,
         };
         m.assign_slots(None);
+        let p = &m.region.shared().metrics.process;
+        p.generation.fetch_add(1, Ordering::Relaxed);
+        let _ = p.started_s.compare_exchange(0, unix_now(), Ordering::Relaxed, Ordering::Relaxed);
+        if let Err(e) = m.configure_admin(admin_fd) {
+            m.cleanup();
+            return Err((e, m.log));
+        }
         m.health.configure(&m.config, &mut m.backend_slots, m.poll.registry());
         if let Err(e) = m.write_pid_file().and_then(|()| m.bind_control()) {
             m.cleanup();
@@ -319,9 +342,11 @@ impl Master {
                     SIGNALS => self.signals.drain_pipe(),
                     CONTROL => self.accept_control(),
                     UPGRADE => self.upgrade_event(),
+                    admin::LISTENER => self.accept_admin(),
                     Token(t) if t >= health::PROBE_BASE => {
                         self.health.event(ev.token(), self.poll.registry(), &self.log.logger);
                     }
+                    Token(t) if t >= admin::CLIENT_BASE => self.admin_client_event(t - admin::CLIENT_BASE),
                     Token(t) if t >= control::CLIENT_BASE => self.control_client_event(t - control::CLIENT_BASE),
                     Token(t) if t >= WORKER_BASE => self.worker_event(Pid::from_raw((t - WORKER_BASE) as i32)),
                     _ => {}
@@ -381,6 +406,7 @@ impl Master {
         self.handover_tick();
         self.reply_pending(now);
         self.expire_control_clients(now);
+        self.expire_admin_clients(now);
         if let Some(d) = self.quit_deadline {
             if now >= d {
                 self.quit_deadline = None;
@@ -655,6 +681,7 @@ impl Master {
                 slot.backoff = Duration::ZERO;
             }
             slot.respawn_at = Some(Instant::now() + slot.backoff);
+            self.region.shared().metrics.process.worker_respawns.fetch_add(1, Ordering::Relaxed);
             slog::error!(self.log.logger, "worker died; restarting it"; "slot" => i, "worker_pid" => pid.as_raw(), "how" => &how,
                 "restart_in_ms" => slot.backoff.as_millis() as u64);
             if slot.backoff.is_zero() {
@@ -667,6 +694,22 @@ impl Master {
     /// workers. Invalid: nothing changes. Returns the sequence number the
     /// workers confirm.
     pub fn reload(&mut self) -> Result<u64, ReloadError> {
+        let r = self.try_reload();
+        let p = &self.region.shared().metrics.process;
+        match &r {
+            Ok(_) => {
+                p.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                p.generation.fetch_add(1, Ordering::Relaxed);
+                p.last_reload_ok_s.store(unix_now(), Ordering::Relaxed);
+            }
+            Err(_) => {
+                p.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn try_reload(&mut self) -> Result<u64, ReloadError> {
         if self.state != State::Running {
             return Err(ReloadError::Stopping);
         }
@@ -697,6 +740,14 @@ impl Master {
             };
             next.push(bound);
         }
+        // A new admin address is bound before anything changes.
+        let admin_fd = match &config.admin {
+            Some(a) if self.admin.as_ref().map(|x| &x.address) != Some(&a.address) => Some(
+                admin::Admin::bind(&a.address)
+                    .map_err(|source| ReloadError::Listen { listener: format!("[admin] {}", a.address), source })?,
+            ),
+            _ => None,
+        };
         for old in &self.listeners {
             if !next.iter().any(|b| b.config.address == old.config.address) {
                 slog::info!(self.logger(), "listener removed"; "address" => &old.entry.local);
@@ -709,6 +760,9 @@ impl Master {
         self.seq += 1;
         self.assign_slots(Some(&previous));
         self.health.configure(&self.config, &mut self.backend_slots, self.poll.registry());
+        if let Err(e) = self.configure_admin(admin_fd) {
+            slog::error!(self.logger(), "admin listener not changed"; "error" => %e);
+        }
         let msg = self.configure_message();
         let fds = self.message_fds();
         for p in self.slots.iter().filter_map(|s| s.proc.as_ref()) {
@@ -834,6 +888,11 @@ impl Master {
             let _ = std::fs::remove_file(&self.config.control_socket);
         }
     }
+}
+
+/// Wall-clock seconds since the epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Why a reload was refused (the running configuration stays).

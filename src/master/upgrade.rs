@@ -95,9 +95,16 @@ impl Master {
         drop(theirs);
         let pid = Pid::from_raw(child.id() as i32);
         drop(child);
-        let entries: Vec<ListenerEntry> = self.listeners.iter().map(|b| b.entry.clone()).collect();
+        let mut entries: Vec<ListenerEntry> = self.listeners.iter().map(|b| b.entry.clone()).collect();
+        let mut fds: Vec<std::os::fd::RawFd> = self.listeners.iter().map(|b| b.fd.as_raw_fd()).collect();
+        // The admin socket goes too, so that scrapes never find it closed.
+        if let Some(a) = &self.admin {
+            entries.push(ListenerEntry { name: super::admin::handover_name(&a.address), local: a.local.clone() });
+            fds.push(a.fd.as_raw_fd());
+        }
+        fds.push(self.region.raw_fd());
         let msg = Handoff::Listeners { listeners: entries, backend_slots: self.backend_slots.entries() };
-        let sent = mine.send(&msg, &self.message_fds());
+        let sent = mine.send(&msg, &fds);
         mine.set_nonblocking(true)?;
         self.poll.registry().register(&mut SourceFd(&mine.raw_fd()), UPGRADE, Interest::READABLE)?;
         let u = Upgrade { pid, chan: mine, deadline: Instant::now() + self.config.upgrade_timeout };
@@ -154,10 +161,14 @@ impl Master {
         let _ = self.poll.registry().deregister(&mut SourceFd(&u.chan.raw_fd()));
         slog::info!(self.logger(), "upgrade complete: the new master is serving; draining this generation"; "new_master_pid" => pid);
         self.settle_upgrade_replies(&Reply::ok(format!("upgrade complete: new master pid {pid}")));
-        // The new master owns the control socket now.
+        // The new master owns the control socket now, and the admin one.
         if let Some(l) = self.control.take() {
             let _ = self.poll.registry().deregister(&mut SourceFd(&l.as_raw_fd()));
         }
+        self.close_admin();
+        let p = &self.region.shared().metrics.process;
+        p.upgrades_ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        p.last_upgrade_ok_s.store(super::unix_now(), std::sync::atomic::Ordering::Relaxed);
         self.quit(true);
     }
 
@@ -167,6 +178,7 @@ impl Master {
         let Some(u) = self.upgrade.take() else { return };
         let _ = self.poll.registry().deregister(&mut SourceFd(&u.chan.raw_fd()));
         let _ = kill(u.pid, Signal::SIGKILL);
+        self.region.shared().metrics.process.upgrades_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid_file = self.config.pid_file.clone();
         if let Err(e) = std::fs::rename(oldbin(&pid_file), &pid_file) {
             slog::error!(self.logger(), "cannot restore the pid file; writing a new one"; "error" => %e);

@@ -174,17 +174,8 @@ fn find_slot(shared: &Shared, fp: u64, max_keys: usize, idle_ms: u64, now: u64) 
 }
 
 impl Quota {
-    fn refuse(&self) -> Verdict {
-        Verdict::Respond(Response::new(self.s.status).header("Retry-After", "1"))
-    }
-}
-
-impl Module for Quota {
-    fn points(&self) -> &'static [Point] {
-        &[Point::BeforeCluster, Point::RequestFinish]
-    }
-
-    fn before_cluster(&self, req: &mut RequestHead, ctx: &mut Ctx<'_>) -> Verdict {
+    /// The quota's decision for one request.
+    fn admit(&self, req: &mut RequestHead, ctx: &mut Ctx<'_>) -> Verdict {
         let key: &[u8] = match &self.key {
             Key::Route => ctx.route.map_or(b"", |r| r.name.as_bytes()),
             Key::Header(h) => req.head.get(h).unwrap_or(b""),
@@ -235,6 +226,25 @@ impl Module for Quota {
         self.refuse()
     }
 
+    fn refuse(&self) -> Verdict {
+        Verdict::Respond(Response::new(self.s.status).header("Retry-After", "1"))
+    }
+}
+
+impl Module for Quota {
+    fn points(&self) -> &'static [Point] {
+        &[Point::BeforeCluster, Point::RequestFinish]
+    }
+
+    fn before_cluster(&self, req: &mut RequestHead, ctx: &mut Ctx<'_>) -> Verdict {
+        let verdict = self.admit(req, ctx);
+        let q = &ctx.shared.quota;
+        match verdict {
+            Verdict::Continue => q.admitted.fetch_add(1, Relaxed),
+            _ => q.rejected.fetch_add(1, Relaxed),
+        };
+        verdict
+    }
     fn request_finish(&self, _done: &Finished<'_>, ctx: &mut Ctx<'_>) {
         let held = ctx.vars.get(ctx.module);
         if held > 0 {
