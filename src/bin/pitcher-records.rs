@@ -13,6 +13,12 @@
 //! The bound address is printed on stderr (`listening on tcp:...`): with
 //! port 0 the kernel picks one. A connection that ends inside a record is
 //! reported on stderr; the cut record is not printed.
+//!
+//! Acknowledgements: whenever it has printed every record it has read so
+//! far, the receiver writes back the number of records printed on the
+//! connection (8 bytes, little-endian). The sender counts the records it
+//! wrote that were never acknowledged as dropped when the connection ends,
+//! so records lost in a killed receiver's socket buffer are counted too.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -51,7 +57,10 @@ fn main() {
 }
 
 /// Serves every connection of a listener, each on its own thread.
-fn accept_all<C: Read + Send + 'static>(incoming: impl Iterator<Item = io::Result<C>>, out: &Arc<Mutex<io::Stdout>>) {
+fn accept_all<C: Read + Write + Send + 'static>(
+    incoming: impl Iterator<Item = io::Result<C>>,
+    out: &Arc<Mutex<io::Stdout>>,
+) {
     for c in incoming {
         match c {
             Ok(c) => {
@@ -63,16 +72,23 @@ fn accept_all<C: Read + Send + 'static>(incoming: impl Iterator<Item = io::Resul
     }
 }
 
-/// Prints the records of one connection until it ends.
-fn serve(c: impl Read, out: &Mutex<io::Stdout>) {
+/// Prints the records of one connection until it ends, acknowledging
+/// them each time nothing read is left unprinted.
+fn serve(c: impl Read + Write, out: &Mutex<io::Stdout>) {
     let mut r = BufReader::new(c);
     let mut buf = Vec::new();
+    let mut printed: u64 = 0;
     loop {
         match read_record(&mut r, &mut buf) {
             Ok(Some(rec)) => {
                 let line = rec.to_json();
                 let Ok(mut o) = out.lock() else { return };
                 if writeln!(o, "{line}").and_then(|()| o.flush()).is_err() {
+                    return;
+                }
+                drop(o);
+                printed += 1;
+                if r.buffer().is_empty() && r.get_mut().write_all(&printed.to_le_bytes()).is_err() {
                     return;
                 }
             }

@@ -4,12 +4,15 @@
 //!
 //! Connects lazily and again after a failure, with a back-off from 100 ms
 //! doubling to 5 s. Records handed over while there is no connection are
-//! dropped and counted by the caller. The receiver never writes, so a
-//! readable connection means the receiver went away: checked before each
-//! batch, so that a batch is not lost silently into a dead TCP connection.
+//! dropped and counted by the caller. The receiver writes back only
+//! acknowledgements: the number of records it printed on the connection
+//! (8 bytes, little-endian; `pitcher-records` does). They are read before
+//! each batch; an end of stream there means the receiver went away, and
+//! every record written on the connection that it did not acknowledge is
+//! counted as dropped (it may have died with them in its socket buffer).
 //! A batch whose write fails or stalls (a stopped receiver) is counted as
-//! dropped and the connection is closed: a cut record is never followed by
-//! another on the same connection.
+//! dropped, with the unacknowledged ones, and the connection is closed: a
+//! cut record is never followed by another on the same connection.
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -66,6 +69,50 @@ enum Conn {
     Unix(UnixStream),
 }
 
+/// A connection and its records' accounting.
+struct Link {
+    conn: Conn,
+    /// Records written on it.
+    written: u64,
+    /// Records the receiver acknowledged.
+    acked: u64,
+    /// Bytes of an acknowledgement not yet complete.
+    partial: [u8; 8],
+    npartial: usize,
+}
+
+impl Link {
+    /// Reads the acknowledgements that arrived; `false` when the receiver
+    /// closed the connection (or it failed).
+    fn read_acks(&mut self) -> bool {
+        let mut b = [0u8; 256];
+        loop {
+            match recv(self.conn.fd(), &mut b, MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    for &byte in &b[..n] {
+                        self.partial[self.npartial] = byte;
+                        self.npartial += 1;
+                        if self.npartial == 8 {
+                            self.npartial = 0;
+                            // Never more than was written (a confused receiver).
+                            self.acked = u64::from_le_bytes(self.partial).min(self.written);
+                        }
+                    }
+                }
+                Err(nix::errno::Errno::EAGAIN) => return true,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Written, never acknowledged.
+    fn unacked(&self) -> u64 {
+        self.written.saturating_sub(self.acked)
+    }
+}
+
 impl Conn {
     fn fd(&self) -> std::os::fd::RawFd {
         match self {
@@ -80,30 +127,11 @@ impl Conn {
             Conn::Unix(s) => s.write_all(b),
         }
     }
-
-    /// The receiver closed its end (or reset it): it never sends anything.
-    fn peer_gone(&self) -> bool {
-        let mut b = [0u8; 1];
-        match recv(self.fd(), &mut b, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
-            Ok(0) => true,
-            Ok(_) => false,
-            Err(nix::errno::Errno::EAGAIN) => false,
-            Err(_) => true,
-        }
-    }
-}
-
-/// What became of a batch.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Sent {
-    Delivered,
-    /// Not sent (no connection, or it failed): count the batch's records.
-    Dropped,
 }
 
 pub struct RecordStream {
     addr: StreamAddr,
-    conn: Option<Conn>,
+    link: Option<Link>,
     backoff: Duration,
     retry_at: Option<Instant>,
     log: slog::Logger,
@@ -111,7 +139,7 @@ pub struct RecordStream {
 
 impl RecordStream {
     pub fn new(addr: StreamAddr, log: slog::Logger) -> RecordStream {
-        RecordStream { addr, conn: None, backoff: BACKOFF_MIN, retry_at: None, log }
+        RecordStream { addr, link: None, backoff: BACKOFF_MIN, retry_at: None, log }
     }
 
     fn connect(&self) -> io::Result<Conn> {
@@ -130,34 +158,43 @@ impl RecordStream {
         }
     }
 
-    fn lost(&mut self, why: &str, e: Option<io::Error>) {
-        if self.conn.take().is_some() {
+    /// The connection is gone: returns its records that were never
+    /// acknowledged (to count as dropped).
+    fn lost(&mut self, why: &str, e: Option<io::Error>) -> u64 {
+        let mut unacked = 0;
+        if let Some(mut l) = self.link.take() {
+            l.read_acks();
+            unacked = l.unacked();
             let e = e.map(|e| e.to_string()).unwrap_or_default();
             slog::warn!(self.log, "access records receiver lost; records are dropped (and counted) until it is back";
-                "address" => %self.addr, "why" => why, "error" => e);
+                "address" => %self.addr, "why" => why, "error" => e, "unacknowledged" => unacked);
         }
         self.retry_at = Some(Instant::now() + self.backoff);
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        unacked
     }
 
-    /// Writes one batch of length-delimited records.
-    pub fn send(&mut self, batch: &[u8]) -> Sent {
-        if batch.is_empty() {
-            return Sent::Delivered;
-        }
-        if self.conn.as_ref().is_some_and(Conn::peer_gone) {
-            self.lost("the receiver closed the connection", None);
+    /// Writes one batch of `records` length-delimited records. Returns
+    /// how many records are lost: the batch's when it could not go, plus
+    /// those of a connection that ended before acknowledging them.
+    pub fn send(&mut self, batch: &[u8], records: u64) -> u64 {
+        let mut dropped = 0;
+        if self.link.as_mut().is_some_and(|l| !l.read_acks()) {
+            dropped += self.lost("the receiver closed the connection", None);
             // Try again at once: a restarted receiver may already be there.
             self.retry_at = None;
         }
-        if self.conn.is_none() {
+        if batch.is_empty() {
+            return dropped;
+        }
+        if self.link.is_none() {
             if self.retry_at.is_some_and(|t| Instant::now() < t) {
-                return Sent::Dropped;
+                return dropped + records;
             }
             match self.connect() {
                 Ok(c) => {
                     slog::info!(self.log, "access records receiver connected"; "address" => %self.addr);
-                    self.conn = Some(c);
+                    self.link = Some(Link { conn: c, written: 0, acked: 0, partial: [0; 8], npartial: 0 });
                     self.backoff = BACKOFF_MIN;
                     self.retry_at = None;
                 }
@@ -168,17 +205,17 @@ impl RecordStream {
                     }
                     self.retry_at = Some(Instant::now() + self.backoff);
                     self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-                    return Sent::Dropped;
+                    return dropped + records;
                 }
             }
         }
-        let Some(c) = self.conn.as_mut() else { return Sent::Dropped };
-        match c.write_all(batch) {
-            Ok(()) => Sent::Delivered,
-            Err(e) => {
-                self.lost("write failed", Some(e));
-                Sent::Dropped
+        let Some(l) = self.link.as_mut() else { return dropped + records };
+        match l.conn.write_all(batch) {
+            Ok(()) => {
+                l.written += records;
+                dropped
             }
+            Err(e) => dropped + records + self.lost("write failed", Some(e)),
         }
     }
 }
@@ -206,40 +243,45 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.sock");
         let mut s = RecordStream::new(StreamAddr::Unix(path.clone()), log());
-        assert_eq!(s.send(b"x"), Sent::Dropped, "no receiver");
-        assert_eq!(s.send(b"x"), Sent::Dropped, "backing off");
+        assert_eq!(s.send(b"x", 1), 1, "no receiver");
+        assert_eq!(s.send(b"x", 1), 1, "backing off");
         let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
         s.retry_at = None;
-        assert_eq!(s.send(b"one"), Sent::Delivered);
+        assert_eq!(s.send(b"one", 1), 0);
         let (mut c, _) = l.accept().unwrap();
         let mut b = [0u8; 3];
         c.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"one");
+        c.write_all(&1u64.to_le_bytes()).unwrap();
         drop(c);
-        // The next batch finds the connection closed and connects again.
-        assert_eq!(s.send(b"two"), Sent::Delivered);
+        // The next batch finds the connection closed (nothing unacknowledged
+        // on it) and connects again.
+        assert_eq!(s.send(b"two", 1), 0);
         let (mut c, _) = l.accept().unwrap();
         c.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"two");
     }
 
-    /// The subtle case: a write into a TCP connection the receiver closed
-    /// succeeds (the reset comes later), so the batch would be lost without
-    /// being counted. The check before each batch sees the close.
+    /// The subtle cases: a write into a TCP connection the receiver closed
+    /// succeeds (the reset comes later), and records the receiver took into
+    /// its socket buffer die with it. Both are counted: the close is seen
+    /// before the next batch, and what was never acknowledged is dropped.
     #[test]
-    fn a_closed_tcp_receiver_is_noticed_before_a_batch_is_written_into_it() {
+    fn records_a_dead_tcp_receiver_never_acknowledged_are_counted() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut s = RecordStream::new(StreamAddr::Tcp(l.local_addr().unwrap()), log());
-        assert_eq!(s.send(b"one"), Sent::Delivered);
-        let (c, _) = l.accept().unwrap();
+        assert_eq!(s.send(b"one", 2), 0);
+        assert_eq!(s.send(b"two", 3), 0);
+        let (mut c, _) = l.accept().unwrap();
+        let mut b = [0u8; 6];
+        c.read_exact(&mut b).unwrap();
+        // It acknowledges the first batch only, then dies.
+        c.write_all(&2u64.to_le_bytes()).unwrap();
         drop(c);
-        // Let the FIN arrive.
-        let gone = (0..200).any(|_| {
-            std::thread::sleep(Duration::from_millis(5));
-            s.conn.as_ref().is_some_and(Conn::peer_gone)
-        });
-        assert!(gone, "the close is seen");
-        assert_eq!(s.send(b"two"), Sent::Delivered);
+        std::thread::sleep(Duration::from_millis(50));
+        // The next batch: the 3 unacknowledged records are lost, this one goes
+        // on a new connection.
+        assert_eq!(s.send(b"new", 1), 3);
         l.set_nonblocking(true).unwrap();
         let mut got = None;
         for _ in 0..200 {
@@ -249,10 +291,10 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let mut c = got.expect("\"two\" went over a new connection");
+        let mut c = got.expect("a new connection");
         c.set_nonblocking(false).unwrap();
         let mut b = [0u8; 3];
         c.read_exact(&mut b).unwrap();
-        assert_eq!(&b, b"two");
+        assert_eq!(&b, b"new");
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::syslog::{severity, Syslog};
 
-use super::stream::{RecordStream, Sent};
+use super::stream::RecordStream;
 use super::{count_dropped, DROPPED_TOTAL};
 
 pub enum Msg {
@@ -104,9 +104,10 @@ impl Writer {
                     }
                 }
                 if let Some(r) = self.records.as_mut() {
-                    if r.send(&records) == Sent::Dropped {
-                        self.records_dropped += lines;
-                        count_dropped(&self.dropped, lines);
+                    let lost = r.send(&records, lines);
+                    if lost > 0 {
+                        self.records_dropped += lost;
+                        count_dropped(&self.dropped, lost);
                     }
                 }
             }
