@@ -464,6 +464,13 @@ fn modules(o: &mut Out, v: &View<'_>, blocks: &[WorkerMetrics]) {
         "Access-log lines dropped: a slow file, syslog or records receiver, or none reachable.",
     );
     o.counter("pitcher_access_log_dropped_lines", &[], sum(blocks, |b| &b.log_dropped));
+    o.family(
+        "pitcher_statsd_datagrams",
+        Kind::Counter,
+        "Datagrams of the statsd module, sent or dropped (no server, a full buffer).",
+    );
+    o.counter("pitcher_statsd_datagrams", &[("result", "sent")], sum(blocks, |b| &b.statsd_sent));
+    o.counter("pitcher_statsd_datagrams", &[("result", "dropped")], sum(blocks, |b| &b.statsd_dropped));
     o.family("pitcher_module_enabled", Kind::Gauge, "1 when a configured module runs (not switched off at run time).");
     for mc in &v.config.modules {
         let off = crate::hooks::registry_index(&mc.name).is_some_and(|f| shared.modules[f].disabled.load(Relaxed) == 1);

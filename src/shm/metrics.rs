@@ -154,6 +154,11 @@ pub struct WorkerMetrics {
     pub log_dropped: AtomicU64,
     /// Requests turned away by the overload controller (level 2).
     pub shed: AtomicU64,
+    /// Datagrams the `statsd` module sent.
+    pub statsd_sent: AtomicU64,
+    /// Datagrams the `statsd` module could not send (no server, a full
+    /// socket buffer): dropped.
+    pub statsd_dropped: AtomicU64,
     /// Requests by route series and status class.
     pub routes: [[AtomicU64; STATUS_CLASSES]; MAX_ROUTE_SERIES],
     /// Figures by cluster series.
@@ -301,6 +306,8 @@ impl WorkerMetrics {
             log_lines: AtomicU64::new(0),
             log_dropped: AtomicU64::new(0),
             shed: AtomicU64::new(0),
+            statsd_sent: AtomicU64::new(0),
+            statsd_dropped: AtomicU64::new(0),
             routes: [const { [const { AtomicU64::new(0) }; STATUS_CLASSES] }; MAX_ROUTE_SERIES],
             clusters: [const { ClusterSeries::zero() }; MAX_CLUSTER_SERIES],
         }

@@ -6,6 +6,7 @@ pub mod access_log;
 mod degrade;
 mod headers;
 mod quota;
+mod statsd;
 mod throttle;
 mod trace;
 
@@ -22,6 +23,7 @@ pub static REGISTRY: &[Registration] = &[
     Registration { name: "quota", build: quota::build },
     Registration { name: "degrade", build: degrade::build },
     Registration { name: "trace", build: trace::build },
+    Registration { name: "statsd", build: statsd::build },
 ];
 
 /// Deserializes a module's settings table into its typed form, with the
