@@ -370,7 +370,7 @@ EOF
         case $m in
         access_log) printf '\n[modules.access_log]\npath = "%s/access.log"\nformat = "json"\n' "$dir" >>"$cfg" ;;
         headers) printf '\n[modules.headers]\nresponse_set = { "X-Proxy" = "pitcher" }\nrequest_set = { "X-Bench" = "1" }\n' >>"$cfg" ;;
-        throttle) printf '\n[modules.throttle]\nrate_per_sec = 100000000\nburst = 100000000\n' >>"$cfg" ;;
+        throttle) printf '\n[modules.throttle]\nrate_per_sec = 10000000\nburst = 10000000\n' >>"$cfg" ;;
         *) die "unknown module '$m' in PITCHER_MODULES (access_log, headers, throttle)" ;;
         esac
     done

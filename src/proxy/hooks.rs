@@ -107,7 +107,7 @@ impl Core {
         }
         let snap = s.snap.clone();
         let backend = self.backend_name(s);
-        let at = at_request(s, backend.as_deref());
+        let at = at_request(s, backend);
         let list = snap.modules.pipeline_for(s.ex.route).at(point);
         let mut run = Run { snap: &snap, point, list, peer: s.peer, vars: &mut s.vars, request: Some(at) };
         let req = &mut s.req;
@@ -130,7 +130,7 @@ impl Core {
         }
         let snap = s.snap.clone();
         let backend = self.backend_name(s);
-        let at = at_request(s, backend.as_deref());
+        let at = at_request(s, backend);
         let list = snap.modules.pipeline_for(s.ex.route).at(Point::BackendResponse);
         let point = Point::BackendResponse;
         let mut run = Run { snap: &snap, point, list, peer: s.peer, vars: &mut s.vars, request: Some(at) };
@@ -164,13 +164,13 @@ impl Core {
             bytes: s.ex.bytes_out,
             duration: s.ex.started.map_or_else(Default::default, |t| now.saturating_duration_since(t)),
             upstream_time: s.ex.upstream_started.map(|t| now.saturating_duration_since(t)),
-            backend: backend.as_deref(),
+            backend: backend,
             user_agent: s.req.head.get("user-agent").unwrap_or(b""),
             referer: s.req.head.get("referer").unwrap_or(b""),
             request_id: s.req.head.get("x-request-id").unwrap_or(b""),
             headers: &s.req.head,
         };
-        let at = at_request(s, backend.as_deref());
+        let at = at_request(s, backend);
         let list = snap.modules.pipeline_for(s.ex.route).at(Point::RequestFinish);
         let point = Point::RequestFinish;
         let mut run = Run { snap: &snap, point, list, peer: s.peer, vars: &mut s.vars, request: Some(at) };
@@ -198,10 +198,10 @@ impl Core {
     }
 
     /// The backend the exchange went to (it may have been released already).
-    fn backend_name(&self, s: &Session) -> Option<String> {
+    fn backend_name(&self, s: &Session) -> Option<&str> {
         s.ex.upstream_started?;
         let member = s.snap.clusters.get(s.ex.cluster)?.members.get(s.ex.backend)?;
-        Some(self.backends.get(member.id).name.clone())
+        Some(self.backends.get(member.id).name.as_str())
     }
 }
 

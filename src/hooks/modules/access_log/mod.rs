@@ -35,7 +35,7 @@ mod writer;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -120,6 +120,9 @@ struct Batch {
     /// The record being encoded, reused.
     record: AccessRecord,
     clock: Clock,
+    /// Buffers the writer thread emptied and gave back, for the next
+    /// batches: no allocation per batch in the steady state.
+    spares: Option<Receiver<(String, Vec<u8>)>>,
 }
 
 struct AccessLog {
@@ -140,16 +143,14 @@ impl AccessLog {
         if b.lines == 0 {
             return;
         }
-        let text = if self.text {
-            std::mem::replace(&mut b.text, String::with_capacity(BATCH_BYTES + 1024))
-        } else {
-            String::new()
-        };
-        let records = if self.records {
-            std::mem::replace(&mut b.records, Vec::with_capacity(BATCH_BYTES + 1024))
-        } else {
-            Vec::new()
-        };
+        let (spare_text, spare_records) = b.spares.as_ref().and_then(|r| r.try_recv().ok()).unwrap_or_else(|| {
+            (
+                if self.text { String::with_capacity(BATCH_BYTES + 1024) } else { String::new() },
+                if self.records { Vec::with_capacity(BATCH_BYTES + 1024) } else { Vec::new() },
+            )
+        });
+        let text = std::mem::replace(&mut b.text, spare_text);
+        let records = std::mem::replace(&mut b.records, spare_records);
         let lines = std::mem::take(&mut b.lines);
         if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Batch { text, records, lines }) {
             count_dropped(&self.dropped, lines);
@@ -203,6 +204,8 @@ fn parse(s: Settings) -> Result<Parsed, String> {
 pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, String> {
     let p = parse(super::settings(&c.settings)?)?;
     let (tx, rx) = sync_channel(QUEUE);
+    // Emptied buffers come back on this one (it holds what the queue can).
+    let (spares_tx, spares_rx) = sync_channel(QUEUE + 1);
     let dropped = Arc::new(AtomicU64::new(0));
     let module = AccessLog {
         format: p.format,
@@ -210,7 +213,7 @@ pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, String> {
         records: p.records.is_some(),
         tx,
         dropped: dropped.clone(),
-        batch: Mutex::default(),
+        batch: Mutex::new(Batch { spares: Some(spares_rx), ..Batch::default() }),
     };
     if b.check_only {
         return Ok(Arc::new(module));
@@ -224,6 +227,7 @@ pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, String> {
         records_dropped: 0,
         syslog_dropped: 0,
         log: b.log.clone(),
+        spares: spares_tx,
     };
     let handle = std::thread::Builder::new()
         .name("access-log".into())

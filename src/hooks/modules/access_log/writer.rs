@@ -8,7 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::Arc;
 
 use crate::syslog::{severity, Syslog};
@@ -41,6 +41,8 @@ pub struct Writer {
     /// Of which: lines no syslog socket took.
     pub syslog_dropped: u64,
     pub log: slog::Logger,
+    /// Gives emptied batch buffers back to the module.
+    pub spares: SyncSender<(String, Vec<u8>)>,
 }
 
 impl Writer {
@@ -84,7 +86,7 @@ impl Writer {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Batch { text, records, lines } => {
+            Msg::Batch { mut text, mut records, lines } => {
                 if let Some(f) = self.file.as_mut() {
                     if f.write_all(text.as_bytes()).is_err() {
                         // A full disk: the lines are lost, and counted.
@@ -110,6 +112,11 @@ impl Writer {
                         count_dropped(&self.dropped, lost);
                     }
                 }
+                // Back to the module for a later batch (dropped if it has
+                // enough already, or is gone).
+                text.clear();
+                records.clear();
+                let _ = self.spares.try_send((text, records));
             }
             Msg::Reopen => {
                 if let Some(f) = self.file.as_mut() {
