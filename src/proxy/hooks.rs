@@ -164,7 +164,7 @@ impl Core {
             bytes: s.ex.bytes_out,
             duration: s.ex.started.map_or_else(Default::default, |t| now.saturating_duration_since(t)),
             upstream_time: s.ex.upstream_started.map(|t| now.saturating_duration_since(t)),
-            backend: backend,
+            backend,
             user_agent: s.req.head.get("user-agent").unwrap_or(b""),
             referer: s.req.head.get("referer").unwrap_or(b""),
             request_id: s.req.head.get("x-request-id").unwrap_or(b""),
