@@ -189,7 +189,10 @@ fn kill_and_restart(listen: &str) {
     let sent = 10 + 10 + sent_after;
     assert!(wait_until(WAIT, || file_lines(&log).len() == sent), "the file has every line: {}", file_lines(&log).len());
 
-    let received: Vec<String> = before.into_iter().chain(r.lines()).collect();
+    // Records still on their way are neither received nor dropped yet.
+    let settled = || before.len() as u64 + r.lines().len() as u64 + dropped(&m) >= sent as u64;
+    wait_until(WAIT, settled);
+    let received: Vec<String> = before.iter().cloned().chain(r.lines()).collect();
     let lost = dropped(&m);
     assert!(
         received.len() as u64 + lost >= sent as u64,

@@ -202,12 +202,29 @@ impl Engine {
         }
     }
 
-    /// Readiness of a client socket.
+    /// Readiness of a client socket. An idle connection takes its
+    /// request's allocations back from the pool first, and gives them back
+    /// when it is idle again.
     pub fn client_event(&mut self, idx: usize, ev: &mio::event::Event) {
+        if let Some(s) = self.sessions.get_mut(idx).filter(|s| s.parked) {
+            s.unpark(self.spares.pop());
+        }
         self.serve(idx, |core, s| {
             s.rd.update(ev);
             core.drive(s)
         });
+        self.park_if_idle(idx);
+    }
+
+    /// Session `idx` waits for its next request with nothing in hand: its
+    /// request's allocations go back to the pool.
+    fn park_if_idle(&mut self, idx: usize) {
+        if let Some(s) = self.sessions.get_mut(idx).filter(|s| s.parkable()) {
+            let sp = s.park();
+            if self.spares.len() < POOLED_BUFFERS {
+                self.spares.push(sp);
+            }
+        }
     }
 
     /// Readiness of a backend connection: its session's, or a pooled one's.
@@ -215,7 +232,10 @@ impl Engine {
         let Some(u) = self.core.ups.get_mut(idx) else { return };
         u.rd.update(ev);
         match u.owner {
-            Some(sid) => self.serve(sid, |core, s| core.drive(s)),
+            Some(sid) => {
+                self.serve(sid, |core, s| core.drive(s));
+                self.park_if_idle(sid);
+            }
             None => self.core.idle_upstream_event(idx),
         }
     }
@@ -305,8 +325,9 @@ impl Engine {
             self.core.bufs.put(b);
         }
         // Dropping the stream closes the fd, which also removes it from the
-        // epoll set; the session's allocations serve the next connection.
-        if self.spares.len() < POOLED_BUFFERS {
+        // epoll set; the session's allocations serve the next connection
+        // (a parked one has none).
+        if !s.parked && self.spares.len() < POOLED_BUFFERS {
             self.spares.push(s.into_spare());
         }
     }

@@ -71,6 +71,11 @@ pub struct Session {
     /// The current request's logger, built at its first log line
     /// (see `keys`).
     pub(super) log: Option<Logger>,
+    /// Idle between requests, the request's allocations (heads, output,
+    /// module values, the exchange's box) were handed back to the engine's
+    /// pool: an idle keep-alive connection holds no buffer. Taken back at
+    /// its next readiness event.
+    pub(super) parked: bool,
 }
 
 impl Session {
@@ -105,6 +110,43 @@ impl Session {
             writes: 0,
             spare_proxy: spare.spare_proxy,
             log: None,
+            parked: false,
+        }
+    }
+
+    /// Idle between requests, holding nothing that a request needs: no
+    /// input, no output, waiting for the next head.
+    pub(super) fn parkable(&self) -> bool {
+        !self.parked && matches!(self.state, State::Head { started: None }) && self.inb.is_none() && self.out.is_empty()
+    }
+
+    /// Hands the request's allocations back (see `parked`).
+    pub(super) fn park(&mut self) -> Spare {
+        self.parked = true;
+        self.log = None;
+        let mut sp = Spare {
+            out: std::mem::take(&mut self.out),
+            req: std::mem::take(&mut self.req),
+            resp: std::mem::take(&mut self.resp),
+            ex: Exchange::default(),
+            vars: std::mem::take(&mut self.vars),
+            spare_proxy: self.spare_proxy.take(),
+        };
+        sp.req.clear();
+        sp.resp.head.clear();
+        sp.vars.clear();
+        sp
+    }
+
+    /// Takes allocations for the next request (a pooled set, or new ones).
+    pub(super) fn unpark(&mut self, sp: Option<Spare>) {
+        self.parked = false;
+        if let Some(sp) = sp {
+            self.out = sp.out;
+            self.req = sp.req;
+            self.resp = sp.resp;
+            self.vars = sp.vars;
+            self.spare_proxy = sp.spare_proxy;
         }
     }
 
