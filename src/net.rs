@@ -68,6 +68,41 @@ impl Stream {
         }
     }
 
+    /// The socket itself, to hand to another process. Deregister it from
+    /// the poller first: an epoll registration lasts as long as the open
+    /// socket, which outlives this process's fd.
+    pub fn into_fd(self) -> OwnedFd {
+        match self {
+            Stream::Tcp(s) => s.into(),
+            Stream::Unix(s) => s.into(),
+        }
+    }
+
+    /// A connected stream socket received from another process (a binary
+    /// upgrade hands connections over), made non-blocking; its peer is read
+    /// from the socket. Anything but a connected TCP or Unix stream socket
+    /// is refused.
+    pub fn from_handed(fd: OwnedFd) -> io::Result<(Stream, Peer)> {
+        let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("handed fd: {what}"));
+        if socket::getsockopt(&fd, socket::sockopt::SockType)? != SockType::Stream {
+            return Err(invalid("not a stream socket"));
+        }
+        let local: SockaddrStorage = socket::getsockname(fd.as_raw_fd())?;
+        if local.as_unix_addr().is_some() {
+            let s = StdUnixStream::from(fd);
+            s.peer_addr()?;
+            s.set_nonblocking(true)?;
+            return Ok((Stream::Unix(UnixStream::from_std(s)), Peer::Unix));
+        }
+        if local.as_sockaddr_in().is_some() || local.as_sockaddr_in6().is_some() {
+            let s = std::net::TcpStream::from(fd);
+            let peer = s.peer_addr()?;
+            s.set_nonblocking(true)?;
+            return Ok((Stream::Tcp(TcpStream::from_std(s)), Peer::Ip(canonical_ip(peer))));
+        }
+        Err(invalid("not a TCP or Unix socket"))
+    }
+
     /// Shuts the write side down (errors ignored: the peer may be gone).
     pub fn shutdown_write(&self) {
         let _ = match self {
