@@ -356,12 +356,14 @@ pub enum Handoff {
         /// The new master's pid.
         pid: u32,
     },
-    /// New to old (rolling start): another new worker is accepting; the
-    /// old master retires workers (each hands its connections over and
-    /// exits) until at most `keep` serve.
+    /// New to old (rolling start): the old master retires workers (each
+    /// hands its connections over and exits) until at most `keep` serve.
     Retire {
         /// Old workers that may go on serving.
         keep: usize,
+        /// New workers accepting so far: while there is none, a retired
+        /// worker's connections go to its serving siblings.
+        accepting: usize,
     },
     /// New to old (rolling start): a new worker failed; the old master
     /// rolls back (its retired workers come back on the old binary) and

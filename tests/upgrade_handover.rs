@@ -261,7 +261,8 @@ fn a_rolling_upgrade_whose_second_new_worker_fails_rolls_back_without_a_failed_r
     });
     assert!(load.wait_progress(20, Duration::from_secs(10)), "the load runs");
     // Idle keep-alive connections on the worker the rolling start retires
-    // first (the last slot's): they move to the first new worker, and back.
+    // first (the last slot's): they move (through its sibling, while no new
+    // worker accepts) to the first new worker, and back.
     let st = m.expect_status();
     let retired = st.workers.iter().find(|w| w.slot == 1).and_then(|w| w.pid).expect("worker of slot 1");
     let mut idle = Vec::new();

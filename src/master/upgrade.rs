@@ -72,8 +72,8 @@ pub struct Predecessor {
     ready_sent: bool,
     /// The rolling start failed: connections go back to the old generation.
     aborted: bool,
-    /// The last `Retire { keep }` sent, and when.
-    keep_sent: Option<usize>,
+    /// The last `Retire { keep, accepting }` sent, and when.
+    keep_sent: Option<(usize, usize)>,
     retired_at: Option<Instant>,
     /// The old generation as it last reported itself.
     old: Option<OldGeneration>,
@@ -115,6 +115,8 @@ pub struct Upgrade {
     pub pid: Pid,
     chan: Channel,
     deadline: Instant,
+    /// New workers accepting (rolling start).
+    accepting: usize,
 }
 
 /// `<pid_file>.oldbin`.
@@ -182,7 +184,7 @@ impl Master {
         let sent = mine.send(&msg, &self.message_fds());
         mine.set_nonblocking(true)?;
         self.poll.registry().register(&mut SourceFd(&mine.raw_fd()), UPGRADE, Interest::READABLE)?;
-        let u = Upgrade { pid, chan: mine, deadline: Instant::now() + self.config.upgrade_timeout };
+        let u = Upgrade { pid, chan: mine, deadline: Instant::now() + self.config.upgrade_timeout, accepting: 0 };
         if let Err(e) = sent {
             // The child may have died at once; rollback follows from here.
             slog::error!(self.logger(), "cannot hand the listeners to the new master"; "error" => %e);
@@ -199,7 +201,12 @@ impl Master {
             match u.chan.recv::<Handoff>() {
                 Ok(None) => return,
                 Ok(Some((Handoff::Ready { pid }, _))) => return self.upgrade_succeeded(pid),
-                Ok(Some((Handoff::Retire { keep }, _))) => self.retire_to(keep),
+                Ok(Some((Handoff::Retire { keep, accepting }, _))) => {
+                    if let Some(u) = self.upgrade.as_mut() {
+                        u.accepting = accepting;
+                    }
+                    self.retire_to(keep);
+                }
                 Ok(Some((Handoff::Abort { reason }, _))) => {
                     return self.roll_back(format!("a new worker failed: {reason}"), false);
                 }
@@ -373,11 +380,15 @@ impl Master {
         self.predecessor.as_ref().is_some_and(|p| !p.ready_sent && !p.aborted)
     }
 
-    /// New master, rolling start: each worker that becomes ready lets the
-    /// old master retire one of its own; the next worker starts once the
-    /// old generation has one worker fewer (at most `workers + 1` live),
-    /// or [`ROLLING_STEP_WAIT`] after the retirement if the retired worker
-    /// is still finishing requests; when every worker accepts, `Ready`.
+    /// New master, rolling start. With several workers, room is made
+    /// before each new worker starts: the old master retires one of its
+    /// own (whose connections go to its serving siblings while no new
+    /// worker accepts, to the new workers after), and the next new worker
+    /// starts once it has exited, so no more than `workers` workers live at
+    /// once. A retired worker still finishing long requests holds the step
+    /// up for [`ROLLING_STEP_WAIT`] at most. With one worker the new one
+    /// starts first (nobody would accept meanwhile). When every new worker
+    /// accepts, `Ready`: the old generation hands over the rest and goes.
     pub(super) fn handover_tick(&mut self) {
         if !self.rolling() || self.state != State::Running {
             return;
@@ -386,7 +397,6 @@ impl Master {
         let ready = self.slots.iter().filter(|s| s.proc.as_ref().is_some_and(|p| p.ready)).count();
         let started = self.slots.iter().filter(|s| s.proc.is_some()).count();
         let Some(p) = self.predecessor.as_mut() else { return };
-        let (old_live, old_serving) = p.old.as_ref().map_or((usize::MAX, usize::MAX), |g| (g.workers.len(), g.serving));
         if ready == n {
             p.ready_sent = true;
             match p.chan.send(&Handoff::Ready { pid: std::process::id() }, &[]) {
@@ -395,16 +405,21 @@ impl Master {
             }
             return;
         }
-        let keep = n - ready;
-        if ready > 0 && p.keep_sent != Some(keep) {
-            p.keep_sent = Some(keep);
+        if ready != started || started >= n {
+            return; // A new worker is starting.
+        }
+        let keep = if n == 1 { 1 } else { n - started - 1 };
+        if p.keep_sent != Some((keep, ready)) {
+            p.keep_sent = Some((keep, ready));
             p.retired_at = Some(Instant::now());
-            if let Err(e) = p.chan.send(&Handoff::Retire { keep }, &[]) {
+            if let Err(e) = p.chan.send(&Handoff::Retire { keep, accepting: ready }, &[]) {
                 slog::warn!(self.log.logger, "could not reach the old master"; "error" => %e);
             }
         }
-        let waited = p.retired_at.is_some_and(|t| t.elapsed() >= ROLLING_STEP_WAIT) && started + old_serving <= n;
-        if ready == started && started < n && (started == 0 || started + old_live <= n || waited) {
+        let (old_live, old_serving) = p.old.as_ref().map_or((usize::MAX, usize::MAX), |g| (g.workers.len(), g.serving));
+        let room = |old: usize| started.saturating_add(old).saturating_add(1) <= n;
+        let waited = p.retired_at.is_some_and(|t| t.elapsed() >= ROLLING_STEP_WAIT) && room(old_serving);
+        if room(old_live) || waited || (n == 1 && started == 0) {
             if let Some(i) = self.slots.iter().position(|s| s.proc.is_none() && s.respawn_at.is_none()) {
                 self.spawn(i);
             }
@@ -423,6 +438,10 @@ impl Master {
             slog::error!(self.log.logger, "could not reach the old master"; "error" => %e);
         }
         self.quit(true);
+        // Connections that were waiting for a worker go back too.
+        for (conns, fds) in std::mem::take(&mut self.handoffs.parked) {
+            self.route_from_worker(conns, fds);
+        }
     }
 
     /// Test builds: the second worker of a rolling start fails to start
@@ -490,6 +509,11 @@ impl Master {
     /// Connections a worker of this master handed over: to the other
     /// generation, or (none, or it cannot take them) to a worker of this one.
     pub(super) fn route_from_worker(&mut self, conns: Vec<HandedConn>, fds: Vec<OwnedFd>) {
+        let no_new_worker_yet = self.upgrade.as_ref().is_some_and(|u| u.accepting == 0);
+        if no_new_worker_yet && self.slots.iter().any(|s| s.proc.as_ref().is_some_and(|p| p.ready)) {
+            // Rolling start, first step: the siblings serve them meanwhile.
+            return self.deliver_local(conns, fds);
+        }
         if let Some(ch) = self.handoff_route() {
             let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
             let n = conns.len() as u64;
