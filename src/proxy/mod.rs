@@ -23,7 +23,8 @@
 //! 6. `tunnel`: `Tunnel`, after a 101.
 //! 7. `upconn`: backend connections: pick, pool, connect, release.
 //! 8. `hooks`: the calls into the module pipeline (one function runs a
-//!    point's modules).
+//!    point's modules); `handover`: a connection leaving for (or arriving
+//!    from) another generation on a binary upgrade.
 //! 9. What the steps share: `core` (`Core`, [`Snapshot`], `UpConn`),
 //!    `exchange` (the record of the current request, body framing),
 //!    `keys` (the request's logger), `guard` (a panic closes one
@@ -33,8 +34,8 @@
 //! Files point one way: `token`, `timer`, `exchange`, `guard` import nothing of
 //! this layer; `state` and `core` import only those; `session` imports
 //! them; the step files (`request`, `forward`, `tunnel`, `upconn`,
-//! `hooks`, `keys`) import `session` and below, never each other; this
-//! file sits on top.
+//! `hooks`, `keys`, `handover`) import `session` and below, never each
+//! other; this file sits on top.
 
 mod core;
 mod exchange;
