@@ -316,3 +316,58 @@ fn a_rolling_upgrade_whose_second_new_worker_fails_rolls_back_without_a_failed_r
     upgrade(&mut m);
     assert_eq!(get_once(m.addr(), "t.example", "/").body_str(), "ok from A");
 }
+
+/// `ctl status` during an upgrade (an old worker still finishing a slow
+/// request keeps its generation there): both generations with their
+/// workers, and the connections handed over so far.
+#[test]
+fn ctl_status_shows_each_generation_its_workers_and_the_connections_handed_over() {
+    let release = Arc::new(AtomicBool::new(false));
+    let gate = release.clone();
+    let a = Backend::with_handler("A", move |r| {
+        if r.path() == "/slow" {
+            wait_until(Duration::from_secs(20), || gate.load(Ordering::SeqCst));
+        }
+        Reply::ok("ok from A")
+    });
+    let mut m = MasterRun::start(&config(&a.spec(), 2));
+    let old = m.pid().expect("master pid");
+    // Idle keep-alive connections to move, and a request the old generation
+    // must finish.
+    let mut idle: Vec<Client> = (0..4).map(|_| m.client()).collect();
+    for c in &mut idle {
+        assert_eq!(c.get("idle.example", "/").body_str(), "ok from A");
+    }
+    let slow = common::master::request_in_thread(m.addr(), "slow.example", "/slow");
+    assert!(a.wait_for_requests(5, Duration::from_secs(10)), "the slow request arrived");
+
+    m.install_binary();
+    let out = m.signal_cmd("upgrade");
+    assert!(out.status.success(), "{out:?}\n{}", m.log());
+    let new = m.pid().expect("new master pid");
+    m.track(new);
+    let st = status_json(&m);
+    let gens = st["generations"].as_array().cloned().unwrap_or_default();
+    assert_eq!(gens.len(), 2, "old and current generation: {st}");
+    assert_eq!(gens[0]["role"], "old", "{st}");
+    assert_eq!(gens[0]["master_pid"], old, "{st}");
+    assert_eq!(gens[0]["workers"].as_array().map(Vec::len), Some(1), "the old worker finishing /slow: {st}");
+    assert_eq!(gens[1]["role"], "current", "{st}");
+    assert_eq!(gens[1]["master_pid"], new, "{st}");
+    assert_eq!(gens[1]["workers"].as_array().map(Vec::len), Some(2), "{st}");
+    assert_eq!(gens[0]["handed_over"], 4, "the four idle connections moved: {st}");
+    assert_eq!(st["handover"]["received"], 4, "{st}");
+
+    release.store(true, Ordering::SeqCst);
+    let r = slow.join().expect("thread").unwrap_or_else(|e| panic!("the slow request failed: {e}"));
+    assert_eq!(r.status, 200);
+    assert!(wait_gone(old, Duration::from_secs(10)), "the old generation goes after its last request");
+    let st = status_json(&m);
+    assert_eq!(st["generations"].as_array().map(Vec::len), Some(1), "{st}");
+    assert_eq!(st["handover"]["previous_generation"]["handed_over"], 5, "and the slow one's connection after it: {st}");
+    for c in &mut idle {
+        let r = c.get("idle.example", "/again");
+        assert_eq!(r.body_str(), "ok from A");
+        assert!(!r.says_close(), "{}", r.head_str());
+    }
+}
