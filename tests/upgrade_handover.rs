@@ -371,3 +371,91 @@ fn ctl_status_shows_each_generation_its_workers_and_the_connections_handed_over(
         assert!(!r.says_close(), "{}", r.head_str());
     }
 }
+
+/// A tunnel with bytes in flight (a burst the client is not reading yet)
+/// cannot move; it moves once they are delivered, none lost or reordered.
+#[test]
+fn a_tunnel_with_bytes_in_flight_moves_once_they_are_delivered() {
+    const CHUNK: usize = 64 << 10;
+    // Chunk i is made of one byte that names it (mod 251): a lost or
+    // reordered chunk shows.
+    fn chunk(i: usize) -> Vec<u8> {
+        vec![(i % 251) as u8; CHUNK]
+    }
+    // More than the kernel's socket buffers on the way hold (loopback
+    // autotuning: a few MiB each), so some stays in Pitcher's buffers.
+    const BURST: usize = 40 << 20;
+    let be = ScriptedBackend::start(|mut s, _| {
+        let Ok(Some(_)) = read_head_exact(&mut s) else { return };
+        if s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            .is_err()
+        {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                return;
+            }
+            let sent = if &buf[..n] == b"burst;" {
+                (0..BURST / CHUNK).try_for_each(|i| s.write_all(&chunk(i)))
+            } else {
+                s.write_all(&buf[..n].to_ascii_uppercase())
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    });
+    let builder = ConfigBuilder::new()
+        .top("workers = 2")
+        .top("drain_timeout_ms = 30000")
+        .top("upgrade_timeout_ms = 10000")
+        .cluster("a", [be.spec()])
+        .route(None, "/", "a");
+    let mut m = MasterRun::start(&builder);
+    let old = m.pid().expect("master pid");
+    let old_workers = m.expect_status().worker_pids();
+    let mut client = m.client();
+    client.send(UPGRADE);
+    assert_eq!(client.read_head().status, 101);
+    let client_port = client.stream().local_addr().expect("local address").port();
+    let mut s: &TcpStream = client.stream();
+    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    // Megabytes on their way, unread: the proxy's buffers are full.
+    s.write_all(b"burst;").expect("send");
+    std::thread::sleep(Duration::from_millis(300));
+
+    m.install_binary();
+    let out = m.signal_cmd("upgrade");
+    assert!(out.status.success(), "{out:?}\n{}", m.log());
+    m.track(m.pid().expect("new master pid"));
+    let st = status_json(&m);
+    let old_live = st["generations"][0]["workers"].as_array().map_or(0, Vec::len);
+    assert_eq!(old_live, 1, "the old worker holding the tunnel is still there: {st}");
+
+    let mut got = vec![0u8; CHUNK];
+    for i in 0..BURST / CHUNK {
+        s.read_exact(&mut got).expect("the burst arrives");
+        assert!(got == chunk(i), "chunk {i} of the burst arrived whole and in order");
+    }
+    for i in 0..5 {
+        let msg = format!("after {i};");
+        s.write_all(msg.as_bytes()).expect("send");
+        let mut echo = vec![0u8; msg.len()];
+        s.read_exact(&mut echo).expect("echo");
+        assert_eq!(echo, msg.to_ascii_uppercase().as_bytes());
+    }
+    for pid in std::iter::once(old).chain(old_workers) {
+        assert!(wait_gone(pid, Duration::from_secs(10)), "the old generation goes once the tunnel moved\n{}", m.log());
+    }
+    held_by_a_new_worker(&m, client_port, "the drained tunnel");
+    let st = status_json(&m);
+    assert_eq!(st["handover"]["previous_generation"]["handed_over"], 1, "moved, not closed: {st}");
+    assert_eq!(st["handover"]["previous_generation"]["closed"], 0, "{st}");
+    s.write_all(b"last;").expect("send");
+    let mut echo = [0u8; 5];
+    s.read_exact(&mut echo).expect("echo");
+    assert_eq!(&echo, b"LAST;");
+    assert_eq!(be.connections(), 1, "the backend connection moved with it");
+}
