@@ -339,3 +339,34 @@ pub fn set_backlog(fd: &OwnedFd, backlog: u32) -> io::Result<()> {
     socket::listen(fd, backlog)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handed_fd_must_be_a_connected_stream_socket_and_keeps_its_peer() {
+        // A connected TCP pair: the peer comes from the socket itself.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        let (mut s, peer) = Stream::from_handed(OwnedFd::from(server)).unwrap();
+        assert_eq!(peer, Peer::Ip(c.local_addr().unwrap().ip()));
+        (&c).write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        let n = loop {
+            match s.read(&mut b) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                r => break r.unwrap(),
+            }
+        };
+        assert_eq!((n, b[0]), (1, b'x'), "non-blocking, and the same connection");
+        // A Unix stream pair.
+        let (a, _b) = StdUnixStream::pair().unwrap();
+        assert_eq!(Stream::from_handed(OwnedFd::from(a)).unwrap().1, Peer::Unix);
+        // A datagram socket, and a listening socket (no peer), are refused.
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(Stream::from_handed(OwnedFd::from(udp)).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert!(Stream::from_handed(OwnedFd::from(l)).is_err());
+    }
+}
