@@ -242,7 +242,66 @@ pub enum ToWorker {
     },
     /// Reopen log files.
     Reopen,
+    /// Binary upgrade: stop accepting and hand every connection that can
+    /// move (idle between requests with nothing buffered, or a tunnel with
+    /// empty buffers) to the master ([`ToMaster::Handover`]), the others as
+    /// soon as they can; exit when none is left. What is left at the
+    /// deadline is closed (and counted).
+    HandOver {
+        /// Longest wait for connections that cannot move yet.
+        timeout_ms: u64,
+    },
+    /// Connections of a worker of another generation to serve from now on,
+    /// their fds attached in order (two for a tunnel: client, backend).
+    Adopt {
+        /// The state of each connection.
+        conns: Vec<HandedConn>,
+    },
 }
+
+/// A client connection moving between generations on a binary upgrade:
+/// what its new worker needs besides the fds. The peer's address is read
+/// from the socket itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedConn {
+    /// The listener that accepted it (its bound address).
+    pub listener: String,
+    /// Requests served on it so far.
+    pub requests: u64,
+    /// Milliseconds left before it is closed if idle (keep-alive, or the
+    /// tunnel's idle timeout).
+    pub idle_ms: u64,
+    /// Set for a WebSocket/Upgrade tunnel: its second fd is the backend
+    /// connection.
+    pub tunnel: Option<HandedTunnel>,
+}
+
+impl HandedConn {
+    /// How many fds travel with this connection.
+    pub fn fds(&self) -> usize {
+        1 + usize::from(self.tunnel.is_some())
+    }
+}
+
+/// The tunnel part of a [`HandedConn`]: the backend and the half-close
+/// state of both directions (both buffers were empty).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedTunnel {
+    /// The backend's address (`host:port`, `unix:/path`).
+    pub backend: String,
+    /// The backend sent its FIN.
+    pub resp_eof: bool,
+    /// The client sent its FIN.
+    pub client_eof: bool,
+    /// The backend's FIN was passed on to the client.
+    pub client_shut: bool,
+    /// The client's FIN was passed on to the backend.
+    pub up_shut: bool,
+}
+
+/// Most connections in one hand-over message (each takes one or two fds
+/// of [`MAX_FDS`]).
+pub const HANDOVER_BATCH: usize = 100;
 
 /// Worker to master.
 #[derive(Debug, Serialize, Deserialize)]
@@ -266,6 +325,18 @@ pub enum ToMaster {
         /// Lines dropped since the worker started.
         access_log_lines: u64,
     },
+    /// Connections this worker hands to the next generation
+    /// ([`ToWorker::HandOver`]), fds attached in order.
+    Handover {
+        /// The state of each connection.
+        conns: Vec<HandedConn>,
+    },
+    /// Connections a handing-over worker had to close (at its deadline, or
+    /// because they could not be sent), so far.
+    HandoverClosed {
+        /// Connections closed since the hand-over began.
+        closed: u64,
+    },
 }
 
 /// Old master ↔ new master during a binary upgrade.
@@ -284,6 +355,42 @@ pub enum Handoff {
     Ready {
         /// The new master's pid.
         pid: u32,
+    },
+    /// New to old (rolling start): the old master retires workers (each
+    /// hands its connections over and exits) until at most `keep` serve.
+    Retire {
+        /// Old workers that may go on serving.
+        keep: usize,
+        /// New workers accepting so far: while there is none, a retired
+        /// worker's connections go to its serving siblings.
+        accepting: usize,
+    },
+    /// New to old (rolling start): a new worker failed; the old master
+    /// rolls back (its retired workers come back on the old binary) and
+    /// takes back the connections the new generation hands back.
+    Abort {
+        /// What failed.
+        reason: String,
+    },
+    /// Either way: client connections for the receiving master's workers,
+    /// fds attached in order.
+    Connections {
+        /// The state of each connection.
+        conns: Vec<HandedConn>,
+    },
+    /// Old to new, on every change: the old generation as `ctl status`
+    /// shows it.
+    Generation {
+        /// The old master's pid.
+        pid: u32,
+        /// Its live workers' pids.
+        workers: Vec<u32>,
+        /// Workers it still has to retire (`workers` minus those handing over).
+        serving: usize,
+        /// Connections its workers handed over so far.
+        handed_over: u64,
+        /// Connections its workers closed instead.
+        closed: u64,
     },
 }
 
@@ -366,6 +473,24 @@ impl Channel {
         let mut all = fds.to_vec();
         all.push(payload.as_raw_fd());
         self.send_packet(&header, &all)
+    }
+
+    /// Sends like [`send`](Self::send) on a non-blocking channel, but
+    /// waits up to `timeout` for room in the socket rather than fail: for
+    /// messages that carry client connections, which a peer slow to read
+    /// must not get closed. The channel is non-blocking again afterwards.
+    pub fn send_wait<T: Serialize>(
+        &self,
+        msg: &T,
+        fds: &[RawFd],
+        timeout: std::time::Duration,
+    ) -> Result<(), ChannelError> {
+        self.sock.set_nonblocking(false)?;
+        self.sock.set_write_timeout(Some(timeout))?;
+        let sent = self.send(msg, fds);
+        let _ = self.sock.set_write_timeout(None);
+        self.sock.set_nonblocking(true)?;
+        sent
     }
 
     fn send_packet(&self, bytes: &[u8], fds: &[RawFd]) -> Result<(), ChannelError> {

@@ -68,6 +68,41 @@ impl Stream {
         }
     }
 
+    /// The socket itself, to hand to another process. Deregister it from
+    /// the poller first: an epoll registration lasts as long as the open
+    /// socket, which outlives this process's fd.
+    pub fn into_fd(self) -> OwnedFd {
+        match self {
+            Stream::Tcp(s) => s.into(),
+            Stream::Unix(s) => s.into(),
+        }
+    }
+
+    /// A connected stream socket received from another process (a binary
+    /// upgrade hands connections over), made non-blocking; its peer is read
+    /// from the socket. Anything but a connected TCP or Unix stream socket
+    /// is refused.
+    pub fn from_handed(fd: OwnedFd) -> io::Result<(Stream, Peer)> {
+        let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("handed fd: {what}"));
+        if socket::getsockopt(&fd, socket::sockopt::SockType)? != SockType::Stream {
+            return Err(invalid("not a stream socket"));
+        }
+        let local: SockaddrStorage = socket::getsockname(fd.as_raw_fd())?;
+        if local.as_unix_addr().is_some() {
+            let s = StdUnixStream::from(fd);
+            s.peer_addr()?;
+            s.set_nonblocking(true)?;
+            return Ok((Stream::Unix(UnixStream::from_std(s)), Peer::Unix));
+        }
+        if local.as_sockaddr_in().is_some() || local.as_sockaddr_in6().is_some() {
+            let s = std::net::TcpStream::from(fd);
+            let peer = s.peer_addr()?;
+            s.set_nonblocking(true)?;
+            return Ok((Stream::Tcp(TcpStream::from_std(s)), Peer::Ip(canonical_ip(peer))));
+        }
+        Err(invalid("not a TCP or Unix socket"))
+    }
+
     /// Shuts the write side down (errors ignored: the peer may be gone).
     pub fn shutdown_write(&self) {
         let _ = match self {
@@ -303,4 +338,35 @@ pub fn set_backlog(fd: &OwnedFd, backlog: u32) -> io::Result<()> {
     let backlog = Backlog::new(backlog.min(i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN);
     socket::listen(fd, backlog)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handed_fd_must_be_a_connected_stream_socket_and_keeps_its_peer() {
+        // A connected TCP pair: the peer comes from the socket itself.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        let (mut s, peer) = Stream::from_handed(OwnedFd::from(server)).unwrap();
+        assert_eq!(peer, Peer::Ip(c.local_addr().unwrap().ip()));
+        (&c).write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        let n = loop {
+            match s.read(&mut b) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                r => break r.unwrap(),
+            }
+        };
+        assert_eq!((n, b[0]), (1, b'x'), "non-blocking, and the same connection");
+        // A Unix stream pair.
+        let (a, _b) = StdUnixStream::pair().unwrap();
+        assert_eq!(Stream::from_handed(OwnedFd::from(a)).unwrap().1, Peer::Unix);
+        // A datagram socket, and a listening socket (no peer), are refused.
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(Stream::from_handed(OwnedFd::from(udp)).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert!(Stream::from_handed(OwnedFd::from(l)).is_err());
+    }
 }

@@ -1,9 +1,9 @@
 //! Connections that live across a reload or a binary upgrade: a slow
 //! request in flight finishes (on the old route after a reload, on the old
-//! worker after an upgrade), and an idle keep-alive connection to an old
-//! worker is answered with `Connection: close` when it sends its next
-//! request during the drain, and closed only at the drain deadline if it
-//! stays idle.
+//! worker after an upgrade, its connection kept alive and handed to the new
+//! generation), an idle keep-alive connection to an old worker is handed to
+//! the new generation at once, and one that cannot move (a request head
+//! still arriving) is closed only at the drain deadline, and counted.
 
 mod common;
 
@@ -84,15 +84,12 @@ fn slow_request_in_flight_during_an_upgrade_completes_then_the_old_generation_ex
     m.track(new);
     assert_ne!(new, old);
     assert_eq!(out.stdout.trim(), format!("pitcher: upgrade complete: new master pid {new}"));
-    assert!(!slow.is_finished(), "the slow request is still in flight after the upgrade");
-    // The old generation is still there, draining.
-    assert!(alive(old), "the old master waits for its draining workers");
     assert_eq!(body_of_new_request(&m), "ok from A");
 
     let r = slow.join().expect("thread").unwrap_or_else(|e| panic!("the in-flight request failed: {e}"));
     assert_eq!(r.status, 200, "{}", r.head_str());
     assert_eq!(r.body_str(), "slow from A");
-    assert!(r.says_close(), "a draining worker answers with Connection: close: {}", r.head_str());
+    assert!(!r.says_close(), "the connection is handed over after its response, not closed: {}", r.head_str());
 
     // Nothing else keeps the old generation: it goes well before the
     // 6 s drain deadline.
@@ -105,7 +102,7 @@ fn slow_request_in_flight_during_an_upgrade_completes_then_the_old_generation_ex
 }
 
 #[test]
-fn idle_keepalive_connection_to_an_old_worker_gets_an_answer_with_connection_close_during_the_drain() {
+fn idle_keepalive_connection_to_an_old_worker_is_handed_to_the_new_generation_at_once() {
     let a = slow_backend("A");
     let b = slow_backend("B");
     // One worker per generation: the connection is surely on the old one.
@@ -117,14 +114,17 @@ fn idle_keepalive_connection_to_an_old_worker_gets_an_answer_with_connection_clo
     assert_eq!(r.body_str(), "ok from A");
     assert!(!r.says_close());
 
+    let t0 = Instant::now();
     m.install_binary();
     let out = m.signal_cmd("upgrade");
     assert!(out.status.success(), "{out:?}");
-    m.track(m.pid().expect("pid file"));
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(alive(old), "the old generation is draining, kept by the idle connection");
+    let new = m.pid().expect("pid file");
+    m.track(new);
+    // The idle connection moved: nothing keeps the old generation until
+    // its 4 s deadline.
+    assert!(wait_gone(old, Duration::from_secs(3)), "old master exits once its connection moved\n{}", m.log());
+    assert!(t0.elapsed() < Duration::from_secs(3));
 
-    let t0 = Instant::now();
     let r = c
         .try_send(&get_request("test.example", "/second"))
         .map_err(|e| e.to_string())
@@ -132,17 +132,18 @@ fn idle_keepalive_connection_to_an_old_worker_gets_an_answer_with_connection_clo
         .unwrap_or_else(|e| panic!("the next request on the idle connection failed: {e}\n{}", m.log()));
     assert_eq!(r.status, 200, "{}", r.head_str());
     assert_eq!(r.body_str(), "ok from A");
-    assert!(r.says_close(), "the draining worker ends the connection politely: {}", r.head_str());
-    assert!(c.closed_by_peer(Duration::from_secs(2)), "the connection is closed after that answer");
+    assert!(!r.says_close(), "the new generation keeps the connection: {}", r.head_str());
+    assert!(!c.closed_by_peer(Duration::from_millis(300)), "the connection stays open");
     assert_eq!(a.last_request().map(|q| q.target), Some("/second".to_string()));
-    // That was the old worker's last connection: the old generation goes
-    // now, not at the 4 s deadline.
-    assert!(wait_gone(old, Duration::from_secs(2)), "old master exits once its last connection ended");
-    assert!(t0.elapsed() < Duration::from_secs(3));
+    let st = m.command(&["ctl", "--json", "status"]);
+    let v: serde_json::Value = serde_json::from_str(&st.stdout).expect("status JSON");
+    assert_eq!(v["data"]["master_pid"], new);
+    assert_eq!(v["data"]["handover"]["received"], 1, "{v}");
+    assert_eq!(v["data"]["handover"]["previous_generation"]["handed_over"], 1, "{v}");
 }
 
 #[test]
-fn idle_keepalive_connection_to_an_old_worker_is_closed_only_at_the_drain_deadline() {
+fn a_connection_that_cannot_move_is_closed_only_at_the_drain_deadline_and_counted() {
     let a = slow_backend("A");
     let b = slow_backend("B");
     let mut m = MasterRun::start(&config(&a, &b, "a", 1, 2000));
@@ -150,6 +151,8 @@ fn idle_keepalive_connection_to_an_old_worker_is_closed_only_at_the_drain_deadli
 
     let mut c = m.client();
     assert_eq!(c.get("test.example", "/").body_str(), "ok from A");
+    // A request head still arriving: the connection cannot move.
+    c.send(b"GET /late HTTP/1.1\r\nHost: test.example\r\n");
 
     m.install_binary();
     let t0 = Instant::now();
@@ -166,4 +169,11 @@ fn idle_keepalive_connection_to_an_old_worker_is_closed_only_at_the_drain_deadli
     assert!(closed_after >= Duration::from_millis(1500), "closed after {closed_after:?}, before the 2 s deadline");
     assert!(wait_gone(old, Duration::from_secs(2)), "the old master exits after the deadline");
     assert_eq!(body_of_new_request(&m), "ok from A");
+    // The new master says what became of the old generation's connections.
+    let counted = wait_until(Duration::from_secs(5), || {
+        let st = m.command(&["ctl", "--json", "status"]);
+        let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap_or_default();
+        v["data"]["handover"]["previous_generation"]["closed"] == 1
+    });
+    assert!(counted, "the connection closed at the deadline is counted\n{}", m.log());
 }

@@ -172,9 +172,11 @@ fn old_generation_draining_leaves_the_oldbin_pid_file_of_a_later_upgrade_alone()
     // machine cannot reorder the two.
     let mut m = MasterRun::start(&config(&a, 1).top("drain_timeout_ms = 2500").top("upgrade_timeout_ms = 8000"));
     let gen1 = m.pid().unwrap();
-    // An idle keep-alive connection keeps generation 1 draining until its deadline.
+    // A request head still arriving keeps generation 1 draining until its
+    // deadline (an idle keep-alive connection would move to generation 2).
     let mut idle = m.client();
     assert_eq!(idle.get("t.example", "/").body_str(), "ok from A");
+    idle.send(b"GET /late HTTP/1.1\r\nHost: t.example\r\n");
 
     m.install_binary();
     let out = m.signal_cmd("upgrade");

@@ -281,6 +281,7 @@ impl Master {
     }
 
     pub(super) fn status(&self) -> serde_json::Value {
+        let (handover, generations) = self.handover_status();
         let workers: Vec<serde_json::Value> = self
             .slots
             .iter()
@@ -300,6 +301,8 @@ impl Master {
             "workers": workers,
             "retiring": self.retiring.iter().map(|p| p.pid.as_raw()).collect::<Vec<_>>(),
             "upgrade_pid": self.upgrade.as_ref().map(|u| u.pid.as_raw()),
+            "handover": handover,
+            "generations": generations,
             "listeners": self.listeners.iter().map(|b| b.entry.local.clone()).collect::<Vec<_>>(),
             "admin": self.admin.as_ref().map(|a| a.local.clone()),
             "access_log_dropped_lines": self.access_log_dropped(),

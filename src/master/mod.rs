@@ -56,6 +56,8 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 const SIGNALS: Token = Token(0);
 const CONTROL: Token = Token(1);
 const UPGRADE: Token = Token(2);
+/// A new master's channel to the old one.
+const PREDECESSOR: Token = Token(3);
 /// Worker channels: `WORKER_BASE + pid`.
 const WORKER_BASE: usize = 16;
 
@@ -199,8 +201,15 @@ pub struct Master {
     /// Access-log lines dropped by workers that have exited.
     access_log_dropped_gone: u64,
     upgrade: Option<upgrade::Upgrade>,
-    /// This master is the new one of an upgrade, not yet ready.
-    handover: Option<Channel>,
+    /// After an upgrade: the channel to the new master, which takes this
+    /// generation's connections (or gives them back after a failed one).
+    successor: Option<upgrade::Successor>,
+    /// This master is the new one of an upgrade: the channel to the old
+    /// master while its generation is still there.
+    predecessor: Option<upgrade::Predecessor>,
+    /// Connections handed between generations, and those waiting for a
+    /// ready worker.
+    handoffs: upgrade::Handoffs,
     /// Shared memory of the instance, and its backend slots.
     region: Region,
     backend_slots: SlotTable,
@@ -284,7 +293,9 @@ impl Master {
             control_refused: control::Refusals::default(),
             access_log_dropped_gone: 0,
             upgrade: None,
-            handover,
+            successor: None,
+            predecessor: None,
+            handoffs: upgrade::Handoffs::default(),
             region,
             backend_slots: slots,
             health: health::Checker::default(),
@@ -311,8 +322,16 @@ impl Master {
         }
         let n = m.config.workers;
         m.slots.resize_with(n, Slot::default);
-        for i in 0..n {
-            m.spawn(i);
+        if let Some(ch) = handover {
+            // Rolling start: the workers start one at a time (`handover_tick`).
+            if let Err(e) = m.take_predecessor(ch) {
+                m.cleanup();
+                return Err((e, m.log));
+            }
+        } else {
+            for i in 0..n {
+                m.spawn(i);
+            }
         }
         slog::info!(m.logger(), "master started"; "workers" => n, "config" => %m.args.config_path.display());
         if nix::unistd::geteuid().is_root() {
@@ -343,6 +362,7 @@ impl Master {
                     CONTROL => self.accept_control(),
                     UPGRADE => self.upgrade_event(),
                     admin::LISTENER => self.accept_admin(),
+                    PREDECESSOR => self.predecessor_event(),
                     Token(t) if t >= health::PROBE_BASE => {
                         self.health.event(ev.token(), self.poll.registry(), &self.log.logger);
                     }
@@ -404,6 +424,7 @@ impl Master {
         self.sweep_places(now);
         self.upgrade_tick(now);
         self.handover_tick();
+        self.deliver_parked();
         self.reply_pending(now);
         self.expire_control_clients(now);
         self.expire_admin_clients(now);
@@ -448,6 +469,10 @@ impl Master {
                 slot.backoff = (slot.backoff * 2).clamp(BACKOFF_START, BACKOFF_MAX);
                 slot.respawn_at = Some(Instant::now() + slot.backoff);
                 slog::error!(self.log.logger, "cannot start a worker"; "slot" => i, "error" => %e, "retry_in_ms" => slot.backoff.as_millis() as u64);
+                if self.rolling() {
+                    self.slots[i].respawn_at = None;
+                    self.abort_rolling(format!("cannot start a new worker: {e}"));
+                }
             }
         }
     }
@@ -492,6 +517,8 @@ impl Master {
     /// the channel as an inherited fd, then the configuration and the
     /// listeners over the channel.
     fn spawn_process(&mut self, place: usize) -> io::Result<WorkerProc> {
+        #[cfg(feature = "fault-injection")]
+        self.injected_spawn_failure()?;
         let (mine, theirs) = Channel::pair()?;
         let fd = theirs.inheritable()?;
         let child = Command::new("/proc/self/exe")
@@ -616,6 +643,11 @@ impl Master {
                 Ok(Some((ToMaster::Dropped { access_log_lines }, _))) => {
                     p.access_log_dropped = p.access_log_dropped.max(access_log_lines);
                 }
+                Ok(Some((ToMaster::Handover { conns }, fds))) => self.route_from_worker(conns, fds),
+                Ok(Some((ToMaster::HandoverClosed { closed }, _))) => {
+                    self.handoffs.closed += closed;
+                    self.report_generation();
+                }
                 Ok(Some((ToMaster::Configured { seq, error }, _))) => {
                     p.acked = p.acked.max(seq);
                     if let Some(e) = error {
@@ -654,11 +686,16 @@ impl Master {
             if self.upgrade_child_exited(pid, &how) {
                 continue;
             }
+            // What it sent before exiting (connections it handed over, its
+            // counts) is read before its channel is dropped: SIGCHLD may be
+            // handled before the channel's readiness in the same turn.
+            self.worker_event(pid);
             if let Some(i) = self.retiring.iter().position(|p| p.pid == pid) {
                 let p = self.retiring.remove(i);
                 self.access_log_dropped_gone += p.access_log_dropped;
                 self.release_place(&p);
                 slog::info!(self.logger(), "drained worker exited"; "worker_pid" => pid.as_raw(), "how" => &how);
+                self.report_generation();
                 continue;
             }
             let Some(i) = self.slots.iter().position(|s| s.proc.as_ref().is_some_and(|p| p.pid == pid)) else {
@@ -672,6 +709,10 @@ impl Master {
             self.release_place(&p);
             if self.state != State::Running {
                 slog::info!(self.logger(), "worker exited"; "slot" => i, "worker_pid" => pid.as_raw(), "how" => &how);
+                continue;
+            }
+            if self.rolling() {
+                self.abort_rolling(format!("a new worker exited ({how})"));
                 continue;
             }
             let slot = &mut self.slots[i];
@@ -825,8 +866,16 @@ impl Master {
         slog::info!(self.logger(), "quitting: draining workers"; "replaced" => replaced);
         self.state = State::Quitting { replaced };
         let drain = self.config.drain_timeout;
+        let timeout_ms = drain.as_millis() as u64;
+        // Replaced by a new generation (or handing back after a failed
+        // one): connections move rather than close.
+        let msg = if replaced && self.handoff_route().is_some() {
+            ToWorker::HandOver { timeout_ms }
+        } else {
+            ToWorker::Drain { timeout_ms }
+        };
         for p in self.slots.iter().filter_map(|s| s.proc.as_ref()).chain(self.retiring.iter()) {
-            let _ = p.chan.send(&ToWorker::Drain { timeout_ms: drain.as_millis() as u64 }, &[]);
+            let _ = p.chan.send(&msg, &[]);
         }
         self.quit_deadline = Some(Instant::now() + drain + STOP_GRACE);
         // Stop accepting in the master too: it holds the sockets only to

@@ -95,6 +95,9 @@ pub struct Core {
     pub(super) log: Logger,
     /// Answer with `Connection: close` and stop keeping connections.
     pub(super) draining: bool,
+    /// Binary upgrade: connections are kept alive and handed to the next
+    /// generation as soon as they can move (see `handover`).
+    pub(super) handing_over: bool,
     /// Request bodies refused as too slow (see `forward::body_timeout`),
     /// and when that was last logged (once a second at most).
     pub(super) slow_bodies: u64,

@@ -23,7 +23,8 @@
 //! 6. `tunnel`: `Tunnel`, after a 101.
 //! 7. `upconn`: backend connections: pick, pool, connect, release.
 //! 8. `hooks`: the calls into the module pipeline (one function runs a
-//!    point's modules).
+//!    point's modules); `handover`: a connection leaving for (or arriving
+//!    from) another generation on a binary upgrade.
 //! 9. What the steps share: `core` (`Core`, [`Snapshot`], `UpConn`),
 //!    `exchange` (the record of the current request, body framing),
 //!    `keys` (the request's logger), `guard` (a panic closes one
@@ -33,13 +34,14 @@
 //! Files point one way: `token`, `timer`, `exchange`, `guard` import nothing of
 //! this layer; `state` and `core` import only those; `session` imports
 //! them; the step files (`request`, `forward`, `tunnel`, `upconn`,
-//! `hooks`, `keys`) import `session` and below, never each other; this
-//! file sits on top.
+//! `hooks`, `keys`, `handover`) import `session` and below, never each
+//! other; this file sits on top.
 
 mod core;
 mod exchange;
 mod forward;
 mod guard;
+mod handover;
 mod hooks;
 mod keys;
 mod request;
@@ -50,6 +52,7 @@ pub mod token;
 mod tunnel;
 mod upconn;
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,6 +62,7 @@ use slab::Slab;
 use slog::Logger;
 
 use crate::buffer::BufPool;
+use crate::channel::HandedConn;
 use crate::config::Config;
 use crate::hooks::modules::{Controller, DegradeSettings};
 use crate::hooks::Verdict;
@@ -70,6 +74,7 @@ use self::core::Core;
 pub use self::core::Snapshot;
 pub use self::guard::install_panic_hook;
 use self::guard::{guarded, Panic};
+pub use self::handover::Detached;
 use self::session::{Session, Spare};
 use self::timer::Timers;
 use self::token::Kind;
@@ -127,6 +132,7 @@ impl Engine {
                 now: Instant::now(),
                 log,
                 draining: false,
+                handing_over: false,
                 slow_bodies: 0,
                 slow_bodies_logged: Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now),
             },
@@ -177,7 +183,7 @@ impl Engine {
 
     /// A connection was accepted: a session for it, its header deadline,
     /// and the ACCEPT point (whose modules may answer or close it).
-    pub fn open(&mut self, mut stream: Stream, peer: Peer, snap: &Arc<Snapshot>) {
+    pub fn open(&mut self, mut stream: Stream, peer: Peer, listener: &Arc<str>, snap: &Arc<Snapshot>) {
         let entry = self.sessions.vacant_entry();
         let idx = entry.key();
         let key = token::token(Kind::Client, idx);
@@ -187,7 +193,7 @@ impl Engine {
         }
         metrics::add(&metrics::here().accepted, 1);
         let spare = self.spares.pop();
-        let s = entry.insert(Session::new(key.0, stream, peer, snap.clone(), spare));
+        let s = entry.insert(Session::new(key.0, (stream, peer), listener.clone(), snap.clone(), spare));
         let at = self.core.now + snap.config.timeouts.client_header;
         self.core.timers.set(&mut s.timed, key.0, at);
         let core = &mut self.core;
@@ -335,6 +341,51 @@ impl Engine {
     /// Answer with `Connection: close` from now on, and keep no connection.
     pub fn start_drain(&mut self) {
         self.core.draining = true;
+    }
+
+    /// Binary upgrade: connections stay alive (no `Connection: close`)
+    /// and leave through [`Engine::take_movable`] as soon as they can move.
+    pub fn start_handover(&mut self) {
+        self.core.handing_over = true;
+    }
+
+    /// The hand-over cannot go on (the master is gone): drain instead.
+    pub fn stop_handover(&mut self) {
+        self.core.handing_over = false;
+        self.core.draining = true;
+    }
+
+    /// While handing over: every session that can move now (idle between
+    /// requests with nothing buffered, or a tunnel with empty buffers),
+    /// taken out of the engine with its sockets.
+    pub fn take_movable(&mut self) -> Vec<Detached> {
+        if !self.core.handing_over {
+            return Vec::new();
+        }
+        let ids: Vec<usize> = self.sessions.iter().filter(|(_, s)| self.core.movable(s)).map(|(i, _)| i).collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for idx in ids {
+            let s = self.sessions.remove(idx);
+            let (d, spare) = self.core.detach(s);
+            if self.spares.len() < POOLED_BUFFERS {
+                self.spares.push(spare);
+            }
+            out.push(d);
+        }
+        out
+    }
+
+    /// Serves a connection a worker of another generation handed over
+    /// (see [`Detached`]): `fds` are its client socket and, for a tunnel,
+    /// the backend's.
+    pub fn adopt(&mut self, h: &HandedConn, fds: (OwnedFd, Option<OwnedFd>)) -> std::io::Result<()> {
+        let snap = self.current();
+        let entry = self.sessions.vacant_entry();
+        let key = token::token(Kind::Client, entry.key()).0;
+        let spare = self.spares.pop();
+        let s = self.core.adopt(key, h, fds, snap, spare)?;
+        entry.insert(s);
+        Ok(())
     }
 
     /// The backend slots of a new configuration (sent with it).

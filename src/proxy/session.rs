@@ -32,6 +32,9 @@ pub struct Session {
     pub(super) key: usize,
     pub(super) stream: Stream,
     pub(super) peer: Peer,
+    /// The bound address of the listener that accepted it (it moves with
+    /// the connection on a binary upgrade).
+    pub(super) listener: Arc<str>,
     pub(super) rd: Readiness,
     /// Bytes read from the client.
     pub(super) inb: Option<Buf>,
@@ -81,12 +84,19 @@ pub struct Session {
 impl Session {
     /// A session for a new connection, reusing the allocations of a
     /// closed one when there is one (`spare`).
-    pub fn new(key: usize, stream: Stream, peer: Peer, snap: Arc<Snapshot>, spare: Option<Spare>) -> Session {
+    pub fn new(
+        key: usize,
+        (stream, peer): (Stream, Peer),
+        listener: Arc<str>,
+        snap: Arc<Snapshot>,
+        spare: Option<Spare>,
+    ) -> Session {
         let spare = spare.unwrap_or_default();
         Session {
             key,
             stream,
             peer,
+            listener,
             // Not readable until epoll says so: registering reports data that
             // is already there, and reading at once after accept() mostly
             // finds nothing yet (one EAGAIN per connection).
@@ -152,6 +162,12 @@ impl Session {
 
     /// The allocations of a closing session, for the next one.
     pub(super) fn into_spare(self) -> Spare {
+        self.into_parts().1
+    }
+
+    /// The socket of a session that moves to another process, and its
+    /// allocations for the next session.
+    pub(super) fn into_parts(self) -> (Stream, Spare) {
         let mut sp = Spare {
             out: self.out,
             req: self.req,
@@ -167,7 +183,7 @@ impl Session {
         sp.resp.head.clear();
         sp.ex.reset();
         sp.vars.clear();
-        sp
+        (self.stream, sp)
     }
 
     pub(super) fn has_input(&self) -> bool {

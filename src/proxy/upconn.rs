@@ -144,12 +144,19 @@ impl Core {
         if let Some(buf) = u.buf.take() {
             let clean = buf.is_empty();
             self.up_bufs.put(buf);
-            let cluster = &s.snap.clusters[s.ex.cluster];
             // Bytes after the response (`!clean`), or readiness that says
             // some may be waiting unread (`readable`: the last read filled
             // the buffer, or an event came after it), make the connection
             // unfit: they would be taken for the next request's response.
-            if reusable && clean && idle_usable(u) && !be.retired && be.idle.len() < cluster.keepalive {
+            // (The cluster is looked up last: a tunnel handed over from an
+            // old generation has no exchange, and is never reusable.)
+            if reusable
+                && clean
+                && idle_usable(u)
+                && !be.retired
+                && be.idle.len() < s.snap.clusters[s.ex.cluster].keepalive
+            {
+                let cluster = &s.snap.clusters[s.ex.cluster];
                 u.owner = None;
                 u.reused = false;
                 be.idle.push(ui);

@@ -9,7 +9,7 @@
 //! or from `--single-process` startup is not its concern.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,17 +19,19 @@ use mio::{Events, Interest, Poll, Registry};
 use slab::Slab;
 use slog::Logger;
 
-use crate::channel::{split_fds, Channel, ListenerEntry, ToMaster, ToWorker};
+use crate::channel::{split_fds, Channel, ChannelError, HandedConn, ListenerEntry, ToMaster, ToWorker, HANDOVER_BATCH};
 use crate::config::Config;
 use crate::log::LogFile;
 use crate::net::Listener;
 use crate::proxy::token::{self, Kind, CHANNEL};
-use crate::proxy::Engine;
+use crate::proxy::{Detached, Engine};
 use crate::shm::Shared;
 use crate::upstream::SlotTable;
 
 /// Accepts taken from one listener per loop turn before others get a turn.
 const ACCEPT_BATCH: usize = 64;
+/// Longest wait for room in the channel when sending connections.
+const SEND_WAIT: Duration = Duration::from_secs(2);
 /// How long accepting pauses after a resource error such as EMFILE.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
@@ -59,6 +61,8 @@ pub struct WorkerInit {
 struct ListenerSlot {
     listener: Listener,
     entry: ListenerEntry,
+    /// Its bound address, which each session it accepts keeps.
+    name: Arc<str>,
     /// More connections may be waiting (the accept batch ran out).
     pending: bool,
 }
@@ -85,6 +89,10 @@ pub struct Worker {
     accept_paused_until: Option<Instant>,
     /// Load measurement for the overload controller.
     load: LoadMeter,
+    /// Binary upgrade: connections leave for the next generation.
+    handing_over: bool,
+    /// Connections closed instead of handed over (they could not be sent).
+    handover_closed: u64,
     /// Connections refused over `max_connections`, and when last logged.
     refused: u64,
     refused_logged: Instant,
@@ -131,6 +139,8 @@ impl Worker {
             drain_deadline: None,
             accept_paused_until: None,
             load: LoadMeter { since: Instant::now(), idle: Duration::ZERO },
+            handing_over: false,
+            handover_closed: 0,
             refused: 0,
             refused_logged: Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now),
         })
@@ -206,9 +216,17 @@ impl Worker {
             }
             self.engine.run_timers();
             self.now = self.engine.now();
+            self.hand_over();
             self.measure_load();
         }
         slog::info!(self.log, "worker stopping"; "sessions" => self.engine.sessions());
+        if self.handing_over {
+            // What could not move by the deadline is closed with the process.
+            self.handover_closed += self.engine.sessions() as u64;
+            if let Some(ch) = &self.channel {
+                let _ = ch.send(&ToMaster::HandoverClosed { closed: self.handover_closed }, &[]);
+            }
+        }
         self.engine.current().modules.tick();
         Ok(())
     }
@@ -238,7 +256,8 @@ impl Worker {
                 self.refuse_connection(stream, max);
                 continue;
             }
-            self.engine.open(stream, peer, &snap);
+            let name = self.listeners[i].name.clone();
+            self.engine.open(stream, peer, &name, &snap);
         }
         // The batch ran out: `pending` stays set and the loop polls without
         // waiting, so other sockets get their turn first.
@@ -315,6 +334,10 @@ impl Worker {
                     }
                 }
                 Ok(Some((ToWorker::Drain { timeout_ms }, _))) => self.start_drain(Duration::from_millis(timeout_ms)),
+                Ok(Some((ToWorker::HandOver { timeout_ms }, _))) => {
+                    self.start_handover(Duration::from_millis(timeout_ms));
+                }
+                Ok(Some((ToWorker::Adopt { conns }, fds))) => self.adopt(&conns, fds),
                 Ok(Some((ToWorker::Reopen, mut fds))) => {
                     // Modules' own files (access logs), in their writer threads.
                     self.engine.current().modules.reopen();
@@ -343,6 +366,11 @@ impl Worker {
                     }
                     if let Some(ch) = self.channel.take() {
                         let _ = self.poll.registry().deregister(&mut SourceFd(&ch.raw_fd()));
+                    }
+                    if self.handing_over {
+                        // Nowhere to hand connections to any more.
+                        self.handing_over = false;
+                        self.engine.stop_handover();
                     }
                     let t = self.engine.current().config.drain_timeout;
                     self.start_drain(t);
@@ -392,11 +420,85 @@ impl Worker {
             return;
         }
         slog::info!(self.log, "draining"; "sessions" => self.engine.sessions(), "timeout_ms" => timeout.as_millis() as u64);
+        self.stop_accepting(timeout);
+        self.engine.start_drain();
+    }
+
+    /// Binary upgrade: stops accepting; each connection goes to the master
+    /// (for the next generation) as soon as it can move (`hand_over`),
+    /// still served with keep-alive until then. What cannot move by the
+    /// deadline is closed.
+    fn start_handover(&mut self, timeout: Duration) {
+        if self.drain_deadline.is_some() || self.channel.is_none() {
+            return self.start_drain(timeout);
+        }
+        slog::info!(self.log, "handing connections over to the next generation"; "sessions" => self.engine.sessions(),
+            "timeout_ms" => timeout.as_millis() as u64);
+        self.stop_accepting(timeout);
+        self.handing_over = true;
+        self.engine.start_handover();
+    }
+
+    fn stop_accepting(&mut self, timeout: Duration) {
         for (_, mut slot) in std::mem::take(&mut self.listeners) {
             let _ = self.poll.registry().deregister(&mut slot.listener);
         }
-        self.engine.start_drain();
         self.drain_deadline = Some(Instant::now() + timeout);
+    }
+
+    /// While handing over: sends the connections that can move now to the
+    /// master, in batches. A batch that cannot be sent is taken back and
+    /// the worker drains instead (`Connection: close`).
+    fn hand_over(&mut self) {
+        if !self.handing_over {
+            return;
+        }
+        let mut moving = self.engine.take_movable();
+        while !moving.is_empty() {
+            let batch: Vec<Detached> = moving.drain(..moving.len().min(HANDOVER_BATCH)).collect();
+            let conns: Vec<HandedConn> = batch.iter().map(|d| d.state.clone()).collect();
+            let fds: Vec<RawFd> = batch.iter().flat_map(Detached::raw_fds).collect();
+            let sent = match &self.channel {
+                Some(ch) => ch.send_wait(&ToMaster::Handover { conns }, &fds, SEND_WAIT),
+                None => Err(ChannelError::Closed),
+            };
+            match sent {
+                Ok(()) => slog::debug!(self.log, "connections handed over"; "count" => batch.len()),
+                Err(e) => {
+                    slog::error!(self.log, "cannot hand connections over; draining them instead"; "error" => %e);
+                    self.handing_over = false;
+                    self.engine.stop_handover();
+                    for d in batch.into_iter().chain(moving.drain(..)) {
+                        if self.engine.adopt(&d.state, (d.client, d.upstream)).is_err() {
+                            self.handover_closed += 1;
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Connections handed over by a worker of another generation.
+    fn adopt(&mut self, conns: &[HandedConn], fds: Vec<OwnedFd>) {
+        let need: usize = conns.iter().map(HandedConn::fds).sum();
+        if need != fds.len() {
+            slog::error!(self.log, "handed-over connections refused: fds do not match"; "connections" => conns.len(),
+                "expected_fds" => need, "fds" => fds.len());
+            return;
+        }
+        let mut fds = fds.into_iter();
+        let mut failed = 0;
+        for c in conns {
+            let (Some(client), upstream) = (fds.next(), if c.tunnel.is_some() { fds.next() } else { None }) else {
+                break;
+            };
+            if let Err(e) = self.engine.adopt(c, (client, upstream)) {
+                failed += 1;
+                slog::warn!(self.log, "cannot take a handed-over connection; closed"; "error" => %e);
+            }
+        }
+        slog::debug!(self.log, "connections taken over"; "count" => conns.len() - failed, "failed" => failed);
     }
 }
 
@@ -410,7 +512,8 @@ fn add_listener(
     let mut listener = Listener::from_fd(fd, entry.local.starts_with("unix:"))?;
     let e = slots.vacant_entry();
     registry.register(&mut listener, token::token(Kind::Listener, e.key()), Interest::READABLE)?;
-    e.insert(ListenerSlot { listener, entry, pending: false });
+    let name = Arc::from(entry.local.as_str());
+    e.insert(ListenerSlot { listener, entry, name, pending: false });
     Ok(())
 }
 
