@@ -71,6 +71,7 @@ pub use self::core::Snapshot;
 pub use self::guard::install_panic_hook;
 use self::guard::{guarded, Panic};
 use self::session::{Session, Spare};
+use self::state::State;
 use self::timer::Timers;
 use self::token::Kind;
 
@@ -341,8 +342,17 @@ impl Engine {
                 }
             }
         }
-        let snapshot = Snapshot::build(config, &mut core.backends, &mut core.slots, &core.log)?;
-        core.current.store(Arc::new(snapshot));
+        let snapshot = Arc::new(Snapshot::build(config, &mut core.backends, &mut core.slots, &core.log)?);
+        core.current.store(snapshot.clone());
+        // Connections between requests move to the new snapshot now: each
+        // would otherwise keep the one its last request started with until
+        // its next request, and idle keep-alive connections that span many
+        // reloads would keep as many old configurations alive.
+        for (_, s) in self.sessions.iter_mut() {
+            if matches!(s.state, State::Head { .. }) && !s.ex.finish_pending {
+                s.snap = snapshot.clone();
+            }
+        }
         let retired: Vec<usize> = core
             .ups
             .iter()
