@@ -80,11 +80,31 @@ pub struct MasterArgs {
     pub pid_file: PidFile,
 }
 
-/// A bound listening socket.
+/// A bound listener: one socket that every worker accepts from, or with
+/// `reuseport` one `SO_REUSEPORT` socket per worker slot. The master keeps
+/// every socket open, so a worker respawned at a slot gets that slot's
+/// socket back with the connections queued on it while it was gone, and a
+/// new master gets the same sockets on upgrade.
 struct Bound {
     config: ListenerConfig,
-    fd: OwnedFd,
+    /// Never empty: the socket, or with `reuseport` the socket of each
+    /// worker slot in slot order.
+    fds: Vec<OwnedFd>,
     entry: ListenerEntry,
+}
+
+impl Bound {
+    fn new(config: ListenerConfig, fds: Vec<OwnedFd>) -> io::Result<Bound> {
+        let first = fds.first().ok_or_else(|| io::Error::other(format!("no socket for {}", config.address)))?;
+        let entry = channel::entry_for(&config.address, first.as_raw_fd());
+        Ok(Bound { config, fds, entry })
+    }
+
+    /// The socket worker slot `slot` accepts from.
+    fn fd_for(&self, slot: usize) -> RawFd {
+        let i = if self.config.reuseport { slot.min(self.fds.len() - 1) } else { 0 };
+        self.fds[i].as_raw_fd()
+    }
 }
 
 /// A worker process.
@@ -210,7 +230,7 @@ impl Master {
         args: MasterArgs,
         config: Config,
         config_text: String,
-        listeners: Vec<(ListenerConfig, OwnedFd)>,
+        listeners: Vec<(ListenerConfig, Vec<OwnedFd>)>,
         log: Log,
         handover: Option<Channel>,
         shared: Option<(Region, Vec<(String, u32)>)>,
@@ -226,13 +246,10 @@ impl Master {
             Ok(x) => x,
             Err(e) => return Err((e, log)),
         };
-        let listeners = listeners
-            .into_iter()
-            .map(|(c, fd)| {
-                let entry = channel::entry_for(&c.address, fd.as_raw_fd());
-                Bound { config: c, fd, entry }
-            })
-            .collect();
+        let listeners = match listeners.into_iter().map(|(c, fds)| Bound::new(c, fds)).collect() {
+            Ok(l) => l,
+            Err(e) => return Err((e, log)),
+        };
         // The shared region: the predecessor's after an upgrade (its state
         // carries over), else a fresh one.
         let (region, slots) = match shared {
@@ -284,7 +301,8 @@ impl Master {
             return Err((e, m.log));
         }
         for b in &m.listeners {
-            slog::info!(m.logger(), "listening"; "address" => &b.entry.local, "backlog" => b.config.backlog);
+            slog::info!(m.logger(), "listening"; "address" => &b.entry.local, "backlog" => b.config.backlog,
+                "reuseport_sockets" => if b.config.reuseport { b.fds.len() } else { 0 });
         }
         let n = m.config.workers;
         m.slots.resize_with(n, Slot::default);
@@ -409,7 +427,7 @@ impl Master {
     fn spawn(&mut self, i: usize) {
         self.slots[i].respawn_at = None;
         let place = self.claim_place();
-        match self.spawn_process(place) {
+        match self.spawn_process(i, place) {
             Ok(p) => {
                 self.region.shared().hold_place(place, p.pid.as_raw() as u32);
                 slog::info!(self.logger(), "worker started"; "slot" => i, "place" => place, "worker_pid" => p.pid.as_raw());
@@ -465,7 +483,7 @@ impl Master {
     /// matches its master even if the file at our path was replaced), with
     /// the channel as an inherited fd, then the configuration and the
     /// listeners over the channel.
-    fn spawn_process(&mut self, place: usize) -> io::Result<WorkerProc> {
+    fn spawn_process(&mut self, slot: usize, place: usize) -> io::Result<WorkerProc> {
         let (mine, theirs) = Channel::pair()?;
         let fd = theirs.inheritable()?;
         let child = Command::new("/proc/self/exe")
@@ -492,7 +510,7 @@ impl Master {
             access_log_dropped: 0,
         };
         self.send_files(&p.chan)?;
-        p.chan.send(&self.configure_message(), &self.message_fds())?;
+        p.chan.send(&self.configure_message(), &self.message_fds(slot))?;
         p.chan.set_nonblocking(true)?;
         self.poll.registry().register(
             &mut SourceFd(&p.chan.raw_fd()),
@@ -548,12 +566,29 @@ impl Master {
         }
     }
 
-    /// The fds that go with a `Configure` or a hand-over: every listener in
-    /// manifest order, then the shared region.
-    fn message_fds(&self) -> Vec<RawFd> {
-        let mut fds: Vec<RawFd> = self.listeners.iter().map(|b| b.fd.as_raw_fd()).collect();
+    /// The fds that go with the `Configure` of worker slot `slot`: every
+    /// listener in manifest order (with `reuseport`, the slot's own
+    /// socket), then the shared region.
+    fn message_fds(&self, slot: usize) -> Vec<RawFd> {
+        let mut fds: Vec<RawFd> = self.listeners.iter().map(|b| b.fd_for(slot)).collect();
         fds.push(self.region.raw_fd());
         fds
+    }
+
+    /// What a new master is handed on upgrade: every socket of every
+    /// listener with its manifest entry (a `reuseport` listener's entry
+    /// once per socket, in slot order), then the shared region.
+    fn handoff_listeners(&self) -> (Vec<ListenerEntry>, Vec<RawFd>) {
+        let mut entries = Vec::new();
+        let mut fds = Vec::new();
+        for b in &self.listeners {
+            for fd in &b.fds {
+                entries.push(b.entry.clone());
+                fds.push(fd.as_raw_fd());
+            }
+        }
+        fds.push(self.region.raw_fd());
+        (entries, fds)
     }
 
     /// Gives every backend of the configuration a shared slot. A backend
@@ -673,26 +708,50 @@ impl Master {
         let path = self.args.config_path.clone();
         let crate::config::Loaded { config, text, .. } = crate::config::include::load(&path)?;
         crate::hooks::validate(&config, self.region.shared())?;
-        // Listeners: keep the sockets of unchanged addresses, bind new ones.
+        // Listeners: keep the sockets of unchanged addresses, bind new ones;
+        // a `reuseport` listener gets one socket per worker slot.
         let mut next = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
+            let listener = || l.address.to_string();
             let bound = match self.listeners.iter().find(|b| b.config.address == l.address) {
                 Some(b) => {
-                    let listener = || l.address.to_string();
-                    let fd =
-                        b.fd.try_clone().map_err(|source| ReloadError::Duplicate { listener: listener(), source })?;
-                    if b.config.backlog != l.backlog {
-                        crate::net::set_backlog(&fd, l.backlog)
-                            .map_err(|source| ReloadError::Backlog { listener: listener(), source })?;
+                    if b.config.reuseport != l.reuseport {
+                        return Err(ReloadError::Reuseport { listener: listener() });
                     }
-                    Bound { config: l.clone(), fd, entry: b.entry.clone() }
+                    let mut fds = b
+                        .fds
+                        .iter()
+                        .map(OwnedFd::try_clone)
+                        .collect::<io::Result<Vec<_>>>()
+                        .map_err(|source| ReloadError::Duplicate { listener: listener(), source })?;
+                    if b.config.backlog != l.backlog {
+                        for fd in &fds {
+                            crate::net::set_backlog(fd, l.backlog)
+                                .map_err(|source| ReloadError::Backlog { listener: listener(), source })?;
+                        }
+                    }
+                    if l.reuseport {
+                        // Sockets of slots that go away: the master's copy
+                        // closes; the draining worker keeps its own until
+                        // it exits, when what is queued on it is reset
+                        // unless the kernel migrates it.
+                        if fds.len() > config.workers.max(1) && !migrates_queued_connections() {
+                            slog::warn!(self.logger(), "fewer workers with reuseport: connections queued on the sockets of the workers that go away are reset when they exit (set net.ipv4.tcp_migrate_req = 1 to move them to the other sockets)";
+                                "listener" => listener(), "sockets" => fds.len(), "workers" => config.workers);
+                        }
+                        fds.truncate(config.workers.max(1));
+                        crate::net::grow_reuseport(&mut fds, config.workers, l.backlog)
+                            .map_err(|source| ReloadError::Listen { listener: listener(), source })?;
+                    }
+                    Bound { config: l.clone(), fds, entry: b.entry.clone() }
                 }
                 None => {
-                    let fd = crate::net::bind(&l.address, l.backlog)
-                        .map_err(|source| ReloadError::Listen { listener: l.address.to_string(), source })?;
-                    let entry = channel::entry_for(&l.address, fd.as_raw_fd());
-                    slog::info!(self.logger(), "listening"; "address" => &entry.local);
-                    Bound { config: l.clone(), fd, entry }
+                    let fds = crate::net::bind_listener(&l.address, l.backlog, l.reuseport, config.workers)
+                        .map_err(|source| ReloadError::Listen { listener: listener(), source })?;
+                    let b = Bound::new(l.clone(), fds)
+                        .map_err(|source| ReloadError::Listen { listener: listener(), source })?;
+                    slog::info!(self.logger(), "listening"; "address" => &b.entry.local);
+                    b
                 }
             };
             next.push(bound);
@@ -710,8 +769,8 @@ impl Master {
         self.assign_slots(Some(&previous));
         self.health.configure(&self.config, &mut self.backend_slots, self.poll.registry());
         let msg = self.configure_message();
-        let fds = self.message_fds();
-        for p in self.slots.iter().filter_map(|s| s.proc.as_ref()) {
+        for (slot, p) in self.slots.iter().enumerate().filter_map(|(i, s)| Some((i, s.proc.as_ref()?))) {
+            let fds = self.message_fds(slot);
             if let Err(e) = self.send_files(&p.chan).and_then(|()| p.chan.send(&msg, &fds)) {
                 slog::error!(self.log.logger, "cannot send the configuration to a worker"; "worker_pid" => p.pid.as_raw(), "error" => %e);
             }
@@ -836,6 +895,13 @@ impl Master {
     }
 }
 
+/// Does the kernel move the connections queued on a closed `SO_REUSEPORT`
+/// socket to another socket of its group (`net.ipv4.tcp_migrate_req`,
+/// Linux 5.14)?
+fn migrates_queued_connections() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").is_ok_and(|v| v.trim() == "1")
+}
+
 /// Why a reload was refused (the running configuration stays).
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -863,6 +929,13 @@ pub enum ReloadError {
         listener: String,
         /// Why.
         source: io::Error,
+    },
+    /// `reuseport` of a listener that stays was changed: its sockets
+    /// cannot change kind while they serve.
+    #[error("reuseport of {listener} cannot change while it listens: restart Pitcher (stop, start) to change it")]
+    Reuseport {
+        /// The listener's address.
+        listener: String,
     },
     /// A new listener could not be bound.
     #[error("cannot listen on {listener}: {source}")]

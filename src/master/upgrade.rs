@@ -95,9 +95,9 @@ impl Master {
         drop(theirs);
         let pid = Pid::from_raw(child.id() as i32);
         drop(child);
-        let entries: Vec<ListenerEntry> = self.listeners.iter().map(|b| b.entry.clone()).collect();
+        let (entries, fds) = self.handoff_listeners();
         let msg = Handoff::Listeners { listeners: entries, backend_slots: self.backend_slots.entries() };
-        let sent = mine.send(&msg, &self.message_fds());
+        let sent = mine.send(&msg, &fds);
         mine.set_nonblocking(true)?;
         self.poll.registry().register(&mut SourceFd(&mine.raw_fd()), UPGRADE, Interest::READABLE)?;
         let u = Upgrade { pid, chan: mine, deadline: Instant::now() + self.config.upgrade_timeout };
