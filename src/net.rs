@@ -345,3 +345,29 @@ pub fn set_backlog(fd: &OwnedFd, backlog: u32) -> io::Result<()> {
     socket::listen(fd, listen_backlog(backlog))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reuseport_listener_is_one_socket_per_worker_on_one_port() {
+        let addr = ListenAddr(SockAddr::parse("127.0.0.1:0").unwrap());
+        let mut fds = bind_listener(&addr, 16, true, 3).unwrap();
+        let ports: Vec<_> = fds.iter().map(|f| local_addr(f.as_raw_fd()).unwrap()).collect();
+        assert_eq!(ports.len(), 3);
+        assert!(ports.iter().all(|p| *p == ports[0] && p.port() != 0), "{ports:?}");
+        assert!(fds.iter().all(is_reuseport));
+        grow_reuseport(&mut fds, 4, 16).unwrap();
+        assert_eq!(local_addr(fds[3].as_raw_fd()), Some(ports[0]));
+        // A shared listener is one socket without the option, and no other
+        // socket can join its address.
+        let shared = bind_listener(&addr, 16, false, 3).unwrap();
+        assert_eq!(shared.len(), 1);
+        assert!(!is_reuseport(&shared[0]));
+        let mut more = vec![shared.into_iter().next().unwrap()];
+        assert!(grow_reuseport(&mut more, 2, 16).is_err());
+        let unix = ListenAddr(SockAddr::parse("unix:/tmp/pitcher-never-bound.sock").unwrap());
+        assert!(bind_listener(&unix, 16, true, 2).is_err());
+    }
+}
