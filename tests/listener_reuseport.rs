@@ -78,7 +78,7 @@ fn wait_logged(log: &Path, prefix: &str, n: usize) -> BTreeMap<u32, usize> {
 #[test]
 fn each_worker_accepts_from_its_own_socket_and_a_respawned_worker_serves_what_queued_while_it_was_dead() {
     let backend = Backend::start("A");
-    let m = MasterRun::start(&config(&backend, true, &[]));
+    let mut m = MasterRun::start(&config(&backend, true, &[]));
     let log = m.dir().join("access.log");
     assert_eq!(listening_sockets(m.port()), 2, "one socket per worker");
 
@@ -123,6 +123,27 @@ fn each_worker_accepts_from_its_own_socket_and_a_respawned_worker_serves_what_qu
     );
     assert!(!by.contains_key(&victim), "the killed worker served nothing after its death: {by:?}");
     assert_eq!(listening_sockets(m.port()), 2, "the same two sockets, none added");
+
+    // A reload to three workers binds a socket for the third; back to two,
+    // its socket closes once its worker has drained.
+    m.write_config(&config(&backend, true, &["workers = 3"]));
+    let out = m.signal_cmd("reload");
+    assert!(out.status.success(), "{out:?}");
+    let st = m.wait_status(Duration::from_secs(10), |s| s.workers.len() == 3 && s.all_ready()).expect("3 workers");
+    assert_eq!(listening_sockets(m.port()), 3, "{st:?}");
+    for i in 0..90 {
+        assert_eq!(get_once(m.addr(), "t.example", &format!("/three/{i}")).status, 200);
+    }
+    let by = wait_logged(&log, "/three/", 90);
+    assert_eq!(by.keys().copied().collect::<Vec<_>>(), sorted(&st.worker_pids()), "all three served: {by:?}");
+    m.write_config(&config(&backend, true, &[]));
+    let out = m.signal_cmd("reload");
+    assert!(out.status.success(), "{out:?}");
+    let st = m
+        .wait_status(Duration::from_secs(10), |s| s.workers.len() == 2 && s.all_ready() && s.retiring.is_empty())
+        .expect("back to 2 workers");
+    assert!(common::wait_until(Duration::from_secs(5), || listening_sockets(m.port()) == 2), "{st:?}");
+    assert_eq!(get_once(m.addr(), "t.example", "/two").status, 200);
 }
 
 fn sorted(v: &[u32]) -> Vec<u32> {
