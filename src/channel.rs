@@ -346,7 +346,8 @@ pub enum Handoff {
     /// Old to new: the listening sockets, fds attached in manifest order,
     /// then the shared memory region (its state outlives the old binary).
     Listeners {
-        /// The manifest of the attached listening fds.
+        /// The manifest of the attached listening fds; a `reuseport`
+        /// listener's entry comes once per socket, in worker slot order.
         listeners: Vec<ListenerEntry>,
         /// Each backend address's slot in the shared region.
         backend_slots: Vec<(String, u32)>,

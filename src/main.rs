@@ -107,6 +107,10 @@ enum MainError {
     Handover(std::io::Error),
     #[error("cannot listen on {address}: {source}")]
     Listen { address: String, source: std::io::Error },
+    #[error(
+        "reuseport of {address} differs from the running master's sockets: restart Pitcher (stop, start) to change it"
+    )]
+    ReuseportChanged { address: String },
     #[error("cannot daemonize: {0}")]
     Daemonize(std::io::Error),
     #[error("cannot open the error log: {0}")]
@@ -244,18 +248,35 @@ fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> Result
     let mut listeners = Vec::new();
     for l in &config.listeners {
         let name = l.address.to_string();
-        if let Some(i) = inherited.iter().position(|(e, _)| e.name == name) {
-            let (_, fd) = inherited.swap_remove(i);
-            if let Err(e) = pitcher::net::set_backlog(&fd, l.backlog) {
+        // Every socket the old master had for this address (a `reuseport`
+        // listener has one per worker slot, in slot order).
+        let (mine, rest): (Vec<_>, Vec<_>) = inherited.into_iter().partition(|(e, _)| e.name == name);
+        inherited = rest;
+        let mut fds: Vec<_> = mine.into_iter().map(|(_, fd)| fd).collect();
+        if fds.is_empty() {
+            let fds = pitcher::net::bind_listener(&l.address, l.backlog, l.reuseport, config.workers)
+                .map_err(|source| MainError::Listen { address: name, source })?;
+            listeners.push((l.clone(), fds));
+            continue;
+        }
+        if fds.iter().any(|fd| pitcher::net::is_reuseport(fd) != l.reuseport) {
+            // Refused: the old master rolls back and keeps serving.
+            return Err(MainError::ReuseportChanged { address: name });
+        }
+        for fd in &fds {
+            if let Err(e) = pitcher::net::set_backlog(fd, l.backlog) {
                 // Not fatal: the socket keeps its old backlog.
                 eprintln!("pitcher: cannot set the backlog of {name}: {e}");
             }
-            listeners.push((l.clone(), fd));
-            continue;
         }
-        let fd =
-            pitcher::net::bind(&l.address, l.backlog).map_err(|source| MainError::Listen { address: name, source })?;
-        listeners.push((l.clone(), fd));
+        if l.reuseport {
+            // The old generation's extra sockets stay open in its draining
+            // workers until they exit; more workers get new sockets.
+            fds.truncate(config.workers.max(1));
+            pitcher::net::grow_reuseport(&mut fds, config.workers, l.backlog)
+                .map_err(|source| MainError::Listen { address: name.clone(), source })?;
+        }
+        listeners.push((l.clone(), fds));
     }
     // The admin socket, when the new configuration keeps its address.
     if let Some(a) = &config.admin {

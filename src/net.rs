@@ -255,20 +255,8 @@ impl Source for Listener {
 /// fixed one). TCP sockets get SO_REUSEADDR; a stale Unix socket file is
 /// removed first. The fd is close-on-exec and non-blocking.
 pub fn bind(addr: &ListenAddr, backlog: u32) -> io::Result<OwnedFd> {
-    let backlog = Backlog::new(backlog.min(i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN);
-    let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
     match &addr.0 {
-        SockAddr::Tcp(a) => {
-            let family = if a.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-            let fd = socket::socket(family, SockType::Stream, flags, None)?;
-            socket::setsockopt(&fd, socket::sockopt::ReuseAddr, &true)?;
-            if a.is_ipv6() {
-                socket::setsockopt(&fd, socket::sockopt::Ipv6V6Only, &true)?;
-            }
-            socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(*a))?;
-            socket::listen(&fd, backlog)?;
-            Ok(fd)
-        }
+        SockAddr::Tcp(a) => bind_tcp(*a, backlog, false),
         SockAddr::Unix(path) => {
             if let Ok(meta) = std::fs::symlink_metadata(path) {
                 use std::os::unix::fs::FileTypeExt;
@@ -276,12 +264,66 @@ pub fn bind(addr: &ListenAddr, backlog: u32) -> io::Result<OwnedFd> {
                     let _ = std::fs::remove_file(path);
                 }
             }
+            let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
             let fd = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
             socket::bind(fd.as_raw_fd(), &socket::UnixAddr::new(path.as_path())?)?;
-            socket::listen(&fd, backlog)?;
+            socket::listen(&fd, listen_backlog(backlog))?;
             Ok(fd)
         }
     }
+}
+
+/// The sockets of one listener: one shared by every worker, or with
+/// `reuseport` `n` (at least one) `SO_REUSEPORT` sockets on the same
+/// address (port 0: the port the first one got).
+pub fn bind_listener(addr: &ListenAddr, backlog: u32, reuseport: bool, n: usize) -> io::Result<Vec<OwnedFd>> {
+    let first = match (&addr.0, reuseport) {
+        (SockAddr::Tcp(a), true) => bind_tcp(*a, backlog, true)?,
+        (SockAddr::Unix(_), true) => {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "reuseport is for TCP listeners"));
+        }
+        (_, false) => return Ok(vec![bind(addr, backlog)?]),
+    };
+    let mut fds = vec![first];
+    grow_reuseport(&mut fds, n, backlog)?;
+    Ok(fds)
+}
+
+/// Binds `SO_REUSEPORT` sockets on the address of `fds[0]` until there
+/// are `n`. Sockets of one group must all have the option and one owner,
+/// which the master is.
+pub fn grow_reuseport(fds: &mut Vec<OwnedFd>, n: usize, backlog: u32) -> io::Result<()> {
+    let Some(first) = fds.first() else { return Ok(()) };
+    let at = local_addr(first.as_raw_fd()).ok_or_else(|| io::Error::other("reuseport socket has no address"))?;
+    while fds.len() < n {
+        fds.push(bind_tcp(at, backlog, true)?);
+    }
+    Ok(())
+}
+
+/// Does this listening socket have `SO_REUSEPORT`?
+pub fn is_reuseport(fd: &OwnedFd) -> bool {
+    socket::getsockopt(fd, socket::sockopt::ReusePort).unwrap_or(false)
+}
+
+fn listen_backlog(backlog: u32) -> Backlog {
+    Backlog::new(backlog.min(i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN)
+}
+
+fn bind_tcp(a: SocketAddr, backlog: u32, reuseport: bool) -> io::Result<OwnedFd> {
+    let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+    let family = if a.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket::socket(family, SockType::Stream, flags, None)?;
+    socket::setsockopt(&fd, socket::sockopt::ReuseAddr, &true)?;
+    if reuseport {
+        socket::setsockopt(&fd, socket::sockopt::ReusePort, &true)?;
+    }
+    if a.is_ipv6() {
+        socket::setsockopt(&fd, socket::sockopt::Ipv6V6Only, &true)?;
+    }
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(a))?;
+    socket::listen(&fd, listen_backlog(backlog))?;
+    Ok(fd)
 }
 
 /// The local address of a bound TCP listening fd (to report port 0 binds).
@@ -335,8 +377,7 @@ impl Readiness {
 /// Changes the backlog of a listening socket (Linux applies a second
 /// `listen(2)` to the queue in place).
 pub fn set_backlog(fd: &OwnedFd, backlog: u32) -> io::Result<()> {
-    let backlog = Backlog::new(backlog.min(i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN);
-    socket::listen(fd, backlog)?;
+    socket::listen(fd, listen_backlog(backlog))?;
     Ok(())
 }
 
@@ -368,5 +409,26 @@ mod tests {
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         assert_eq!(Stream::from_handed(OwnedFd::from(udp)).unwrap_err().kind(), io::ErrorKind::InvalidInput);
         assert!(Stream::from_handed(OwnedFd::from(l)).is_err());
+    }
+
+    #[test]
+    fn a_reuseport_listener_is_one_socket_per_worker_on_one_port() {
+        let addr = ListenAddr(SockAddr::parse("127.0.0.1:0").unwrap());
+        let mut fds = bind_listener(&addr, 16, true, 3).unwrap();
+        let ports: Vec<_> = fds.iter().map(|f| local_addr(f.as_raw_fd()).unwrap()).collect();
+        assert_eq!(ports.len(), 3);
+        assert!(ports.iter().all(|p| *p == ports[0] && p.port() != 0), "{ports:?}");
+        assert!(fds.iter().all(is_reuseport));
+        grow_reuseport(&mut fds, 4, 16).unwrap();
+        assert_eq!(local_addr(fds[3].as_raw_fd()), Some(ports[0]));
+        // A shared listener is one socket without the option, and no other
+        // socket can join its address.
+        let shared = bind_listener(&addr, 16, false, 3).unwrap();
+        assert_eq!(shared.len(), 1);
+        assert!(!is_reuseport(&shared[0]));
+        let mut more = vec![shared.into_iter().next().unwrap()];
+        assert!(grow_reuseport(&mut more, 2, 16).is_err());
+        let unix = ListenAddr(SockAddr::parse("unix:/tmp/pitcher-never-bound.sock").unwrap());
+        assert!(bind_listener(&unix, 16, true, 2).is_err());
     }
 }

@@ -65,7 +65,7 @@ pub const MAX_RATE_PER_SEC: u64 = 10_000_000;
 /// Largest burst a token bucket accepts.
 pub const MAX_BURST: u64 = 10_000_000;
 /// Identifies a Pitcher region and its layout version.
-const MAGIC: u64 = 0x5049_5443_4845_5207; // "PITCHER" + layout 7
+const MAGIC: u64 = 0x5049_5443_4845_5208; // "PITCHER" + layout 8
 /// Seals every region carries: its size can never change.
 const SEALS: SealFlag = SealFlag::from_bits_truncate(
     SealFlag::F_SEAL_SHRINK.bits() | SealFlag::F_SEAL_GROW.bits() | SealFlag::F_SEAL_SEAL.bits(),
@@ -103,9 +103,6 @@ pub struct BackendShm {
     pub probes: AtomicU64,
     /// Slow start ramps from this instant (shared ms; 0 = no ramp).
     pub ramp_start_ms: AtomicU64,
-    /// Each worker place's share of `active`, so that the master can take
-    /// back the connections of a worker that died.
-    pub active_by_worker: [AtomicU32; ACCOUNTED_WORKERS],
     /// Failed requests by kind: connection refused or failed.
     pub fail_connect: AtomicU64,
     /// Connect, read or write timed out.
@@ -118,9 +115,6 @@ pub struct BackendShm {
     pub fail_5xx: AtomicU64,
     /// Requests sent again to another backend after this one failed them.
     pub retries: AtomicU64,
-    /// Idle pooled connections, by worker place (below
-    /// `ACCOUNTED_WORKERS`; forgotten when the worker dies).
-    pub idle_by_worker: [AtomicU32; ACCOUNTED_WORKERS],
 }
 
 /// A token bucket shared by all workers (global throttle, quotas).
@@ -131,11 +125,9 @@ pub struct LimiterShm {
     pub milli_tokens: AtomicU64,
     /// When tokens were last added (shared ms).
     pub refilled_ms: AtomicU64,
-    /// Requests in flight (concurrency limits), and each worker place's
-    /// share of them (given back by the master when a worker dies).
+    /// Requests in flight (concurrency limits); each worker place's share
+    /// is in [`PlaceCounts`] (given back by the master when a worker dies).
     pub in_flight: AtomicU32,
-    /// Each worker place's share of `in_flight`.
-    pub in_flight_by_worker: [AtomicU32; ACCOUNTED_WORKERS],
     /// Fingerprint of the key that owns this slot (0: free).
     pub key: AtomicU64,
     /// Last time (shared ms) a request of the key used this slot: an idle
@@ -186,6 +178,24 @@ pub struct WorkerShm {
     pub level_changes: AtomicU64,
 }
 
+/// One worker place's share of the shared counts, so that the master can
+/// take back what a worker that died held. Place-major: forgetting a place
+/// reads only its own 32 KiB, never a page of the region that no process
+/// used (a read of a never-written page of a memfd gives it memory of its
+/// own, in the reader: scanning every backend's and limiter's share once
+/// cost the master the whole region, ~4.7 MB), and two workers never
+/// write the same cache line to count.
+#[repr(C)]
+#[derive(Debug)]
+pub struct PlaceCounts {
+    /// Connections to each backend slot in use by requests of this place.
+    pub backend_active: [AtomicU32; MAX_BACKENDS],
+    /// Requests of this place in flight in each limiter slot.
+    pub limiter_in_flight: [AtomicU32; MAX_LIMITERS],
+    /// Idle pooled connections of this place to each backend slot.
+    pub backend_idle: [AtomicU32; MAX_BACKENDS],
+}
+
 /// The region's layout.
 #[repr(C)]
 #[derive(Debug)]
@@ -207,6 +217,8 @@ pub struct Shared {
     /// Who holds each worker place: 0 free, else the pid of the worker
     /// there (or of the master that is starting it).
     places: [AtomicU32; MAX_WORKERS],
+    /// Each accounted place's share of the counts above.
+    by_place: [PlaceCounts; ACCOUNTED_WORKERS],
     /// The figures of `/metrics` ([`metrics`]).
     pub metrics: MetricsShm,
 }
@@ -307,23 +319,24 @@ impl Shared {
             }
             return;
         }
-        // Read before writing: most slots were never used, and a write
-        // would give each of their pages memory of its own.
-        for b in self.backends.iter().filter(|b| b.active_by_worker[place].load(Relaxed) != 0) {
-            let n = b.active_by_worker[place].swap(0, Relaxed);
-            if n > 0 {
+        // Only this place's own row is read; read before writing, so a row
+        // entry that is zero stays untouched.
+        let row = &self.by_place[place];
+        for (b, mine) in self.backends.iter().zip(&row.backend_active) {
+            if mine.load(Relaxed) != 0 {
+                let n = mine.swap(0, Relaxed);
                 let _ = b.active.fetch_update(Relaxed, Relaxed, |a| Some(a.saturating_sub(n)));
             }
         }
-        for b in self.backends.iter().filter(|b| b.idle_by_worker[place].load(Relaxed) != 0) {
-            b.idle_by_worker[place].store(0, Relaxed);
+        for mine in row.backend_idle.iter().filter(|n| n.load(Relaxed) != 0) {
+            mine.store(0, Relaxed);
         }
         if place < metrics::METRIC_BLOCKS {
             self.metrics.blocks[place].active.store(0, Relaxed);
         }
-        for l in self.limiters.iter().filter(|l| l.in_flight_by_worker[place].load(Relaxed) != 0) {
-            let n = l.in_flight_by_worker[place].swap(0, Relaxed);
-            if n > 0 {
+        for (l, mine) in self.limiters.iter().zip(&row.limiter_in_flight) {
+            if mine.load(Relaxed) != 0 {
+                let n = mine.swap(0, Relaxed);
                 let _ = l.in_flight.fetch_update(Relaxed, Relaxed, |a| Some(a.saturating_sub(n)));
             }
         }
@@ -520,23 +533,33 @@ impl BackendShm {
     }
 }
 
-impl LimiterShm {
-    /// One more request in flight for worker place `place`.
-    pub fn enter(&self, place: usize) -> u32 {
-        if let Some(c) = self.in_flight_by_worker.get(place) {
+impl Shared {
+    /// The counts of worker place `place` (`None` above the accounted places).
+    pub fn place_counts(&self, place: usize) -> Option<&PlaceCounts> {
+        self.by_place.get(place)
+    }
+
+    /// One more request in flight in limiter slot `slot` for worker place
+    /// `place`; returns the count before.
+    pub fn limiter_enter(&self, slot: usize, place: usize) -> u32 {
+        let Some(l) = self.limiters.get(slot) else { return 0 };
+        if let Some(c) = self.by_place.get(place).and_then(|r| r.limiter_in_flight.get(slot)) {
             c.fetch_add(1, Relaxed);
         }
-        self.in_flight.fetch_add(1, Relaxed)
+        l.in_flight.fetch_add(1, Relaxed)
     }
 
-    /// One request fewer in flight for worker place `place`.
-    pub fn leave(&self, place: usize) {
-        if let Some(c) = self.in_flight_by_worker.get(place) {
+    /// One request fewer in flight in limiter slot `slot` for worker place `place`.
+    pub fn limiter_leave(&self, slot: usize, place: usize) {
+        let Some(l) = self.limiters.get(slot) else { return };
+        if let Some(c) = self.by_place.get(place).and_then(|r| r.limiter_in_flight.get(slot)) {
             let _ = c.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
         }
-        let _ = self.in_flight.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+        let _ = l.in_flight.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
     }
+}
 
+impl LimiterShm {
     /// Gives the slot to a new key (taken over from an idle one): an empty
     /// bucket that fills to its burst at its first take, no history.
     pub fn reset_for_new_key(&self, now: u64) {
@@ -593,14 +616,50 @@ mod tests {
     #[test]
     fn a_dead_worker_gives_back_its_requests_in_flight() {
         let r = Region::create().unwrap();
-        let l = &r.shared().limiters[5];
-        l.enter(1);
-        l.enter(1);
-        l.enter(0);
-        r.shared().forget_worker(1);
+        let s = r.shared();
+        let l = &s.limiters[5];
+        s.limiter_enter(5, 1);
+        s.limiter_enter(5, 1);
+        s.limiter_enter(5, 0);
+        s.forget_worker(1);
         assert_eq!(l.in_flight.load(Relaxed), 1);
-        l.leave(0);
+        s.limiter_leave(5, 0);
         assert_eq!(l.in_flight.load(Relaxed), 0);
+    }
+
+    /// Bytes of the region's memfd that have memory (written or read
+    /// once): what every process mapping it shares.
+    fn bytes_with_memory(r: &Region) -> u64 {
+        use nix::unistd::{lseek, Whence};
+        let len = std::mem::size_of::<Shared>() as i64;
+        let (mut at, mut total) = (0i64, 0u64);
+        while at < len {
+            let Ok(data) = lseek(r.raw_fd(), at, Whence::SeekData) else { break };
+            let hole = lseek(r.raw_fd(), data, Whence::SeekHole).unwrap_or(len);
+            total += (hole - data) as u64;
+            at = hole;
+        }
+        total
+    }
+
+    /// Regression: forgetting a dead worker's counts read every backend's
+    /// and limiter's share, which gave the whole region (4.7 MB) memory in
+    /// the master. Now only the place's own row is read.
+    #[test]
+    fn forgetting_a_worker_reads_only_its_own_row_of_the_region() {
+        let r = Region::create().unwrap();
+        let s = r.shared();
+        s.limiter_enter(4000, 3);
+        s.backends[3000].active.fetch_add(1, Relaxed);
+        s.by_place[3].backend_active[3000].fetch_add(1, Relaxed);
+        let before = bytes_with_memory(&r);
+        s.forget_worker(3);
+        s.forget_worker(9);
+        assert_eq!((s.limiters[4000].in_flight.load(Relaxed), s.backends[3000].active.load(Relaxed)), (0, 0));
+        let grown = bytes_with_memory(&r) - before;
+        let row = std::mem::size_of::<PlaceCounts>() as u64;
+        assert!(grown <= 2 * row + 8192, "forgetting two places gave {grown} bytes memory (a row is {row})");
+        assert!((std::mem::size_of::<Shared>() as u64) > 40 * row, "the region is much larger than a row");
     }
 
     #[test]
@@ -706,15 +765,15 @@ mod tests {
         let c = s.claim_place(me).unwrap();
         s.hold_place(c, me);
         assert_eq!(c, 2);
-        s.limiters[9].enter(c);
-        s.limiters[9].enter(a);
+        s.limiter_enter(9, c);
+        s.limiter_enter(9, a);
         // Generation 1's worker exits: only its own counts go.
         s.release_place(a, me, me);
         assert_eq!(s.limiters[9].in_flight.load(Relaxed), 1);
-        assert_eq!(s.limiters[9].in_flight_by_worker[c].load(Relaxed), 1);
+        assert_eq!(s.by_place[c].limiter_in_flight[9].load(Relaxed), 1);
         assert_eq!(s.place_holder(a), 0);
         // A release for a process that no longer holds the place is a no-op.
-        s.limiters[9].enter(c);
+        s.limiter_enter(9, c);
         s.release_place(c, me + 1, me);
         assert_eq!(s.limiters[9].in_flight.load(Relaxed), 2);
     }
@@ -729,9 +788,9 @@ mod tests {
         child.wait().unwrap();
         let p = s.claim_place(std::process::id()).unwrap();
         s.hold_place(p, gone);
-        s.limiters[4].enter(p);
+        s.limiter_enter(4, p);
         s.backends[4].active.fetch_add(1, Relaxed);
-        s.backends[4].active_by_worker[p].fetch_add(1, Relaxed);
+        s.by_place[p].backend_active[4].fetch_add(1, Relaxed);
         assert_eq!(s.reclaim_places(), 1);
         assert_eq!(s.limiters[4].in_flight.load(Relaxed), 0);
         assert_eq!(s.backends[4].active.load(Relaxed), 0);

@@ -12,12 +12,12 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::config::{BackendAddr, Balance, ClusterConfig, HashKey, HealthCheck, Passive};
-use crate::shm::BackendShm;
 pub use crate::shm::SlotTable;
+use crate::shm::{BackendShm, PlaceCounts};
 
 /// The worker's state for one backend address.
 #[derive(Debug)]
@@ -28,6 +28,10 @@ pub struct BackendRt {
     pub name: String,
     /// Shared state of this address (all workers).
     pub shm: &'static BackendShm,
+    /// Its slot in the shared region (`None`: the region is full and it
+    /// counts in a private overflow slot), for this worker's share of
+    /// `shm.active` ([`crate::shm::PlaceCounts`]).
+    pub slot: Option<u32>,
     /// Slab indices of idle pooled connections, most recent last.
     pub idle: Vec<usize>,
     /// Connections of this worker in use for requests.
@@ -37,21 +41,28 @@ pub struct BackendRt {
 }
 
 impl BackendRt {
-    /// A request of worker place `place` starts using a connection.
-    pub fn acquire(&mut self, place: usize) {
+    /// This worker's share of `shm.active`, in its place's counts.
+    fn share<'a>(&self, mine: Option<&'a PlaceCounts>) -> Option<&'a AtomicU32> {
+        mine?.backend_active.get(self.slot? as usize)
+    }
+
+    /// A request of this worker (whose place's counts are `mine`) starts
+    /// using a connection.
+    pub fn acquire(&mut self, mine: Option<&PlaceCounts>) {
         self.active += 1;
         self.shm.active.fetch_add(1, Relaxed);
-        if let Some(c) = self.shm.active_by_worker.get(place) {
+        if let Some(c) = self.share(mine) {
             c.fetch_add(1, Relaxed);
         }
     }
 
-    /// A request of worker place `place` stops using a connection.
-    pub fn release(&mut self, place: usize) {
+    /// A request of this worker (whose place's counts are `mine`) stops
+    /// using a connection.
+    pub fn release(&mut self, mine: Option<&PlaceCounts>) {
         if self.active > 0 {
             self.active -= 1;
             let _ = self.shm.active.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
-            if let Some(c) = self.shm.active_by_worker.get(place) {
+            if let Some(c) = self.share(mine) {
                 let _ = c.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
             }
         }
@@ -60,14 +71,14 @@ impl BackendRt {
 
 /// Gives the shared-memory slot of a backend address.
 pub trait SlotMap {
-    /// The state of `addr`, or `None` when it has no slot.
-    fn slot(&mut self, addr: &BackendAddr) -> Option<&'static BackendShm>;
+    /// The slot of `addr` and its state, or `None` when it has no slot.
+    fn slot(&mut self, addr: &BackendAddr) -> Option<(u32, &'static BackendShm)>;
 }
 
 impl SlotMap for SlotTable {
-    fn slot(&mut self, addr: &BackendAddr) -> Option<&'static BackendShm> {
+    fn slot(&mut self, addr: &BackendAddr) -> Option<(u32, &'static BackendShm)> {
         let n = self.slot_of(addr)?;
-        Some(self.shm(n))
+        Some((n, self.shm(n)))
     }
 }
 
@@ -87,12 +98,16 @@ impl Backends {
             self.list[id].retired = false;
             return id;
         }
-        let shm = slots.slot(addr).unwrap_or_else(|| overflow_slot());
+        let (slot, shm) = match slots.slot(addr) {
+            Some((n, shm)) => (Some(n), shm),
+            None => (None, overflow_slot()),
+        };
         let id = self.list.len();
         self.list.push(BackendRt {
             addr: addr.clone(),
             name: addr.to_string(),
             shm,
+            slot,
             idle: Vec::new(),
             active: 0,
             retired: false,
@@ -458,12 +473,12 @@ mod tests {
     }
 
     impl SlotMap for TestSlots {
-        fn slot(&mut self, addr: &BackendAddr) -> Option<&'static BackendShm> {
+        fn slot(&mut self, addr: &BackendAddr) -> Option<(u32, &'static BackendShm)> {
             let n = *self.map.entry(addr.clone()).or_insert_with(|| {
                 self.next += 1;
                 self.next - 1
             });
-            Some(&self.region.shared().backends[n])
+            Some((n as u32, &self.region.shared().backends[n]))
         }
     }
 

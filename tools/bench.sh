@@ -11,6 +11,12 @@
 #   ka     small body, keep-alive client connections
 #   close  small body, every request on a new connection (Connection: close)
 #   64k    64 KiB body, keep-alive
+#   reuseport  small body, Connection: close, against Pitcher with 2 workers:
+#          one listening socket shared by both (PROXIES pitcher_shared) or
+#          one SO_REUSEPORT socket per worker (pitcher_reuseport). Adds an
+#          "accept balance" table: requests each worker served (from an
+#          access log of $pid lines), so how evenly new connections spread.
+#          SCENARIOS=reuseport PROXIES="pitcher_shared pitcher_reuseport"
 #
 # For each scenario: a warm-up run per proxy, then ROUNDS rounds in which the
 # proxies run interleaved (A, B, A, B, ...). Each run records req/s, p50/p99
@@ -26,7 +32,10 @@
 #   SCENARIOS="ka close 64k"
 #   PROXIES="pitcher nginx"      which proxies to run, in this order;
 #                                 "pitcher_b" is a second Pitcher build
-#                                 (PITCHER_BIN_B), for before/after A/B runs
+#                                 (PITCHER_BIN_B), for before/after A/B runs;
+#                                 "pitcher_shared" and "pitcher_reuseport"
+#                                 are PITCHER_BIN as master + 2 workers
+#                                 (for the reuseport scenario)
 #   PITCHER_BIN                  unset: run `cargo build --release` (a no-op
 #                                 when up to date) and use
 #                                 target/release/pitcher; set: use that
@@ -178,11 +187,19 @@ done
 CLK_TCK=$(getconf CLK_TCK)
 
 for p in $PROXIES; do
-    [[ $p == pitcher || $p == pitcher_b || $p == nginx ]] || die "unknown proxy '$p' in PROXIES"
+    [[ $p == pitcher || $p == pitcher_b || $p == nginx || $p == pitcher_shared || $p == pitcher_reuseport ]] ||
+        die "unknown proxy '$p' in PROXIES"
 done
 for s in $SCENARIOS; do
-    [[ $s == ka || $s == close || $s == 64k ]] || die "unknown scenario '$s' in SCENARIOS"
+    [[ $s == ka || $s == close || $s == 64k || $s == reuseport ]] || die "unknown scenario '$s' in SCENARIOS"
 done
+# The two-worker proxies exist for the reuseport scenario, and it for them.
+if [[ " $SCENARIOS " == *" reuseport "* ]]; then
+    for p in $PROXIES; do
+        [[ $p == pitcher_shared || $p == pitcher_reuseport ]] ||
+            die "SCENARIOS=reuseport runs against PROXIES=\"pitcher_shared pitcher_reuseport\", not '$p'"
+    done
+fi
 
 for v in ROUNDS CONNECTIONS THREADS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
@@ -192,7 +209,7 @@ for v in DURATION WARMUP; do
     [[ ${!v} =~ ^[1-9][0-9]*[smh]?$ ]] || die "$v must be a wrk duration like 10s, not '${!v}'"
 done
 
-if [[ " $PROXIES " == *" pitcher "* ]]; then
+if [[ " $PROXIES " == *" pitcher "* || " $PROXIES " == *" pitcher_shared "* || " $PROXIES " == *" pitcher_reuseport "* ]]; then
     # Without PITCHER_BIN the binary is always (re)built — a no-op when it is
     # up to date — so a stale build is never measured by mistake.
     if ((BUILD_PITCHER)); then
@@ -230,8 +247,8 @@ TMP=$(mktemp -d /tmp/pitcher-bench.XXXXXX)
 # nginx workers run as an unprivileged user when started as root: let them
 # into the temp dir to read the static 64 KiB file.
 chmod 755 "$TMP"
-ports=$(free_ports 4) || die "could not pick free ports"
-read -r ORIGIN_PORT NGINX_PORT PITCHER_PORT PITCHER_B_PORT <<<"$ports"
+ports=$(free_ports 6) || die "could not pick free ports"
+read -r ORIGIN_PORT NGINX_PORT PITCHER_PORT PITCHER_B_PORT SHARED_PORT REUSEPORT_PORT <<<"$ports"
 
 # ------------------------------------------------------------------- origin
 
@@ -337,16 +354,21 @@ EOF
 
 launch_pitcher() { launch_pitcher_build pitcher "$PITCHER_BIN" "$PITCHER_PORT"; }
 launch_pitcher_b() { launch_pitcher_build pitcher_b "$PITCHER_BIN_B" "$PITCHER_B_PORT"; }
+# Master + 2 workers, one shared socket or one SO_REUSEPORT socket each; an
+# access log of "$pid" lines tells which worker served each request.
+launch_pitcher_shared() { WORKERS=2 REUSEPORT=false launch_pitcher_build pitcher_shared "$PITCHER_BIN" "$SHARED_PORT"; }
+launch_pitcher_reuseport() { WORKERS=2 REUSEPORT=true launch_pitcher_build pitcher_reuseport "$PITCHER_BIN" "$REUSEPORT_PORT"; }
 
-# launch_pitcher_build NAME BINARY PORT: one Pitcher build as proxy NAME.
+# launch_pitcher_build NAME BINARY PORT: one Pitcher build as proxy NAME
+# (WORKERS, REUSEPORT: see launch_pitcher_shared).
 launch_pitcher_build() {
-    local name=$1 bin=$2 port=$3
+    local name=$1 bin=$2 port=$3 workers=${WORKERS:-1} reuseport=${REUSEPORT:-}
     local dir=$TMP/$name cfg pid
     local -a args
     mkdir -p "$dir"
     cfg=$dir/pitcher.toml
     cat >"$cfg" <<EOF
-workers = 1
+workers = $workers
 pid_file = "$dir/pitcher.pid"
 control_socket = "$dir/pitcher.sock"
 error_log = "stderr"
@@ -355,6 +377,7 @@ log_level = "warn"
 [[listeners]]
 address = "127.0.0.1:$port"
 backlog = 4096
+$([[ -n $reuseport ]] && echo "reuseport = $reuseport")
 
 [[clusters]]
 name = "origin"
@@ -374,11 +397,16 @@ EOF
         *) die "unknown module '$m' in PITCHER_MODULES (access_log, headers, throttle)" ;;
         esac
     done
+    if [[ -n $reuseport ]]; then
+        # shellcheck disable=SC2016 # $pid is Pitcher's variable
+        printf '\n[modules.access_log]\npath = "%s/access.log"\nformat = "custom"\ncustom = "$pid"\n' "$dir" >>"$cfg"
+    fi
     "$bin" -t -c "$cfg" >"$dir/test.log" 2>&1 || {
         cat "$dir/test.log" >&2
         die "$name: 'pitcher -t' rejected $cfg"
     }
     read -ra args <<<"$PITCHER_ARGS"
+    [[ $workers == 1 ]] || args=(--foreground)
     log "starting $name on 127.0.0.1:$port (cpu $PROXY_CPU): $bin ${args[*]} -c $cfg"
     taskset -c "$PROXY_CPU" "$bin" "${args[@]}" -c "$cfg" >"$dir/stderr.log" 2>&1 &
     pid=$!
@@ -403,7 +431,21 @@ scenario_title() {
     ka) echo "small, keep-alive" ;;
     close) echo "small, Connection: close" ;;
     64k) echo "64 KiB, keep-alive" ;;
+    reuseport) echo "small, Connection: close, 2 workers" ;;
     esac
+}
+
+# accept_balance PROXY: "N1/N2 (busiest P%)" requests per worker, from the
+# access log of $pid lines (written in batches: give it a moment).
+accept_balance() {
+    local log=$TMP/$1/access.log
+    sleep 0.3
+    awk '{ n[$1]++; t++ } END {
+        if (!t) { print "no log lines"; exit }
+        max = 0; s = ""
+        for (p in n) { s = s (s == "" ? "" : "/") n[p]; if (n[p] > max) max = n[p] }
+        printf "%s (busiest worker %.1f%%)\n", s, 100 * max / t
+    }' "$log"
 }
 
 # parse_wrk FILE: prints "requests rps p50_ms p99_ms errors detail" (tab
@@ -441,7 +483,7 @@ parse_wrk() {
 run_wrk() {
     local scen=$1 proxy=$2 dur=$3 out=$4 path=/
     local -a hdr=()
-    [[ $scen == close ]] && hdr=(-H 'Connection: close')
+    [[ $scen == close || $scen == reuseport ]] && hdr=(-H 'Connection: close')
     [[ $scen == 64k ]] && path=/64k
     if ! taskset -c "$WRK_CPU" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$dur" --latency \
         "${hdr[@]}" "http://127.0.0.1:${PROXY_PORT[$proxy]}$path" >"$out" 2>&1; then
@@ -460,11 +502,15 @@ for scen in $SCENARIOS; do
     for ((r = 1; r <= ROUNDS; r++)); do
         for p in $PROXIES; do
             out=$TMP/wrk-$scen-$p-$r.txt
+            [[ $scen == reuseport ]] && sleep 0.3 && : >"$TMP/$p/access.log"
             c0=$(core_busy_ticks "$PROXY_CPU")
             t0=$(cpu_ticks "${PROXY_PID[$p]}")
             run_wrk "$scen" "$p" "$DURATION" "$out"
             t1=$(cpu_ticks "${PROXY_PID[$p]}")
             c1=$(core_busy_ticks "$PROXY_CPU")
+            if [[ $scen == reuseport ]]; then
+                printf '%s\t%s\t%s\n' "$p" "$r" "$(accept_balance "$p")" >>"$TMP/balance.tsv"
+            fi
             IFS=$'\t' read -r reqs rps p50 p99 nerr detail < <(parse_wrk "$out") ||
                 die "could not parse wrk output $out"
             ((reqs > 0)) || die "$p completed no request in $(scenario_title "$scen")"
@@ -509,6 +555,14 @@ for scen in $SCENARIOS; do
         }' "$RESULTS"
     done
 done
+
+# How evenly the two workers shared new connections, per run.
+if [[ -s $TMP/balance.tsv ]]; then
+    echo
+    echo "| accept balance (reuseport scenario) | run | requests per worker |"
+    echo "|---|---:|---|"
+    awk -F'\t' '{ printf "| %s | #%s | %s |\n", $1, $2, $3 }' "$TMP/balance.tsv"
+fi
 
 # The second Pitcher build relative to the first (A/B), from the means.
 if [[ " $PROXIES " == *" pitcher "* && " $PROXIES " == *" pitcher_b "* ]]; then

@@ -126,6 +126,7 @@ struct FileAdmin {
 struct FileListener {
     address: Spanned<ListenAddr>,
     backlog: Option<u32>,
+    reuseport: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,6 +190,10 @@ pub struct ListenerConfig {
     pub address: ListenAddr,
     /// `listen(2)` backlog.
     pub backlog: u32,
+    /// One `SO_REUSEPORT` socket per worker (the kernel spreads new
+    /// connections over them) instead of one socket whose queue every
+    /// worker accepts from. TCP only.
+    pub reuseport: bool,
 }
 
 /// A named group of backends.
@@ -495,7 +500,11 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         if backlog == 0 {
             return Err((Some(l.address.span()), "backlog must be at least 1".into()));
         }
-        listeners.push(ListenerConfig { address, backlog });
+        let reuseport = l.reuseport.unwrap_or(false);
+        if reuseport && matches!(address.0, SockAddr::Unix(_)) {
+            return Err((Some(l.address.span()), format!("reuseport is for TCP listeners, not {address}")));
+        }
+        listeners.push(ListenerConfig { address, backlog, reuseport });
     }
 
     let mut clusters: Vec<ClusterConfig> = Vec::with_capacity(f.clusters.len());
@@ -808,6 +817,16 @@ client_header_ms = 5000
         assert_eq!(c.timeouts.client_header, Duration::from_millis(5000));
         assert_eq!(c.timeouts.upstream_connect, Duration::from_millis(3000));
         assert_eq!(c.listeners[0].backlog, DEFAULT_BACKLOG);
+    }
+
+    #[test]
+    fn reuseport_is_for_tcp_listeners_only() {
+        assert!(!Config::parse(Path::new("t.toml"), GOOD).unwrap().listeners[0].reuseport, "off by default");
+        let on = GOOD.replacen("[[listeners]]\n", "[[listeners]]\nreuseport = true\n", 1);
+        assert!(Config::parse(Path::new("t.toml"), &on).unwrap().listeners[0].reuseport);
+        let unix = format!("{GOOD}\n[[listeners]]\naddress = \"unix:/tmp/p.sock\"\nreuseport = true\n");
+        let e = Config::parse(Path::new("t.toml"), &unix).unwrap_err().to_string();
+        assert!(e.contains("reuseport is for TCP listeners"), "{e}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod admin;
 mod control;
 pub mod daemon;
 mod health;
+mod listeners;
 mod pidfile;
 mod upgrade;
 
@@ -34,10 +35,12 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use slog::Logger;
 
-use crate::channel::{self, Channel, ListenerEntry, ToMaster, ToWorker, WORKER_FD_ENV};
+use crate::channel::{self, Channel, ToMaster, ToWorker, WORKER_FD_ENV};
 use crate::config::{Config, ListenerConfig};
+
 use crate::log::Log;
 use crate::shm::{Region, SlotTable};
+use listeners::Bound;
 
 pub use admin::handover_name as admin_handover_name;
 pub use pidfile::{read_pid, running_master, NotRunning, PidFile};
@@ -92,13 +95,6 @@ pub struct Inherited {
     pub shared: Option<(Region, Vec<(String, u32)>)>,
     /// The admin listening socket, when the configuration keeps its address.
     pub admin: Option<OwnedFd>,
-}
-
-/// A bound listening socket.
-struct Bound {
-    config: ListenerConfig,
-    fd: OwnedFd,
-    entry: ListenerEntry,
 }
 
 /// A worker process.
@@ -233,7 +229,7 @@ impl Master {
         args: MasterArgs,
         config: Config,
         config_text: String,
-        listeners: Vec<(ListenerConfig, OwnedFd)>,
+        listeners: Vec<(ListenerConfig, Vec<OwnedFd>)>,
         log: Log,
         handover: Option<Channel>,
         inherited: Inherited,
@@ -250,13 +246,10 @@ impl Master {
             Ok(x) => x,
             Err(e) => return Err((e, log)),
         };
-        let listeners = listeners
-            .into_iter()
-            .map(|(c, fd)| {
-                let entry = channel::entry_for(&c.address, fd.as_raw_fd());
-                Bound { config: c, fd, entry }
-            })
-            .collect();
+        let listeners = match listeners.into_iter().map(|(c, fds)| Bound::new(c, fds)).collect() {
+            Ok(l) => l,
+            Err(e) => return Err((e, log)),
+        };
         // The shared region: the predecessor's after an upgrade (its state
         // carries over), else a fresh one.
         let (region, slots) = match shared {
@@ -318,7 +311,8 @@ impl Master {
             return Err((e, m.log));
         }
         for b in &m.listeners {
-            slog::info!(m.logger(), "listening"; "address" => &b.entry.local, "backlog" => b.config.backlog);
+            slog::info!(m.logger(), "listening"; "address" => &b.entry.local, "backlog" => b.config.backlog,
+                "reuseport_sockets" => if b.config.reuseport { b.fds.len() } else { 0 });
         }
         let n = m.config.workers;
         m.slots.resize_with(n, Slot::default);
@@ -456,7 +450,7 @@ impl Master {
     fn spawn(&mut self, i: usize) {
         self.slots[i].respawn_at = None;
         let place = self.claim_place();
-        match self.spawn_process(place) {
+        match self.spawn_process(i, place) {
             Ok(p) => {
                 self.region.shared().hold_place(place, p.pid.as_raw() as u32);
                 slog::info!(self.logger(), "worker started"; "slot" => i, "place" => place, "worker_pid" => p.pid.as_raw());
@@ -516,7 +510,7 @@ impl Master {
     /// matches its master even if the file at our path was replaced), with
     /// the channel as an inherited fd, then the configuration and the
     /// listeners over the channel.
-    fn spawn_process(&mut self, place: usize) -> io::Result<WorkerProc> {
+    fn spawn_process(&mut self, slot: usize, place: usize) -> io::Result<WorkerProc> {
         #[cfg(feature = "fault-injection")]
         self.injected_spawn_failure()?;
         let (mine, theirs) = Channel::pair()?;
@@ -545,7 +539,7 @@ impl Master {
             access_log_dropped: 0,
         };
         self.send_files(&p.chan)?;
-        p.chan.send(&self.configure_message(), &self.message_fds())?;
+        p.chan.send(&self.configure_message(), &self.message_fds(slot))?;
         p.chan.set_nonblocking(true)?;
         self.poll.registry().register(
             &mut SourceFd(&p.chan.raw_fd()),
@@ -599,14 +593,6 @@ impl Master {
             listeners: self.listeners.iter().map(|b| b.entry.clone()).collect(),
             backend_slots: self.backend_slots.entries(),
         }
-    }
-
-    /// The fds that go with a `Configure` or a hand-over: every listener in
-    /// manifest order, then the shared region.
-    fn message_fds(&self) -> Vec<RawFd> {
-        let mut fds: Vec<RawFd> = self.listeners.iter().map(|b| b.fd.as_raw_fd()).collect();
-        fds.push(self.region.raw_fd());
-        fds
     }
 
     /// Gives every backend of the configuration a shared slot. A backend
@@ -757,30 +743,7 @@ impl Master {
         let path = self.args.config_path.clone();
         let crate::config::Loaded { config, text, .. } = crate::config::include::load(&path)?;
         crate::hooks::validate(&config, self.region.shared())?;
-        // Listeners: keep the sockets of unchanged addresses, bind new ones.
-        let mut next = Vec::with_capacity(config.listeners.len());
-        for l in &config.listeners {
-            let bound = match self.listeners.iter().find(|b| b.config.address == l.address) {
-                Some(b) => {
-                    let listener = || l.address.to_string();
-                    let fd =
-                        b.fd.try_clone().map_err(|source| ReloadError::Duplicate { listener: listener(), source })?;
-                    if b.config.backlog != l.backlog {
-                        crate::net::set_backlog(&fd, l.backlog)
-                            .map_err(|source| ReloadError::Backlog { listener: listener(), source })?;
-                    }
-                    Bound { config: l.clone(), fd, entry: b.entry.clone() }
-                }
-                None => {
-                    let fd = crate::net::bind(&l.address, l.backlog)
-                        .map_err(|source| ReloadError::Listen { listener: l.address.to_string(), source })?;
-                    let entry = channel::entry_for(&l.address, fd.as_raw_fd());
-                    slog::info!(self.logger(), "listening"; "address" => &entry.local);
-                    Bound { config: l.clone(), fd, entry }
-                }
-            };
-            next.push(bound);
-        }
+        let next = self.next_listeners(&config)?;
         // A new admin address is bound before anything changes.
         let admin_fd = match &config.admin {
             Some(a) if self.admin.as_ref().map(|x| &x.address) != Some(&a.address) => Some(
@@ -805,8 +768,8 @@ impl Master {
             slog::error!(self.logger(), "admin listener not changed"; "error" => %e);
         }
         let msg = self.configure_message();
-        let fds = self.message_fds();
-        for p in self.slots.iter().filter_map(|s| s.proc.as_ref()) {
+        for (slot, p) in self.slots.iter().enumerate().filter_map(|(i, s)| Some((i, s.proc.as_ref()?))) {
+            let fds = self.message_fds(slot);
             if let Err(e) = self.send_files(&p.chan).and_then(|()| p.chan.send(&msg, &fds)) {
                 slog::error!(self.log.logger, "cannot send the configuration to a worker"; "worker_pid" => p.pid.as_raw(), "error" => %e);
             }
@@ -971,6 +934,13 @@ pub enum ReloadError {
         listener: String,
         /// Why.
         source: io::Error,
+    },
+    /// `reuseport` of a listener that stays was changed: its sockets
+    /// cannot change kind while they serve.
+    #[error("reuseport of {listener} cannot change while it listens: restart Pitcher (stop, start) to change it")]
+    Reuseport {
+        /// The listener's address.
+        listener: String,
     },
     /// A new listener could not be bound.
     #[error("cannot listen on {listener}: {source}")]

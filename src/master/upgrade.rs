@@ -179,14 +179,15 @@ impl Master {
         drop(theirs);
         let pid = Pid::from_raw(child.id() as i32);
         drop(child);
-        let mut entries: Vec<ListenerEntry> = self.listeners.iter().map(|b| b.entry.clone()).collect();
-        let mut fds: Vec<std::os::fd::RawFd> = self.listeners.iter().map(|b| b.fd.as_raw_fd()).collect();
-        // The admin socket goes too, so that scrapes never find it closed.
+        let (mut entries, mut fds) = self.handoff_listeners();
+        // The admin socket goes too (before the region, the last fd), so
+        // that scrapes never find it closed.
         if let Some(a) = &self.admin {
             entries.push(ListenerEntry { name: super::admin::handover_name(&a.address), local: a.local.clone() });
+            let region = fds.pop();
             fds.push(a.fd.as_raw_fd());
+            fds.extend(region);
         }
-        fds.push(self.region.raw_fd());
         let msg = Handoff::Listeners { listeners: entries, backend_slots: self.backend_slots.entries() };
         let sent = mine.send(&msg, &fds);
         mine.set_nonblocking(true)?;

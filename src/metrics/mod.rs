@@ -417,9 +417,15 @@ fn backends(o: &mut Out, v: &View<'_>) {
         );
     }
     o.family("pitcher_backend_idle_connections", Kind::Gauge, "Idle pooled backend connections, all workers.");
-    for (cluster, addr, s, _) in &rows {
-        let idle: u64 =
-            v.workers.iter().filter_map(|w| s.idle_by_worker.get(w.place)).map(|n| u64::from(n.load(Relaxed))).sum();
+    for (cluster, addr, _, _) in &rows {
+        let slot = v.backends.slot(addr);
+        let idle: u64 = v
+            .workers
+            .iter()
+            .filter_map(|w| v.shared.place_counts(w.place))
+            .filter_map(|row| slot.and_then(|n| row.backend_idle.get(n as usize)))
+            .map(|n| u64::from(n.load(Relaxed)))
+            .sum();
         o.sample("pitcher_backend_idle_connections", &[("cluster", cluster), ("backend", addr)], idle);
     }
 }

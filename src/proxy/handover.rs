@@ -84,7 +84,7 @@ impl Core {
             let mut u = self.ups.remove(t.up);
             let _ = self.registry.deregister(&mut u.stream);
             let be = self.backends.get_mut(u.backend);
-            be.release(self.place);
+            be.release(self.shared.place_counts(self.place));
             if let Some(b) = u.buf.take() {
                 self.up_bufs.put(b);
             }
@@ -174,7 +174,7 @@ impl Core {
         }
         let up = entry.key();
         entry.insert(u);
-        self.backends.get_mut(id).acquire(self.place);
+        self.backends.get_mut(id).acquire(self.shared.place_counts(self.place));
         Ok(Tunnel {
             up,
             resp_eof: t.resp_eof,

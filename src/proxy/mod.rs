@@ -76,6 +76,7 @@ pub use self::guard::install_panic_hook;
 use self::guard::{guarded, Panic};
 pub use self::handover::Detached;
 use self::session::{Session, Spare};
+use self::state::State;
 use self::timer::Timers;
 use self::token::Kind;
 
@@ -415,8 +416,17 @@ impl Engine {
                 }
             }
         }
-        let snapshot = Snapshot::build(config, &mut core.backends, &mut core.slots, &core.log)?;
-        core.current.store(Arc::new(snapshot));
+        let snapshot = Arc::new(Snapshot::build(config, &mut core.backends, &mut core.slots, &core.log)?);
+        core.current.store(snapshot.clone());
+        // Connections between requests move to the new snapshot now: each
+        // would otherwise keep the one its last request started with until
+        // its next request, and idle keep-alive connections that span many
+        // reloads would keep as many old configurations alive.
+        for (_, s) in self.sessions.iter_mut() {
+            if matches!(s.state, State::Head { .. }) && !s.ex.finish_pending {
+                s.snap = snapshot.clone();
+            }
+        }
         let retired: Vec<usize> = core
             .ups
             .iter()
@@ -438,8 +448,9 @@ impl Engine {
             return;
         }
         metrics::here().active.store(self.sessions.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let Some(row) = self.core.shared.place_counts(place) else { return };
         for b in self.core.backends.iter() {
-            if let Some(g) = b.shm.idle_by_worker.get(place) {
+            if let Some(g) = b.slot.and_then(|n| row.backend_idle.get(n as usize)) {
                 let n = b.idle.len() as u32;
                 if g.load(std::sync::atomic::Ordering::Relaxed) != n {
                     g.store(n, std::sync::atomic::Ordering::Relaxed);

@@ -49,8 +49,9 @@ pub struct Session {
     pub(super) ex: Exchange,
     pub(super) timed: Timed,
     pub(super) requests: u64,
-    /// The configuration the current request started with (for an idle
-    /// connection: the one current when its last request started).
+    /// The configuration the current request started with (for a
+    /// connection between requests: the current one, which a reload
+    /// replaces).
     pub(super) snap: Arc<Snapshot>,
     /// Set by any byte moved or state change during one `drive`.
     pub(super) progressed: bool,

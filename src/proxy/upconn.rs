@@ -79,7 +79,7 @@ impl Core {
             u.reused = true;
             u.buf = Some(self.up_bufs.get());
             Timers::clear(&mut u.timed);
-            backend.acquire(self.place);
+            backend.acquire(self.shared.place_counts(self.place));
             metrics::add(&metrics::here().upstream_reuses, 1);
             return Ok(Some(ui));
         }
@@ -110,7 +110,7 @@ impl Core {
                 }
                 let up = entry.key();
                 entry.insert(u);
-                backend.acquire(self.place);
+                backend.acquire(self.shared.place_counts(self.place));
                 let at = self.now + s.snap.config.timeouts.upstream_connect;
                 self.timers.set(&mut s.timed, s.key, at);
                 Ok(Some(up))
@@ -140,7 +140,7 @@ impl Core {
     pub(super) fn release_upstream(&mut self, s: &Session, ui: usize, reusable: bool) {
         let u = &mut self.ups[ui];
         let be = self.backends.get_mut(u.backend);
-        be.release(self.place);
+        be.release(self.shared.place_counts(self.place));
         if let Some(buf) = u.buf.take() {
             let clean = buf.is_empty();
             self.up_bufs.put(buf);
@@ -174,7 +174,7 @@ impl Core {
     pub(super) fn release_orphans(&mut self, sid: usize) {
         let owned: Vec<usize> = self.ups.iter().filter(|(_, u)| u.owner == Some(sid)).map(|(i, _)| i).collect();
         for ui in owned {
-            self.backends.get_mut(self.ups[ui].backend).release(self.place);
+            self.backends.get_mut(self.ups[ui].backend).release(self.shared.place_counts(self.place));
             self.close_upstream(ui);
         }
     }

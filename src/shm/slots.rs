@@ -41,6 +41,11 @@ impl SlotTable {
         self.map.get(&addr.to_string()).map(|&n| self.shm(n))
     }
 
+    /// The slot of an address (as written, `127.0.0.1:9001`) if it has one.
+    pub fn slot(&self, addr: &str) -> Option<u32> {
+        self.map.get(addr).copied()
+    }
+
     /// Does `addr` have a slot?
     pub fn contains(&self, addr: &BackendAddr) -> bool {
         self.map.contains_key(&addr.to_string())

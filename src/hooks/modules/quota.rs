@@ -196,22 +196,22 @@ impl Quota {
             let l = &shared.limiters[n];
             // Entering first pins the slot: a slot with a request in flight
             // is never taken over.
-            let before = if self.s.concurrency > 0 { Some(l.enter(ctx.worker)) } else { None };
+            let before = if self.s.concurrency > 0 { Some(shared.limiter_enter(n, ctx.worker)) } else { None };
             if n != QUOTA_OVERFLOW_SLOT && l.key.load(Relaxed) != fp {
                 if before.is_some() {
-                    l.leave(ctx.worker);
+                    shared.limiter_leave(n, ctx.worker);
                 }
                 continue;
             }
             if self.s.rate_per_sec > 0 && !l.try_take(self.s.rate_per_sec, self.s.burst, now) {
                 if before.is_some() {
-                    l.leave(ctx.worker);
+                    shared.limiter_leave(n, ctx.worker);
                 }
                 return self.refuse();
             }
             if let Some(before) = before {
                 if before >= self.s.concurrency {
-                    l.leave(ctx.worker);
+                    shared.limiter_leave(n, ctx.worker);
                     l.rejected.fetch_add(1, Relaxed);
                     return self.refuse();
                 }
@@ -248,7 +248,7 @@ impl Module for Quota {
     fn request_finish(&self, _done: &Finished<'_>, ctx: &mut Ctx<'_>) {
         let held = ctx.vars.get(ctx.module);
         if held > 0 {
-            ctx.shared.limiters[held as usize - 1].leave(ctx.worker);
+            ctx.shared.limiter_leave(held as usize - 1, ctx.worker);
             ctx.vars.set(ctx.module, 0);
         }
     }
@@ -279,7 +279,7 @@ mod tests {
         assert_eq!(find_slot(s, fp(s, "tenant"), max_keys, idle, t), None, "every slot is busy");
         // A slot with a request in flight is never taken over.
         let pinned = (1..=16).find(|&i| s.limiters[i].key.load(Relaxed) != 0).unwrap();
-        s.limiters[pinned].enter(0);
+        s.limiter_enter(pinned, 0);
         t += idle;
         let mine = find_slot(s, fp(s, "tenant"), max_keys, idle, t).expect("an idle slot");
         assert_ne!(mine, pinned);

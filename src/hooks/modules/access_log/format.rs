@@ -49,6 +49,8 @@ pub enum Var {
     HttpReferer,
     RequestId,
     Route,
+    /// The worker's process id (nginx's `$pid`).
+    Pid,
 }
 
 const VARS: &[(&str, Var)] = &[
@@ -71,6 +73,7 @@ const VARS: &[(&str, Var)] = &[
     ("request_id", Var::RequestId),
     ("http_x_request_id", Var::RequestId),
     ("route", Var::Route),
+    ("pid", Var::Pid),
 ];
 
 impl Format {
@@ -326,6 +329,10 @@ fn var(o: &mut String, v: Var, clock: &Clock, d: &Finished<'_>, ctx: &Ctx<'_>) {
         Var::HttpReferer => esc(o, d.referer),
         Var::RequestId => esc(o, d.request_id),
         Var::Route => o.push_str(ctx.route.map_or("-", |r| r.name.as_str())),
+        Var::Pid => {
+            use std::fmt::Write;
+            let _ = write!(o, "{}", std::process::id());
+        }
     }
 }
 
