@@ -465,7 +465,10 @@ impl MasterRun {
         let deadline = Instant::now() + timeout;
         loop {
             self.reap_first();
-            if self.family().is_empty() {
+            // A process on its way out may already have lost its command
+            // line (so `family` misses it) and still be there: the masters
+            // seen are waited for by pid too.
+            if self.family().is_empty() && self.masters.iter().all(|&p| !alive(p)) {
                 return true;
             }
             if Instant::now() > deadline {
