@@ -118,6 +118,20 @@ struct FileConfig {
 struct FileListener {
     address: Spanned<ListenAddr>,
     backlog: Option<u32>,
+    tls: Option<Spanned<FileTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    certificates: Vec<FileCertificate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCertificate {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +177,7 @@ struct FileTimeouts {
     upstream_read_ms: Option<u64>,
     upstream_write_ms: Option<u64>,
     tunnel_idle_ms: Option<u64>,
+    tls_handshake_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -172,6 +187,7 @@ struct FileLimits {
     max_headers: Option<usize>,
     max_body_bytes: Option<u64>,
     max_connections: Option<usize>,
+    max_tls_handshakes: Option<usize>,
 }
 
 /// A listening socket to bind.
@@ -181,6 +197,28 @@ pub struct ListenerConfig {
     pub address: ListenAddr,
     /// `listen(2)` backlog.
     pub backlog: u32,
+    /// TLS is terminated on this listener (`None`: cleartext HTTP).
+    pub tls: Option<ListenerTls>,
+}
+
+/// The `tls` table of a listener: where its certificates are. Only the
+/// master reads these files (`crate::tls::load`); workers get the parsed
+/// material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    /// Certificate/key pairs in the order given; the first is the default
+    /// for clients whose server name no certificate covers.
+    pub certificates: Vec<CertificateFiles>,
+}
+
+/// One certificate chain and its private key, as PEM files (relative
+/// paths are taken from the main configuration file's directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    /// The certificate chain: the leaf first, then intermediates.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// A named group of backends.
@@ -285,6 +323,8 @@ pub struct Timeouts {
     pub upstream_write: Duration,
     /// Longest a tunnel (after a 101) may pass no byte in either direction.
     pub tunnel_idle: Duration,
+    /// Longest a TLS handshake may take, from the accept.
+    pub tls_handshake: Duration,
 }
 
 /// Size limits.
@@ -298,6 +338,8 @@ pub struct Limits {
     pub max_body_bytes: u64,
     /// Client connections per worker.
     pub max_connections: usize,
+    /// TLS handshakes in progress per worker; connections beyond are closed.
+    pub max_tls_handshakes: usize,
 }
 
 /// The resolved configuration: no `Option`s left, names resolved.
@@ -475,7 +517,23 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         if backlog == 0 {
             return Err((Some(l.address.span()), "backlog must be at least 1".into()));
         }
-        listeners.push(ListenerConfig { address, backlog });
+        let tls = match &l.tls {
+            None => None,
+            Some(t) => {
+                if t.get_ref().certificates.is_empty() {
+                    return Err((Some(t.span()), format!("listener {address}: tls.certificates is empty")));
+                }
+                let dir = path.parent().unwrap_or(Path::new("/"));
+                let certificates = t
+                    .get_ref()
+                    .certificates
+                    .iter()
+                    .map(|c| CertificateFiles { cert: dir.join(&c.cert), key: dir.join(&c.key) })
+                    .collect();
+                Some(ListenerTls { certificates })
+            }
+        };
+        listeners.push(ListenerConfig { address, backlog, tls });
     }
 
     let mut clusters: Vec<ClusterConfig> = Vec::with_capacity(f.clusters.len());
@@ -582,6 +640,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         upstream_read: ms(t.upstream_read_ms, 60_000),
         upstream_write: ms(t.upstream_write_ms, 60_000),
         tunnel_idle: ms(t.tunnel_idle_ms, 300_000),
+        tls_handshake: ms(t.tls_handshake_ms, 10_000),
     };
     for (name, d) in [
         ("client_header_ms", timeouts.client_header),
@@ -594,6 +653,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         ("upstream_read_ms", timeouts.upstream_read),
         ("upstream_write_ms", timeouts.upstream_write),
         ("tunnel_idle_ms", timeouts.tunnel_idle),
+        ("tls_handshake_ms", timeouts.tls_handshake),
     ] {
         if d.is_zero() {
             return Err((None, format!("[timeouts] {name} must be greater than 0")));
@@ -606,6 +666,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         max_headers: l.max_headers.unwrap_or(100),
         max_body_bytes: l.max_body_bytes.unwrap_or(100 * 1024 * 1024),
         max_connections: l.max_connections.unwrap_or(10_000),
+        max_tls_handshakes: l.max_tls_handshakes.unwrap_or(1_000),
     };
     if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&limits.max_header_bytes) {
         return Err((
@@ -621,6 +682,9 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
     }
     if limits.max_connections == 0 {
         return Err((None, "[limits] max_connections must be at least 1".into()));
+    }
+    if limits.max_tls_handshakes == 0 {
+        return Err((None, "[limits] max_tls_handshakes must be at least 1".into()));
     }
 
     let modules = resolve_modules(&f.modules)?;

@@ -80,6 +80,18 @@ pub struct MasterArgs {
     pub pid_file: PidFile,
 }
 
+/// A configuration as the master serves it: validated, its text resolved
+/// (what workers parse), and the certificates of its TLS listeners read
+/// from their files (what workers get instead of the files).
+pub struct Served {
+    /// The configuration.
+    pub config: Config,
+    /// Its resolved text.
+    pub text: String,
+    /// Parsed certificates and keys of every TLS listener.
+    pub tls: Vec<crate::tls::ListenerCerts>,
+}
+
 /// A bound listening socket.
 struct Bound {
     config: ListenerConfig,
@@ -169,6 +181,8 @@ pub struct Master {
     log: Log,
     config: Arc<Config>,
     config_text: String,
+    /// Certificates of the TLS listeners, sent with every `Configure`.
+    tls: Vec<crate::tls::ListenerCerts>,
     listeners: Vec<Bound>,
     slots: Vec<Slot>,
     /// Workers being drained away (after a reload lowered `workers`).
@@ -208,8 +222,7 @@ impl Master {
     /// Starts a master with its listeners bound (or received) already.
     pub fn start(
         args: MasterArgs,
-        config: Config,
-        config_text: String,
+        served: Served,
         listeners: Vec<(ListenerConfig, OwnedFd)>,
         log: Log,
         handover: Option<Channel>,
@@ -250,11 +263,13 @@ impl Master {
                 (region, t)
             }
         };
+        let Served { config, text: config_text, tls } = served;
         let mut m = Master {
             args,
             log,
             config: Arc::new(config),
             config_text,
+            tls,
             listeners,
             slots: Vec::new(),
             retiring: Vec::new(),
@@ -545,6 +560,7 @@ impl Master {
             config_text: self.config_text.clone(),
             listeners: self.listeners.iter().map(|b| b.entry.clone()).collect(),
             backend_slots: self.backend_slots.entries(),
+            tls: self.tls.clone(),
         }
     }
 
@@ -673,6 +689,12 @@ impl Master {
         let path = self.args.config_path.clone();
         let crate::config::Loaded { config, text, .. } = crate::config::include::load(&path)?;
         crate::hooks::validate(&config, self.region.shared())?;
+        // Certificates are read before anything changes: a missing file or a
+        // key that does not fit refuses the reload, the old ones keep serving.
+        let tls = crate::tls::load(&config, crate::tls::certs::now_unix())?;
+        for w in &tls.warnings {
+            slog::warn!(self.logger(), "{w}");
+        }
         // Listeners: keep the sockets of unchanged addresses, bind new ones.
         let mut next = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
@@ -706,6 +728,7 @@ impl Master {
         let workers = config.workers;
         let previous = std::mem::replace(&mut self.config, Arc::new(config));
         self.config_text = text;
+        self.tls = tls.listeners;
         self.seq += 1;
         self.assign_slots(Some(&previous));
         self.health.configure(&self.config, &mut self.backend_slots, self.poll.registry());
@@ -848,6 +871,9 @@ pub enum ReloadError {
     /// A module table is wrong.
     #[error(transparent)]
     Modules(#[from] crate::hooks::ModuleError),
+    /// A TLS listener's certificate or key is refused.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A kept listening socket could not be duplicated.
     #[error("cannot duplicate the socket of {listener}: {source}")]
     Duplicate {

@@ -20,6 +20,7 @@ use crate::hooks::Modules;
 use crate::net::{Readiness, Stream};
 use crate::router::Router;
 use crate::shm::Shared;
+use crate::tls::{Acceptors, ListenerCerts};
 use crate::upstream::{Backends, Cluster, SlotTable};
 
 use super::timer::{Timed, Timers};
@@ -38,20 +39,24 @@ pub struct Snapshot {
     pub clusters: Vec<Cluster>,
     /// The enabled modules and their pipelines.
     pub modules: Modules,
+    /// The rustls configuration of each TLS listener (its certificates).
+    pub tls: Acceptors,
 }
 
 impl Snapshot {
     /// Builds a snapshot, giving its backends ids in the worker's table.
     pub fn build(
         config: Arc<Config>,
+        tls: &[ListenerCerts],
         backends: &mut Backends,
         slots: &mut SlotTable,
         log: &Logger,
     ) -> Result<Snapshot, String> {
+        let tls = Acceptors::build(tls)?;
         let modules = Modules::build(&config, slots.shared(), log)?;
         backends.retire_all();
         let clusters = config.clusters.iter().map(|c| Cluster::new(c, backends, slots)).collect();
-        Ok(Snapshot { router: Router::new(&config), clusters, config, modules })
+        Ok(Snapshot { router: Router::new(&config), clusters, config, modules, tls })
     }
 }
 
@@ -90,7 +95,31 @@ pub struct Core {
     /// and when that was last logged (once a second at most).
     pub(super) slow_bodies: u64,
     pub(super) slow_bodies_logged: Instant,
+    /// TLS handshakes in progress and the ones that did not finish.
+    pub(super) tls: TlsCounts,
 }
+
+/// A worker's TLS handshakes: in progress (limited by
+/// `[limits] max_tls_handshakes`), and the connections closed before one
+/// finished, by cause; logged once a second at most with the totals.
+#[derive(Debug, Default)]
+pub struct TlsCounts {
+    /// Handshakes started and not finished or abandoned yet.
+    pub handshaking: usize,
+    /// Connections closed at accept: too many handshakes in progress.
+    pub refused: u64,
+    /// Handshakes that failed (not TLS, no common protocol, bad record).
+    pub failed: u64,
+    /// Handshakes that did not finish within `tls_handshake_ms`.
+    pub timed_out: u64,
+    /// Lines written in the current second, and when it started.
+    pub logged: u32,
+    pub logged_since: Option<Instant>,
+}
+
+/// Lines a second about TLS refusals, at most (a flood is summed up by the
+/// totals on the next line).
+const TLS_LINES_PER_SECOND: u32 = 10;
 
 /// A connection to a backend: in use by a session, or idle in its pool.
 #[derive(Debug)]
@@ -110,6 +139,23 @@ pub struct UpConn {
 }
 
 impl Core {
+    /// A TLS connection closed before its handshake finished: a line with
+    /// the totals (a few a second at most).
+    pub(super) fn log_tls_refusal(&mut self, what: &str, peer: &dyn std::fmt::Debug) {
+        let t = &mut self.tls;
+        if t.logged_since.is_none_or(|s| self.now.saturating_duration_since(s) >= std::time::Duration::from_secs(1)) {
+            t.logged_since = Some(self.now);
+            t.logged = 0;
+        }
+        if t.logged >= TLS_LINES_PER_SECOND {
+            return;
+        }
+        t.logged += 1;
+        slog::info!(self.log, "TLS connection closed before its handshake finished"; "reason" => what,
+            "peer" => format!("{peer:?}"), "handshaking" => self.tls.handshaking, "refused_total" => self.tls.refused,
+            "failed_total" => self.tls.failed, "timed_out_total" => self.tls.timed_out);
+    }
+
     /// A new request id: 16 hex digits, unique per process (a counter
     /// mixed with a random seed, so ids do not reveal request counts).
     pub(super) fn next_request_id(&mut self) -> [u8; 16] {

@@ -55,6 +55,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use mio::{Interest, Registry};
+use rustls::ServerConfig;
 use slab::Slab;
 use slog::Logger;
 
@@ -64,10 +65,11 @@ use crate::hooks::modules::{Controller, DegradeSettings};
 use crate::hooks::Verdict;
 use crate::net::{Peer, Stream};
 use crate::shm::Shared;
+use crate::tls::{ClientStream, ListenerCerts};
 use crate::upstream::{Backends, SlotTable};
 
-use self::core::Core;
 pub use self::core::Snapshot;
+use self::core::{Core, TlsCounts};
 pub use self::guard::install_panic_hook;
 use self::guard::{guarded, Panic};
 use self::session::{Session, Spare};
@@ -98,6 +100,7 @@ impl Engine {
     pub fn new(
         registry: Registry,
         config: Arc<Config>,
+        tls: &[ListenerCerts],
         mut slots: SlotTable,
         place: usize,
         log: Logger,
@@ -105,7 +108,7 @@ impl Engine {
         let buf_size = config.limits.max_header_bytes.max(MIN_BUFFER);
         let mut backends = Backends::default();
         let degrade = DegradeSettings::from_config(&config).map(Controller::new);
-        let snapshot = Snapshot::build(config, &mut backends, &mut slots, &log)?;
+        let snapshot = Snapshot::build(config, tls, &mut backends, &mut slots, &log)?;
         let shared = slots.shared();
         Ok(Engine {
             sessions: Slab::with_capacity(1024),
@@ -129,6 +132,7 @@ impl Engine {
                 draining: false,
                 slow_bodies: 0,
                 slow_bodies_logged: Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now),
+                tls: TlsCounts::default(),
             },
             spares: Vec::new(),
             panics: 0,
@@ -177,7 +181,26 @@ impl Engine {
 
     /// A connection was accepted: a session for it, its header deadline,
     /// and the ACCEPT point (whose modules may answer or close it).
-    pub fn open(&mut self, mut stream: Stream, peer: Peer, snap: &Arc<Snapshot>) {
+    /// `tls`: the listener's TLS configuration, `None` for cleartext. A
+    /// TLS connection over `[limits] max_tls_handshakes` handshakes in
+    /// progress is closed at once (counted and logged).
+    pub fn open(&mut self, stream: Stream, peer: Peer, tls: Option<&Arc<ServerConfig>>, snap: &Arc<Snapshot>) {
+        let timeouts = &snap.config.timeouts;
+        let (mut stream, deadline) = match tls {
+            None => (ClientStream::Plain(stream), timeouts.client_header),
+            Some(_) if self.core.tls.handshaking >= snap.config.limits.max_tls_handshakes => {
+                self.core.tls.refused += 1;
+                self.core.log_tls_refusal("max_tls_handshakes reached", &peer);
+                return;
+            }
+            Some(config) => match ClientStream::tls(stream, config) {
+                Ok(s) => (s, timeouts.tls_handshake),
+                Err(e) => {
+                    slog::error!(self.core.log, "cannot start a TLS connection"; "error" => %e);
+                    return;
+                }
+            },
+        };
         let entry = self.sessions.vacant_entry();
         let idx = entry.key();
         let key = token::token(Kind::Client, idx);
@@ -186,8 +209,11 @@ impl Engine {
             return;
         }
         let spare = self.spares.pop();
+        if stream.handshaking() {
+            self.core.tls.handshaking += 1;
+        }
         let s = entry.insert(Session::new(key.0, stream, peer, snap.clone(), spare));
-        let at = self.core.now + snap.config.timeouts.client_header;
+        let at = self.core.now + deadline;
         self.core.timers.set(&mut s.timed, key.0, at);
         let core = &mut self.core;
         match guarded(|| core.hook_accept(s)) {
@@ -276,6 +302,10 @@ impl Engine {
             slog::error!(self.core.log, "panic while closing a connection after a panic"; "panic" => %p.message,
                 "location" => %p.location);
             if self.sessions.contains(idx) {
+                let stream = &mut self.sessions[idx].stream;
+                if stream.handshaking() || stream.take_handshake_done() {
+                    self.core.tls.handshaking = self.core.tls.handshaking.saturating_sub(1);
+                }
                 drop(self.sessions.remove(idx));
             }
         }
@@ -289,6 +319,12 @@ impl Engine {
             return;
         }
         let mut s = self.sessions.remove(idx);
+        if s.stream.handshaking() || s.stream.take_handshake_done() {
+            self.core.tls.handshaking = self.core.tls.handshaking.saturating_sub(1);
+        } else if s.stream.is_tls() {
+            // close_notify, if the socket takes it now.
+            s.stream.shutdown_write();
+        }
         if s.ex.finish_pending && s.ex.status == 0 {
             s.ex.status = 499; // The client went away before a response (nginx's 499).
         }
@@ -322,7 +358,7 @@ impl Engine {
     /// Serves new requests with `config`; requests in flight keep the
     /// snapshot they have. Idle connections to backends no cluster names
     /// any more are closed.
-    pub fn reconfigure(&mut self, config: Arc<Config>) -> Result<(), String> {
+    pub fn reconfigure(&mut self, config: Arc<Config>, tls: &[ListenerCerts]) -> Result<(), String> {
         let core = &mut self.core;
         let buf_size = config.limits.max_header_bytes.max(MIN_BUFFER);
         if buf_size != core.bufs.size() {
@@ -341,7 +377,7 @@ impl Engine {
                 }
             }
         }
-        let snapshot = Snapshot::build(config, &mut core.backends, &mut core.slots, &core.log)?;
+        let snapshot = Snapshot::build(config, tls, &mut core.backends, &mut core.slots, &core.log)?;
         core.current.store(Arc::new(snapshot));
         let retired: Vec<usize> = core
             .ups

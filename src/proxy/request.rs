@@ -71,6 +71,11 @@ impl Core {
             }
             let inb = s.inb.get_or_insert_with(|| self.bufs.get());
             match read_into(&mut s.stream, &mut s.rd, inb) {
+                Err(e) if s.stream.handshaking() => {
+                    self.tls.failed += 1;
+                    self.log_tls_refusal(&e.to_string(), &s.peer);
+                    return (State::Head { started }, Step::Close);
+                }
                 Ok(Some(0)) | Err(_) => return (State::Head { started }, Step::Close),
                 Ok(Some(_)) => {
                     s.progressed = true;
@@ -208,7 +213,8 @@ impl Core {
             Peer::Ip(ip) => Some(ip),
             Peer::Unix => None,
         };
-        p.queue_head(&s.req, client, s.ex.upgrade);
+        let scheme = if s.stream.is_tls() { hw::Scheme::Https } else { hw::Scheme::Http };
+        p.queue_head(&s.req, client, scheme, s.ex.upgrade);
         (State::Proxy(p), Step::Again)
     }
 

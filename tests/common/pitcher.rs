@@ -434,6 +434,8 @@ pub fn run_pitcher(args: &[&str], timeout: Duration) -> RunOutput {
 #[derive(Debug, Clone)]
 pub struct ConfigBuilder {
     top: Vec<String>,
+    /// Keys of the `[[listeners]]` table besides its address.
+    listener: Vec<String>,
     clusters: Vec<String>,
     routes: Vec<String>,
     sections: Vec<String>,
@@ -453,6 +455,7 @@ impl ConfigBuilder {
     pub fn new() -> ConfigBuilder {
         ConfigBuilder {
             top: vec!["workers = 1".into(), "log_level = \"info\"".into()],
+            listener: Vec::new(),
             clusters: Vec::new(),
             routes: Vec::new(),
             sections: Vec::new(),
@@ -464,6 +467,12 @@ impl ConfigBuilder {
         let key = line.split('=').next().unwrap_or_default().trim().to_string();
         self.top.retain(|l| l.split('=').next().unwrap_or_default().trim() != key);
         self.top.push(line.to_string());
+        self
+    }
+
+    /// A `key = value` line of the listener's table (`tls = { ... }`).
+    pub fn listener(mut self, line: &str) -> Self {
+        self.listener.push(line.to_string());
         self
     }
 
@@ -517,6 +526,10 @@ impl ConfigBuilder {
             t.push('\n');
         }
         t.push_str(&format!("\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n"));
+        for l in &self.listener {
+            t.push_str(l);
+            t.push('\n');
+        }
         for c in self.clusters.iter().chain(&self.routes).chain(&self.sections) {
             t.push('\n');
             t.push_str(c);

@@ -49,6 +49,8 @@ pub enum Var {
     HttpReferer,
     RequestId,
     Route,
+    SslProtocol,
+    SslCipher,
 }
 
 const VARS: &[(&str, Var)] = &[
@@ -71,6 +73,8 @@ const VARS: &[(&str, Var)] = &[
     ("request_id", Var::RequestId),
     ("http_x_request_id", Var::RequestId),
     ("route", Var::Route),
+    ("ssl_protocol", Var::SslProtocol),
+    ("ssl_cipher", Var::SslCipher),
 ];
 
 impl Format {
@@ -326,6 +330,8 @@ fn var(o: &mut String, v: Var, clock: &Clock, d: &Finished<'_>, ctx: &Ctx<'_>) {
         Var::HttpReferer => esc(o, d.referer),
         Var::RequestId => esc(o, d.request_id),
         Var::Route => o.push_str(ctx.route.map_or("-", |r| r.name.as_str())),
+        Var::SslProtocol => o.push_str(d.tls.map_or("-", |t| t.0)),
+        Var::SslCipher => o.push_str(d.tls.map_or("-", |t| t.1)),
     }
 }
 
