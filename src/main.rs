@@ -429,6 +429,9 @@ fn single_process(served: Served) -> Result<ExitCode, MainError> {
     }
     let (stop, quit) = worker_signals().map_err(MainError::Signals)?;
     let shared = Region::create().map_err(MainError::Region)?.leak();
+    // No master rotates the session-ticket key: one for the process's life.
+    let period = config.tls_ticket_key_rotation.as_millis() as u64;
+    pitcher::tls::tickets::rotate_if_due(&shared.tickets, pitcher::shm::now_ms(), period);
     let init = pitcher::worker::WorkerInit {
         config: Arc::new(config),
         listeners,

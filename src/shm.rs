@@ -22,7 +22,7 @@
 //!
 //! Owns: the region's layout, creating, sealing and mapping it, worker
 //! places, the key hash, the shared clock, the table of backend slots
-//! ([`SlotTable`]).
+//! ([`SlotTable`]), the TLS session-ticket keys ([`TicketKeys`]).
 //! Must not: hold policy (what counts as a failure lives in `health`).
 
 use std::io;
@@ -36,7 +36,9 @@ use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::mman::{mmap, MapFlags, ProtFlags};
 
 mod slots;
+mod tickets;
 pub use slots::SlotTable;
+pub use tickets::{TicketKeys, TICKET_KEY_BYTES};
 
 /// Backend slots in a region; addresses get slots for the instance's life.
 pub const MAX_BACKENDS: usize = 4096;
@@ -63,7 +65,7 @@ pub const MAX_RATE_PER_SEC: u64 = 10_000_000;
 /// Largest burst a token bucket accepts.
 pub const MAX_BURST: u64 = 10_000_000;
 /// Identifies a Pitcher region and its layout version.
-const MAGIC: u64 = 0x5049_5443_4845_5205; // "PITCHER" + layout 5
+const MAGIC: u64 = 0x5049_5443_4845_5206; // "PITCHER" + layout 6
 /// Seals every region carries: its size can never change.
 const SEALS: SealFlag = SealFlag::from_bits_truncate(
     SealFlag::F_SEAL_SHRINK.bits() | SealFlag::F_SEAL_GROW.bits() | SealFlag::F_SEAL_SEAL.bits(),
@@ -186,6 +188,8 @@ pub struct Shared {
     /// Who holds each worker place: 0 free, else the pid of the worker
     /// there (or of the master that is starting it).
     places: [AtomicU32; MAX_WORKERS],
+    /// TLS session-ticket keys, drawn and rotated by the master.
+    pub tickets: TicketKeys,
 }
 
 /// A mapped region. Mappings are never unmapped while the process runs

@@ -664,3 +664,86 @@ fn handshakes_over_the_limit_are_refused_and_counted() {
         p.log()
     );
 }
+
+/// `openssl s_client` sending `request` and reading until the server
+/// closes; returns what it printed (stdout then stderr).
+fn s_client_request(ca: &Path, port: u16, args: &[&str], request: &str) -> String {
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-ign_eof", "-connect", &format!("127.0.0.1:{port}"), "-CAfile"])
+        .arg(ca)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn openssl s_client");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(request.as_bytes()).unwrap();
+    drop(stdin);
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let Ok(Ok(out)) = rx.recv_timeout(CLIENT_TIMEOUT) else {
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+        panic!("openssl s_client (pid {pid}) did not finish in {CLIENT_TIMEOUT:?}");
+    };
+    format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn sessions_resume_by_tickets_across_workers_reloads_and_an_upgrade() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pki = Pki::new(scratch.path());
+    let (c, k) = pki.leaf("site", "site", KeyType::Ecdsa, &["r.test"], None);
+    let b = Backend::start("app");
+    let builder = ConfigBuilder::new()
+        .top("workers = 2")
+        .top("upgrade_timeout_ms = 5000")
+        .listener("tls = { certificates = [{ cert = \"@DIR@/site.pem\", key = \"@DIR@/site.key\" }] }")
+        .cluster("app", [b.spec()])
+        .route(None, "/", "app");
+    let mut m = MasterRun::start_prepared(&builder, |d| {
+        std::fs::copy(&c, d.join("site.pem")).unwrap();
+        std::fs::copy(&k, d.join("site.key")).unwrap();
+    });
+    let port = m.port();
+    let ca = pki.ca();
+    let request = "GET / HTTP/1.1\r\nHost: r.test\r\nConnection: close\r\n\r\n";
+    let s13 = scratch.path().join("s13.pem");
+    let s12 = scratch.path().join("s12.pem");
+    let (s13_, s12_) = (s13.to_str().unwrap(), s12.to_str().unwrap());
+
+    let out = s_client_request(&ca, port, &["-servername", "r.test", "-sess_out", s13_], request);
+    assert!(out.contains("New, TLSv1.3") && out.contains("ok from app"), "{out}\n{}", m.log());
+    let out = s_client_request(&ca, port, &["-servername", "r.test", "-tls1_2", "-sess_out", s12_], request);
+    assert!(out.contains("New, TLSv1.2") && out.contains("ok from app"), "{out}");
+
+    let resumes = |m: &MasterRun, what: &str| {
+        for _ in 0..4 {
+            let out = s_client_request(&ca, port, &["-servername", "r.test", "-sess_in", s13_], request);
+            assert!(out.contains("Reused, TLSv1.3") && out.contains("ok from app"), "{what}: {out}\n{}", m.log());
+            let out = s_client_request(&ca, port, &["-servername", "r.test", "-tls1_2", "-sess_in", s12_], request);
+            assert!(out.contains("Reused, TLSv1.2") && out.contains("ok from app"), "{what}: {out}");
+        }
+    };
+    // Four connections each (two workers share one accept queue).
+    resumes(&m, "first generation");
+    for i in 1..=3 {
+        let out = m.signal_cmd("reload");
+        assert!(out.status.success(), "reload {i}: {}", out.all());
+        resumes(&m, &format!("after reload {i}"));
+    }
+
+    let old = m.pid().unwrap();
+    m.install_binary();
+    let out = m.signal_cmd("upgrade");
+    assert!(out.status.success(), "{}\n{}", out.all(), m.log());
+    let new = m.pid().unwrap();
+    assert_ne!(new, old);
+    m.track(new);
+    assert!(common::master::wait_gone(old, Duration::from_secs(10)), "the old master exits");
+    resumes(&m, "after the upgrade");
+    assert_eq!(m.log().matches("TLS session-ticket key rotated").count(), 1, "one key, drawn once:\n{}", m.log());
+}

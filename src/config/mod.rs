@@ -96,6 +96,7 @@ struct FileConfig {
     upgrade_timeout_ms: Option<u64>,
     normalize_upstream_path: Option<bool>,
     forward_expect: Option<bool>,
+    tls_ticket_key_rotation_ms: Option<u64>,
     #[serde(default)]
     listeners: Vec<FileListener>,
     #[serde(default)]
@@ -374,6 +375,9 @@ pub struct Config {
     /// Pass `Expect: 100-continue` on to backends (Pitcher answers it
     /// itself either way; a backend's own 100 is then not relayed again).
     pub forward_expect: bool,
+    /// How often the master draws a new TLS session-ticket key (tickets
+    /// stay valid two periods after their key stopped sealing).
+    pub tls_ticket_key_rotation: Duration,
     /// Sockets to listen on.
     pub listeners: Vec<ListenerConfig>,
     /// Backend clusters, by index.
@@ -688,6 +692,9 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
     }
 
     let modules = resolve_modules(&f.modules)?;
+    if f.tls_ticket_key_rotation_ms.is_some_and(|v| v < 1000) {
+        return Err((None, "tls_ticket_key_rotation_ms must be at least 1000".into()));
+    }
 
     Ok(Config {
         source: path.to_path_buf(),
@@ -709,6 +716,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
             .collect(),
         normalize_upstream_path: f.normalize_upstream_path.unwrap_or(false),
         forward_expect: f.forward_expect.unwrap_or(false),
+        tls_ticket_key_rotation: ms(f.tls_ticket_key_rotation_ms, 43_200_000),
         listeners,
         clusters,
         routes,

@@ -293,6 +293,7 @@ impl Master {
             places_swept: Instant::now(),
         };
         m.assign_slots(None);
+        m.rotate_ticket_keys();
         m.health.configure(&m.config, &mut m.backend_slots, m.poll.registry());
         if let Err(e) = m.write_pid_file().and_then(|()| m.bind_control()) {
             m.cleanup();
@@ -392,6 +393,7 @@ impl Master {
             self.health.tick(self.poll.registry(), &self.log.logger);
         }
         self.sweep_places(now);
+        self.rotate_ticket_keys();
         self.upgrade_tick(now);
         self.handover_tick();
         self.reply_pending(now);
@@ -570,6 +572,16 @@ impl Master {
         let mut fds: Vec<RawFd> = self.listeners.iter().map(|b| b.fd.as_raw_fd()).collect();
         fds.push(self.region.raw_fd());
         fds
+    }
+
+    /// Draws the first TLS session-ticket key of a new region, and a new
+    /// one each `tls_ticket_key_rotation` (after an upgrade, the schedule
+    /// goes on from the old master's last key).
+    fn rotate_ticket_keys(&self) {
+        let period = self.config.tls_ticket_key_rotation.as_millis() as u64;
+        if crate::tls::tickets::rotate_if_due(&self.region.shared().tickets, crate::shm::now_ms(), period) {
+            slog::info!(self.logger(), "TLS session-ticket key rotated"; "rotation_ms" => period);
+        }
     }
 
     /// Gives every backend of the configuration a shared slot. A backend

@@ -52,7 +52,9 @@ impl Snapshot {
         slots: &mut SlotTable,
         log: &Logger,
     ) -> Result<Snapshot, String> {
-        let tls = Acceptors::build(tls)?;
+        // Tickets stay valid while their key is held: two rotations after
+        // it stopped sealing.
+        let tls = Acceptors::build(tls, &slots.shared().tickets, config.tls_ticket_key_rotation * 2)?;
         let modules = Modules::build(&config, slots.shared(), log)?;
         backends.retire_all();
         let clusters = config.clusters.iter().map(|c| Cluster::new(c, backends, slots)).collect();

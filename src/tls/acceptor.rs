@@ -16,6 +16,11 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
+use std::time::Duration;
+
+use crate::shm::TicketKeys;
+
+use super::tickets::SharedTicketer;
 use super::x509;
 use super::{CertKey, KeyFormat, ListenerCerts};
 
@@ -26,11 +31,20 @@ pub struct Acceptors {
 }
 
 impl Acceptors {
-    /// Builds the configuration of every listener in `material`.
-    pub fn build(material: &[ListenerCerts]) -> Result<Acceptors, String> {
+    /// Builds the configuration of every listener in `material`; session
+    /// tickets are sealed with `tickets`, valid for `ticket_lifetime`.
+    pub fn build(
+        material: &[ListenerCerts],
+        tickets: &'static TicketKeys,
+        ticket_lifetime: Duration,
+    ) -> Result<Acceptors, String> {
         let mut by_listener = Vec::with_capacity(material.len());
+        // TLS 1.3 caps a ticket's lifetime at 7 days.
+        let lifetime_s = ticket_lifetime.as_secs().clamp(1, 604_800) as u32;
         for l in material {
-            let config = server_config(&l.certificates).map_err(|e| format!("listener {}: {e}", l.listener))?;
+            let ticketer = Arc::new(SharedTicketer::new(tickets, lifetime_s));
+            let config =
+                server_config(&l.certificates, ticketer).map_err(|e| format!("listener {}: {e}", l.listener))?;
             by_listener.push((l.listener.clone(), config));
         }
         Ok(Acceptors { by_listener })
@@ -51,7 +65,7 @@ impl Acceptors {
 /// The ALPN protocols offered: HTTP/1.1 only, until HTTP/2 exists.
 const ALPN: &[&[u8]] = &[b"http/1.1"];
 
-fn server_config(certs: &[CertKey]) -> Result<Arc<ServerConfig>, String> {
+fn server_config(certs: &[CertKey], ticketer: Arc<SharedTicketer>) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let resolver = SniResolver::new(certs)?;
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -60,6 +74,10 @@ fn server_config(certs: &[CertKey]) -> Result<Arc<ServerConfig>, String> {
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    config.ticketer = ticketer;
+    // Resumption by tickets only: a session cache would be per worker, and
+    // emptied by every reload.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(config))
 }
 

@@ -11,6 +11,8 @@
 //!   (ECDSA or RSA).
 //! * [`stream`]: [`ClientStream`], a client connection in cleartext or
 //!   TLS, driven without blocking from the worker's `mio` loop.
+//! * [`tickets`]: session tickets sealed with keys the master keeps in the
+//!   shared region, so a client resumes on any worker of any generation.
 //! * [`x509`]: the DNS names and expiry read from a certificate.
 //!
 //! Must not: block, know HTTP, or read files in a worker.
@@ -18,6 +20,7 @@
 pub mod acceptor;
 pub mod certs;
 pub mod stream;
+pub mod tickets;
 pub mod x509;
 
 use std::fmt;
