@@ -747,3 +747,42 @@ fn sessions_resume_by_tickets_across_workers_reloads_and_an_upgrade() {
     resumes(&m, "after the upgrade");
     assert_eq!(m.log().matches("TLS session-ticket key rotated").count(), 1, "one key, drawn once:\n{}", m.log());
 }
+
+#[test]
+fn a_cleartext_listener_redirects_to_https_and_curl_follows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let a = pki.leaf("a", "a", KeyType::Ecdsa, &["a.test", "www.a.test"], None);
+    let backend = Backend::start("app");
+    let (tls_port, http_port) = (free_port(), free_port());
+    let text = ConfigBuilder::new()
+        .listener(&tls_line(&[a]))
+        .cluster("app", [backend.spec()])
+        .route(None, "/", "app")
+        .section(&format!("[[listeners]]\naddress = \"127.0.0.1:{http_port}\"\nredirect_https_port = {tls_port}"))
+        .build(tls_port);
+    let p = Pitcher::start(&text);
+    let http: SocketAddr = ([127, 0, 0, 1], http_port).into();
+
+    let r = Client::connect(http).request(b"GET /x?y=1 HTTP/1.1\r\nHost: WWW.a.test:80\r\n\r\n");
+    assert_eq!(r.status, 301, "{}", r.head_str());
+    assert_eq!(r.header("location"), Some(format!("https://www.a.test:{tls_port}/x?y=1").as_str()));
+    let r = Client::connect(http).request(&request_bytes("POST", "a.test", "/form", &[], b"k=v"));
+    assert_eq!(r.status, 308, "a POST keeps its method: {}", r.head_str());
+    assert_eq!(r.header("location"), Some(format!("https://a.test:{tls_port}/form").as_str()));
+    let r = Client::connect(http).request(b"GET http://a.test/abs HTTP/1.1\r\nHost: a.test\r\n\r\n");
+    assert_eq!(r.header("location"), Some(format!("https://a.test:{tls_port}/abs").as_str()), "{}", r.head_str());
+    let r = Client::connect(http).request(b"GET / HTTP/1.0\r\n\r\n");
+    assert_eq!(r.status, 400, "no host to redirect to: {}", r.head_str());
+    assert_eq!(backend.requests(), 0, "a redirect never reaches a backend");
+
+    let (ok, out, err) = run(Command::new("curl")
+        .args(["-sS", "-L", "--max-time", "10", "--cacert"])
+        .arg(pki.ca())
+        .args(["--resolve", &format!("a.test:{http_port}:127.0.0.1")])
+        .args(["--resolve", &format!("a.test:{tls_port}:127.0.0.1")])
+        .args(["-w", "\n%{url_effective} %{http_code}", &format!("http://a.test:{http_port}/follow")]));
+    assert!(ok, "{err}\n{}", p.log());
+    assert_eq!(out, format!("ok from app\nhttps://a.test:{tls_port}/follow 200"));
+    assert_eq!(backend.last_request().unwrap().header("x-forwarded-proto"), Some("https"));
+}

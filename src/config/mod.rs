@@ -120,6 +120,7 @@ struct FileListener {
     address: Spanned<ListenAddr>,
     backlog: Option<u32>,
     tls: Option<Spanned<FileTls>>,
+    redirect_https_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,6 +201,9 @@ pub struct ListenerConfig {
     pub backlog: u32,
     /// TLS is terminated on this listener (`None`: cleartext HTTP).
     pub tls: Option<ListenerTls>,
+    /// A cleartext listener that answers every request with a redirect to
+    /// `https://` on this port (301 for GET and HEAD, 308 for others).
+    pub redirect_https_port: Option<u16>,
 }
 
 /// The `tls` table of a listener: where its certificates are. Only the
@@ -537,7 +541,20 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
                 Some(ListenerTls { certificates })
             }
         };
-        listeners.push(ListenerConfig { address, backlog, tls });
+        let redirect_https_port = l.redirect_https_port;
+        if redirect_https_port == Some(0) {
+            return Err((
+                Some(l.address.span()),
+                format!("listener {address}: redirect_https_port must be 1 to 65535"),
+            ));
+        }
+        if redirect_https_port.is_some() && tls.is_some() {
+            return Err((
+                Some(l.address.span()),
+                format!("listener {address}: a TLS listener cannot redirect to https (redirect_https_port)"),
+            ));
+        }
+        listeners.push(ListenerConfig { address, backlog, tls, redirect_https_port });
     }
 
     let mut clusters: Vec<ClusterConfig> = Vec::with_capacity(f.clusters.len());
@@ -865,6 +882,33 @@ client_header_ms = 5000
         let e = Config::parse(Path::new("t.toml"), &bad).unwrap_err();
         assert_eq!(e.line_col.unwrap().0, 12, "{e}");
         assert!(e.reason.contains("nope"));
+    }
+
+    #[test]
+    fn tls_tables_resolve_relative_paths_and_refuse_contradictions() {
+        let with = |extra: &str| {
+            GOOD.replace("address = \"127.0.0.1:8080\"", &format!("address = \"127.0.0.1:8080\"\n{extra}"))
+        };
+        let c = Config::parse(
+            Path::new("/etc/p/t.toml"),
+            &with("tls = { certificates = [{ cert = \"a.pem\", key = \"/k/a.key\" }] }"),
+        )
+        .unwrap();
+        let tls = c.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.certificates[0].cert, Path::new("/etc/p/a.pem"));
+        assert_eq!(tls.certificates[0].key, Path::new("/k/a.key"));
+        let e = Config::parse(Path::new("t.toml"), &with("tls = { certificates = [] }")).unwrap_err();
+        assert!(e.reason.contains("tls.certificates is empty"), "{e}");
+        let e = Config::parse(
+            Path::new("t.toml"),
+            &with("redirect_https_port = 443\ntls = { certificates = [{ cert = \"a\", key = \"b\" }] }"),
+        )
+        .unwrap_err();
+        assert!(e.reason.contains("cannot redirect"), "{e}");
+        let e = Config::parse(Path::new("t.toml"), &with("redirect_https_port = 0")).unwrap_err();
+        assert!(e.reason.contains("1 to 65535"), "{e}");
+        let c = Config::parse(Path::new("t.toml"), &with("redirect_https_port = 443")).unwrap();
+        assert_eq!(c.listeners[0].redirect_https_port, Some(443));
     }
 
     #[test]

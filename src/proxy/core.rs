@@ -41,9 +41,16 @@ pub struct Snapshot {
     pub modules: Modules,
     /// The rustls configuration of each TLS listener (its certificates).
     pub tls: Acceptors,
+    /// Listeners that redirect to https: (manifest name, https port).
+    pub redirects: Vec<(String, u16)>,
 }
 
 impl Snapshot {
+    /// The https port listener `name` redirects to, if it does.
+    pub fn redirect_https(&self, name: &str) -> Option<u16> {
+        self.redirects.iter().find(|(n, _)| n == name).map(|&(_, p)| p)
+    }
+
     /// Builds a snapshot, giving its backends ids in the worker's table.
     pub fn build(
         config: Arc<Config>,
@@ -58,7 +65,9 @@ impl Snapshot {
         let modules = Modules::build(&config, slots.shared(), log)?;
         backends.retire_all();
         let clusters = config.clusters.iter().map(|c| Cluster::new(c, backends, slots)).collect();
-        Ok(Snapshot { router: Router::new(&config), clusters, config, modules, tls })
+        let redirects =
+            config.listeners.iter().filter_map(|l| l.redirect_https_port.map(|p| (l.address.to_string(), p))).collect();
+        Ok(Snapshot { router: Router::new(&config), clusters, config, modules, tls, redirects })
     }
 }
 

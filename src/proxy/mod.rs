@@ -183,8 +183,16 @@ impl Engine {
     /// and the ACCEPT point (whose modules may answer or close it).
     /// `tls`: the listener's TLS configuration, `None` for cleartext. A
     /// TLS connection over `[limits] max_tls_handshakes` handshakes in
-    /// progress is closed at once (counted and logged).
-    pub fn open(&mut self, stream: Stream, peer: Peer, tls: Option<&Arc<ServerConfig>>, snap: &Arc<Snapshot>) {
+    /// progress is closed at once (counted and logged). `redirect_https`:
+    /// the listener answers every request with a redirect to this port.
+    pub fn open(
+        &mut self,
+        stream: Stream,
+        peer: Peer,
+        tls: Option<&Arc<ServerConfig>>,
+        redirect_https: Option<u16>,
+        snap: &Arc<Snapshot>,
+    ) {
         let timeouts = &snap.config.timeouts;
         let (mut stream, deadline) = match tls {
             None => (ClientStream::Plain(stream), timeouts.client_header),
@@ -213,6 +221,7 @@ impl Engine {
             self.core.tls.handshaking += 1;
         }
         let s = entry.insert(Session::new(key.0, stream, peer, snap.clone(), spare));
+        s.redirect_https = redirect_https;
         let at = self.core.now + deadline;
         self.core.timers.set(&mut s.timed, key.0, at);
         let core = &mut self.core;

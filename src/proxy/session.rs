@@ -76,6 +76,8 @@ pub struct Session {
     /// The current request's logger, built at its first log line
     /// (see `keys`).
     pub(super) log: Option<Logger>,
+    /// The listener redirects every request to https on this port.
+    pub(super) redirect_https: Option<u16>,
 }
 
 impl Session {
@@ -110,6 +112,7 @@ impl Session {
             writes: 0,
             spare_proxy: spare.spare_proxy,
             log: None,
+            redirect_https: None,
         }
     }
 

@@ -240,7 +240,8 @@ impl Worker {
                 self.refuse_connection(stream, max, tls.is_some());
                 continue;
             }
-            self.engine.open(stream, peer, tls, &snap);
+            let redirect = snap.redirect_https(&self.listeners[i].entry.name);
+            self.engine.open(stream, peer, tls, redirect, &snap);
         }
         // The batch ran out: `pending` stays set and the loop polls without
         // waiting, so other sockets get their turn first.
