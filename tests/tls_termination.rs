@@ -786,3 +786,117 @@ fn a_cleartext_listener_redirects_to_https_and_curl_follows_it() {
     assert_eq!(out, format!("ok from app\nhttps://a.test:{tls_port}/follow 200"));
     assert_eq!(backend.last_request().unwrap().header("x-forwarded-proto"), Some("https"));
 }
+
+/// A Python load client over TLS: `threads` keep-alive connections (a
+/// `Connection: close` or a closed connection means reconnect, as any
+/// client does), requests until the file `stop` exists; prints
+/// `ok N failed M` and the first failures.
+const TLS_LOAD: &str = r#"
+import http.client, os, socket, ssl, sys, threading, time
+ca, port, stop, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+ctx = ssl.create_default_context(cafile=ca)
+lock = threading.Lock()
+counts = {"ok": 0, "failed": 0}
+errors = []
+def connect():
+    c = http.client.HTTPSConnection("r.test", port, context=ctx, timeout=10)
+    c.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="r.test")
+    return c
+def run():
+    c = None
+    while not os.path.exists(stop):
+        try:
+            if c is None:
+                c = connect()
+            c.request("GET", "/load")
+            r = c.getresponse()
+            body = r.read()
+            good = r.status == 200 and body == b"ok from app"
+            with lock:
+                counts["ok" if good else "failed"] += 1
+                if not good: errors.append("status %d body %r" % (r.status, body[:80]))
+            if r.will_close:
+                c.close()
+                c = None
+        except Exception as e:
+            with lock:
+                counts["failed"] += 1
+                errors.append(repr(e))
+            c = None
+        time.sleep(0.005)
+ts = [threading.Thread(target=run) for _ in range(threads)]
+for t in ts: t.start()
+for t in ts: t.join()
+print("ok %d failed %d" % (counts["ok"], counts["failed"]))
+print("\n".join(errors[:5]))
+"#;
+
+#[test]
+fn no_request_over_tls_fails_during_reloads_and_an_upgrade() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pki = Pki::new(scratch.path());
+    let (c1, k1) = pki.leaf("one", "one", KeyType::Ecdsa, &["r.test"], None);
+    let (c2, k2) = pki.leaf("two", "two", KeyType::Rsa, &["r.test"], None);
+    let b = Backend::start("app");
+    let builder = ConfigBuilder::new()
+        .top("workers = 2")
+        .top("drain_timeout_ms = 1500")
+        .listener("tls = { certificates = [{ cert = \"@DIR@/site.pem\", key = \"@DIR@/site.key\" }] }")
+        .cluster("app", [b.spec()])
+        .route(None, "/", "app");
+    let mut m = MasterRun::start_prepared(&builder, |d| {
+        std::fs::copy(&c1, d.join("site.pem")).unwrap();
+        std::fs::copy(&k1, d.join("site.key")).unwrap();
+    });
+    let stop = scratch.path().join("stop");
+    let load = Command::new("python3")
+        .args(["-c", TLS_LOAD])
+        .arg(pki.ca())
+        .arg(m.port().to_string())
+        .arg(&stop)
+        .arg("4")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn python3");
+    let pid = load.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(load.wait_with_output());
+    });
+    let pause = || std::thread::sleep(Duration::from_millis(300));
+
+    pause();
+    for (i, (c, k)) in [(&c2, &k2), (&c1, &k1), (&c2, &k2)].into_iter().enumerate() {
+        std::fs::copy(c, m.dir().join("site.pem")).unwrap();
+        std::fs::copy(k, m.dir().join("site.key")).unwrap();
+        let out = m.signal_cmd("reload");
+        assert!(out.status.success(), "reload {i}: {}", out.all());
+        pause();
+    }
+    let old = m.pid().unwrap();
+    m.install_binary();
+    let out = m.signal_cmd("upgrade");
+    assert!(out.status.success(), "{}\n{}", out.all(), m.log());
+    let new = m.pid().unwrap();
+    m.track(new);
+    assert!(common::master::wait_gone(old, Duration::from_secs(10)), "the old master exits");
+    pause();
+    std::fs::write(&stop, "").unwrap();
+
+    let Ok(Ok(out)) = rx.recv_timeout(CLIENT_TIMEOUT) else {
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+        panic!("the load client (pid {pid}) did not stop");
+    };
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (ok, failed) = text
+        .lines()
+        .next()
+        .and_then(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            Some((w.get(1)?.parse::<u64>().ok()?, w.get(3)?.parse::<u64>().ok()?))
+        })
+        .unwrap_or_else(|| panic!("load output: {text}\n{}", String::from_utf8_lossy(&out.stderr)));
+    assert!(ok >= 50, "the load ran: {text}");
+    assert_eq!(failed, 0, "{text}\n{}", m.log());
+}
