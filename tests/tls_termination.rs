@@ -900,3 +900,41 @@ fn no_request_over_tls_fails_during_reloads_and_an_upgrade() {
     assert!(ok >= 50, "the load ran: {text}");
     assert_eq!(failed, 0, "{text}\n{}", m.log());
 }
+
+#[test]
+fn after_the_handshake_a_slow_head_gets_408_and_an_oversized_one_431_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let a = pki.leaf("a", "a", KeyType::Ecdsa, &["a.test"], None);
+    let backend = Backend::start("app");
+    let p = tls_pitcher(
+        dir.path(),
+        &[a],
+        &backend,
+        "[timeouts]\nclient_header_ms = 500\n[limits]\nmax_header_bytes = 2048",
+    );
+    let script = format!(
+        "import socket, ssl, time\n\
+         ctx = ssl.create_default_context(cafile={ca:?})\n\
+         def conn():\n\
+         \x20   return ctx.wrap_socket(socket.create_connection(('127.0.0.1', {port}), timeout=10), server_hostname='a.test')\n\
+         def answer(s):\n\
+         \x20   data = b''\n\
+         \x20   while True:\n\
+         \x20       chunk = s.recv(4096)\n\
+         \x20       if not chunk: return data\n\
+         \x20       data += chunk\n\
+         s = conn()\n\
+         s.sendall(b'GET / HTTP/1.1\\r\\nHost: a.test\\r\\n')\n\
+         print(answer(s).split(b'\\r\\n')[0].decode())\n\
+         s = conn()\n\
+         s.sendall(b'GET / HTTP/1.1\\r\\nHost: a.test\\r\\nX-Big: ' + b'x' * 4096 + b'\\r\\n\\r\\n')\n\
+         print(answer(s).split(b'\\r\\n')[0].decode())\n",
+        ca = pki.ca().display().to_string(),
+        port = p.addr().port()
+    );
+    let (ok, out, err) = run(Command::new("python3").arg("-c").arg(&script));
+    assert!(ok, "python failed: {err}\n{}", p.log());
+    assert_eq!(out, "HTTP/1.1 408 Request Timeout\nHTTP/1.1 431 Request Header Fields Too Large\n");
+    assert_eq!(backend.requests(), 0);
+}
