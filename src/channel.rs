@@ -228,6 +228,10 @@ pub enum ToWorker {
         listeners: Vec<ListenerEntry>,
         /// Each backend address's slot in the shared region.
         backend_slots: Vec<(String, u32)>,
+        /// Certificates and keys of the TLS listeners, parsed by the
+        /// master (workers never read key files).
+        #[serde(default)]
+        tls: Vec<crate::tls::ListenerCerts>,
     },
     /// Files the master opened for the worker (access logs), fds attached
     /// in the order of `paths`; sent before each `Configure` and `Reopen`.

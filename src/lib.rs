@@ -2,7 +2,8 @@
 //! single-threaded mio workers. See `docs/ARCHITECTURE.md`.
 //!
 //! Layers point one way: `config` and `http` are pure (no I/O); `net`,
-//! `buffer`, `shm`, `router`, `upstream` and `hooks` are the proxy's parts;
+//! `buffer`, `shm`, `router`, `upstream`, `hooks` and `tls` (TLS between a
+//! client socket and its session) are the proxy's parts;
 //! `proxy` is the state machine of client connections on them; `worker`
 //! is the process and event loop around `proxy`; `master` (which imports
 //! nothing of the engine) and the binary sit on top.
@@ -22,5 +23,6 @@ pub mod router;
 pub mod shm;
 pub mod syslog;
 pub mod timefmt;
+pub mod tls;
 pub mod upstream;
 pub mod worker;

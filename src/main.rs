@@ -17,7 +17,7 @@ use pitcher::config::{Config, ConfigError};
 use pitcher::control::{self, Request};
 use pitcher::hooks::ModuleError;
 use pitcher::master::daemon::{self, Notifier};
-use pitcher::master::{Handover, Master, MasterArgs, NotRunning, PidFile};
+use pitcher::master::{Handover, Master, MasterArgs, NotRunning, PidFile, Served};
 use pitcher::shm::{Region, SlotTable};
 
 /// Default configuration file.
@@ -150,6 +150,8 @@ enum LoadError {
     Region(std::io::Error),
     #[error(transparent)]
     Modules(#[from] ModuleError),
+    #[error(transparent)]
+    Tls(#[from] pitcher::tls::TlsError),
 }
 
 /// Why a worker could not start (printed after `pitcher: worker: `).
@@ -199,11 +201,14 @@ fn run(cli: &Cli) -> Result<ExitCode, MainError> {
         return signal(&cli.config, sig);
     }
     let path = absolute(&cli.config);
-    let (config, text, files) = match load(&path) {
+    let (served, files, warnings) = match load(&path) {
         Ok(x) => x,
         Err(source) if cli.test => return Err(MainError::Test { path, source }),
         Err(e) => return Err(e.into()),
     };
+    for w in &warnings {
+        eprintln!("pitcher: warning: {w}");
+    }
     if cli.test {
         for f in &files {
             println!("pitcher: read {}", f.display());
@@ -212,26 +217,30 @@ fn run(cli: &Cli) -> Result<ExitCode, MainError> {
         return Ok(ExitCode::SUCCESS);
     }
     if cli.single_process {
-        return single_process(config);
+        return single_process(served);
     }
-    master_main(cli, path, config, text)
+    master_main(cli, path, served)
 }
 
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// Reads and validates a configuration, module settings included.
-fn load(path: &Path) -> Result<(Config, String, Vec<PathBuf>), LoadError> {
+/// Reads and validates a configuration, module settings included, and
+/// the certificates of its TLS listeners; also returns the files read and
+/// the warnings (an expired certificate, a name no certificate covers).
+fn load(path: &Path) -> Result<(Served, Vec<PathBuf>, Vec<String>), LoadError> {
     let pitcher::config::Loaded { config, text, files } = pitcher::config::include::load(path)?;
     // Modules are checked against a scratch region (nothing is written to it).
     let scratch = Region::create().map_err(LoadError::Region)?;
     pitcher::hooks::validate(&config, scratch.leak())?;
-    Ok((config, text, files))
+    let tls = pitcher::tls::load(&config, pitcher::tls::certs::now_unix())?;
+    Ok((Served { config, text, tls: tls.listeners }, files, tls.warnings))
 }
 
 /// The master: bind (or receive, after an upgrade), detach, supervise.
-fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> Result<ExitCode, MainError> {
+fn master_main(cli: &Cli, path: PathBuf, served: Served) -> Result<ExitCode, MainError> {
+    let config = &served.config;
     let handover = Channel::from_env(channel::UPGRADE_FD_ENV).map_err(MainError::UpgradeChannel)?;
     // Before binding anything: a second master of this pid file stops here
     // with a clear message. (In an upgrade the old master has renamed its
@@ -301,7 +310,7 @@ fn master_main(cli: &Cli, path: PathBuf, config: Config, text: String) -> Result
         pid_file,
     };
     let inherited = pitcher::master::Inherited { shared, admin: admin_fd };
-    match Master::start(args, config, text, listeners, log, handover, inherited) {
+    match Master::start(args, served, listeners, log, handover, inherited) {
         Ok(m) => {
             notifier.ok();
             Ok(ExitCode::from(m.run() as u8))
@@ -350,9 +359,9 @@ fn worker_main(cli: &Cli) -> Result<ExitCode, MainError> {
         pitcher::log::take_over(&paths, fds).map_err(WorkerError::Files)?;
         first = ch.recv::<ToWorker>();
     }
-    let (config_path, text, entries, slots, fds) = match first {
-        Ok(Some((ToWorker::Configure { config_path, config_text, listeners, backend_slots, .. }, fds))) => {
-            (config_path, config_text, listeners, backend_slots, fds)
+    let (config_path, text, entries, slots, tls, fds) = match first {
+        Ok(Some((ToWorker::Configure { config_path, config_text, listeners, backend_slots, tls, .. }, fds))) => {
+            (config_path, config_text, listeners, backend_slots, tls, fds)
         }
         other => return Err(WorkerError::NoConfiguration(format!("{other:?}")).into()),
     };
@@ -376,6 +385,7 @@ fn worker_main(cli: &Cli) -> Result<ExitCode, MainError> {
         quit,
         channel: Some(ch),
         slots: SlotTable::from_entries(shared, &slots),
+        tls,
         place: std::env::var(channel::WORKER_PLACE_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(0),
     };
     let outcome = pitcher::worker::run(init);
@@ -437,7 +447,8 @@ fn drop_privileges(config: &Config) -> Result<(), PrivilegeError> {
 }
 
 /// `--single-process`: bind the listeners here and run one worker.
-fn single_process(config: Config) -> Result<ExitCode, MainError> {
+fn single_process(served: Served) -> Result<ExitCode, MainError> {
+    let Served { config, tls, .. } = served;
     let log = pitcher::log::build(&config.error_log, config.log_level, "worker").map_err(MainError::ErrorLog)?;
     let mut listeners = Vec::new();
     for l in &config.listeners {
@@ -448,6 +459,9 @@ fn single_process(config: Config) -> Result<ExitCode, MainError> {
     }
     let (stop, quit) = worker_signals().map_err(MainError::Signals)?;
     let shared = Region::create().map_err(MainError::Region)?.leak();
+    // No master rotates the session-ticket key: one for the process's life.
+    let period = config.tls_ticket_key_rotation.as_millis() as u64;
+    pitcher::tls::tickets::rotate_if_due(&shared.tickets, pitcher::shm::now_ms(), period);
     let init = pitcher::worker::WorkerInit {
         config: Arc::new(config),
         listeners,
@@ -458,6 +472,7 @@ fn single_process(config: Config) -> Result<ExitCode, MainError> {
         channel: None,
         slots: SlotTable::new(shared, true),
         place: 0,
+        tls,
     };
     if let Err(e) = pitcher::worker::run(init) {
         slog::crit!(log.logger, "worker failed"; "error" => %e);

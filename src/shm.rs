@@ -22,7 +22,7 @@
 //!
 //! Owns: the region's layout, creating, sealing and mapping it, worker
 //! places, the key hash, the shared clock, the table of backend slots
-//! ([`SlotTable`]).
+//! ([`SlotTable`]), the TLS session-ticket keys ([`TicketKeys`]).
 //! Must not: hold policy (what counts as a failure lives in `health`).
 
 use std::io;
@@ -38,7 +38,9 @@ use nix::sys::mman::{mmap, MapFlags, ProtFlags};
 pub mod metrics;
 mod slots;
 pub use metrics::MetricsShm;
+mod tickets;
 pub use slots::SlotTable;
+pub use tickets::{TicketKeys, TICKET_KEY_BYTES};
 
 /// Backend slots in a region; addresses get slots for the instance's life.
 pub const MAX_BACKENDS: usize = 4096;
@@ -65,7 +67,7 @@ pub const MAX_RATE_PER_SEC: u64 = 10_000_000;
 /// Largest burst a token bucket accepts.
 pub const MAX_BURST: u64 = 10_000_000;
 /// Identifies a Pitcher region and its layout version.
-const MAGIC: u64 = 0x5049_5443_4845_5208; // "PITCHER" + layout 8
+const MAGIC: u64 = 0x5049_5443_4845_5209; // "PITCHER" + layout 9
 /// Seals every region carries: its size can never change.
 const SEALS: SealFlag = SealFlag::from_bits_truncate(
     SealFlag::F_SEAL_SHRINK.bits() | SealFlag::F_SEAL_GROW.bits() | SealFlag::F_SEAL_SEAL.bits(),
@@ -221,6 +223,8 @@ pub struct Shared {
     by_place: [PlaceCounts; ACCOUNTED_WORKERS],
     /// The figures of `/metrics` ([`metrics`]).
     pub metrics: MetricsShm,
+    /// TLS session-ticket keys, drawn and rotated by the master.
+    pub tickets: TicketKeys,
 }
 
 /// A mapped region. Mappings are never unmapped while the process runs

@@ -22,7 +22,7 @@ fn config(backend: &Backend, reuseport: bool, extra_top: &[&str]) -> ConfigBuild
     let mut c = ConfigBuilder::new()
         .top("workers = 2")
         .top("drain_timeout_ms = 1500")
-        .listener_line(&format!("reuseport = {reuseport}"));
+        .listener(&format!("reuseport = {reuseport}"));
     for l in extra_top {
         c = c.top(l);
     }

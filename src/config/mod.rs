@@ -96,6 +96,7 @@ struct FileConfig {
     upgrade_timeout_ms: Option<u64>,
     normalize_upstream_path: Option<bool>,
     forward_expect: Option<bool>,
+    tls_ticket_key_rotation_ms: Option<u64>,
     #[serde(default)]
     listeners: Vec<FileListener>,
     #[serde(default)]
@@ -127,6 +128,21 @@ struct FileListener {
     address: Spanned<ListenAddr>,
     backlog: Option<u32>,
     reuseport: Option<bool>,
+    tls: Option<Spanned<FileTls>>,
+    redirect_https_port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    certificates: Vec<FileCertificate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCertificate {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +188,7 @@ struct FileTimeouts {
     upstream_read_ms: Option<u64>,
     upstream_write_ms: Option<u64>,
     tunnel_idle_ms: Option<u64>,
+    tls_handshake_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,6 +198,7 @@ struct FileLimits {
     max_headers: Option<usize>,
     max_body_bytes: Option<u64>,
     max_connections: Option<usize>,
+    max_tls_handshakes: Option<usize>,
 }
 
 /// A listening socket to bind.
@@ -194,6 +212,31 @@ pub struct ListenerConfig {
     /// connections over them) instead of one socket whose queue every
     /// worker accepts from. TCP only.
     pub reuseport: bool,
+    /// TLS is terminated on this listener (`None`: cleartext HTTP).
+    pub tls: Option<ListenerTls>,
+    /// A cleartext listener that answers every request with a redirect to
+    /// `https://` on this port (301 for GET and HEAD, 308 for others).
+    pub redirect_https_port: Option<u16>,
+}
+
+/// The `tls` table of a listener: where its certificates are. Only the
+/// master reads these files (`crate::tls::load`); workers get the parsed
+/// material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    /// Certificate/key pairs in the order given; the first is the default
+    /// for clients whose server name no certificate covers.
+    pub certificates: Vec<CertificateFiles>,
+}
+
+/// One certificate chain and its private key, as PEM files (relative
+/// paths are taken from the main configuration file's directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    /// The certificate chain: the leaf first, then intermediates.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// A named group of backends.
@@ -298,6 +341,8 @@ pub struct Timeouts {
     pub upstream_write: Duration,
     /// Longest a tunnel (after a 101) may pass no byte in either direction.
     pub tunnel_idle: Duration,
+    /// Longest a TLS handshake may take, from the accept.
+    pub tls_handshake: Duration,
 }
 
 /// Size limits.
@@ -311,6 +356,8 @@ pub struct Limits {
     pub max_body_bytes: u64,
     /// Client connections per worker.
     pub max_connections: usize,
+    /// TLS handshakes in progress per worker; connections beyond are closed.
+    pub max_tls_handshakes: usize,
 }
 
 /// The resolved configuration: no `Option`s left, names resolved.
@@ -345,6 +392,9 @@ pub struct Config {
     /// Pass `Expect: 100-continue` on to backends (Pitcher answers it
     /// itself either way; a backend's own 100 is then not relayed again).
     pub forward_expect: bool,
+    /// How often the master draws a new TLS session-ticket key (tickets
+    /// stay valid two periods after their key stopped sealing).
+    pub tls_ticket_key_rotation: Duration,
     /// Sockets to listen on.
     pub listeners: Vec<ListenerConfig>,
     /// Backend clusters, by index.
@@ -504,7 +554,36 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         if reuseport && matches!(address.0, SockAddr::Unix(_)) {
             return Err((Some(l.address.span()), format!("reuseport is for TCP listeners, not {address}")));
         }
-        listeners.push(ListenerConfig { address, backlog, reuseport });
+        let tls = match &l.tls {
+            None => None,
+            Some(t) => {
+                if t.get_ref().certificates.is_empty() {
+                    return Err((Some(t.span()), format!("listener {address}: tls.certificates is empty")));
+                }
+                let dir = path.parent().unwrap_or(Path::new("/"));
+                let certificates = t
+                    .get_ref()
+                    .certificates
+                    .iter()
+                    .map(|c| CertificateFiles { cert: dir.join(&c.cert), key: dir.join(&c.key) })
+                    .collect();
+                Some(ListenerTls { certificates })
+            }
+        };
+        let redirect_https_port = l.redirect_https_port;
+        if redirect_https_port == Some(0) {
+            return Err((
+                Some(l.address.span()),
+                format!("listener {address}: redirect_https_port must be 1 to 65535"),
+            ));
+        }
+        if redirect_https_port.is_some() && tls.is_some() {
+            return Err((
+                Some(l.address.span()),
+                format!("listener {address}: a TLS listener cannot redirect to https (redirect_https_port)"),
+            ));
+        }
+        listeners.push(ListenerConfig { address, backlog, reuseport, tls, redirect_https_port });
     }
 
     let mut clusters: Vec<ClusterConfig> = Vec::with_capacity(f.clusters.len());
@@ -611,6 +690,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         upstream_read: ms(t.upstream_read_ms, 60_000),
         upstream_write: ms(t.upstream_write_ms, 60_000),
         tunnel_idle: ms(t.tunnel_idle_ms, 300_000),
+        tls_handshake: ms(t.tls_handshake_ms, 10_000),
     };
     for (name, d) in [
         ("client_header_ms", timeouts.client_header),
@@ -623,6 +703,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         ("upstream_read_ms", timeouts.upstream_read),
         ("upstream_write_ms", timeouts.upstream_write),
         ("tunnel_idle_ms", timeouts.tunnel_idle),
+        ("tls_handshake_ms", timeouts.tls_handshake),
     ] {
         if d.is_zero() {
             return Err((None, format!("[timeouts] {name} must be greater than 0")));
@@ -635,6 +716,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         max_headers: l.max_headers.unwrap_or(100),
         max_body_bytes: l.max_body_bytes.unwrap_or(100 * 1024 * 1024),
         max_connections: l.max_connections.unwrap_or(10_000),
+        max_tls_handshakes: l.max_tls_handshakes.unwrap_or(1_000),
     };
     if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&limits.max_header_bytes) {
         return Err((
@@ -650,6 +732,9 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
     }
     if limits.max_connections == 0 {
         return Err((None, "[limits] max_connections must be at least 1".into()));
+    }
+    if limits.max_tls_handshakes == 0 {
+        return Err((None, "[limits] max_tls_handshakes must be at least 1".into()));
     }
 
     let modules = resolve_modules(&f.modules)?;
@@ -667,6 +752,9 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         }
         None => None,
     };
+    if f.tls_ticket_key_rotation_ms.is_some_and(|v| v < 1000) {
+        return Err((None, "tls_ticket_key_rotation_ms must be at least 1000".into()));
+    }
 
     Ok(Config {
         source: path.to_path_buf(),
@@ -688,6 +776,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
             .collect(),
         normalize_upstream_path: f.normalize_upstream_path.unwrap_or(false),
         forward_expect: f.forward_expect.unwrap_or(false),
+        tls_ticket_key_rotation: ms(f.tls_ticket_key_rotation_ms, 43_200_000),
         listeners,
         clusters,
         routes,
@@ -847,6 +936,33 @@ client_header_ms = 5000
         let e = Config::parse(Path::new("t.toml"), &bad).unwrap_err();
         assert_eq!(e.line_col.unwrap().0, 12, "{e}");
         assert!(e.reason.contains("nope"));
+    }
+
+    #[test]
+    fn tls_tables_resolve_relative_paths_and_refuse_contradictions() {
+        let with = |extra: &str| {
+            GOOD.replace("address = \"127.0.0.1:8080\"", &format!("address = \"127.0.0.1:8080\"\n{extra}"))
+        };
+        let c = Config::parse(
+            Path::new("/etc/p/t.toml"),
+            &with("tls = { certificates = [{ cert = \"a.pem\", key = \"/k/a.key\" }] }"),
+        )
+        .unwrap();
+        let tls = c.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.certificates[0].cert, Path::new("/etc/p/a.pem"));
+        assert_eq!(tls.certificates[0].key, Path::new("/k/a.key"));
+        let e = Config::parse(Path::new("t.toml"), &with("tls = { certificates = [] }")).unwrap_err();
+        assert!(e.reason.contains("tls.certificates is empty"), "{e}");
+        let e = Config::parse(
+            Path::new("t.toml"),
+            &with("redirect_https_port = 443\ntls = { certificates = [{ cert = \"a\", key = \"b\" }] }"),
+        )
+        .unwrap_err();
+        assert!(e.reason.contains("cannot redirect"), "{e}");
+        let e = Config::parse(Path::new("t.toml"), &with("redirect_https_port = 0")).unwrap_err();
+        assert!(e.reason.contains("1 to 65535"), "{e}");
+        let c = Config::parse(Path::new("t.toml"), &with("redirect_https_port = 443")).unwrap();
+        assert_eq!(c.listeners[0].redirect_https_port, Some(443));
     }
 
     #[test]

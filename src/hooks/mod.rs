@@ -337,6 +337,9 @@ pub struct Finished<'a> {
     pub request_id: &'a [u8],
     /// Every field of the request head, as forwarded (`$http_NAME`).
     pub headers: &'a crate::http::head::Head,
+    /// Over TLS: the protocol version (`TLSv1.3`) and the cipher suite's
+    /// IANA name (`TLS_AES_128_GCM_SHA256`); `None` in cleartext.
+    pub tls: Option<(&'static str, &'static str)>,
 }
 
 /// A client connection, for ACCEPT and FINISH.

@@ -65,13 +65,22 @@ fn push_framing(out: &mut Vec<u8>, f: OutFraming) {
     }
 }
 
+/// How the client reached Pitcher: the value of `X-Forwarded-Proto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Cleartext HTTP.
+    Http,
+    /// HTTP over TLS terminated by Pitcher.
+    Https,
+}
+
 /// Writes the request head sent to a backend: origin-form target,
 /// HTTP/1.1, hop-by-hop fields removed, X-Forwarded-For appended,
-/// X-Forwarded-Proto set, Host passed through, or replaced by the authority
+/// X-Forwarded-Proto set to `scheme` (whatever the client sent), Host passed through, or replaced by the authority
 /// of an absolute-form target (RFC 9112 §3.2.2), or sent empty when an
 /// HTTP/1.0 client gave neither (§3.2: every HTTP/1.1 request has one).
 /// `upgrade`: keep Upgrade and send `Connection: upgrade`.
-pub fn request_head(out: &mut Vec<u8>, req: &RequestHead, client_ip: Option<IpAddr>, upgrade: bool) {
+pub fn request_head(out: &mut Vec<u8>, req: &RequestHead, client_ip: Option<IpAddr>, scheme: Scheme, upgrade: bool) {
     let head = &req.head;
     out.extend_from_slice(req.method());
     out.push(b' ');
@@ -138,7 +147,10 @@ pub fn request_head(out: &mut Vec<u8>, req: &RequestHead, client_ip: Option<IpAd
         push_ip(out, client_ip);
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
+    out.extend_from_slice(match scheme {
+        Scheme::Http => b"X-Forwarded-Proto: http\r\n".as_slice(),
+        Scheme::Https => b"X-Forwarded-Proto: https\r\n",
+    });
     if upgrade {
         out.extend_from_slice(b"Connection: upgrade\r\n");
     }
@@ -288,7 +300,7 @@ mod tests {
         let raw = b"GET /x HTTP/1.1\r\nHost: a.example\r\nConnection: keep-alive, X-Secret, Host\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nUpgrade: h2c\r\nAccept: */*\r\n\r\n";
         r.parse(raw, 100).unwrap().unwrap();
         let mut out = Vec::new();
-        request_head(&mut out, &r, Some("127.0.0.1".parse().unwrap()), false);
+        request_head(&mut out, &r, Some("127.0.0.1".parse().unwrap()), Scheme::Http, false);
         let s = String::from_utf8(out).unwrap();
         assert_eq!(
             s,
@@ -297,22 +309,33 @@ mod tests {
     }
 
     #[test]
+    fn request_head_over_tls_says_https_whatever_the_client_sent() {
+        let mut r = RequestHead::default();
+        r.parse(b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Proto: http\r\n\r\n", 100).unwrap().unwrap();
+        let mut out = Vec::new();
+        request_head(&mut out, &r, None, Scheme::Https, false);
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.contains("\r\nX-Forwarded-Proto: https\r\n"), "{s}");
+        assert_eq!(s.matches("X-Forwarded-Proto").count(), 1, "{s}");
+    }
+
+    #[test]
     fn request_head_host_from_absolute_form_or_empty() {
         let mut r = RequestHead::default();
         r.parse(b"GET http://Up.Example:81/p?q HTTP/1.1\r\nHost: spoofed\r\nX-A: 1\r\n\r\n", 100).unwrap().unwrap();
         let mut out = Vec::new();
-        request_head(&mut out, &r, None, false);
+        request_head(&mut out, &r, None, Scheme::Http, false);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET /p?q HTTP/1.1\r\nHost: Up.Example:81\r\nX-A: 1\r\nX-Forwarded-For: unix\r\nX-Forwarded-Proto: http\r\n\r\n"
         );
         r.parse(b"GET http://a.example/ HTTP/1.1\r\n\r\n", 100).unwrap().unwrap();
         let mut out = Vec::new();
-        request_head(&mut out, &r, None, false);
+        request_head(&mut out, &r, None, Scheme::Http, false);
         assert!(String::from_utf8(out).unwrap().contains("\r\nHost: a.example\r\n"));
         r.parse(b"GET / HTTP/1.0\r\n\r\n", 100).unwrap().unwrap();
         let mut out = Vec::new();
-        request_head(&mut out, &r, None, false);
+        request_head(&mut out, &r, None, Scheme::Http, false);
         assert!(String::from_utf8(out).unwrap().starts_with("GET / HTTP/1.1\r\nHost: \r\nX-Forwarded-For: unix\r\n"));
     }
 

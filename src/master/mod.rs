@@ -97,6 +97,18 @@ pub struct Inherited {
     pub admin: Option<OwnedFd>,
 }
 
+/// A configuration as the master serves it: validated, its text resolved
+/// (what workers parse), and the certificates of its TLS listeners read
+/// from their files (what workers get instead of the files).
+pub struct Served {
+    /// The configuration.
+    pub config: Config,
+    /// Its resolved text.
+    pub text: String,
+    /// Parsed certificates and keys of every TLS listener.
+    pub tls: Vec<crate::tls::ListenerCerts>,
+}
+
 /// A worker process.
 struct WorkerProc {
     pid: Pid,
@@ -179,6 +191,8 @@ pub struct Master {
     log: Log,
     config: Arc<Config>,
     config_text: String,
+    /// Certificates of the TLS listeners, sent with every `Configure`.
+    tls: Vec<crate::tls::ListenerCerts>,
     listeners: Vec<Bound>,
     slots: Vec<Slot>,
     /// Workers being drained away (after a reload lowered `workers`).
@@ -227,8 +241,7 @@ impl Master {
     /// Starts a master with its listeners bound (or received) already.
     pub fn start(
         args: MasterArgs,
-        config: Config,
-        config_text: String,
+        served: Served,
         listeners: Vec<(ListenerConfig, Vec<OwnedFd>)>,
         log: Log,
         handover: Option<Channel>,
@@ -267,11 +280,13 @@ impl Master {
                 (region, t)
             }
         };
+        let Served { config, text: config_text, tls } = served;
         let mut m = Master {
             args,
             log,
             config: Arc::new(config),
             config_text,
+            tls,
             listeners,
             slots: Vec::new(),
             retiring: Vec::new(),
@@ -305,6 +320,7 @@ impl Master {
             m.cleanup();
             return Err((e, m.log));
         }
+        m.rotate_ticket_keys();
         m.health.configure(&m.config, &mut m.backend_slots, m.poll.registry());
         if let Err(e) = m.write_pid_file().and_then(|()| m.bind_control()) {
             m.cleanup();
@@ -416,6 +432,7 @@ impl Master {
             self.health.tick(self.poll.registry(), &self.log.logger);
         }
         self.sweep_places(now);
+        self.rotate_ticket_keys();
         self.upgrade_tick(now);
         self.handover_tick();
         self.deliver_parked();
@@ -592,6 +609,17 @@ impl Master {
             config_text: self.config_text.clone(),
             listeners: self.listeners.iter().map(|b| b.entry.clone()).collect(),
             backend_slots: self.backend_slots.entries(),
+            tls: self.tls.clone(),
+        }
+    }
+
+    /// Draws the first TLS session-ticket key of a new region, and a new
+    /// one each `tls_ticket_key_rotation` (after an upgrade, the schedule
+    /// goes on from the old master's last key).
+    fn rotate_ticket_keys(&self) {
+        let period = self.config.tls_ticket_key_rotation.as_millis() as u64;
+        if crate::tls::tickets::rotate_if_due(&self.region.shared().tickets, crate::shm::now_ms(), period) {
+            slog::info!(self.logger(), "TLS session-ticket key rotated"; "rotation_ms" => period);
         }
     }
 
@@ -743,6 +771,12 @@ impl Master {
         let path = self.args.config_path.clone();
         let crate::config::Loaded { config, text, .. } = crate::config::include::load(&path)?;
         crate::hooks::validate(&config, self.region.shared())?;
+        // Certificates are read before anything changes: a missing file or a
+        // key that does not fit refuses the reload, the old ones keep serving.
+        let tls = crate::tls::load(&config, crate::tls::certs::now_unix())?;
+        for w in &tls.warnings {
+            slog::warn!(self.logger(), "{w}");
+        }
         let next = self.next_listeners(&config)?;
         // A new admin address is bound before anything changes.
         let admin_fd = match &config.admin {
@@ -761,6 +795,7 @@ impl Master {
         let workers = config.workers;
         let previous = std::mem::replace(&mut self.config, Arc::new(config));
         self.config_text = text;
+        self.tls = tls.listeners;
         self.seq += 1;
         self.assign_slots(Some(&previous));
         self.health.configure(&self.config, &mut self.backend_slots, self.poll.registry());
@@ -919,6 +954,9 @@ pub enum ReloadError {
     /// A module table is wrong.
     #[error(transparent)]
     Modules(#[from] crate::hooks::ModuleError),
+    /// A TLS listener's certificate or key is refused.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A kept listening socket could not be duplicated.
     #[error("cannot duplicate the socket of {listener}: {source}")]
     Duplicate {

@@ -21,6 +21,7 @@ use crate::net::{Readiness, Stream};
 use crate::router::Router;
 use crate::shm::metrics::SeriesKind;
 use crate::shm::Shared;
+use crate::tls::{Acceptors, ListenerCerts};
 use crate::upstream::{Backends, Cluster, SlotTable};
 
 use super::timer::{Timed, Timers};
@@ -43,16 +44,29 @@ pub struct Snapshot {
     pub route_series: Vec<usize>,
     /// Each cluster's series in the shared figures, by cluster index.
     pub cluster_series: Vec<usize>,
+    /// The rustls configuration of each TLS listener (its certificates).
+    pub tls: Acceptors,
+    /// Listeners that redirect to https: (manifest name, https port).
+    pub redirects: Vec<(String, u16)>,
 }
 
 impl Snapshot {
+    /// The https port listener `name` redirects to, if it does.
+    pub fn redirect_https(&self, name: &str) -> Option<u16> {
+        self.redirects.iter().find(|(n, _)| n == name).map(|&(_, p)| p)
+    }
+
     /// Builds a snapshot, giving its backends ids in the worker's table.
     pub fn build(
         config: Arc<Config>,
+        tls: &[ListenerCerts],
         backends: &mut Backends,
         slots: &mut SlotTable,
         log: &Logger,
     ) -> Result<Snapshot, String> {
+        // Tickets stay valid while their key is held: two rotations after
+        // it stopped sealing.
+        let tls = Acceptors::build(tls, &slots.shared().tickets, config.tls_ticket_key_rotation * 2)?;
         let modules = Modules::build(&config, slots.shared(), log)?;
         backends.retire_all();
         let clusters = config.clusters.iter().map(|c| Cluster::new(c, backends, slots)).collect();
@@ -60,7 +74,18 @@ impl Snapshot {
         let series = |kind, name: &str| shared.metrics.series(&hasher, kind, name);
         let route_series = config.routes.iter().map(|r| series(SeriesKind::Route, &r.name)).collect();
         let cluster_series = config.clusters.iter().map(|c| series(SeriesKind::Cluster, &c.name)).collect();
-        Ok(Snapshot { router: Router::new(&config), clusters, config, modules, route_series, cluster_series })
+        let redirects =
+            config.listeners.iter().filter_map(|l| l.redirect_https_port.map(|p| (l.address.to_string(), p))).collect();
+        Ok(Snapshot {
+            router: Router::new(&config),
+            clusters,
+            config,
+            modules,
+            route_series,
+            cluster_series,
+            tls,
+            redirects,
+        })
     }
 }
 
@@ -102,7 +127,31 @@ pub struct Core {
     /// and when that was last logged (once a second at most).
     pub(super) slow_bodies: u64,
     pub(super) slow_bodies_logged: Instant,
+    /// TLS handshakes in progress and the ones that did not finish.
+    pub(super) tls: TlsCounts,
 }
+
+/// A worker's TLS handshakes: in progress (limited by
+/// `[limits] max_tls_handshakes`), and the connections closed before one
+/// finished, by cause; logged once a second at most with the totals.
+#[derive(Debug, Default)]
+pub struct TlsCounts {
+    /// Handshakes started and not finished or abandoned yet.
+    pub handshaking: usize,
+    /// Connections closed at accept: too many handshakes in progress.
+    pub refused: u64,
+    /// Handshakes that failed (not TLS, no common protocol, bad record).
+    pub failed: u64,
+    /// Handshakes that did not finish within `tls_handshake_ms`.
+    pub timed_out: u64,
+    /// Lines written in the current second, and when it started.
+    pub logged: u32,
+    pub logged_since: Option<Instant>,
+}
+
+/// Lines a second about TLS refusals, at most (a flood is summed up by the
+/// totals on the next line).
+const TLS_LINES_PER_SECOND: u32 = 10;
 
 /// A connection to a backend: in use by a session, or idle in its pool.
 #[derive(Debug)]
@@ -122,6 +171,23 @@ pub struct UpConn {
 }
 
 impl Core {
+    /// A TLS connection closed before its handshake finished: a line with
+    /// the totals (a few a second at most).
+    pub(super) fn log_tls_refusal(&mut self, what: &str, peer: &dyn std::fmt::Debug) {
+        let t = &mut self.tls;
+        if t.logged_since.is_none_or(|s| self.now.saturating_duration_since(s) >= std::time::Duration::from_secs(1)) {
+            t.logged_since = Some(self.now);
+            t.logged = 0;
+        }
+        if t.logged >= TLS_LINES_PER_SECOND {
+            return;
+        }
+        t.logged += 1;
+        slog::info!(self.log, "TLS connection closed before its handshake finished"; "reason" => what,
+            "peer" => format!("{peer:?}"), "handshaking" => self.tls.handshaking, "refused_total" => self.tls.refused,
+            "failed_total" => self.tls.failed, "timed_out_total" => self.tls.timed_out);
+    }
+
     /// A new request id: 16 hex digits, unique per process (a counter
     /// mixed with a random seed, so ids do not reveal request counts).
     pub(super) fn next_request_id(&mut self) -> [u8; 16] {

@@ -492,7 +492,7 @@ impl Core {
 
     /// The response has been completely written to the client.
     fn response_done(&self, s: &Session, p: &Proxying) -> bool {
-        if s.out_pos < s.out.len() {
+        if s.out_pending() {
             return false;
         }
         let body_done = match (&p.resp_body, p.resp_mode) {
@@ -664,7 +664,7 @@ impl Core {
             }
             return t.upstream_read;
         }
-        if s.out_pos < s.out.len() || p.resp_ready > 0 || !s.rd.writable {
+        if s.out_pending() || p.resp_ready > 0 || !s.rd.writable {
             t.client_write
         } else {
             t.upstream_read

@@ -55,7 +55,9 @@ fn invalid(what: String) -> io::Error {
 impl Core {
     /// Whether session `s` can move now.
     pub(super) fn movable(&self, s: &Session) -> bool {
-        if s.has_input() || s.out_pending() {
+        // TLS state cannot move between processes: a TLS connection
+        // drains on its worker (`Connection: close`, then close_notify).
+        if s.has_input() || s.out_pending() || s.stream.is_tls() {
             return false;
         }
         match &s.state {
@@ -107,7 +109,7 @@ impl Core {
             tunnel,
         };
         let (stream, spare) = s.into_parts();
-        (Detached { state, client: stream.into_fd(), upstream }, spare)
+        (Detached { state, client: stream.into_socket().into_fd(), upstream }, spare)
     }
 
     /// Rebuilds a connection handed over by a worker of another
@@ -137,6 +139,7 @@ impl Core {
                 return Err(e);
             }
         };
+        let stream = crate::tls::ClientStream::Plain(stream);
         let mut s = Session::new(key, (stream, peer), Arc::from(h.listener.as_str()), snap, spare);
         s.requests = h.requests;
         // The first exchange's end set TCP_NODELAY; it moved with the socket.

@@ -169,6 +169,7 @@ impl Core {
             referer: s.req.head.get("referer").unwrap_or(b""),
             request_id: s.req.head.get("x-request-id").unwrap_or(b""),
             headers: &s.req.head,
+            tls: s.stream.tls_params(),
         };
         let at = at_request(s, backend);
         let list = snap.modules.pipeline_for(s.ex.route).at(Point::RequestFinish);

@@ -58,6 +58,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use mio::{Interest, Registry};
+use rustls::ServerConfig;
 use slab::Slab;
 use slog::Logger;
 
@@ -68,10 +69,11 @@ use crate::hooks::modules::{Controller, DegradeSettings};
 use crate::hooks::Verdict;
 use crate::net::{Peer, Stream};
 use crate::shm::{metrics, Shared};
+use crate::tls::{ClientStream, ListenerCerts};
 use crate::upstream::{Backends, SlotTable};
 
-use self::core::Core;
 pub use self::core::Snapshot;
+use self::core::{Core, TlsCounts};
 pub use self::guard::install_panic_hook;
 use self::guard::{guarded, Panic};
 pub use self::handover::Detached;
@@ -86,6 +88,18 @@ const POOLED_BUFFERS: usize = 1024;
 const MIN_BUFFER: usize = 16 * 1024;
 /// Smallest read buffer of an upstream connection.
 const UPSTREAM_BUFFER: usize = 64 * 1024;
+
+/// The listener a connection was accepted on, as the engine needs it.
+#[derive(Debug)]
+pub struct AcceptedOn<'a> {
+    /// The listener's manifest name (kept by the session, for a hand-over).
+    pub name: &'a Arc<str>,
+    /// Its TLS configuration, `None` for cleartext.
+    pub tls: Option<&'a Arc<ServerConfig>>,
+    /// The listener answers every request with a redirect to https on
+    /// this port.
+    pub redirect_https: Option<u16>,
+}
 
 /// The proxy of one worker: its client sessions, and the `Core` they
 /// share (upstream connections, timers, buffers, the current snapshot).
@@ -104,6 +118,7 @@ impl Engine {
     pub fn new(
         registry: Registry,
         config: Arc<Config>,
+        tls: &[ListenerCerts],
         mut slots: SlotTable,
         place: usize,
         log: Logger,
@@ -111,7 +126,7 @@ impl Engine {
         let buf_size = config.limits.max_header_bytes.max(MIN_BUFFER);
         let mut backends = Backends::default();
         let degrade = DegradeSettings::from_config(&config).map(Controller::new);
-        let snapshot = Snapshot::build(config, &mut backends, &mut slots, &log)?;
+        let snapshot = Snapshot::build(config, tls, &mut backends, &mut slots, &log)?;
         let shared = slots.shared();
         Ok(Engine {
             sessions: Slab::with_capacity(1024),
@@ -136,6 +151,7 @@ impl Engine {
                 handing_over: false,
                 slow_bodies: 0,
                 slow_bodies_logged: Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now),
+                tls: TlsCounts::default(),
             },
             spares: Vec::new(),
             panics: 0,
@@ -184,7 +200,26 @@ impl Engine {
 
     /// A connection was accepted: a session for it, its header deadline,
     /// and the ACCEPT point (whose modules may answer or close it).
-    pub fn open(&mut self, mut stream: Stream, peer: Peer, listener: &Arc<str>, snap: &Arc<Snapshot>) {
+    /// `on`: the listener it came from. A TLS connection over `[limits]
+    /// max_tls_handshakes` handshakes in progress is closed at once
+    /// (counted and logged).
+    pub fn open(&mut self, stream: Stream, peer: Peer, on: &AcceptedOn<'_>, snap: &Arc<Snapshot>) {
+        let timeouts = &snap.config.timeouts;
+        let (mut stream, deadline) = match on.tls {
+            None => (ClientStream::Plain(stream), timeouts.client_header),
+            Some(_) if self.core.tls.handshaking >= snap.config.limits.max_tls_handshakes => {
+                self.core.tls.refused += 1;
+                self.core.log_tls_refusal("max_tls_handshakes reached", &peer);
+                return;
+            }
+            Some(config) => match ClientStream::tls(stream, config) {
+                Ok(s) => (s, timeouts.tls_handshake),
+                Err(e) => {
+                    slog::error!(self.core.log, "cannot start a TLS connection"; "error" => %e);
+                    return;
+                }
+            },
+        };
         let entry = self.sessions.vacant_entry();
         let idx = entry.key();
         let key = token::token(Kind::Client, idx);
@@ -194,8 +229,12 @@ impl Engine {
         }
         metrics::add(&metrics::here().accepted, 1);
         let spare = self.spares.pop();
-        let s = entry.insert(Session::new(key.0, (stream, peer), listener.clone(), snap.clone(), spare));
-        let at = self.core.now + snap.config.timeouts.client_header;
+        if stream.handshaking() {
+            self.core.tls.handshaking += 1;
+        }
+        let s = entry.insert(Session::new(key.0, (stream, peer), on.name.clone(), snap.clone(), spare));
+        s.redirect_https = on.redirect_https;
+        let at = self.core.now + deadline;
         self.core.timers.set(&mut s.timed, key.0, at);
         let core = &mut self.core;
         match guarded(|| core.hook_accept(s)) {
@@ -305,6 +344,10 @@ impl Engine {
             slog::error!(self.core.log, "panic while closing a connection after a panic"; "panic" => %p.message,
                 "location" => %p.location);
             if self.sessions.contains(idx) {
+                let stream = &mut self.sessions[idx].stream;
+                if stream.handshaking() || stream.take_handshake_done() {
+                    self.core.tls.handshaking = self.core.tls.handshaking.saturating_sub(1);
+                }
                 drop(self.sessions.remove(idx));
             }
         }
@@ -318,6 +361,12 @@ impl Engine {
             return;
         }
         let mut s = self.sessions.remove(idx);
+        if s.stream.handshaking() || s.stream.take_handshake_done() {
+            self.core.tls.handshaking = self.core.tls.handshaking.saturating_sub(1);
+        } else if s.stream.is_tls() {
+            // close_notify, if the socket takes it now.
+            s.stream.shutdown_write();
+        }
         if s.ex.finish_pending && s.ex.status == 0 {
             s.ex.status = 499; // The client went away before a response (nginx's 499).
         }
@@ -397,7 +446,7 @@ impl Engine {
     /// Serves new requests with `config`; requests in flight keep the
     /// snapshot they have. Idle connections to backends no cluster names
     /// any more are closed.
-    pub fn reconfigure(&mut self, config: Arc<Config>) -> Result<(), String> {
+    pub fn reconfigure(&mut self, config: Arc<Config>, tls: &[ListenerCerts]) -> Result<(), String> {
         let core = &mut self.core;
         let buf_size = config.limits.max_header_bytes.max(MIN_BUFFER);
         if buf_size != core.bufs.size() {
@@ -416,7 +465,7 @@ impl Engine {
                 }
             }
         }
-        let snapshot = Arc::new(Snapshot::build(config, &mut core.backends, &mut core.slots, &core.log)?);
+        let snapshot = Arc::new(Snapshot::build(config, tls, &mut core.backends, &mut core.slots, &core.log)?);
         core.current.store(snapshot.clone());
         // Connections between requests move to the new snapshot now: each
         // would otherwise keep the one its last request started with until

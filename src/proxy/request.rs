@@ -75,6 +75,11 @@ impl Core {
             }
             let inb = s.inb.get_or_insert_with(|| self.bufs.get());
             match read_into(&mut s.stream, &mut s.rd, inb).inspect(count_received) {
+                Err(e) if s.stream.handshaking() => {
+                    self.tls.failed += 1;
+                    self.log_tls_refusal(&e.to_string(), &s.peer);
+                    return (State::Head { started }, Step::Close);
+                }
                 Ok(Some(0)) | Err(_) => return (State::Head { started }, Step::Close),
                 Ok(Some(_)) => {
                     s.progressed = true;
@@ -135,6 +140,9 @@ impl Core {
         if s.req.head.get("x-request-id").is_none() {
             let id = self.next_request_id();
             s.req.head.append("X-Request-Id", &id);
+        }
+        if let Some(port) = s.redirect_https {
+            return self.redirect_https(s, port);
         }
         // `path()` is the normalised path; the backend gets the target as
         // received unless the configuration asks for the normalised one.
@@ -212,8 +220,37 @@ impl Core {
             Peer::Ip(ip) => Some(ip),
             Peer::Unix => None,
         };
-        p.queue_head(&s.req, client, s.ex.upgrade);
+        let scheme = if s.stream.is_tls() { hw::Scheme::Https } else { hw::Scheme::Http };
+        p.queue_head(&s.req, client, scheme, s.ex.upgrade);
         (State::Proxy(p), Step::Again)
+    }
+
+    /// → `Local`: a listener with `redirect_https_port` answers every
+    /// request with the same target on `https://HOST[:PORT]` (nginx's
+    /// `return 301 https://$host$request_uri`), 301 for GET and HEAD, 308
+    /// (which keeps the method and body) for the others. No route or
+    /// module runs but REQUEST_FINISH (the access log).
+    fn redirect_https(&mut self, s: &mut Session, port: u16) -> Next {
+        let host = String::from_utf8_lossy(s.req.host()).into_owned();
+        if host.is_empty() {
+            return self.respond(s, 400);
+        }
+        let target = s.req.target();
+        // Origin form from an absolute-form target (its authority is the host).
+        let path = match target.first() {
+            Some(b'/') => target,
+            _ => match target.windows(3).position(|w| w == b"://") {
+                Some(i) => target[i + 3..].iter().position(|&b| b == b'/').map_or(&b"/"[..], |j| &target[i + 3 + j..]),
+                None => b"/",
+            },
+        };
+        let mut location = format!("https://{host}");
+        if port != 443 {
+            location.push_str(&format!(":{port}"));
+        }
+        location.push_str(&String::from_utf8_lossy(path));
+        let status = if matches!(s.req.method(), b"GET" | b"HEAD") { 301 } else { 308 };
+        self.respond_with(s, status, &[("Location".to_string(), location)], &[])
     }
 
     /// What a request point's verdict means before any backend connection

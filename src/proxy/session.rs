@@ -4,6 +4,11 @@
 //! the engine) calls [`Core::drive`] when a socket of the session is ready
 //! and [`Core::timeout`] when its deadline passes.
 //!
+//! The client socket is a [`ClientStream`]: cleartext or TLS, the states
+//! read and write plaintext either way. TLS records the socket did not
+//! take yet count as output still to write ([`Session::out_pending`]);
+//! `drive` sends them before and after the state steps.
+//!
 //! Owns: the client socket and what was read from it or is to be written.
 //! Must not: block, or know about processes and signals.
 
@@ -17,8 +22,9 @@ use crate::buffer::Buf;
 use crate::hooks::{Response, Vars};
 use crate::http::write::{self as hw, ConnHeader};
 use crate::http::{RequestHead, ResponseHead};
-use crate::net::{Peer, Readiness, Stream};
+use crate::net::{Peer, Readiness};
 use crate::shm::metrics::{self, TimeoutKind};
+use crate::tls::ClientStream;
 
 use super::core::{Core, Snapshot};
 use super::exchange::Exchange;
@@ -30,7 +36,7 @@ use super::timer::Timed;
 pub struct Session {
     /// Token value of the client socket (also the timer key).
     pub(super) key: usize,
-    pub(super) stream: Stream,
+    pub(super) stream: ClientStream,
     pub(super) peer: Peer,
     /// The bound address of the listener that accepted it (it moves with
     /// the connection on a binary upgrade).
@@ -80,6 +86,8 @@ pub struct Session {
     /// pool: an idle keep-alive connection holds no buffer. Taken back at
     /// its next readiness event.
     pub(super) parked: bool,
+    /// The listener redirects every request to https on this port.
+    pub(super) redirect_https: Option<u16>,
 }
 
 impl Session {
@@ -87,7 +95,7 @@ impl Session {
     /// closed one when there is one (`spare`).
     pub fn new(
         key: usize,
-        (stream, peer): (Stream, Peer),
+        (stream, peer): (ClientStream, Peer),
         listener: Arc<str>,
         snap: Arc<Snapshot>,
         spare: Option<Spare>,
@@ -122,6 +130,7 @@ impl Session {
             spare_proxy: spare.spare_proxy,
             log: None,
             parked: false,
+            redirect_https: None,
         }
     }
 
@@ -168,7 +177,7 @@ impl Session {
 
     /// The socket of a session that moves to another process, and its
     /// allocations for the next session.
-    pub(super) fn into_parts(self) -> (Stream, Spare) {
+    pub(super) fn into_parts(self) -> (ClientStream, Spare) {
         let mut sp = Spare {
             out: self.out,
             req: self.req,
@@ -191,8 +200,20 @@ impl Session {
         self.inb.as_ref().is_some_and(|b| !b.is_empty())
     }
 
+    /// Bytes for the client are still to be written: from `out`, or TLS
+    /// records the socket has not taken yet.
     pub(super) fn out_pending(&self) -> bool {
-        self.out_pos < self.out.len()
+        self.out_pos < self.out.len() || self.stream.pending()
+    }
+
+    /// Sends TLS records the socket has not taken yet, while it is
+    /// writable. An error means the client is gone.
+    pub(super) fn flush_tls(&mut self) -> io::Result<()> {
+        if self.stream.pending() && self.rd.writable && !self.stream.flush()? {
+            self.rd.writable = false;
+            self.write_blocked = true;
+        }
+        Ok(())
     }
 
     /// Writes `out` then `body` to the client until done or blocked;
@@ -204,6 +225,7 @@ impl Session {
             let head = &self.out[self.out_pos..];
             let rest = &body[written_body..];
             if head.is_empty() && rest.is_empty() {
+                self.flush_tls()?;
                 break;
             }
             if self.writes > 0 && !self.nodelay {
@@ -279,7 +301,7 @@ pub(super) fn count_received(n: &Option<usize>) {
 /// Reads from `stream` into `buf`: `Ok(Some(n))` bytes (0 = EOF),
 /// `Ok(None)` would block. A short read marks the socket drained, which is
 /// safe with edge-triggered epoll because EPOLLRDHUP reports a close.
-pub(super) fn read_into(stream: &mut Stream, rd: &mut Readiness, buf: &mut Buf) -> io::Result<Option<usize>> {
+pub(super) fn read_into<S: Read>(stream: &mut S, rd: &mut Readiness, buf: &mut Buf) -> io::Result<Option<usize>> {
     let spare = buf.spare();
     let want = spare.len();
     if want == 0 {
@@ -308,6 +330,11 @@ impl Core {
     /// Moves everything that can move for session `s`, state after state.
     /// Returns `false` when the session is to be closed.
     pub fn drive(&mut self, s: &mut Session) -> bool {
+        // TLS records queued when the socket was full (handshake answers,
+        // the end of a response) go first.
+        if s.flush_tls().is_err() {
+            return false;
+        }
         let mut state = std::mem::replace(&mut s.state, State::Closed);
         let alive = loop {
             let (next, step) = match state {
@@ -329,6 +356,17 @@ impl Core {
         if !alive {
             return false;
         }
+        if s.stream.take_handshake_done() {
+            self.tls.handshaking = self.tls.handshaking.saturating_sub(1);
+            // The handshake deadline gives way to the request's.
+            s.progressed = true;
+        }
+        if s.flush_tls().is_err() {
+            return false;
+        }
+        if s.stream.pending() {
+            s.write_blocked = true;
+        }
         if std::mem::take(&mut s.write_blocked) && !s.write_interest {
             let interest = mio::Interest::READABLE | mio::Interest::WRITABLE;
             if self.registry.reregister(&mut s.stream, mio::Token(s.key), interest).is_err() {
@@ -347,6 +385,7 @@ impl Core {
         let t = &s.snap.config.timeouts;
         let at = match &s.state {
             State::Head { started: Some(t0) } => *t0 + t.client_header,
+            State::Head { started: None } if s.stream.handshaking() => s.accepted + t.tls_handshake,
             State::Head { started: None } if s.requests == 0 => self.now + t.client_header,
             State::Head { started: None } => self.now + t.keepalive_idle,
             // The connect deadline was set when connecting began.
@@ -381,6 +420,11 @@ impl Core {
                 self.respond(s, 408)
             }
             State::Proxy(p) => self.proxy_timeout(s, p),
+            State::Head { started: None } if s.stream.handshaking() => {
+                self.tls.timed_out += 1;
+                self.log_tls_refusal("handshake timeout", &s.peer);
+                (State::Closed, Step::Close)
+            }
             other => (other, Step::Close),
         };
         s.state = next;

@@ -184,8 +184,8 @@ impl Proxying {
     }
 
     /// Queues the rewritten request head for the backend.
-    pub(super) fn queue_head(&mut self, req: &RequestHead, client: Option<IpAddr>, upgrade: bool) {
-        hw::request_head(&mut self.up_out, req, client, upgrade);
+    pub(super) fn queue_head(&mut self, req: &RequestHead, client: Option<IpAddr>, scheme: hw::Scheme, upgrade: bool) {
+        hw::request_head(&mut self.up_out, req, client, scheme, upgrade);
         self.up_head_len = self.up_out.len();
     }
 

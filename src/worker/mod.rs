@@ -56,6 +56,8 @@ pub struct WorkerInit {
     /// This worker's place among the master's workers (0 in
     /// `--single-process`): its index in the shared per-worker tables.
     pub place: usize,
+    /// Certificates of the TLS listeners (parsed by the master).
+    pub tls: Vec<crate::tls::ListenerCerts>,
 }
 
 struct ListenerSlot {
@@ -122,8 +124,8 @@ impl Worker {
         let shared = init.slots.shared();
         crate::shm::metrics::install(shared, init.place);
         let registry = poll.registry().try_clone()?;
-        let engine =
-            Engine::new(registry, init.config, init.slots, init.place, init.log.clone()).map_err(io::Error::other)?;
+        let engine = Engine::new(registry, init.config, &init.tls, init.slots, init.place, init.log.clone())
+            .map_err(io::Error::other)?;
         Ok(Worker {
             poll,
             listeners,
@@ -252,12 +254,17 @@ impl Worker {
                     return;
                 }
             };
+            let tls = snap.tls.get(&self.listeners[i].entry.name);
             if self.engine.sessions() >= max {
-                self.refuse_connection(stream, max);
+                self.refuse_connection(stream, max, tls.is_some());
                 continue;
             }
-            let name = self.listeners[i].name.clone();
-            self.engine.open(stream, peer, &name, &snap);
+            let on = crate::proxy::AcceptedOn {
+                name: &self.listeners[i].name,
+                tls,
+                redirect_https: snap.redirect_https(&self.listeners[i].entry.name),
+            };
+            self.engine.open(stream, peer, &on, &snap);
         }
         // The batch ran out: `pending` stays set and the loop polls without
         // waiting, so other sockets get their turn first.
@@ -288,9 +295,17 @@ impl Worker {
 
     /// Over `max_connections`: a 503 and a close. What the client already
     /// sent is read first and the close is a FIN, not a reset that could
-    /// destroy the 503 on its way.
-    fn refuse_connection(&mut self, mut stream: crate::net::Stream, max: usize) {
+    /// destroy the 503 on its way. A TLS client gets no 503 (it cannot
+    /// read one before a handshake): it is closed.
+    fn refuse_connection(&mut self, mut stream: crate::net::Stream, max: usize, tls: bool) {
         use std::io::{Read, Write};
+        self.refused += 1;
+        crate::shm::metrics::add(&crate::shm::metrics::here().refused, 1);
+        if tls {
+            drop(stream);
+            self.log_refused(max);
+            return;
+        }
         let mut scratch = [0u8; 4096];
         for _ in 0..4 {
             match stream.read(&mut scratch) {
@@ -302,8 +317,10 @@ impl Worker {
         crate::http::write::local_response(&mut out, 503, b"", crate::http::write::ConnHeader::Close, false);
         let _ = stream.write(&out);
         stream.shutdown_write();
-        self.refused += 1;
-        crate::shm::metrics::add(&crate::shm::metrics::here().refused, 1);
+        self.log_refused(max);
+    }
+
+    fn log_refused(&mut self, max: usize) {
         // One line per second at most under a connection storm.
         if self.now.saturating_duration_since(self.refused_logged) >= Duration::from_secs(1) {
             slog::warn!(self.log, "connection limit reached; refusing connections"; "max_connections" => max,
@@ -318,8 +335,11 @@ impl Worker {
             let Some(ch) = self.channel.as_ref() else { return };
             match ch.recv::<ToWorker>() {
                 Ok(None) => return,
-                Ok(Some((ToWorker::Configure { seq, config_path, config_text, listeners, backend_slots }, fds))) => {
-                    let error = self.reconfigure(&config_path, &config_text, listeners, backend_slots, fds).err();
+                Ok(Some((
+                    ToWorker::Configure { seq, config_path, config_text, listeners, backend_slots, tls },
+                    fds,
+                ))) => {
+                    let error = self.reconfigure(&config_path, &config_text, listeners, backend_slots, &tls, fds).err();
                     match &error {
                         None => slog::info!(self.log, "configuration reloaded"; "seq" => seq),
                         Some(e) => slog::error!(self.log, "reload refused"; "seq" => seq, "error" => e),
@@ -388,6 +408,7 @@ impl Worker {
         text: &str,
         entries: Vec<ListenerEntry>,
         backend_slots: Vec<(String, u32)>,
+        tls: &[crate::tls::ListenerCerts],
         fds: Vec<OwnedFd>,
     ) -> Result<(), String> {
         let config = Config::parse_resolved(std::path::Path::new(path), text).map_err(|e| e.to_string())?;
@@ -410,7 +431,7 @@ impl Worker {
                 add_listener(self.poll.registry(), &mut self.listeners, entry, fd).map_err(|e| e.to_string())?;
             }
         }
-        self.engine.reconfigure(Arc::new(config))
+        self.engine.reconfigure(Arc::new(config), tls)
     }
 
     /// Stops accepting; requests in flight finish (answered with

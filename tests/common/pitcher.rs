@@ -470,6 +470,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// A `key = value` line of the listener's table (`tls = { ... }`).
+    pub fn listener(mut self, line: &str) -> Self {
+        self.listener.push(line.to_string());
+        self
+    }
+
     /// A cluster with these backend entries (`ADDR [weight=N]`).
     pub fn cluster<I, S>(self, name: &str, backends: I) -> Self
     where
@@ -505,13 +511,6 @@ impl ConfigBuilder {
         self.routes.push(t);
         self
     }
-
-    /// A `key = value` line of the listener's table (`reuseport = true`).
-    pub fn listener_line(mut self, line: &str) -> Self {
-        self.listener.push(line.to_string());
-        self
-    }
-
     /// Verbatim TOML appended at the end (`[timeouts]`, `[limits]`, ...).
     pub fn section(mut self, toml: &str) -> Self {
         self.sections.push(format!("{}\n", toml.trim_end()));

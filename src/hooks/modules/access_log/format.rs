@@ -51,6 +51,8 @@ pub enum Var {
     Route,
     /// The worker's process id (nginx's `$pid`).
     Pid,
+    SslProtocol,
+    SslCipher,
 }
 
 const VARS: &[(&str, Var)] = &[
@@ -74,6 +76,8 @@ const VARS: &[(&str, Var)] = &[
     ("http_x_request_id", Var::RequestId),
     ("route", Var::Route),
     ("pid", Var::Pid),
+    ("ssl_protocol", Var::SslProtocol),
+    ("ssl_cipher", Var::SslCipher),
 ];
 
 impl Format {
@@ -333,6 +337,8 @@ fn var(o: &mut String, v: Var, clock: &Clock, d: &Finished<'_>, ctx: &Ctx<'_>) {
             use std::fmt::Write;
             let _ = write!(o, "{}", std::process::id());
         }
+        Var::SslProtocol => o.push_str(d.tls.map_or("-", |t| t.0)),
+        Var::SslCipher => o.push_str(d.tls.map_or("-", |t| t.1)),
     }
 }
 
