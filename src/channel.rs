@@ -228,6 +228,11 @@ pub enum ToWorker {
         listeners: Vec<ListenerEntry>,
         /// Each backend address's slot in the shared region.
         backend_slots: Vec<(String, u32)>,
+        /// The addresses the master found for each backend name; the
+        /// worker adds them to the clusters of `config_text`
+        /// (`Config::with_resolved`).
+        #[serde(default)]
+        resolved: Vec<crate::config::ResolvedName>,
     },
     /// Files the master opened for the worker (access logs), fds attached
     /// in the order of `paths`; sent before each `Configure` and `Reopen`.

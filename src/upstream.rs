@@ -480,6 +480,7 @@ mod tests {
             slow_start: Duration::ZERO,
             health_check: None,
             passive: Passive::default(),
+            dns: Default::default(),
         }
     }
 

@@ -12,13 +12,14 @@ pub mod units;
 pub mod upstream;
 
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
-pub use addr::{BackendAddr, BackendSpec, ListenAddr, SockAddr};
+pub use addr::{BackendAddr, BackendEntry, BackendSpec, ListenAddr, NamedBackend, SockAddr};
 pub use include::Loaded;
 pub use upstream::{Balance, HashKey, HealthCheck, Passive};
 
@@ -96,6 +97,8 @@ struct FileConfig {
     upgrade_timeout_ms: Option<u64>,
     normalize_upstream_path: Option<bool>,
     forward_expect: Option<bool>,
+    /// Default DNS server of the clusters' backend names (`IP[:PORT]`).
+    resolver: Option<Spanned<String>>,
     #[serde(default)]
     listeners: Vec<FileListener>,
     #[serde(default)]
@@ -132,7 +135,11 @@ struct FileListener {
 #[serde(deny_unknown_fields)]
 struct FileCluster {
     name: Spanned<String>,
-    backends: Spanned<Vec<BackendSpec>>,
+    backends: Spanned<Vec<Spanned<BackendEntry>>>,
+    /// "optional" (default) or "required": must every name resolve at load?
+    resolve: Option<Spanned<String>>,
+    resolve_interval_ms: Option<u64>,
+    resolver: Option<Spanned<String>>,
     keepalive: Option<usize>,
     keepalive_timeout_ms: Option<u64>,
     retries: Option<u32>,
@@ -219,7 +226,40 @@ pub struct ClusterConfig {
     pub health_check: Option<HealthCheck>,
     /// Passive failure detection from real traffic.
     pub passive: Passive,
+    /// Backends given by DNS name, and how the master resolves them. The
+    /// addresses found are in `backends` once [`Config::with_resolved`]
+    /// put them there.
+    pub dns: ClusterDns,
 }
+
+/// The backend names of a cluster and how the master resolves them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterDns {
+    /// `name:PORT` entries of `backends`, in file order.
+    pub names: Vec<NamedBackend>,
+    /// Time between two resolutions of each name.
+    pub interval: Duration,
+    /// `resolve = "required"`: a name that does not resolve at load fails
+    /// the load (`-t`, start, reload); otherwise it is a warning.
+    pub required: bool,
+    /// DNS server asked over UDP (`None`: the system resolver).
+    pub resolver: Option<SocketAddr>,
+}
+
+/// The addresses a backend name of a cluster resolved to, as the master
+/// sends them to its workers with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResolvedName {
+    /// The cluster's name.
+    pub cluster: String,
+    /// The name as written, `host:port` ([`NamedBackend::key`]).
+    pub name: String,
+    /// The addresses found (sorted, no duplicates); empty: none.
+    pub addrs: Vec<IpAddr>,
+}
+
+/// Default time between two resolutions of a backend name.
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How a route matches the request's host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -435,7 +475,35 @@ impl Config {
             m.file = path.to_path_buf();
             m.line = module_line(text, &m.name);
         }
+        for n in config.clusters.iter_mut().flat_map(|c| c.dns.names.iter_mut()) {
+            // `line` held the entry's byte offset until now.
+            let (file, (line, _)) = locate(n.line);
+            n.file = file;
+            n.line = line;
+        }
         Ok(config)
+    }
+
+    /// This configuration with the addresses its backend names resolved
+    /// to added to their clusters' `backends` (each with its name's
+    /// weight). An address a cluster already has (listed, or found for an
+    /// earlier name) is not added twice. Names without an entry in
+    /// `resolved` add nothing.
+    pub fn with_resolved(&self, resolved: &[ResolvedName]) -> Config {
+        let mut out = self.clone();
+        for c in &mut out.clusters {
+            for n in &c.dns.names {
+                let key = n.key();
+                let Some(r) = resolved.iter().find(|r| r.cluster == c.name && r.name == key) else { continue };
+                for ip in &r.addrs {
+                    let addr = BackendAddr(SockAddr::Tcp(SocketAddr::new(*ip, n.port)));
+                    if !c.backends.iter().any(|b| b.addr == addr) {
+                        c.backends.push(BackendSpec { addr, weight: n.weight });
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Index of the cluster with this name.
@@ -512,15 +580,37 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         if c.backends.get_ref().is_empty() {
             return Err((Some(c.backends.span()), format!("cluster {name:?} has no backends")));
         }
-        let backends = c.backends.get_ref().clone();
-        for (i, b) in backends.iter().enumerate() {
-            if backends[..i].iter().any(|x| x.addr == b.addr) {
-                return Err((
-                    Some(c.backends.span()),
-                    format!("backend {} is listed twice in cluster {name:?}", b.addr),
-                ));
+        let mut backends: Vec<BackendSpec> = Vec::new();
+        let mut names: Vec<NamedBackend> = Vec::new();
+        for e in c.backends.get_ref() {
+            let twice =
+                |what: String| Err((Some(e.span()), format!("backend {what} is listed twice in cluster {name:?}")));
+            match e.get_ref() {
+                BackendEntry::Addr(b) if backends.iter().any(|x| x.addr == b.addr) => return twice(b.addr.to_string()),
+                BackendEntry::Addr(b) => backends.push(b.clone()),
+                BackendEntry::Name(n) if names.iter().any(|x| x.key() == n.key()) => return twice(n.key()),
+                BackendEntry::Name(n) => names.push(NamedBackend { line: e.span().start, ..n.clone() }),
             }
         }
+        let required = match &c.resolve {
+            None => false,
+            Some(r) => match r.get_ref().as_str() {
+                "optional" => false,
+                "required" => true,
+                other => {
+                    return Err((Some(r.span()), format!("resolve = {other:?}: expected \"optional\" or \"required\"")))
+                }
+            },
+        };
+        let resolver = match c.resolver.as_ref().or(f.resolver.as_ref()) {
+            None => None,
+            Some(r) => Some(parse_resolver(r.get_ref()).map_err(|e| (Some(r.span()), e))?),
+        };
+        let interval = ms(c.resolve_interval_ms, DEFAULT_RESOLVE_INTERVAL.as_millis() as u64);
+        if interval < Duration::from_millis(100) {
+            return Err((Some(span.clone()), format!("cluster {name:?}: resolve_interval_ms must be at least 100")));
+        }
+        let dns = ClusterDns { names, interval, required, resolver };
         let _ = span;
         let lb = upstream::balance(c.lb.as_ref()).map_err(|(sp, e)| (Some(sp), e))?;
         let hash_key = upstream::hash_key(c.hash_key.as_ref()).map_err(|(sp, e)| (Some(sp), e))?;
@@ -544,6 +634,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
             slow_start: ms(c.slow_start_ms, 0),
             health_check,
             passive,
+            dns,
         });
     }
 
@@ -729,6 +820,14 @@ fn resolve_modules(m: &toml::Table) -> Resolve<Vec<ModuleConfig>> {
     Ok(out)
 }
 
+/// `resolver = "IP"` or `"IP:PORT"` (port 53 by default).
+fn parse_resolver(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("resolver = {s:?}: expected IP or IP:PORT of a DNS server (e.g. \"127.0.0.1:53\")"))
+}
+
 fn parse_host_match(h: &str) -> Result<HostMatch, String> {
     let h = h.trim().to_ascii_lowercase();
     if h.is_empty() || h == "*" {
@@ -842,5 +941,43 @@ client_header_ms = 5000
             }
         }
         assert!(n >= 1);
+    }
+
+    #[test]
+    fn backend_names_are_kept_with_their_line_and_resolved_in() {
+        let text = GOOD.replace(
+            "\"unix:/run/app.sock\"]",
+            "\"unix:/run/app.sock\",\n  \"App.internal:9001 weight=2\"]\nresolve = \"required\"\nresolve_interval_ms = 500\nresolver = \"127.0.0.1:5353\"",
+        );
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        let dns = &c.clusters[0].dns;
+        assert_eq!(c.clusters[0].backends.len(), 3);
+        assert_eq!(dns.names.len(), 1);
+        assert_eq!((dns.names[0].key().as_str(), dns.names[0].line), ("app.internal:9001", 9));
+        assert_eq!(dns.names[0].file, Path::new("t.toml"));
+        assert!(dns.required);
+        assert_eq!(dns.interval, Duration::from_millis(500));
+        assert_eq!(dns.resolver, Some("127.0.0.1:5353".parse().unwrap()));
+        let r = vec![ResolvedName {
+            cluster: "app".into(),
+            name: "app.internal:9001".into(),
+            addrs: vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()],
+        }];
+        let resolved = c.with_resolved(&r);
+        let addrs: Vec<String> =
+            resolved.clusters[0].backends.iter().map(|b| format!("{} {}", b.addr, b.weight)).collect();
+        // 127.0.0.1:9001 is listed already (weight 1): not added twice.
+        assert_eq!(addrs[3..], ["127.0.0.2:9001 2".to_string()]);
+        assert_eq!(c.with_resolved(&[]), c);
+
+        let bad = text.replace("\"required\"", "\"maybe\"");
+        assert!(Config::parse(Path::new("t.toml"), &bad).unwrap_err().reason.contains("maybe"));
+        let bad = text.replace("127.0.0.1:5353", "dns.example");
+        assert!(Config::parse(Path::new("t.toml"), &bad).unwrap_err().reason.contains("resolver"));
+        let twice = text.replace("weight=2\"", "weight=2\", \"app.internal:9001\"");
+        assert!(Config::parse(Path::new("t.toml"), &twice).unwrap_err().reason.contains("twice"));
+        let units = text.replace("resolve_interval_ms = 500", "resolve_interval_ms = \"30s\"");
+        let c = Config::parse(Path::new("t.toml"), &units).unwrap();
+        assert_eq!(c.clusters[0].dns.interval, Duration::from_secs(30));
     }
 }

@@ -299,8 +299,12 @@ impl Worker {
             let Some(ch) = self.channel.as_ref() else { return };
             match ch.recv::<ToWorker>() {
                 Ok(None) => return,
-                Ok(Some((ToWorker::Configure { seq, config_path, config_text, listeners, backend_slots }, fds))) => {
-                    let error = self.reconfigure(&config_path, &config_text, listeners, backend_slots, fds).err();
+                Ok(Some((
+                    ToWorker::Configure { seq, config_path, config_text, listeners, backend_slots, resolved },
+                    fds,
+                ))) => {
+                    let error =
+                        self.reconfigure(&config_path, &config_text, &resolved, listeners, backend_slots, fds).err();
                     match &error {
                         None => slog::info!(self.log, "configuration reloaded"; "seq" => seq),
                         Some(e) => slog::error!(self.log, "reload refused"; "seq" => seq, "error" => e),
@@ -358,11 +362,13 @@ impl Worker {
         &mut self,
         path: &str,
         text: &str,
+        resolved: &[crate::config::ResolvedName],
         entries: Vec<ListenerEntry>,
         backend_slots: Vec<(String, u32)>,
         fds: Vec<OwnedFd>,
     ) -> Result<(), String> {
         let config = Config::parse_resolved(std::path::Path::new(path), text).map_err(|e| e.to_string())?;
+        let config = config.with_resolved(resolved);
         // The region is the one this worker mapped at start; the copy is dropped.
         let (fds, _region) = split_fds(&entries, fds)?;
         self.engine.set_slots(&backend_slots);
