@@ -152,11 +152,14 @@ fn an_address_added_then_one_removed_by_dns_moves_requests_with_zero_failures() 
         "resolver = \"{}\"\nresolve_interval_ms = 100\nresolve = \"required\"\nslow_start_ms = \"20s\"",
         dns.addr
     );
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let builder = ConfigBuilder::new()
         .top("workers = 2")
         .cluster_with("app", [format!("app.test:{port}")], &cluster)
-        .route(None, "/", "app");
+        .route(None, "/", "app")
+        .section(&format!("[admin]\naddress = \"{admin}\""));
     let m = MasterRun::start(&builder);
+    let metrics = || get_once(admin, "admin", "/metrics").body_str();
     let load = Load::start(LoadSpec {
         addr: m.addr(),
         host: "load.example".into(),
@@ -177,6 +180,8 @@ fn an_address_added_then_one_removed_by_dns_moves_requests_with_zero_failures() 
     let row = |ip: &str| ups.lines().find(|l| l.contains(&format!("{ip}:{port}"))).map(str::to_string);
     assert!(row("127.0.0.2").is_some_and(|r| r.contains("healthy")), "{ups}");
     assert!(row("127.0.0.3").is_some_and(|r| r.contains("slow_start")), "a new address ramps up: {ups}");
+    let text = metrics();
+    assert!(text.contains(&format!("backend=\"127.0.0.3:{port}\"")), "/metrics shows the new address: {text}");
     let a_before = a.requests();
     assert!(wait_until(Duration::from_secs(10), || a.requests() > a_before + 10), "A still gets requests");
 
@@ -194,6 +199,9 @@ fn an_address_added_then_one_removed_by_dns_moves_requests_with_zero_failures() 
     assert_eq!(a.requests(), a_gone, "A gets none");
     let ups = m.command(&["ctl", "upstreams"]).stdout;
     assert!(!ups.contains(&format!("127.0.0.2:{port}")), "ctl upstreams shows the resolved set: {ups}");
+    let text = metrics();
+    assert!(!text.contains(&format!("backend=\"127.0.0.2:{port}\"")), "{text}");
+    assert!(text.contains("pitcher_backend_dns_lookups_total{result=\"changed\"} 2\n"), "two changes: {text}");
 
     let report = load.finish();
     assert!(
@@ -225,6 +233,10 @@ fn a_name_with_no_address_answers_503_until_dns_has_one() {
         m.log()
     );
     assert!(b.requests() >= 1);
+    // A reload keeps the addresses the name has.
+    let out = m.signal_cmd("reload");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(get_once(m.addr(), "x.example", "/").status, 200, "{}", m.log());
 }
 
 #[test]

@@ -826,7 +826,11 @@ impl Master {
     /// gets a fresh slot state and a slow start (`assign_slots`); one that
     /// goes is retired by the workers once its requests in flight end.
     fn resolver_answers(&mut self) {
-        let changes = self.resolver.answers(&self.log.logger);
+        let answers = self.resolver.answers(&self.log.logger);
+        let p = &self.region.shared().metrics.process;
+        p.dns_failures.fetch_add(answers.failed, Ordering::Relaxed);
+        p.dns_changes.fetch_add(answers.changes.len() as u64, Ordering::Relaxed);
+        let changes = answers.changes;
         if changes.is_empty() || self.state != State::Running {
             return;
         }

@@ -60,17 +60,24 @@ pub struct Resolver {
     done: Option<mpsc::Receiver<Done>>,
     due: HashMap<(String, String), Due>,
     current: Vec<ResolvedName>,
-    /// Lookups that failed (the name keeps its addresses).
-    pub failures: u64,
-    /// Answers that changed a name's addresses.
-    pub changes: u64,
+    /// The thread could not be started (said once in the log).
+    start_failed: bool,
+}
+
+/// What the answers taken from the thread did.
+#[derive(Default)]
+pub struct Answers {
+    /// Names whose addresses changed.
+    pub changes: Vec<Change>,
+    /// Lookups that failed (those names keep their addresses).
+    pub failed: u64,
 }
 
 impl Resolver {
     /// A resolver whose answers are `current` (resolved at load). The
     /// thread starts with the first name to look up.
     pub fn new(current: Vec<ResolvedName>) -> Resolver {
-        Resolver { jobs: None, done: None, due: HashMap::new(), current, failures: 0, changes: 0 }
+        Resolver { jobs: None, done: None, due: HashMap::new(), current, start_failed: false }
     }
 
     /// The addresses of every name, for the workers.
@@ -99,7 +106,10 @@ impl Resolver {
         let now = Instant::now();
         if self.jobs.is_none() && self.due.values().any(|d| d.next <= now) {
             if let Err(e) = self.start(registry) {
-                slog::error!(log, "cannot start the resolver thread; backend names are not re-resolved"; "error" => %e);
+                if !self.start_failed {
+                    slog::error!(log, "cannot start the resolver thread; backend names are not re-resolved"; "error" => %e);
+                }
+                self.start_failed = true;
                 return;
             }
         }
@@ -140,9 +150,9 @@ impl Resolver {
     /// Takes the thread's answers: the names whose addresses changed. A
     /// failed lookup keeps the name's addresses (a DNS outage must not
     /// empty a cluster); an answer, even an empty one, replaces them.
-    pub fn answers(&mut self, log: &slog::Logger) -> Vec<Change> {
-        let mut changes = Vec::new();
-        let Some(done) = &self.done else { return changes };
+    pub fn answers(&mut self, log: &slog::Logger) -> Answers {
+        let mut out = Answers::default();
+        let Some(done) = &self.done else { return out };
         while let Ok(d) = done.try_recv() {
             let key = (d.cluster.clone(), d.name.clone());
             let Some(due) = self.due.get_mut(&key) else { continue }; // Gone with a reload.
@@ -150,7 +160,7 @@ impl Resolver {
             let addrs = match d.answer {
                 Ok(a) => a,
                 Err(e) => {
-                    self.failures += 1;
+                    out.failed += 1;
                     slog::warn!(log, "backend name lookup failed; its addresses stay"; "cluster" => &d.cluster,
                         "name" => &d.name, "error" => %e);
                     continue;
@@ -164,12 +174,11 @@ impl Resolver {
                 }
             };
             if entry.addrs != addrs {
-                self.changes += 1;
                 let before = std::mem::replace(&mut entry.addrs, addrs.clone());
-                changes.push(Change { cluster: d.cluster, name: d.name, before, after: addrs });
+                out.changes.push(Change { cluster: d.cluster, name: d.name, before, after: addrs });
             }
         }
-        changes
+        out
     }
 
     /// Time until the next lookup is due (for the loop's sleep).
