@@ -234,7 +234,9 @@ impl std::fmt::Display for Unresolved {
 }
 
 /// Resolves every backend name of `config` (each in a thread of its own,
-/// all within `timeout`), except those `known` already has an answer for.
+/// all within `timeout`), except those `known` already has addresses for
+/// (a reload does not wait for names it knows; one with no address is
+/// asked again, so that `resolve = "required"` is checked).
 /// Returns the answers (known ones included) and the names with no address.
 pub fn resolve_config(
     config: &Config,
@@ -248,7 +250,7 @@ pub fn resolve_config(
     for c in &config.clusters {
         for n in &c.dns.names {
             let key = n.key();
-            if let Some(k) = known.iter().find(|k| k.cluster == c.name && k.name == key) {
+            if let Some(k) = known.iter().find(|k| k.cluster == c.name && k.name == key && !k.addrs.is_empty()) {
                 out.push(k.clone());
                 continue;
             }

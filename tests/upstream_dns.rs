@@ -222,10 +222,19 @@ fn a_name_with_no_address_answers_503_until_dns_has_one() {
     let cluster = format!("resolver = \"{}\"\nresolve_interval_ms = 100", dns.addr);
     let builder =
         ConfigBuilder::new().cluster_with("app", [format!("later.test:{port}")], &cluster).route(None, "/", "app");
-    let m = MasterRun::start(&builder);
+    let mut m = MasterRun::start(&builder);
     assert!(m.log().contains("backend name does not resolve"), "a warning at start: {}", m.log());
     let r = get_once(m.addr(), "x.example", "/");
     assert_eq!(r.status, 503, "no address yet: {}", r.head_str());
+    // Required now: the reload is refused, naming the name; nothing changes.
+    let required = ConfigBuilder::new()
+        .cluster_with("app", [format!("later.test:{port}")], &format!("{cluster}\nresolve = \"required\""))
+        .route(None, "/", "app");
+    m.write_config(&required);
+    let out = m.signal_cmd("reload");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.all().contains(&format!("later.test:{port}")) && out.all().contains("pitcher.toml:"), "{out:?}");
+    m.write_config(&builder);
     dns.set("later.test", &[SECOND]);
     assert!(
         wait_until(Duration::from_secs(10), || get_once(m.addr(), "x.example", "/").status == 200),
