@@ -62,8 +62,10 @@ fn lookup_system(host: &str, timeout: Duration) -> Result<Vec<IpAddr>, DnsError>
         .map_err(|e| DnsError::Io(e.to_string()))?;
     match rx.recv_timeout(timeout) {
         Ok(Ok(v)) => Ok(v),
-        // getaddrinfo's "name or service not known" is an answer: no address.
-        Ok(Err(e)) if e.to_string().contains("not known") => Ok(Vec::new()),
+        // getaddrinfo's EAI_NONAME / EAI_NODATA are answers: no address.
+        Ok(Err(e)) if ["not known", "No address associated"].iter().any(|m| e.to_string().contains(m)) => {
+            Ok(Vec::new())
+        }
         Ok(Err(e)) => Err(DnsError::System(e.to_string())),
         Err(_) => Err(DnsError::Timeout(timeout.as_millis() as u64)),
     }
@@ -330,6 +332,13 @@ mod tests {
         let cut = &a[..a.len() - 2];
         assert_eq!(decode_answer(7, cut), Some(Err(DnsError::Malformed)));
         assert!(encode_query(1, "a..b").is_none());
+    }
+
+    #[test]
+    fn the_system_resolver_reads_etc_hosts() {
+        let ips = lookup("localhost", None, LOOKUP_TIMEOUT).unwrap();
+        assert!(ips.contains(&IpAddr::from([127, 0, 0, 1])), "{ips:?}");
+        assert_eq!(lookup("no-such-name.invalid", None, LOOKUP_TIMEOUT).map(|v| v.len()).unwrap_or(0), 0);
     }
 
     #[test]

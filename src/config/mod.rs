@@ -8,11 +8,11 @@
 pub mod addr;
 pub mod env;
 pub mod include;
+pub mod names;
 pub mod units;
 pub mod upstream;
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use toml::Spanned;
 
 pub use addr::{BackendAddr, BackendEntry, BackendSpec, ListenAddr, NamedBackend, SockAddr};
 pub use include::Loaded;
+pub use names::{ClusterDns, ResolvedName, DEFAULT_RESOLVE_INTERVAL};
 pub use upstream::{Balance, HashKey, HealthCheck, Passive};
 
 /// A configuration that was refused, with where and why.
@@ -231,35 +232,6 @@ pub struct ClusterConfig {
     /// put them there.
     pub dns: ClusterDns,
 }
-
-/// The backend names of a cluster and how the master resolves them.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ClusterDns {
-    /// `name:PORT` entries of `backends`, in file order.
-    pub names: Vec<NamedBackend>,
-    /// Time between two resolutions of each name.
-    pub interval: Duration,
-    /// `resolve = "required"`: a name that does not resolve at load fails
-    /// the load (`-t`, start, reload); otherwise it is a warning.
-    pub required: bool,
-    /// DNS server asked over UDP (`None`: the system resolver).
-    pub resolver: Option<SocketAddr>,
-}
-
-/// The addresses a backend name of a cluster resolved to, as the master
-/// sends them to its workers with the configuration.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ResolvedName {
-    /// The cluster's name.
-    pub cluster: String,
-    /// The name as written, `host:port` ([`NamedBackend::key`]).
-    pub name: String,
-    /// The addresses found (sorted, no duplicates); empty: none.
-    pub addrs: Vec<IpAddr>,
-}
-
-/// Default time between two resolutions of a backend name.
-pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How a route matches the request's host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -484,28 +456,6 @@ impl Config {
         Ok(config)
     }
 
-    /// This configuration with the addresses its backend names resolved
-    /// to added to their clusters' `backends` (each with its name's
-    /// weight). An address a cluster already has (listed, or found for an
-    /// earlier name) is not added twice. Names without an entry in
-    /// `resolved` add nothing.
-    pub fn with_resolved(&self, resolved: &[ResolvedName]) -> Config {
-        let mut out = self.clone();
-        for c in &mut out.clusters {
-            for n in &c.dns.names {
-                let key = n.key();
-                let Some(r) = resolved.iter().find(|r| r.cluster == c.name && r.name == key) else { continue };
-                for ip in &r.addrs {
-                    let addr = BackendAddr(SockAddr::Tcp(SocketAddr::new(*ip, n.port)));
-                    if !c.backends.iter().any(|b| b.addr == addr) {
-                        c.backends.push(BackendSpec { addr, weight: n.weight });
-                    }
-                }
-            }
-        }
-        out
-    }
-
     /// Index of the cluster with this name.
     pub fn cluster_index(&self, name: &str) -> Option<usize> {
         self.clusters.iter().position(|c| c.name == name)
@@ -592,25 +542,14 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
                 BackendEntry::Name(n) => names.push(NamedBackend { line: e.span().start, ..n.clone() }),
             }
         }
-        let required = match &c.resolve {
-            None => false,
-            Some(r) => match r.get_ref().as_str() {
-                "optional" => false,
-                "required" => true,
-                other => {
-                    return Err((Some(r.span()), format!("resolve = {other:?}: expected \"optional\" or \"required\"")))
-                }
-            },
-        };
-        let resolver = match c.resolver.as_ref().or(f.resolver.as_ref()) {
-            None => None,
-            Some(r) => Some(parse_resolver(r.get_ref()).map_err(|e| (Some(r.span()), e))?),
-        };
-        let interval = ms(c.resolve_interval_ms, DEFAULT_RESOLVE_INTERVAL.as_millis() as u64);
-        if interval < Duration::from_millis(100) {
-            return Err((Some(span.clone()), format!("cluster {name:?}: resolve_interval_ms must be at least 100")));
-        }
-        let dns = ClusterDns { names, interval, required, resolver };
+        let dns = names::cluster_dns(
+            &name,
+            names,
+            c.resolve.as_ref(),
+            c.resolve_interval_ms,
+            c.resolver.as_ref().or(f.resolver.as_ref()),
+        )
+        .map_err(|(sp, e)| (Some(sp.unwrap_or_else(|| span.clone())), e))?;
         let _ = span;
         let lb = upstream::balance(c.lb.as_ref()).map_err(|(sp, e)| (Some(sp), e))?;
         let hash_key = upstream::hash_key(c.hash_key.as_ref()).map_err(|(sp, e)| (Some(sp), e))?;
@@ -818,14 +757,6 @@ fn resolve_modules(m: &toml::Table) -> Resolve<Vec<ModuleConfig>> {
         out.push(ModuleConfig { name, enabled, essential, settings: table, line: 0, file: PathBuf::new() });
     }
     Ok(out)
-}
-
-/// `resolver = "IP"` or `"IP:PORT"` (port 53 by default).
-fn parse_resolver(s: &str) -> Result<SocketAddr, String> {
-    let s = s.trim();
-    s.parse::<SocketAddr>()
-        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-        .map_err(|_| format!("resolver = {s:?}: expected IP or IP:PORT of a DNS server (e.g. \"127.0.0.1:53\")"))
 }
 
 fn parse_host_match(h: &str) -> Result<HostMatch, String> {
