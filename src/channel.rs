@@ -232,6 +232,11 @@ pub enum ToWorker {
         /// master (workers never read key files).
         #[serde(default)]
         tls: Vec<crate::tls::ListenerCerts>,
+        /// The addresses the master found for each backend name; the
+        /// worker adds them to the clusters of `config_text`
+        /// (`Config::with_resolved`).
+        #[serde(default)]
+        resolved: Vec<crate::config::ResolvedName>,
     },
     /// Files the master opened for the worker (access logs), fds attached
     /// in the order of `paths`; sent before each `Configure` and `Reopen`.

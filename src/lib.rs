@@ -12,6 +12,7 @@ pub mod buffer;
 pub mod channel;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod hooks;
 pub mod http;
 pub mod log;

@@ -213,10 +213,27 @@ fn run(cli: &Cli) -> Result<ExitCode, MainError> {
         for f in &files {
             println!("pitcher: read {}", f.display());
         }
+        // Backend names: a warning each, unless their cluster requires them.
+        let (_, unresolved) = pitcher::dns::resolve_config(&served.config, &[], pitcher::dns::LOOKUP_TIMEOUT);
+        for u in &unresolved {
+            if u.required {
+                return Err(MainError::Test { path, source: u.to_config_error().into() });
+            }
+            eprintln!("pitcher: warning: {u}");
+        }
         println!("pitcher: configuration ok: {}", path.display());
         return Ok(ExitCode::SUCCESS);
     }
     if cli.single_process {
+        // No master to re-resolve: backend names are resolved once, here.
+        let (resolved, unresolved) = pitcher::dns::resolve_config(&served.config, &[], pitcher::dns::LOOKUP_TIMEOUT);
+        if let Some(u) = unresolved.iter().find(|u| u.required) {
+            return Err(MainError::Load(u.to_config_error().into()));
+        }
+        for u in &unresolved {
+            eprintln!("pitcher: warning: {u}");
+        }
+        let served = Served { config: served.config.with_resolved(&resolved), ..served };
         return single_process(served);
     }
     master_main(cli, path, served)
@@ -359,14 +376,16 @@ fn worker_main(cli: &Cli) -> Result<ExitCode, MainError> {
         pitcher::log::take_over(&paths, fds).map_err(WorkerError::Files)?;
         first = ch.recv::<ToWorker>();
     }
-    let (config_path, text, entries, slots, tls, fds) = match first {
-        Ok(Some((ToWorker::Configure { config_path, config_text, listeners, backend_slots, tls, .. }, fds))) => {
-            (config_path, config_text, listeners, backend_slots, tls, fds)
-        }
+    let (config_path, text, entries, slots, tls, resolved, fds) = match first {
+        Ok(Some((
+            ToWorker::Configure { config_path, config_text, listeners, backend_slots, tls, resolved, .. },
+            fds,
+        ))) => (config_path, config_text, listeners, backend_slots, tls, resolved, fds),
         other => return Err(WorkerError::NoConfiguration(format!("{other:?}")).into()),
     };
     let _ = ch.set_read_timeout(None);
-    let config = Config::parse_resolved(Path::new(&config_path), &text).map_err(WorkerError::Config)?;
+    let config =
+        Config::parse_resolved(Path::new(&config_path), &text).map_err(WorkerError::Config)?.with_resolved(&resolved);
     let (fds, region) = channel::split_fds(&entries, fds).map_err(WorkerError::Manifest)?;
     let shared = Region::open(region).map_err(WorkerError::Region)?.leak();
     let log = pitcher::log::build(&config.error_log, config.log_level, "worker").map_err(WorkerError::ErrorLog)?;

@@ -495,6 +495,7 @@ mod tests {
             slow_start: Duration::ZERO,
             health_check: None,
             passive: Passive::default(),
+            dns: Default::default(),
         }
     }
 

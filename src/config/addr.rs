@@ -1,6 +1,7 @@
 //! Address types of the configuration: where Pitcher listens and where a
-//! backend lives. Newtypes keep a listening address from being passed where a
-//! backend address is expected. Parsing only; nothing here opens a socket.
+//! backend lives (an address, or a DNS name the master resolves). Newtypes
+//! keep a listening address from being passed where a backend address is
+//! expected. Parsing only; nothing here opens a socket or resolves a name.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -112,10 +113,92 @@ impl BackendSpec {
     }
 }
 
-impl<'de> Deserialize<'de> for BackendSpec {
+/// A backend given by DNS name (`"app.internal:9001 weight=2"`): the
+/// master resolves it and every address found becomes a backend of the
+/// cluster, with this weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedBackend {
+    /// The host name, lower case, without a trailing dot.
+    pub host: String,
+    /// The port every address of the name is reached on.
+    pub port: u16,
+    /// Weight of each address found.
+    pub weight: u32,
+    /// The file that names it (main or included).
+    pub file: PathBuf,
+    /// 1-based line of the `backends` entry (0 until the file is located).
+    pub line: usize,
+}
+
+impl NamedBackend {
+    /// `host:port`, as written (the key of its resolved addresses).
+    pub fn key(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// One entry of a cluster's `backends` list as written: an address, or a
+/// name to resolve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendEntry {
+    /// `IP:PORT` or `unix:/path`.
+    Addr(BackendSpec),
+    /// `name:PORT`.
+    Name(NamedBackend),
+}
+
+impl BackendEntry {
+    /// Parses `ADDR [weight=N]` where ADDR is `IP:PORT`, `unix:/path` or
+    /// `host.name:PORT`.
+    pub fn parse(s: &str) -> Result<BackendEntry, String> {
+        let first = s.split_whitespace().next().unwrap_or("");
+        let as_addr = BackendSpec::parse(s);
+        if as_addr.is_ok() || first.starts_with("unix:") || first.starts_with('[') {
+            return as_addr.map(BackendEntry::Addr);
+        }
+        let (host, port) = first.rsplit_once(':').ok_or_else(|| {
+            format!(
+                "invalid backend {first:?}: expected IP:PORT, NAME:PORT (e.g. \"app.internal:9001\") or \"unix:/path\""
+            )
+        })?;
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| format!("invalid backend {first:?}: the port must be a number from 1 to 65535"))?;
+        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        valid_host(&host).map_err(|why| format!("invalid backend {first:?}: {why}"))?;
+        // The weight is checked by the same code as for an address.
+        let weight = BackendSpec::parse(&s.replacen(first, "127.0.0.1:1", 1))?.weight;
+        Ok(BackendEntry::Name(NamedBackend { host, port, weight, file: PathBuf::new(), line: 0 }))
+    }
+}
+
+/// A DNS host name: labels of letters, digits, `-` and `_`, at most 63
+/// bytes each and 253 in all; the last label not all digits (that would
+/// be a mistyped IP address).
+fn valid_host(host: &str) -> Result<(), String> {
+    if host.is_empty() || host.len() > 253 {
+        return Err("a host name has 1 to 253 characters".into());
+    }
+    for label in host.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("each label of a host name has 1 to 63 characters".into());
+        }
+        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err("a host name has only letters, digits, '-', '_' and dots".into());
+        }
+    }
+    if host.rsplit('.').next().is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit())) {
+        return Err("not an IP address, and a host name does not end in a number".into());
+    }
+    Ok(())
+}
+
+impl<'de> Deserialize<'de> for BackendEntry {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        BackendSpec::parse(&s).map_err(de::Error::custom)
+        BackendEntry::parse(&s).map_err(de::Error::custom)
     }
 }
 
@@ -137,9 +220,25 @@ mod tests {
     #[test]
     fn refuses_bad_entries() {
         assert!(BackendSpec::parse("localhost:80").is_err());
+        for bad in ["app", "app:0", "app:x", "a..b:80", "a b:80", "1.2.3.999:80", "app:80 weight=0", "[::1]80"] {
+            assert!(BackendEntry::parse(bad).is_err(), "{bad}");
+        }
         assert!(BackendSpec::parse("127.0.0.1:80 weight=0").is_err());
         assert!(BackendSpec::parse("127.0.0.1:80 weight=x").is_err());
         assert!(BackendSpec::parse("127.0.0.1:80 max_fails=3").is_err());
         assert!(BackendSpec::parse("unix:").is_err());
+    }
+
+    #[test]
+    fn parses_names() {
+        match BackendEntry::parse("App.Internal.:9001 weight=2").unwrap() {
+            BackendEntry::Name(n) => {
+                assert_eq!((n.host.as_str(), n.port, n.weight), ("app.internal", 9001, 2));
+                assert_eq!(n.key(), "app.internal:9001");
+            }
+            other @ BackendEntry::Addr(_) => panic!("{other:?}"),
+        }
+        assert!(matches!(BackendEntry::parse("127.0.0.1:80").unwrap(), BackendEntry::Addr(_)));
+        assert!(matches!(BackendEntry::parse("unix:/a").unwrap(), BackendEntry::Addr(_)));
     }
 }

@@ -8,6 +8,7 @@
 pub mod addr;
 pub mod env;
 pub mod include;
+pub mod names;
 pub mod units;
 pub mod upstream;
 
@@ -18,8 +19,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-pub use addr::{BackendAddr, BackendSpec, ListenAddr, SockAddr};
+pub use addr::{BackendAddr, BackendEntry, BackendSpec, ListenAddr, NamedBackend, SockAddr};
 pub use include::Loaded;
+pub use names::{ClusterDns, ResolvedName, DEFAULT_RESOLVE_INTERVAL};
 pub use upstream::{Balance, HashKey, HealthCheck, Passive};
 
 /// A configuration that was refused, with where and why.
@@ -97,6 +99,8 @@ struct FileConfig {
     normalize_upstream_path: Option<bool>,
     forward_expect: Option<bool>,
     tls_ticket_key_rotation_ms: Option<u64>,
+    /// Default DNS server of the clusters' backend names (`IP[:PORT]`).
+    resolver: Option<Spanned<String>>,
     #[serde(default)]
     listeners: Vec<FileListener>,
     #[serde(default)]
@@ -149,7 +153,11 @@ struct FileCertificate {
 #[serde(deny_unknown_fields)]
 struct FileCluster {
     name: Spanned<String>,
-    backends: Spanned<Vec<BackendSpec>>,
+    backends: Spanned<Vec<Spanned<BackendEntry>>>,
+    /// "optional" (default) or "required": must every name resolve at load?
+    resolve: Option<Spanned<String>>,
+    resolve_interval_ms: Option<u64>,
+    resolver: Option<Spanned<String>>,
     keepalive: Option<usize>,
     keepalive_timeout_ms: Option<u64>,
     retries: Option<u32>,
@@ -267,6 +275,10 @@ pub struct ClusterConfig {
     pub health_check: Option<HealthCheck>,
     /// Passive failure detection from real traffic.
     pub passive: Passive,
+    /// Backends given by DNS name, and how the master resolves them. The
+    /// addresses found are in `backends` once [`Config::with_resolved`]
+    /// put them there.
+    pub dns: ClusterDns,
 }
 
 /// How a route matches the request's host.
@@ -490,6 +502,12 @@ impl Config {
             m.file = path.to_path_buf();
             m.line = module_line(text, &m.name);
         }
+        for n in config.clusters.iter_mut().flat_map(|c| c.dns.names.iter_mut()) {
+            // `line` held the entry's byte offset until now.
+            let (file, (line, _)) = locate(n.line);
+            n.file = file;
+            n.line = line;
+        }
         Ok(config)
     }
 
@@ -600,15 +618,26 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         if c.backends.get_ref().is_empty() {
             return Err((Some(c.backends.span()), format!("cluster {name:?} has no backends")));
         }
-        let backends = c.backends.get_ref().clone();
-        for (i, b) in backends.iter().enumerate() {
-            if backends[..i].iter().any(|x| x.addr == b.addr) {
-                return Err((
-                    Some(c.backends.span()),
-                    format!("backend {} is listed twice in cluster {name:?}", b.addr),
-                ));
+        let mut backends: Vec<BackendSpec> = Vec::new();
+        let mut names: Vec<NamedBackend> = Vec::new();
+        for e in c.backends.get_ref() {
+            let twice =
+                |what: String| Err((Some(e.span()), format!("backend {what} is listed twice in cluster {name:?}")));
+            match e.get_ref() {
+                BackendEntry::Addr(b) if backends.iter().any(|x| x.addr == b.addr) => return twice(b.addr.to_string()),
+                BackendEntry::Addr(b) => backends.push(b.clone()),
+                BackendEntry::Name(n) if names.iter().any(|x| x.key() == n.key()) => return twice(n.key()),
+                BackendEntry::Name(n) => names.push(NamedBackend { line: e.span().start, ..n.clone() }),
             }
         }
+        let dns = names::cluster_dns(
+            &name,
+            names,
+            c.resolve.as_ref(),
+            c.resolve_interval_ms,
+            c.resolver.as_ref().or(f.resolver.as_ref()),
+        )
+        .map_err(|(sp, e)| (Some(sp.unwrap_or_else(|| span.clone())), e))?;
         let _ = span;
         let lb = upstream::balance(c.lb.as_ref()).map_err(|(sp, e)| (Some(sp), e))?;
         let hash_key = upstream::hash_key(c.hash_key.as_ref()).map_err(|(sp, e)| (Some(sp), e))?;
@@ -632,6 +661,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
             slow_start: ms(c.slow_start_ms, 0),
             health_check,
             passive,
+            dns,
         });
     }
 
@@ -977,5 +1007,43 @@ client_header_ms = 5000
             }
         }
         assert!(n >= 1);
+    }
+
+    #[test]
+    fn backend_names_are_kept_with_their_line_and_resolved_in() {
+        let text = GOOD.replace(
+            "\"unix:/run/app.sock\"]",
+            "\"unix:/run/app.sock\",\n  \"App.internal:9001 weight=2\"]\nresolve = \"required\"\nresolve_interval_ms = 500\nresolver = \"127.0.0.1:5353\"",
+        );
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        let dns = &c.clusters[0].dns;
+        assert_eq!(c.clusters[0].backends.len(), 3);
+        assert_eq!(dns.names.len(), 1);
+        assert_eq!((dns.names[0].key().as_str(), dns.names[0].line), ("app.internal:9001", 9));
+        assert_eq!(dns.names[0].file, Path::new("t.toml"));
+        assert!(dns.required);
+        assert_eq!(dns.interval, Duration::from_millis(500));
+        assert_eq!(dns.resolver, Some("127.0.0.1:5353".parse().unwrap()));
+        let r = vec![ResolvedName {
+            cluster: "app".into(),
+            name: "app.internal:9001".into(),
+            addrs: vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()],
+        }];
+        let resolved = c.with_resolved(&r);
+        let addrs: Vec<String> =
+            resolved.clusters[0].backends.iter().map(|b| format!("{} {}", b.addr, b.weight)).collect();
+        // 127.0.0.1:9001 is listed already (weight 1): not added twice.
+        assert_eq!(addrs[3..], ["127.0.0.2:9001 2".to_string()]);
+        assert_eq!(c.with_resolved(&[]), c);
+
+        let bad = text.replace("\"required\"", "\"maybe\"");
+        assert!(Config::parse(Path::new("t.toml"), &bad).unwrap_err().reason.contains("maybe"));
+        let bad = text.replace("127.0.0.1:5353", "dns.example");
+        assert!(Config::parse(Path::new("t.toml"), &bad).unwrap_err().reason.contains("resolver"));
+        let twice = text.replace("weight=2\"", "weight=2\", \"app.internal:9001\"");
+        assert!(Config::parse(Path::new("t.toml"), &twice).unwrap_err().reason.contains("twice"));
+        let units = text.replace("resolve_interval_ms = 500", "resolve_interval_ms = \"30s\"");
+        let c = Config::parse(Path::new("t.toml"), &units).unwrap();
+        assert_eq!(c.clusters[0].dns.interval, Duration::from_secs(30));
     }
 }

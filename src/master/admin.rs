@@ -31,7 +31,7 @@ pub const HEAD_MAX_BYTES: usize = 8 * 1024;
 /// Most clients served at once; more are answered 503 and closed.
 pub const MAX_CLIENTS: usize = 32;
 /// The admin listener's token.
-pub const LISTENER: Token = Token(4);
+pub const LISTENER: Token = Token(5);
 /// Tokens of admin clients: `CLIENT_BASE + id` (between the control
 /// clients' and the health probes').
 pub const CLIENT_BASE: usize = 1 << 36;

@@ -4,8 +4,9 @@
 //! upgrade. It never touches request traffic.
 //!
 //! One `mio` loop watches: a self-pipe woken by signals (the handlers only
-//! set flags), the control socket, each worker's channel and, during an
-//! upgrade, the channel between the old and the new master. Deadlines
+//! set flags), the control socket, each worker's channel, the resolver
+//! thread's waker (backend names) and, during an upgrade, the channel
+//! between the old and the new master. Deadlines
 //! (respawn back-off, upgrade timeout, stop) are checked on every turn; the
 //! loop wakes at least every `TICK`.
 
@@ -15,6 +16,7 @@ pub mod daemon;
 mod health;
 mod listeners;
 mod pidfile;
+mod resolver;
 mod upgrade;
 
 use std::ffi::OsString;
@@ -189,7 +191,14 @@ impl Signals {
 pub struct Master {
     args: MasterArgs,
     log: Log,
+    /// The configuration in force, its backend names' addresses added to
+    /// their clusters (what workers, health checks, `ctl` and `/metrics` see).
     config: Arc<Config>,
+    /// The configuration as loaded (names not resolved): `config` is made
+    /// from it again whenever a name's addresses change.
+    loaded: Arc<Config>,
+    /// Backend names: their addresses and their re-resolution.
+    resolver: resolver::Resolver,
     config_text: String,
     /// Certificates of the TLS listeners, sent with every `Configure`.
     tls: Vec<crate::tls::ListenerCerts>,
@@ -248,6 +257,22 @@ impl Master {
         inherited: Inherited,
     ) -> Result<Master, (io::Error, Log)> {
         let Inherited { shared, admin: admin_fd } = inherited;
+        let Served { config, text: config_text, tls } = served;
+        // Backend names are resolved before any worker starts (load time:
+        // the loop does not run yet).
+        let (resolved, unresolved) = crate::dns::resolve_config(&config, &[], crate::dns::LOOKUP_TIMEOUT);
+        for u in &unresolved {
+            if u.required {
+                let e = io::Error::other(u.to_config_error().to_string());
+                return Err((e, log));
+            }
+            slog::warn!(log.logger, "backend name does not resolve; retried every resolve_interval_ms"; "name" => &u.name,
+                "cluster" => &u.cluster, "file" => %u.file.display(), "line" => u.line, "reason" => &u.reason);
+        }
+        let loaded = Arc::new(config);
+        let config = loaded.with_resolved(&resolved);
+        let mut resolver = resolver::Resolver::new(Vec::new());
+        resolver.configure(&loaded, resolved);
         let setup = || -> io::Result<(Poll, Signals)> {
             let poll = Poll::new()?;
             let mut signals = Signals::install()?;
@@ -280,11 +305,12 @@ impl Master {
                 (region, t)
             }
         };
-        let Served { config, text: config_text, tls } = served;
         let mut m = Master {
             args,
             log,
             config: Arc::new(config),
+            loaded,
+            resolver,
             config_text,
             tls,
             listeners,
@@ -359,7 +385,9 @@ impl Master {
     pub fn run(mut self) -> i32 {
         let mut events = Events::with_capacity(64);
         loop {
-            let wait = self.health.next_due(Instant::now()).map_or(TICK, |d| d.min(TICK));
+            let now = Instant::now();
+            let wait = self.health.next_due(now).map_or(TICK, |d| d.min(TICK));
+            let wait = self.resolver.next_due(now).map_or(wait, |d| d.min(wait));
             if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     slog::crit!(self.logger(), "poll failed"; "error" => %e);
@@ -373,6 +401,7 @@ impl Master {
                     UPGRADE => self.upgrade_event(),
                     admin::LISTENER => self.accept_admin(),
                     PREDECESSOR => self.predecessor_event(),
+                    resolver::TOKEN => self.resolver_answers(),
                     Token(t) if t >= health::PROBE_BASE => {
                         self.health.event(ev.token(), self.poll.registry(), &self.log.logger);
                     }
@@ -430,6 +459,7 @@ impl Master {
         }
         if self.state == State::Running {
             self.health.tick(self.poll.registry(), &self.log.logger);
+            self.resolver.tick(&self.loaded, self.poll.registry(), &self.log.logger);
         }
         self.sweep_places(now);
         self.rotate_ticket_keys();
@@ -610,6 +640,7 @@ impl Master {
             listeners: self.listeners.iter().map(|b| b.entry.clone()).collect(),
             backend_slots: self.backend_slots.entries(),
             tls: self.tls.clone(),
+            resolved: self.resolver.current().to_vec(),
         }
     }
 
@@ -777,6 +808,17 @@ impl Master {
         for w in &tls.warnings {
             slog::warn!(self.logger(), "{w}");
         }
+        // Names known already keep their addresses; new ones are looked up
+        // now (bounded: this is load time, like reading the files).
+        let (resolved, unresolved) =
+            crate::dns::resolve_config(&config, self.resolver.current(), crate::dns::LOOKUP_TIMEOUT);
+        for u in &unresolved {
+            if u.required {
+                return Err(ReloadError::Config(u.to_config_error()));
+            }
+            slog::warn!(self.log.logger, "backend name does not resolve; retried every resolve_interval_ms"; "name" => &u.name,
+                "cluster" => &u.cluster, "file" => %u.file.display(), "line" => u.line, "reason" => &u.reason);
+        }
         let next = self.next_listeners(&config)?;
         // A new admin address is bound before anything changes.
         let admin_fd = match &config.admin {
@@ -793,7 +835,10 @@ impl Master {
         }
         self.listeners = next;
         let workers = config.workers;
-        let previous = std::mem::replace(&mut self.config, Arc::new(config));
+        let resolved_config = config.with_resolved(&resolved);
+        self.resolver.configure(&config, resolved);
+        self.loaded = Arc::new(config);
+        let previous = std::mem::replace(&mut self.config, Arc::new(resolved_config));
         self.config_text = text;
         self.tls = tls.listeners;
         self.seq += 1;
@@ -811,6 +856,40 @@ impl Master {
         }
         self.resize(workers);
         Ok(self.seq)
+    }
+
+    /// Answers of the resolver thread: when a backend name's addresses
+    /// changed, the configuration in force is made again from the loaded
+    /// one and sent to the workers like a reload of the same text (same
+    /// `Configure` message, `resolved` updated). An address that appears
+    /// gets a fresh slot state and a slow start (`assign_slots`); one that
+    /// goes is retired by the workers once its requests in flight end.
+    fn resolver_answers(&mut self) {
+        let answers = self.resolver.answers(&self.log.logger);
+        let p = &self.region.shared().metrics.process;
+        p.dns_failures.fetch_add(answers.failed, Ordering::Relaxed);
+        p.dns_changes.fetch_add(answers.changes.len() as u64, Ordering::Relaxed);
+        let changes = answers.changes;
+        if changes.is_empty() || self.state != State::Running {
+            return;
+        }
+        for c in &changes {
+            let list = |a: &[std::net::IpAddr]| a.iter().map(|ip| ip.to_string()).collect::<Vec<_>>().join(",");
+            slog::info!(self.log.logger, "backend name resolved to new addresses"; "cluster" => &c.cluster,
+                "name" => &c.name, "before" => list(&c.before), "after" => list(&c.after));
+        }
+        let next = Arc::new(self.loaded.with_resolved(self.resolver.current()));
+        let previous = std::mem::replace(&mut self.config, next);
+        self.seq += 1;
+        self.assign_slots(Some(&previous));
+        self.health.configure(&self.config, &mut self.backend_slots, self.poll.registry());
+        let msg = self.configure_message();
+        for (slot, p) in self.slots.iter().enumerate().filter_map(|(i, s)| Some((i, s.proc.as_ref()?))) {
+            let fds = self.message_fds(slot);
+            if let Err(e) = self.send_files(&p.chan).and_then(|()| p.chan.send(&msg, &fds)) {
+                slog::error!(self.log.logger, "cannot send the new backend addresses to a worker"; "worker_pid" => p.pid.as_raw(), "error" => %e);
+            }
+        }
     }
 
     /// Starts or drains workers to have `n`.

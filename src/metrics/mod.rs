@@ -506,6 +506,13 @@ fn processes(o: &mut Out, v: &View<'_>) {
         "When the last binary upgrade completed (0: never).",
     );
     o.sample("pitcher_last_upgrade_success_timestamp_seconds", &[], p.last_upgrade_ok_s.load(Relaxed));
+    o.family(
+        "pitcher_backend_dns_lookups",
+        Kind::Counter,
+        "Re-resolutions of backend names that changed their addresses, or failed (the addresses stay).",
+    );
+    o.counter("pitcher_backend_dns_lookups", &[("result", "changed")], p.dns_changes.load(Relaxed));
+    o.counter("pitcher_backend_dns_lookups", &[("result", "failed")], p.dns_failures.load(Relaxed));
     o.family("pitcher_worker_respawns", Kind::Counter, "Workers started again after one died.");
     o.counter("pitcher_worker_respawns", &[], p.worker_respawns.load(Relaxed));
     o.family(

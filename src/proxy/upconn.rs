@@ -42,6 +42,10 @@ impl Core {
     /// those not tried yet, while the retry count allows.
     pub(super) fn pick_backend(&mut self, s: &mut Session) -> Result<(), u16> {
         let cluster = &s.snap.clusters[s.ex.cluster];
+        if cluster.members.is_empty() {
+            // Every backend is a DNS name that has no address now.
+            return Err(503);
+        }
         if s.ex.failed > cluster.retries {
             return Err(502);
         }

@@ -187,6 +187,12 @@ pub struct ProcessShm {
     pub generation: AtomicU64,
     /// Wall-clock seconds when the instance (its first master) started.
     pub started_s: AtomicU64,
+    /// Re-resolutions of backend names that failed (no answer, a server
+    /// error): the name kept its addresses.
+    pub dns_failures: AtomicU64,
+    /// Re-resolutions of backend names that changed their addresses (each
+    /// sent to the workers).
+    pub dns_changes: AtomicU64,
 }
 
 /// The figures' part of the region.

@@ -336,10 +336,17 @@ impl Worker {
             match ch.recv::<ToWorker>() {
                 Ok(None) => return,
                 Ok(Some((
-                    ToWorker::Configure { seq, config_path, config_text, listeners, backend_slots, tls },
+                    ToWorker::Configure { seq, config_path, config_text, listeners, backend_slots, tls, resolved },
                     fds,
                 ))) => {
-                    let error = self.reconfigure(&config_path, &config_text, listeners, backend_slots, &tls, fds).err();
+                    let error = self
+                        .reconfigure(
+                            &Incoming { path: &config_path, text: &config_text, resolved: &resolved, tls: &tls },
+                            listeners,
+                            backend_slots,
+                            fds,
+                        )
+                        .err();
                     match &error {
                         None => slog::info!(self.log, "configuration reloaded"; "seq" => seq),
                         Some(e) => slog::error!(self.log, "reload refused"; "seq" => seq, "error" => e),
@@ -404,14 +411,14 @@ impl Worker {
     /// snapshot swapped in. Requests in flight keep the snapshot they have.
     fn reconfigure(
         &mut self,
-        path: &str,
-        text: &str,
+        served: &Incoming<'_>,
         entries: Vec<ListenerEntry>,
         backend_slots: Vec<(String, u32)>,
-        tls: &[crate::tls::ListenerCerts],
         fds: Vec<OwnedFd>,
     ) -> Result<(), String> {
+        let Incoming { path, text, resolved, tls } = *served;
         let config = Config::parse_resolved(std::path::Path::new(path), text).map_err(|e| e.to_string())?;
+        let config = config.with_resolved(resolved);
         // The region is the one this worker mapped at start; the copy is dropped.
         let (fds, _region) = split_fds(&entries, fds)?;
         self.engine.set_slots(&backend_slots);
@@ -521,6 +528,16 @@ impl Worker {
         }
         slog::debug!(self.log, "connections taken over"; "count" => conns.len() - failed, "failed" => failed);
     }
+}
+
+/// A configuration as the master sent it: its file, resolved text, the
+/// addresses of its backend names and its TLS listeners' certificates.
+#[derive(Clone, Copy)]
+struct Incoming<'a> {
+    path: &'a str,
+    text: &'a str,
+    resolved: &'a [crate::config::ResolvedName],
+    tls: &'a [crate::tls::ListenerCerts],
 }
 
 /// Registers a listening socket received (or bound) for this worker.

@@ -279,6 +279,18 @@ impl Backend {
         Backend::run(name, Listener::Tcp(listener), Where::Tcp(addr), Arc::new(handler), false)
     }
 
+    /// A TCP backend at `addr` (another loopback address such as
+    /// 127.0.0.2, a port already chosen) answering with `handler`; the
+    /// error when the address cannot be bound.
+    pub fn try_with_handler_at<F>(name: &str, addr: SocketAddr, handler: F) -> io::Result<Backend>
+    where
+        F: Fn(&RecordedRequest) -> Reply + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        Ok(Backend::run(name, Listener::Tcp(listener), Where::Tcp(addr), Arc::new(handler), false))
+    }
+
     /// A TCP backend that resets every connection: it waits until request
     /// bytes have arrived, reads none of them and closes, so the kernel
     /// sends RST instead of FIN. No request is recorded.
