@@ -408,7 +408,7 @@ impl Core {
         // without 100): the rest of the body can not be told from a next
         // request, so the connection closes, and the client is told so
         // (RFC 9110 §10.1.1).
-        let mut keep = s.ex.client_keep && !self.draining && s.ex.req_body.complete();
+        let mut keep = s.ex.client_keep && !self.closing(s) && s.ex.req_body.complete();
         let (mode, out) = match framing {
             Framing::None => (RespMode::Pass, OutFraming::None),
             Framing::Length(n) => (RespMode::Pass, OutFraming::Length(n)),

@@ -380,6 +380,13 @@ impl Core {
         true
     }
 
+    /// The connection is answered with `Connection: close` from now on:
+    /// the worker drains, or hands its connections to a new generation and
+    /// this one cannot move (TLS state stays in its process).
+    pub(super) fn closing(&self, s: &Session) -> bool {
+        self.draining || (self.handing_over && s.stream.is_tls())
+    }
+
     /// Sets the session's deadline for what its state waits on.
     fn rearm(&mut self, s: &mut Session) {
         let t = &s.snap.config.timeouts;
