@@ -60,7 +60,8 @@ impl Snapshot {
         let series = |kind, name: &str| shared.metrics.series(&hasher, kind, name);
         let route_series = config.routes.iter().map(|r| series(SeriesKind::Route, &r.name)).collect();
         let cluster_series = config.clusters.iter().map(|c| series(SeriesKind::Cluster, &c.name)).collect();
-        Ok(Snapshot { router: Router::new(&config), clusters, config, modules, route_series, cluster_series })
+        let router = Router::new(&config)?;
+        Ok(Snapshot { router, clusters, config, modules, route_series, cluster_series })
     }
 }
 
@@ -82,6 +83,8 @@ pub struct Core {
     /// Request ids: a per-process random seed and a counter.
     pub(super) id_seed: u64,
     pub(super) id_seq: u64,
+    /// Counter of the random numbers of weighted splits.
+    pub(super) split_seq: u64,
     /// This worker's place among the master's workers (0 in
     /// `--single-process`): its index in the shared per-worker tables.
     pub(super) place: usize,

@@ -36,6 +36,7 @@
 //! `hooks`, `keys`) import `session` and below, never each other; this
 //! file sits on top.
 
+mod actions;
 mod core;
 mod exchange;
 mod forward;
@@ -120,6 +121,7 @@ impl Engine {
                 degrade,
                 id_seed: crate::upstream::hash64(&(std::process::id(), std::time::SystemTime::now())),
                 id_seq: 0,
+                split_seq: 0,
                 place,
                 timers: Timers::default(),
                 bufs: BufPool::new(buf_size, POOLED_BUFFERS),

@@ -141,10 +141,12 @@ impl Core {
         if s.snap.config.normalize_upstream_path {
             s.req.use_normalized_target();
         }
-        s.ex.route = s.snap.router.lookup(s.req.host(), s.req.path());
-        if let Some(r) = s.ex.route {
-            s.ex.cluster = s.snap.config.routes[r].cluster;
-            s.ex.cluster_chosen = true;
+        s.ex.route = s.snap.router.lookup(&s.req);
+        // The route's action: a redirect or fixed response is answered
+        // here, before any module runs (REQUEST_FINISH still sees it);
+        // otherwise its cluster is chosen and its rewrites applied.
+        if let Some(next) = self.apply_route(s) {
+            return next;
         }
         let v = self.hook_request(s, Point::BeforeCluster);
         if let Some(next) = self.verdict(s, v) {
@@ -170,6 +172,7 @@ impl Core {
         if let Err(status) = self.pick_backend(s) {
             return self.respond(s, status);
         }
+        self.set_backend_host(s);
         s.ex.upstream_started = Some(self.now);
         let v = self.hook_request(s, Point::AfterCluster);
         if let Some(next) = self.verdict(s, v) {
