@@ -32,6 +32,10 @@ struct Cli {
     /// Test the configuration file and exit.
     #[arg(short = 't', long = "test")]
     test: bool,
+    /// With `-t`: print the effective routing table, one route a line in
+    /// precedence order (host, path, conditions, action, [name]).
+    #[arg(long = "routes", requires = "test")]
+    routes: bool,
     /// Send a command to the running master: reload, upgrade, quit, stop, reopen.
     #[arg(short = 's', long = "signal", value_name = "SIGNAL")]
     signal: Option<String>,
@@ -204,6 +208,14 @@ fn run(cli: &Cli) -> Result<ExitCode, MainError> {
         for f in &files {
             println!("pitcher: read {}", f.display());
         }
+        if cli.routes {
+            // `load` built the table once already, to check it.
+            let router = pitcher::router::Router::new(&config).map_err(|reason| MainError::Test {
+                path: path.clone(),
+                source: LoadError::Config(ConfigError { file: path.clone(), line_col: None, reason }),
+            })?;
+            print!("{}", router.table(&config));
+        }
         println!("pitcher: configuration ok: {}", path.display());
         return Ok(ExitCode::SUCCESS);
     }
@@ -220,6 +232,13 @@ fn absolute(p: &Path) -> PathBuf {
 /// Reads and validates a configuration, module settings included.
 fn load(path: &Path) -> Result<(Config, String, Vec<PathBuf>), LoadError> {
     let pitcher::config::Loaded { config, text, files } = pitcher::config::include::load(path)?;
+    // The routing table is built by every worker; a table that cannot be
+    // (regexes too large together) is refused here, with the file.
+    pitcher::router::Router::new(&config).map_err(|reason| ConfigError {
+        file: path.to_path_buf(),
+        line_col: None,
+        reason,
+    })?;
     // Modules are checked against a scratch region (nothing is written to it).
     let scratch = Region::create().map_err(LoadError::Region)?;
     pitcher::hooks::validate(&config, scratch.leak())?;

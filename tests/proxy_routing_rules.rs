@@ -2,7 +2,7 @@
 //! exact path, path regex, methods, header, cookie, query) and its
 //! precedence; every action (prefix strip/replace, regex rewrite, Host
 //! header, redirect, fixed response, weighted and sticky splits) as the
-//! client and the backend see them.
+//! client and the backend see them; `pitcher -t --routes`.
 
 mod common;
 
@@ -270,6 +270,59 @@ sticky = { cookie = "uid" }
     // Without a value: weighted random, both clusters.
     let seen = tally(&p, 200, |_| get("h", "/h", ""));
     assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+#[test]
+fn t_routes_prints_the_table_in_precedence_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pitcher.toml");
+    let text = r#"
+[[listeners]]
+address = "127.0.0.1:1"
+[[clusters]]
+name = "app"
+backends = ["127.0.0.1:2"]
+[[clusters]]
+name = "canary"
+backends = ["127.0.0.1:3"]
+[[routes]]
+name = "fallback"
+cluster = "app"
+[[routes]]
+name = "api"
+host = "shop.example"
+path_prefix = "/api"
+methods = ["GET"]
+header = { name = "X-Beta", value = "1" }
+split = [{ cluster = "app", weight = 95 }, { cluster = "canary", weight = 5 }]
+[[routes]]
+name = "wild"
+host = "*.example"
+path_regex = "\\.php$"
+return = { status = 403, body = "no" }
+[[routes]]
+name = "exact"
+host = "shop.example"
+path = "/api/ping"
+cluster = "app"
+"#;
+    std::fs::write(&path, text).expect("write");
+    let p = path.display().to_string();
+    let out = run_pitcher(&["-t", "--routes", "-c", &p], Duration::from_secs(20));
+    assert!(out.status.success(), "{}", out.all());
+    let rows: Vec<&str> = out.stdout.lines().filter(|l| l.contains('\t')).collect();
+    assert_eq!(
+        rows,
+        [
+            "host=shop.example\tpath=/api/ping\t-\tcluster=app\t[exact]",
+            "host=shop.example\tprefix=/api\tmethods=GET header:X-Beta=1\tsplit=app:95,canary:5\t[api]",
+            "host=*.example\tpath~\\.php$\t-\treturn 403 (2 bytes)\t[wild]",
+            "host=*\tprefix=/\t-\tcluster=app\t[fallback]",
+        ],
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("configuration ok"), "{}", out.stdout);
 }
 
 #[test]
