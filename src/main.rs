@@ -472,7 +472,18 @@ fn control_paths(config: &Path) -> Result<(PathBuf, PathBuf), MainError> {
     let text = std::fs::read_to_string(config)
         .map_err(|source| MainError::ControlPaths { path: config.to_path_buf(), source })?;
     let (mut socket, mut pid) = (None, None);
-    match toml::from_str::<toml::Table>(&text) {
+    // Top-level keys come before the first table header: only that part
+    // is parsed (a file of thousands of routes is not read for two keys),
+    // the whole file if the part alone does not parse.
+    let mut top_end = 0;
+    for line in text.split_inclusive('\n') {
+        if line.trim_start().starts_with('[') {
+            break;
+        }
+        top_end += line.len();
+    }
+    let parsed = toml::from_str::<toml::Table>(&text[..top_end]).or_else(|_| toml::from_str::<toml::Table>(&text));
+    match parsed {
         Ok(v) => {
             socket = v.get("control_socket").and_then(|x| x.as_str()).map(PathBuf::from);
             pid = v.get("pid_file").and_then(|x| x.as_str()).map(PathBuf::from);

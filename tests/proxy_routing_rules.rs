@@ -2,13 +2,16 @@
 //! exact path, path regex, methods, header, cookie, query) and its
 //! precedence; every action (prefix strip/replace, regex rewrite, Host
 //! header, redirect, fixed response, weighted and sticky splits) as the
-//! client and the backend see them; `pitcher -t --routes`.
+//! client and the backend see them; `pitcher -t --routes`; and a
+//! configuration of 10,000 routes and 2,000 clusters that loads, routes and
+//! reloads.
 
 mod common;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use common::master::MasterRun;
 use common::*;
 
 /// Sends `raw` on a new connection and returns the `X-Backend` that answered.
@@ -356,4 +359,78 @@ fn bad_rules_are_refused_with_file_and_line() {
             .unwrap_or(0);
         assert!(line >= 6, "{route}: {}", out.stderr);
     }
+}
+
+/// A configuration of `routes` routes over `clusters` clusters, which
+/// are spread over `backends`; route `j` sends to cluster
+/// `(j + shift) % clusters`. Even routes are by exact host, odd ones by
+/// path prefix under any host; every tenth has a header condition.
+fn big_config(backends: &[Backend], clusters: usize, routes: usize, shift: usize) -> ConfigBuilder {
+    let mut b = ConfigBuilder::new().top("workers = 2");
+    for i in 0..clusters {
+        b = b.cluster(&format!("c{i}"), [backends[i % backends.len()].spec()]);
+    }
+    let mut t = String::with_capacity(routes * 80);
+    for j in 0..routes {
+        let cluster = (j + shift) % clusters;
+        t.push_str("[[routes]]\n");
+        if j % 2 == 0 {
+            t.push_str(&format!("host = \"svc{j}.example\"\npath_prefix = \"/v1\"\n"));
+        } else {
+            t.push_str(&format!("path_prefix = \"/r{j}/\"\n"));
+        }
+        if j % 10 == 1 {
+            t.push_str("header = { name = \"X-Tenant\" }\n");
+        }
+        t.push_str(&format!("cluster = \"c{cluster}\"\n"));
+    }
+    t.push_str("[[routes]]\nreturn = { status = 404, body = \"none\" }\n");
+    b.section(&t)
+}
+
+/// The request route `j` of [`big_config`] matches, and the backend it
+/// should reach.
+fn sample(j: usize, shift: usize, clusters: usize, backends: &[Backend]) -> (String, String) {
+    let raw = if j % 2 == 0 {
+        get(&format!("svc{j}.example"), "/v1/x", "")
+    } else if j % 10 == 1 {
+        get("any.example", &format!("/r{j}/x"), "X-Tenant: t\r\n")
+    } else {
+        get("any.example", &format!("/r{j}/x"), "")
+    };
+    (raw, backends[((j + shift) % clusters) % backends.len()].name().to_string())
+}
+
+#[test]
+fn ten_thousand_routes_load_route_and_reload() {
+    let (clusters, routes) = (2_000, 10_000);
+    let backends: Vec<Backend> = (0..4).map(|i| Backend::start(&format!("b{i}"))).collect();
+    let config = big_config(&backends, clusters, routes, 0);
+    let mut m = MasterRun::start(&config);
+    let out = m.command(&["-t"]);
+    assert!(out.status.success(), "{}", out.all());
+    let check = |m: &MasterRun, shift: usize| {
+        for k in 0..60 {
+            let j = (k * 7919 + 13) % routes;
+            let (raw, want) = sample(j, shift, clusters, &backends);
+            let mut c = m.client();
+            let r = c.request(raw.as_bytes());
+            assert_eq!(r.status, 200, "route {j}: {}", r.head_str());
+            assert_eq!(r.header("x-backend"), Some(want.as_str()), "route {j} (shift {shift})");
+        }
+        // A route with a header condition, without the header: the
+        // catch-all's local 404.
+        let mut c = m.client();
+        let r = c.request(get("any.example", "/r11/x", "").as_bytes());
+        assert_eq!((r.status, r.body_str().as_str()), (404, "none"));
+    };
+    check(&m, 0);
+    let before = m.expect_status();
+    m.write_config(&big_config(&backends, clusters, routes, 1));
+    let out = m.signal_cmd("reload");
+    assert!(out.status.success(), "{}", out.all());
+    let seq = before.config_seq + 1;
+    m.wait_status(Duration::from_secs(30), |s| s.config_seq == seq && s.all_at(seq))
+        .unwrap_or_else(|| panic!("the reload was not applied; status {:?}", m.status()));
+    check(&m, 1);
 }
