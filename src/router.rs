@@ -27,7 +27,9 @@ use std::sync::Mutex;
 use regex_automata::meta::{self, Regex};
 use regex_automata::{Input, MatchKind, PatternSet};
 
-use crate::config::{Action, Condition, Config, HostMatch, PathAction, PathMatch, Source, Sticky, ValueMatch};
+use crate::config::{
+    Action, Condition, Config, HostHeader, HostMatch, PathAction, PathMatch, Source, Sticky, ValueMatch,
+};
 use crate::http::head::{trim, RequestHead};
 
 /// "No node".
@@ -405,7 +407,7 @@ fn action_text(route: &crate::config::RouteConfig, config: &Config) -> String {
     match &route.action {
         Action::Redirect { status, to } => format!("redirect {status} {to}"),
         Action::Return { status, body, .. } => format!("return {status} ({} bytes)", body.len()),
-        Action::Proxy { arms, sticky, path, .. } => {
+        Action::Proxy { arms, sticky, path, host_header, .. } => {
             let mut s = if arms.len() == 1 {
                 format!("cluster={}", config.clusters[arms[0].cluster].name)
             } else {
@@ -425,6 +427,11 @@ fn action_text(route: &crate::config::RouteConfig, config: &Config) -> String {
                 PathAction::Rewrite { regex, replacement } => {
                     s.push_str(&format!(" rewrite={}=>{replacement}", regex.as_str()));
                 }
+            }
+            match host_header {
+                HostHeader::Keep => {}
+                HostHeader::Backend => s.push_str(" host_header=backend"),
+                HostHeader::Literal(h) => s.push_str(&format!(" host_header={h}")),
             }
             s
         }
