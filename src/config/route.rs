@@ -103,7 +103,9 @@ pub struct Condition {
 pub enum HostHeader {
     /// The client's (default).
     Keep,
-    /// The chosen backend's address (`ip:port`; `localhost` for a Unix socket).
+    /// The chosen backend's address (`ip:port`; `localhost` for a Unix
+    /// socket). A retry on another backend after the head was queued keeps
+    /// the first backend's.
     Backend,
     /// This value.
     Literal(String),

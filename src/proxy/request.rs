@@ -172,7 +172,6 @@ impl Core {
         if let Err(status) = self.pick_backend(s) {
             return self.respond(s, status);
         }
-        self.set_backend_host(s);
         s.ex.upstream_started = Some(self.now);
         let v = self.hook_request(s, Point::AfterCluster);
         if let Some(next) = self.verdict(s, v) {
@@ -215,6 +214,9 @@ impl Core {
             Peer::Ip(ip) => Some(ip),
             Peer::Unix => None,
         };
+        // `host_header = "backend"`: the backend connected to (after any
+        // immediate connect failures moved on to another).
+        self.set_backend_host(s);
         p.queue_head(&s.req, client, s.ex.upgrade);
         (State::Proxy(p), Step::Again)
     }
