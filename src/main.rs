@@ -32,6 +32,10 @@ struct Cli {
     /// Test the configuration file and exit.
     #[arg(short = 't', long = "test")]
     test: bool,
+    /// With `-t`: print the effective routing table, one route a line in
+    /// precedence order (host, path, conditions, action, [name]).
+    #[arg(long = "routes", requires = "test")]
+    routes: bool,
     /// Send a command to the running master: reload, upgrade, quit, stop, reopen.
     #[arg(short = 's', long = "signal", value_name = "SIGNAL")]
     signal: Option<String>,
@@ -221,6 +225,14 @@ fn run(cli: &Cli) -> Result<ExitCode, MainError> {
             }
             eprintln!("pitcher: warning: {u}");
         }
+        if cli.routes {
+            // `load` built the table once already, to check it.
+            let router = pitcher::router::Router::new(&served.config).map_err(|reason| MainError::Test {
+                path: path.clone(),
+                source: LoadError::Config(ConfigError { file: path.clone(), line_col: None, reason }),
+            })?;
+            print!("{}", router.table(&served.config));
+        }
         println!("pitcher: configuration ok: {}", path.display());
         return Ok(ExitCode::SUCCESS);
     }
@@ -248,6 +260,13 @@ fn absolute(p: &Path) -> PathBuf {
 /// the warnings (an expired certificate, a name no certificate covers).
 fn load(path: &Path) -> Result<(Served, Vec<PathBuf>, Vec<String>), LoadError> {
     let pitcher::config::Loaded { config, text, files } = pitcher::config::include::load(path)?;
+    // The routing table is built by every worker; a table that cannot be
+    // (regexes too large together) is refused here, with the file.
+    pitcher::router::Router::new(&config).map_err(|reason| ConfigError {
+        file: path.to_path_buf(),
+        line_col: None,
+        reason,
+    })?;
     // Modules are checked against a scratch region (nothing is written to it).
     let scratch = Region::create().map_err(LoadError::Region)?;
     pitcher::hooks::validate(&config, scratch.leak())?;
@@ -508,7 +527,18 @@ fn control_paths(config: &Path) -> Result<(PathBuf, PathBuf), MainError> {
     let text = std::fs::read_to_string(config)
         .map_err(|source| MainError::ControlPaths { path: config.to_path_buf(), source })?;
     let (mut socket, mut pid) = (None, None);
-    match toml::from_str::<toml::Table>(&text) {
+    // Top-level keys come before the first table header: only that part
+    // is parsed (a file of thousands of routes is not read for two keys),
+    // the whole file if the part alone does not parse.
+    let mut top_end = 0;
+    for line in text.split_inclusive('\n') {
+        if line.trim_start().starts_with('[') {
+            break;
+        }
+        top_end += line.len();
+    }
+    let parsed = toml::from_str::<toml::Table>(&text[..top_end]).or_else(|_| toml::from_str::<toml::Table>(&text));
+    match parsed {
         Ok(v) => {
             socket = v.get("control_socket").and_then(|x| x.as_str()).map(PathBuf::from);
             pid = v.get("pid_file").and_then(|x| x.as_str()).map(PathBuf::from);

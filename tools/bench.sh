@@ -51,6 +51,14 @@
 #                                 children are accounted too, so
 #                                 PITCHER_ARGS=--foreground measures master
 #                                 + one worker (the config has workers = 1)
+#   PITCHER_ROUTES=0             extra routes in Pitcher's configuration, in
+#                                 front of the one that serves the load (a
+#                                 third each: exact hosts, "*.suffix" hosts,
+#                                 path prefixes; every tenth with a header
+#                                 condition), to show that the cost of a
+#                                 request does not grow with the table:
+#                                 for n in 10 1000 10000; do PITCHER_ROUTES=$n
+#                                 PROXIES=pitcher SCENARIOS=ka tools/bench.sh; done
 #   ORIGIN_CPU=0 WRK_CPU=0 PROXY_CPU=1
 #   OTHER_LOAD_MAX=10            flag runs whose proxy core was busier than
 #                                 the proxy by more than this many percent
@@ -69,6 +77,7 @@ SCENARIOS=${SCENARIOS:-"ka close 64k"}
 PROXIES=${PROXIES:-"pitcher nginx"}
 PITCHER_ARGS=${PITCHER_ARGS:---single-process}
 PITCHER_MODULES=${PITCHER_MODULES:-}
+PITCHER_ROUTES=${PITCHER_ROUTES:-0}
 ORIGIN_CPU=${ORIGIN_CPU:-0}
 WRK_CPU=${WRK_CPU:-0}
 PROXY_CPU=${PROXY_CPU:-1}
@@ -201,6 +210,7 @@ if [[ " $SCENARIOS " == *" reuseport "* ]]; then
     done
 fi
 
+[[ $PITCHER_ROUTES =~ ^[0-9]+$ ]] || die "PITCHER_ROUTES must be a number of routes, not '$PITCHER_ROUTES'"
 for v in ROUNDS CONNECTIONS THREADS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
 done
@@ -384,10 +394,22 @@ name = "origin"
 backends = ["127.0.0.1:$ORIGIN_PORT"]
 keepalive = 64
 
-[[routes]]
-path_prefix = "/"
-cluster = "origin"
 EOF
+    # PITCHER_ROUTES routes that the load does not take, but that a lookup
+    # passes by: the load's host (127.0.0.1) is looked up among the exact
+    # hosts, then label by label among the suffixes; its paths walk a trie
+    # holding every prefix.
+    local j
+    for ((j = 0; j < PITCHER_ROUTES; j++)); do
+        case $((j % 3)) in
+        0) printf '[[routes]]\nhost = "svc%d.example"\npath_prefix = "/v1"\n' "$j" ;;
+        1) printf '[[routes]]\nhost = "*.t%d.example"\n' "$j" ;;
+        2) printf '[[routes]]\npath_prefix = "/r%d/"\n' "$j" ;;
+        esac
+        if ((j % 10 == 1)); then printf 'header = { name = "X-Tenant" }\n'; fi
+        printf 'cluster = "origin"\n\n'
+    done >>"$cfg"
+    printf '[[routes]]\npath_prefix = "/"\ncluster = "origin"\n' >>"$cfg"
     local m
     for m in ${PITCHER_MODULES//,/ }; do
         case $m in

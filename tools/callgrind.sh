@@ -13,7 +13,10 @@
 # The figure is (instructions of a run under load − instructions of a run
 # that served one request) / requests, so start-up and shutdown cancel out.
 # Needs valgrind, wrk, nginx (origin), curl, python3; KEEP=1 keeps the
-# callgrind output for callgrind_annotate.
+# callgrind output for callgrind_annotate. ROUTES=N puts N more routes in
+# front of the one that serves the load (as PITCHER_ROUTES of bench.sh:
+# exact hosts, `*.suffix` hosts, path prefixes, every tenth with a header
+# condition), to compare the cost of a lookup in small and large tables.
 set -euo pipefail
 set -euo pipefail
 BIN=$(realpath "$1") SCEN=${2:-ka} DUR=${3:-5s}
@@ -40,10 +43,17 @@ address = "127.0.0.1:$PP"
 name = "o"
 backends = ["127.0.0.1:$OP"]
 keepalive = 64
-[[routes]]
-path_prefix = "/"
-cluster = "o"
 T
+for ((j = 0; j < ${ROUTES:-0}; j++)); do
+  case $((j % 3)) in
+  0) printf '[[routes]]\nhost = "svc%d.example"\npath_prefix = "/v1"\n' "$j" ;;
+  1) printf '[[routes]]\nhost = "*.t%d.example"\n' "$j" ;;
+  2) printf '[[routes]]\npath_prefix = "/r%d/"\n' "$j" ;;
+  esac
+  if ((j % 10 == 1)); then printf 'header = { name = "X-Tenant" }\n'; fi
+  printf 'cluster = "o"\n'
+done >> $D/p.toml
+printf '[[routes]]\npath_prefix = "/"\ncluster = "o"\n' >> $D/p.toml
 run() { # $1 duration or "none"
   valgrind --tool=callgrind --callgrind-out-file=$D/cg.out.%p $BIN --single-process -c $D/p.toml 2>$D/vg.err & local VP=$!
   for i in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:$PP/ && break; sleep 0.2; done
@@ -62,5 +72,5 @@ run() { # $1 duration or "none"
 read -r n0 i0 < <(run none)
 read -r n1 i1 < <(run $DUR)
 kill $NG; wait $NG 2>/dev/null || true
-echo "$SCEN $(basename $BIN): requests=$((n1-n0)) instr/req=$(( (i1-i0)/(n1-n0) ))"
+echo "$SCEN $(basename $BIN) routes=$((${ROUTES:-0} + 1)): requests=$((n1-n0)) instr/req=$(( (i1-i0)/(n1-n0) ))"
 [ -n "${KEEP:-}" ] && echo "kept $D" || rm -rf $D

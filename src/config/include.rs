@@ -87,6 +87,10 @@ struct Splice {
 struct Part {
     file: PathBuf,
     original: String,
+    /// Offset of the start of each line of `original` after the first
+    /// (so that locating is a binary search, not a scan of the file: a
+    /// file of thousands of clusters locates each of them).
+    line_starts: Vec<usize>,
     processed: String,
     /// In text order.
     splices: Vec<Splice>,
@@ -102,7 +106,10 @@ impl Part {
             }
             original = if p < s.processed.end { s.original.start } else { s.original.end + (p - s.processed.end) };
         }
-        line_col(&self.original, original)
+        let original = original.min(self.original.len());
+        let line = self.line_starts.partition_point(|&s| s <= original);
+        let start = if line == 0 { 0 } else { self.line_starts[line - 1] };
+        (line + 1, original - start + 1)
     }
 }
 
@@ -174,7 +181,8 @@ impl Loader<'_> {
             pos = range.end;
         }
         processed.push_str(&text[pos..]);
-        let part = Part { file: path.to_path_buf(), original: text.clone(), processed, splices };
+        let line_starts = text.match_indices('\n').map(|(i, _)| i + 1).collect();
+        let part = Part { file: path.to_path_buf(), original: text.clone(), line_starts, processed, splices };
         self.names(&part)?;
         self.parts.push(part);
         self.seen.push((canonical.clone(), path.to_path_buf()));

@@ -9,6 +9,7 @@ pub mod addr;
 pub mod env;
 pub mod include;
 pub mod names;
+pub mod route;
 pub mod units;
 pub mod upstream;
 
@@ -22,6 +23,10 @@ use toml::Spanned;
 pub use addr::{BackendAddr, BackendEntry, BackendSpec, ListenAddr, NamedBackend, SockAddr};
 pub use include::Loaded;
 pub use names::{ClusterDns, ResolvedName, DEFAULT_RESOLVE_INTERVAL};
+pub use route::{
+    Action, Condition, HostHeader, HostMatch, PathAction, PathMatch, Pattern, RouteConfig, Source, SplitArm, Sticky,
+    ValueMatch,
+};
 pub use upstream::{Balance, HashKey, HealthCheck, Passive};
 
 /// A configuration that was refused, with where and why.
@@ -106,7 +111,7 @@ struct FileConfig {
     #[serde(default)]
     clusters: Vec<Spanned<FileCluster>>,
     #[serde(default)]
-    routes: Vec<FileRoute>,
+    routes: Vec<Spanned<route::FileRoute>>,
     #[serde(default)]
     timeouts: FileTimeouts,
     #[serde(default)]
@@ -167,19 +172,6 @@ struct FileCluster {
     slow_start_ms: Option<u64>,
     health_check: Option<Spanned<upstream::FileHealthCheck>>,
     passive: Option<Spanned<upstream::FilePassive>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileRoute {
-    name: Option<String>,
-    host: Option<Spanned<String>>,
-    path_prefix: Option<Spanned<String>>,
-    cluster: Spanned<String>,
-    /// Modules for this route, in order (default: the global order).
-    modules: Option<Spanned<Vec<String>>>,
-    /// "normal" or "low": low-priority routes are shed first under overload.
-    priority: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -279,34 +271,6 @@ pub struct ClusterConfig {
     /// addresses found are in `backends` once [`Config::with_resolved`]
     /// put them there.
     pub dns: ClusterDns,
-}
-
-/// How a route matches the request's host.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostMatch {
-    /// Any host (the route has no `host`).
-    Any,
-    /// Exactly this host (lower case, no port).
-    Exact(String),
-    /// `*.example.com`: stored as `.example.com`; matches any host ending in it.
-    Suffix(String),
-}
-
-/// One routing rule.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteConfig {
-    /// For logs and quotas: `name`, or `route<N>` (1-based, in file order).
-    pub name: String,
-    /// Which hosts the route matches.
-    pub host: HostMatch,
-    /// Path prefix the route matches (`/` matches every path).
-    pub path_prefix: String,
-    /// Index into [`Config::clusters`].
-    pub cluster: usize,
-    /// Module names for this route, in order; `None`: the global order.
-    pub modules: Option<Vec<String>>,
-    /// Shed first when the worker is overloaded (degrade level 2).
-    pub low_priority: bool,
 }
 
 /// One `[modules.NAME]` table.
@@ -666,45 +630,13 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
     }
 
     let mut routes = Vec::with_capacity(f.routes.len());
-    for r in &f.routes {
-        let cname = r.cluster.get_ref();
-        let cluster = clusters
-            .iter()
-            .position(|c| &c.name == cname)
-            .ok_or_else(|| (Some(r.cluster.span()), format!("route names cluster {cname:?}, which is not defined")))?;
-        let host = match &r.host {
-            None => HostMatch::Any,
-            Some(h) => parse_host_match(h.get_ref()).map_err(|e| (Some(h.span()), e))?,
-        };
-        let path_prefix = match &r.path_prefix {
-            None => "/".to_string(),
-            Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
-            Some(p) => return Err((Some(p.span()), format!("path_prefix {:?} must start with '/'", p.get_ref()))),
-        };
-        let low_priority = match &r.priority {
-            None => false,
-            Some(p) => match p.get_ref().as_str() {
-                "normal" => false,
-                "low" => true,
-                other => return Err((Some(p.span()), format!("priority {other:?}: expected \"normal\" or \"low\""))),
-            },
-        };
-        let modules = match &r.modules {
-            None => None,
-            Some(list) => {
-                for m in list.get_ref() {
-                    if !f.modules.contains_key(m) || m == "order" {
-                        return Err((
-                            Some(list.span()),
-                            format!("route names module {m:?}, which has no [modules.{m}] table"),
-                        ));
-                    }
-                }
-                Some(list.get_ref().clone())
-            }
-        };
-        let name = r.name.clone().unwrap_or_else(|| format!("route{}", routes.len() + 1));
-        routes.push(RouteConfig { name, host, path_prefix, cluster, modules, low_priority });
+    let cluster_names: std::collections::HashMap<&str, usize> =
+        clusters.iter().enumerate().map(|(i, c)| (c.name.as_str(), i)).collect();
+    for (i, r) in f.routes.iter().enumerate() {
+        // Errors without a key of their own point at the route.
+        let route = route::resolve(r.get_ref(), i, &cluster_names, &f.modules)
+            .map_err(|(span, e)| (span.or_else(|| Some(r.span())), e))?;
+        routes.push(route);
     }
 
     let t = &f.timeouts;
@@ -855,26 +787,6 @@ fn resolve_modules(m: &toml::Table) -> Resolve<Vec<ModuleConfig>> {
         out.push(ModuleConfig { name, enabled, essential, settings: table, line: 0, file: PathBuf::new() });
     }
     Ok(out)
-}
-
-fn parse_host_match(h: &str) -> Result<HostMatch, String> {
-    let h = h.trim().to_ascii_lowercase();
-    if h.is_empty() || h == "*" {
-        return Ok(HostMatch::Any);
-    }
-    if let Some(suffix) = h.strip_prefix("*.") {
-        if suffix.is_empty() || suffix.contains('*') {
-            return Err(format!("host pattern {h:?}: a wildcard is \"*.suffix\""));
-        }
-        return Ok(HostMatch::Suffix(format!(".{suffix}")));
-    }
-    if h.contains('*') {
-        return Err(format!("host pattern {h:?}: '*' is allowed only as the first label, as in \"*.example.com\""));
-    }
-    if h.contains(':') && !h.starts_with('[') {
-        return Err(format!("host pattern {h:?}: give the host without a port"));
-    }
-    Ok(HostMatch::Exact(h))
 }
 
 /// The line where a module's settings start: its `[modules.NAME...]`

@@ -225,10 +225,23 @@ pub fn render(v: &View<'_>, format: Format) -> String {
             o.counter("pitcher_route_requests", &[("route", name), ("code", code)], n);
         }
     }
-    o.family("pitcher_route_info", Kind::Gauge, "The cluster each route of the configuration sends to (always 1).");
+    o.family(
+        "pitcher_route_info",
+        Kind::Gauge,
+        "The clusters each route of the configuration sends to (always 1; every cluster of a split; an empty cluster for redirects and fixed responses).",
+    );
     for r in &v.config.routes {
-        let cluster = v.config.clusters.get(r.cluster).map_or("", |c| c.name.as_str());
-        o.sample("pitcher_route_info", &[("route", &r.name), ("cluster", cluster)], 1);
+        let arms: &[crate::config::SplitArm] = match &r.action {
+            crate::config::Action::Proxy { arms, .. } => arms,
+            crate::config::Action::Redirect { .. } | crate::config::Action::Return { .. } => &[],
+        };
+        if arms.is_empty() {
+            o.sample("pitcher_route_info", &[("route", &r.name), ("cluster", "")], 1);
+        }
+        for a in arms {
+            let cluster = v.config.clusters.get(a.cluster).map_or("", |c| c.name.as_str());
+            o.sample("pitcher_route_info", &[("route", &r.name), ("cluster", cluster)], 1);
+        }
     }
 
     // Requests, durations by cluster.

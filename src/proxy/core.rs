@@ -76,16 +76,8 @@ impl Snapshot {
         let cluster_series = config.clusters.iter().map(|c| series(SeriesKind::Cluster, &c.name)).collect();
         let redirects =
             config.listeners.iter().filter_map(|l| l.redirect_https_port.map(|p| (l.address.to_string(), p))).collect();
-        Ok(Snapshot {
-            router: Router::new(&config),
-            clusters,
-            config,
-            modules,
-            route_series,
-            cluster_series,
-            tls,
-            redirects,
-        })
+        let router = Router::new(&config)?;
+        Ok(Snapshot { router, clusters, config, modules, route_series, cluster_series, tls, redirects })
     }
 }
 
@@ -107,6 +99,8 @@ pub struct Core {
     /// Request ids: a per-process random seed and a counter.
     pub(super) id_seed: u64,
     pub(super) id_seq: u64,
+    /// Counter of the random numbers of weighted splits.
+    pub(super) split_seq: u64,
     /// This worker's place among the master's workers (0 in
     /// `--single-process`): its index in the shared per-worker tables.
     pub(super) place: usize,

@@ -37,6 +37,7 @@
 //! `hooks`, `keys`, `handover`) import `session` and below, never each
 //! other; this file sits on top.
 
+mod actions;
 mod core;
 mod exchange;
 mod forward;
@@ -141,6 +142,7 @@ impl Engine {
                 degrade,
                 id_seed: crate::upstream::hash64(&(std::process::id(), std::time::SystemTime::now())),
                 id_seq: 0,
+                split_seq: 0,
                 place,
                 timers: Timers::default(),
                 bufs: BufPool::new(buf_size, POOLED_BUFFERS),

@@ -149,10 +149,12 @@ impl Core {
         if s.snap.config.normalize_upstream_path {
             s.req.use_normalized_target();
         }
-        s.ex.route = s.snap.router.lookup(s.req.host(), s.req.path());
-        if let Some(r) = s.ex.route {
-            s.ex.cluster = s.snap.config.routes[r].cluster;
-            s.ex.cluster_chosen = true;
+        s.ex.route = s.snap.router.lookup(&s.req);
+        // The route's action: a redirect or fixed response is answered
+        // here, before any module runs (REQUEST_FINISH still sees it);
+        // otherwise its cluster is chosen and its rewrites applied.
+        if let Some(next) = self.apply_route(s) {
+            return next;
         }
         let v = self.hook_request(s, Point::BeforeCluster);
         if let Some(next) = self.verdict(s, v) {
@@ -220,6 +222,9 @@ impl Core {
             Peer::Ip(ip) => Some(ip),
             Peer::Unix => None,
         };
+        // `host_header = "backend"`: the backend connected to (after any
+        // immediate connect failures moved on to another).
+        self.set_backend_host(s);
         let scheme = if s.stream.is_tls() { hw::Scheme::Https } else { hw::Scheme::Http };
         p.queue_head(&s.req, client, scheme, s.ex.upgrade);
         (State::Proxy(p), Step::Again)

@@ -116,7 +116,8 @@ pub fn load(config: &Config, now: i64) -> Result<Loaded, TlsError> {
         }
         for r in &config.routes {
             let host = match &r.host {
-                HostMatch::Any => continue,
+                // A regex names no one host to check a certificate against.
+                HostMatch::Any | HostMatch::Regex(_) => continue,
                 HostMatch::Exact(h) => h.clone(),
                 HostMatch::Suffix(s) => format!("*{s}"),
             };
