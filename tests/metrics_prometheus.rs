@@ -344,3 +344,28 @@ fn hostile_admin_clients_are_refused_counted_and_never_stall_the_master() {
     assert!(m.status().is_some());
     drop(stuck);
 }
+
+#[test]
+fn the_admin_endpoint_on_a_unix_socket_is_0660_and_removed_at_stop() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+    let b = Backend::start("B");
+    let dir = common::pitcher::new_dir();
+    let sock = dir.path().join("admin.sock");
+    let c = ConfigBuilder::new()
+        .section(&format!("[admin]\naddress = \"unix:{}\"", sock.display()))
+        .cluster("app", [b.spec()])
+        .route(None, "/", "app");
+    let mut m = MasterRun::start(&c);
+    assert_eq!(get_once(m.addr(), "x.example", "/").status, 200);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "the admin socket is 0660");
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(total(&text, "pitcher_route_requests_total", &["code=\"2xx\""]) >= 1.0, "{text}");
+    m.stop();
+    assert!(!sock.exists(), "the master removed its admin socket at stop");
+}

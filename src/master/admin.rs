@@ -44,6 +44,9 @@ pub struct Admin {
     pub local: String,
     /// A duplicate of the listening fd, to hand to a new master.
     pub fd: OwnedFd,
+    /// A Unix socket's path and (device, inode), to remove the file at
+    /// exit only if it is still this one.
+    pub unix_file: Option<(std::path::PathBuf, Option<(u64, u64)>)>,
     listener: Listener,
     clients: Vec<Client>,
     next_id: usize,
@@ -91,9 +94,21 @@ impl Admin {
     pub fn new(address: ListenAddr, fd: OwnedFd) -> std::io::Result<Admin> {
         let local = crate::channel::entry_for(&address, fd.as_raw_fd()).local;
         let dup = fd.try_clone()?;
-        let unix = matches!(address.0, crate::config::SockAddr::Unix(_));
-        let listener = Listener::from_fd(fd, unix)?;
-        Ok(Admin { address, local, fd: dup, listener, clients: Vec::new(), next_id: 0, refused: Refused::default() })
+        let unix_file = match &address.0 {
+            crate::config::SockAddr::Unix(p) => Some((p.clone(), super::control::file_id(p))),
+            crate::config::SockAddr::Tcp(_) => None,
+        };
+        let listener = Listener::from_fd(fd, unix_file.is_some())?;
+        Ok(Admin {
+            address,
+            local,
+            fd: dup,
+            unix_file,
+            listener,
+            clients: Vec::new(),
+            next_id: 0,
+            refused: Refused::default(),
+        })
     }
 
     /// Binds `address` (a Unix socket is made 0660: the master's user and

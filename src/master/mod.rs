@@ -1013,6 +1013,11 @@ impl Master {
         if self.control_is_ours() {
             let _ = std::fs::remove_file(&self.config.control_socket);
         }
+        if let Some((path, id)) = self.admin.as_ref().and_then(|a| a.unix_file.as_ref()) {
+            if id.is_some() && control::file_id(path) == *id {
+                let _ = std::fs::remove_file(path);
+            }
+        }
     }
 }
 
