@@ -248,11 +248,10 @@ impl Cluster {
     /// Weight of member `i` now, lowered during its slow start.
     pub fn effective_weight(&self, i: usize, now_ms: u64) -> i64 {
         let m = &self.members[i];
-        let start = m.shm.ramp_start_ms.load(Relaxed);
-        if self.slow_start_ms == 0 || start == 0 || now_ms >= start + self.slow_start_ms {
+        let f = ramp_progress(m.shm, self.slow_start_ms, now_ms);
+        if f >= 1.0 {
             return m.weight * 100;
         }
-        let f = (now_ms.saturating_sub(start)) as f64 / self.slow_start_ms as f64;
         let f = SLOW_START_FLOOR + (1.0 - SLOW_START_FLOOR) * f;
         ((m.weight * 100) as f64 * f).max(1.0) as i64
     }
@@ -365,6 +364,33 @@ pub fn hash64<T: Hash>(v: &T) -> u64 {
     let mut h = std::hash::SipHasher::new();
     v.hash(&mut h);
     h.finish()
+}
+
+/// How far a backend's slow start has gone at `now_ms`: 0 when it starts,
+/// 1 once it is over (or when there is none).
+pub fn ramp_progress(s: &BackendShm, slow_start_ms: u64, now_ms: u64) -> f64 {
+    let start = s.ramp_start_ms.load(Relaxed);
+    if slow_start_ms == 0 || start == 0 || now_ms >= start + slow_start_ms {
+        return 1.0;
+    }
+    now_ms.saturating_sub(start) as f64 / slow_start_ms as f64
+}
+
+/// A backend's state as operators see it (`ctl upstreams`, `/metrics`):
+/// `down` (active health), `ejected` (passive detection), `slow_start`,
+/// or `healthy`; and its slow start's progress ([`ramp_progress`]).
+pub fn backend_state(s: &BackendShm, slow_start_ms: u64, now_ms: u64) -> (&'static str, f64) {
+    let ramp = ramp_progress(s, slow_start_ms, now_ms);
+    let state = if s.down.load(Relaxed) == 1 {
+        "down"
+    } else if s.ejected_until_ms.load(Relaxed) > now_ms {
+        "ejected"
+    } else if ramp < 1.0 {
+        "slow_start"
+    } else {
+        "healthy"
+    };
+    (state, ramp)
 }
 
 /// The outcome of one request to a backend, for passive detection.

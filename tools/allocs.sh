@@ -15,16 +15,10 @@ set -euo pipefail
 BIN=$(realpath "$1") N=${2:-2000}
 MODULES=${MODULES-"access_log headers throttle"}
 D=$(mktemp -d /tmp/allocs.XXXX); chmod 755 "$D"
-trap 'kill $NG 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$D"' EXIT
-read -r OP PP < <(python3 -c 'import socket;a=socket.socket();a.bind(("127.0.0.1",0));b=socket.socket();b.bind(("127.0.0.1",0));print(a.getsockname()[1],b.getsockname()[1])')
-cat > "$D/nginx.conf" <<N
-worker_processes 1; daemon off; pid $D/nginx.pid; error_log $D/error.log warn;
-events { worker_connections 1024; }
-http { access_log off; client_body_temp_path $D/cb; proxy_temp_path $D/p; fastcgi_temp_path $D/f; uwsgi_temp_path $D/u; scgi_temp_path $D/s;
- keepalive_requests 1000000;
- server { listen 127.0.0.1:$OP; location / { return 200 "Hello from the origin!"; } } }
-N
-/usr/sbin/nginx -p "$D" -c "$D/nginx.conf" -e "$D/error.log" & NG=$!
+trap 'kill ${NG:-} 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$D"' EXIT
+. "$(dirname "$0")/lib/origin.sh"
+pick_ports
+start_origin "$D" "$OP"
 cat > "$D/p.toml" <<T
 workers = 1
 pid_file = "$D/p.pid"

@@ -18,19 +18,11 @@
 # exact hosts, `*.suffix` hosts, path prefixes, every tenth with a header
 # condition), to compare the cost of a lookup in small and large tables.
 set -euo pipefail
-set -euo pipefail
 BIN=$(realpath "$1") SCEN=${2:-ka} DUR=${3:-5s}
 D=$(mktemp -d /tmp/cg.XXXX); chmod 755 $D
-read -r OP PP < <(python3 -c 'import socket;a=socket.socket();a.bind(("127.0.0.1",0));b=socket.socket();b.bind(("127.0.0.1",0));print(a.getsockname()[1],b.getsockname()[1])')
-mkdir -p $D/www; head -c 65536 /dev/zero | tr '\0' x > $D/www/64k; chmod -R a+rX $D
-cat > $D/nginx.conf <<N
-worker_processes 1; daemon off; pid $D/nginx.pid; error_log $D/error.log warn;
-events { worker_connections 1024; }
-http { access_log off; client_body_temp_path $D/cb; proxy_temp_path $D/p; fastcgi_temp_path $D/f; uwsgi_temp_path $D/u; scgi_temp_path $D/s;
- keepalive_requests 1000000;
- server { listen 127.0.0.1:$OP; root $D/www; location / { return 200 "Hello from the origin!"; } location = /64k { } } }
-N
-/usr/sbin/nginx -p $D -c $D/nginx.conf -e $D/error.log & NG=$!
+. "$(dirname "$0")/lib/origin.sh"
+pick_ports
+start_origin "$D" "$OP"
 cat > $D/p.toml <<T
 workers = 1
 pid_file = "$D/p.pid"

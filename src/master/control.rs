@@ -410,27 +410,9 @@ impl Master {
         for c in &self.config.clusters {
             for b in &c.backends {
                 let Some(s) = self.backend_slots.peek(&b.addr) else { continue };
-                let down = s.down.load(Relaxed) == 1;
-                let until = s.ejected_until_ms.load(Relaxed);
-                let ejected_ms = until.saturating_sub(now);
-                let ramp_start = s.ramp_start_ms.load(Relaxed);
-                let slow_ms = c.slow_start.as_millis() as u64;
-                let ramp = if slow_ms == 0 || ramp_start == 0 || now >= ramp_start + slow_ms {
-                    100
-                } else if now < ramp_start {
-                    0
-                } else {
-                    (now - ramp_start) * 100 / slow_ms
-                };
-                let state = if down {
-                    "down"
-                } else if ejected_ms > 0 {
-                    "ejected"
-                } else if ramp < 100 {
-                    "slow_start"
-                } else {
-                    "healthy"
-                };
+                let ejected_ms = s.ejected_until_ms.load(Relaxed).saturating_sub(now);
+                let (state, progress) = crate::upstream::backend_state(s, c.slow_start.as_millis() as u64, now);
+                let ramp = (progress * 100.0) as u64;
                 let row = serde_json::json!({
                     "cluster": c.name,
                     "backend": b.addr.to_string(),

@@ -23,6 +23,7 @@ use crate::shm::metrics::{
     STATUS_CLASSES,
 };
 use crate::shm::{BackendShm, Shared, SlotTable, ACCOUNTED_WORKERS, MAX_QUOTA_KEYS};
+use crate::upstream::backend_state;
 
 /// Which text format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -324,29 +325,6 @@ pub fn render(v: &View<'_>, format: Format) -> String {
     o.text
 }
 
-/// Health of a backend at `now_ms`: (state label, slow-start share of its
-/// weight, 0 to 1).
-fn backend_state(s: &BackendShm, slow_start_ms: u64, now_ms: u64) -> (&'static str, f64) {
-    let ramp_start = s.ramp_start_ms.load(Relaxed);
-    let ramp = if slow_start_ms == 0 || ramp_start == 0 || now_ms >= ramp_start + slow_start_ms {
-        1.0
-    } else if now_ms < ramp_start {
-        0.0
-    } else {
-        (now_ms - ramp_start) as f64 / slow_start_ms as f64
-    };
-    let state = if s.down.load(Relaxed) == 1 {
-        "down"
-    } else if s.ejected_until_ms.load(Relaxed) > now_ms {
-        "ejected"
-    } else if ramp < 1.0 {
-        "slow_start"
-    } else {
-        "healthy"
-    };
-    (state, ramp)
-}
-
 /// Per-backend figures (a backend address in several clusters is shown
 /// under each, with the same figures: its state is per address).
 fn backends(o: &mut Out, v: &View<'_>) {
@@ -415,7 +393,7 @@ fn backends(o: &mut Out, v: &View<'_>) {
     o.family(
         "pitcher_backend_weight_ratio",
         Kind::Gauge,
-        "Share of its configured weight the backend gets (slow start ramps 0.1 to 1).",
+        "How far the backend's slow start has gone (0 to 1; 1: full weight).",
     );
     for (cluster, addr, s, slow) in &rows {
         let (_, ramp) = backend_state(s, *slow, now);
