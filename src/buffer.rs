@@ -104,6 +104,15 @@ impl BufPool {
         }
     }
 
+    /// Frees every idle buffer and keeps none from now on (a worker handing
+    /// its connections to the next generation: what it frees goes back to
+    /// the kernel while the new worker takes the load, see `master`'s
+    /// `WORKER_MMAP_THRESHOLD_BYTES`).
+    pub fn release(&mut self) {
+        self.max_free = 0;
+        self.free = Vec::new();
+    }
+
     /// The size of every buffer of this pool.
     pub fn size(&self) -> usize {
         self.size
@@ -127,5 +136,18 @@ mod tests {
         b.consume(2);
         assert!(b.is_empty());
         assert_eq!(b.spare().len(), 8);
+    }
+
+    #[test]
+    fn a_released_pool_keeps_nothing() {
+        let mut p = BufPool::new(8, 4);
+        let (a, b) = (p.get(), p.get());
+        p.put(a);
+        assert_eq!(p.free.len(), 1);
+        p.release();
+        assert!(p.free.is_empty());
+        p.put(b);
+        assert!(p.free.is_empty());
+        assert_eq!(p.get().capacity(), 8);
     }
 }

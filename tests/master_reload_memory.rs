@@ -106,3 +106,31 @@ fn thirty_reloads_keep_the_memory_of_master_and_workers_within_ten_percent() {
         m.log()
     );
 }
+
+/// Workers allocate their I/O buffers (16 KiB and up) in mappings of their
+/// own, so buffers freed after a burst or while handing connections to a
+/// new generation go back to the kernel: the master starts them with the
+/// glibc tunable that says so (a worker's own environment, read from
+/// /proc), and they serve with it.
+#[test]
+fn workers_start_with_their_buffers_mapped_apart_and_serve() {
+    let backend = Backend::start("A");
+    let m = MasterRun::start(&config(&backend, 0, 2));
+    let st = m.expect_status();
+    assert!(st.all_ready(), "{st:?}");
+    for pid in st.worker_pids() {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).expect("worker environment readable");
+        let tunables = env
+            .split(|&b| b == 0)
+            .find_map(|v| v.strip_prefix(b"GLIBC_TUNABLES="))
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        assert_eq!(tunables.as_deref(), Some("glibc.malloc.mmap_threshold=16384"), "worker {pid}");
+    }
+    let master_env = std::fs::read(format!("/proc/{}/environ", st.master_pid)).expect("master environment readable");
+    assert!(
+        !master_env.split(|&b| b == 0).any(|v| v.starts_with(b"GLIBC_TUNABLES=")),
+        "the master's own allocator is left as the operator started it"
+    );
+    let r = Client::connect(m.addr()).get("host1.example", "/v0/r1/x");
+    assert_eq!(r.status, 200, "{r:?}");
+}

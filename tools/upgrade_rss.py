@@ -2,7 +2,9 @@
 """Memory and processes of a Pitcher instance during binary upgrades under load.
 
 Starts a master (``workers = WORKERS``) in front of tools/demo_backend.py,
-runs wrk with keep-alive connections against it, samples every process of
+runs the load of issue 12's measurement against it (wrk with CONNECTIONS
+keep-alive connections over THREADS threads, and CLOSE clients that open a
+connection per request), samples every process of
 the instance (every process whose command line names the test's
 configuration file) every 10 ms, and upgrades the binary UPGRADES times (a
 fresh copy renamed over the master's path, then ``pitcher -s upgrade``).
@@ -33,6 +35,8 @@ BIN = os.path.abspath(os.environ.get("PITCHER_BIN", os.path.join(ROOT, "target/d
 WORKERS = int(os.environ.get("WORKERS", "2"))
 UPGRADES = int(os.environ.get("UPGRADES", "4"))
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "20"))
+THREADS = int(os.environ.get("THREADS", "2"))
+CLOSE = int(os.environ.get("CLOSE", "8"))
 SAMPLE = 0.01
 
 
@@ -81,8 +85,11 @@ def roles(needle):
     """[(master|worker, (RSS, PSS))] of the instance now."""
     out = []
     for p in family(needle):
-        with open(f"/proc/{p}/cmdline", "rb") as f:
-            name = "worker" if b"worker process" in f.read() else "master"
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                name = "worker" if b"worker process" in f.read() else "master"
+        except OSError:
+            continue
         m = memory(p)
         if m:
             out.append((name, m))
@@ -90,9 +97,9 @@ def roles(needle):
 
 
 def sample(needle):
-    pids = family(needle)
-    mem = [m for m in (memory(p) for p in pids) if m]
-    return len(mem), sum(m[0] for m in mem), sum(m[1] for m in mem)
+    """(processes, RSS, PSS) summed, and the processes, in one pass."""
+    each = roles(needle)
+    return (len(each), sum(m[0] for _, m in each), sum(m[1] for _, m in each)), each
 
 
 def backend_ports(bport):
@@ -150,14 +157,21 @@ def main():
             time.sleep(0.1)
         duration = 4 + 3 * UPGRADES
         wrk = subprocess.Popen(
-            ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{duration}s", f"http://127.0.0.1:{pport}/"],
+            ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{duration}s", f"http://127.0.0.1:{pport}/"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs.append(wrk)
+        closing = None
+        if CLOSE:
+            closing = subprocess.Popen(
+                ["wrk", "-t1", f"-c{CLOSE}", f"-d{duration}s", "-H", "Connection: close",
+                 f"http://127.0.0.1:{pport}/"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            procs.append(closing)
         time.sleep(1.0)
         steady = []
         end = time.time() + 1.5
         while time.time() < end:
-            steady.append(sample(conf))
+            steady.append(sample(conf)[0])
             time.sleep(SAMPLE)
         rows = []
         for i in range(UPGRADES):
@@ -165,6 +179,7 @@ def main():
             shutil.copy2(BIN, new)
             os.rename(new, exe)
             peak = (0, 0, 0)
+            at_peak = []
             seen = backend_ports(bport)
             opened = set()
             up = subprocess.Popen([BIN, "-c", conf, "-s", "upgrade"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -172,8 +187,10 @@ def main():
             settled_at = None
             t0 = time.time()
             while True:
-                s = sample(conf)
+                s, each = sample(conf)
                 opened |= backend_ports(bport) - seen
+                if s[1] > peak[1]:
+                    at_peak = each
                 peak = tuple(max(a, b) for a, b in zip(peak, s))
                 if up.poll() is not None and s[0] == WORKERS + 1:
                     settled_at = settled_at or time.time()
@@ -185,28 +202,33 @@ def main():
             out = up.communicate()[0].strip()
             st = json.loads(pitcher(conf, "ctl", "--json", "status").stdout)["data"]["handover"]
             prev = st.get("previous_generation") or {}
-            rows.append((i + 1, peak, time.time() - t0, out, st.get("received"), prev.get("handed_over"),
+            rows.append((i + 1, peak, at_peak, time.time() - t0, out, st.get("received"), prev.get("handed_over"),
                          prev.get("closed"), len(opened)))
             time.sleep(1.0)
         wrk_out = wrk.communicate(timeout=duration + 30)[0]
+        close_out = closing.communicate(timeout=duration + 30)[0] if closing else ""
         n = len(steady)
         base = tuple(sum(s[k] for s in steady) // n for k in range(3))
-        print(f"binary: {BIN}; workers = {WORKERS}; wrk -c{CONNECTIONS} keep-alive\n")
+        print(f"binary: {BIN}; workers = {WORKERS}; wrk -t{THREADS} -c{CONNECTIONS} keep-alive"
+              f" + wrk -c{CLOSE} Connection: close\n")
         per = ", ".join(f"{name} {m[0] / 1024:.1f}" for name, m in roles(conf))
         print(f"steady: {base[0]} processes, RSS {base[1] / 1024:.1f} MiB, PSS {base[2] / 1024:.1f} MiB "
               f"(RSS MiB per process: {per})\n")
         print("| upgrade | peak processes | peak RSS (x steady) | peak PSS (x steady) | took | received by new | "
-              "handed over by old | closed by old | backend connections opened |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for i, peak, took, out, received, handed, closed, opened in rows:
+              "handed over by old | closed by old | backend connections opened | at the peak (RSS MiB) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for i, peak, at_peak, took, out, received, handed, closed, opened in rows:
             ok = "" if "upgrade complete" in out else f" ({out})"
             print(f"| {i}{ok} | {peak[0]} | {peak[1] / 1024:.1f} MiB ({peak[1] / base[1]:.2f}x) | "
                   f"{peak[2] / 1024:.1f} MiB ({peak[2] / base[2]:.2f}x) | {took:.2f} s | {received} | {handed} | "
-                  f"{closed} | {opened} |")
-        print("\nwrk:")
-        for line in wrk_out.splitlines():
-            if "requests in" in line or "errors" in line.lower() or "Non-2xx" in line:
-                print("    " + line.strip())
+                  f"{closed} | {opened} | {', '.join(f'{n} {m[0] / 1024:.1f}' for n, m in at_peak)} |")
+        for name, out in (("keep-alive", wrk_out), ("close", close_out)):
+            if not out:
+                continue
+            print(f"\nwrk ({name}):")
+            for line in out.splitlines():
+                if "requests in" in line or "errors" in line.lower() or "Non-2xx" in line:
+                    print("    " + line.strip())
     finally:
         for p in reversed(procs):
             if p.poll() is None:

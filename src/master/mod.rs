@@ -569,6 +569,7 @@ impl Master {
             .arg(&self.args.config_path)
             .env(WORKER_FD_ENV, fd.to_string())
             .env(channel::WORKER_PLACE_ENV, place.to_string())
+            .env(MALLOC_TUNABLES_ENV, worker_malloc_tunables(std::env::var(MALLOC_TUNABLES_ENV).ok()))
             .env_remove(channel::UPGRADE_FD_ENV)
             .stdin(Stdio::null())
             .spawn()?;
@@ -1072,4 +1073,45 @@ pub enum ReloadError {
         /// Why.
         source: io::Error,
     },
+}
+
+/// glibc reads its allocator settings from this variable at exec.
+const MALLOC_TUNABLES_ENV: &str = "GLIBC_TUNABLES";
+
+/// Allocations from this size up get their own mapping in a worker.
+/// Those are the I/O buffers (16 KiB client, 64 KiB backend): a mapped
+/// buffer is returned to the kernel when it is freed, and its zeroed pages
+/// are not touched until bytes are written, where a buffer carved from the
+/// heap stays resident after `free` and is cleared in full by `calloc` when
+/// reused. The buffer pools keep steady-state allocation off the hot path,
+/// so the extra `mmap`/`munmap` happen only when a pool grows or shrinks
+/// (a burst, a hand-over): that is when memory should go back.
+const WORKER_MMAP_THRESHOLD_BYTES: usize = 16 * 1024;
+
+/// The operator's `GLIBC_TUNABLES` (if any) with the worker's mmap
+/// threshold added, unless the operator set one.
+fn worker_malloc_tunables(operator: Option<String>) -> String {
+    let ours = format!("glibc.malloc.mmap_threshold={WORKER_MMAP_THRESHOLD_BYTES}");
+    match operator {
+        Some(t) if t.contains("glibc.malloc.mmap_threshold") => t,
+        Some(t) if !t.is_empty() => format!("{t}:{ours}"),
+        _ => ours,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_malloc_tunables;
+
+    #[test]
+    fn the_workers_mmap_threshold_joins_the_operators_tunables_and_never_overrides_one() {
+        assert_eq!(worker_malloc_tunables(None), "glibc.malloc.mmap_threshold=16384");
+        assert_eq!(worker_malloc_tunables(Some(String::new())), "glibc.malloc.mmap_threshold=16384");
+        assert_eq!(
+            worker_malloc_tunables(Some("glibc.malloc.arena_max=2".into())),
+            "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=16384"
+        );
+        let theirs = "glibc.malloc.mmap_threshold=1048576".to_string();
+        assert_eq!(worker_malloc_tunables(Some(theirs.clone())), theirs);
+    }
 }

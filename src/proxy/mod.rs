@@ -269,7 +269,7 @@ impl Engine {
     fn park_if_idle(&mut self, idx: usize) {
         if let Some(s) = self.sessions.get_mut(idx).filter(|s| s.parkable()) {
             let sp = s.park();
-            if self.spares.len() < POOLED_BUFFERS {
+            if self.spares.len() < POOLED_BUFFERS && !self.core.handing_over {
                 self.spares.push(sp);
             }
         }
@@ -385,7 +385,7 @@ impl Engine {
         // Dropping the stream closes the fd, which also removes it from the
         // epoll set; the session's allocations serve the next connection
         // (a parked one has none).
-        if !s.parked && self.spares.len() < POOLED_BUFFERS {
+        if !s.parked && self.spares.len() < POOLED_BUFFERS && !self.core.handing_over {
             self.spares.push(s.into_spare());
         }
     }
@@ -399,6 +399,12 @@ impl Engine {
     /// and leave through [`Engine::take_movable`] as soon as they can move.
     pub fn start_handover(&mut self) {
         self.core.handing_over = true;
+        // Buffers freed from now on go back to the kernel, not to a pool:
+        // the next generation is taking the load, and the peak memory of
+        // an upgrade is both generations' at once.
+        self.core.bufs.release();
+        self.core.up_bufs.release();
+        self.spares = Vec::new();
     }
 
     /// The hand-over cannot go on (the master is gone): drain instead.
@@ -419,7 +425,7 @@ impl Engine {
         for idx in ids {
             let s = self.sessions.remove(idx);
             let (d, spare) = self.core.detach(s);
-            if self.spares.len() < POOLED_BUFFERS {
+            if self.spares.len() < POOLED_BUFFERS && !self.core.handing_over {
                 self.spares.push(spare);
             }
             out.push(d);
