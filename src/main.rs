@@ -404,7 +404,7 @@ fn worker_main(cli: &Cli) -> Result<ExitCode, MainError> {
     };
     let _ = ch.set_read_timeout(None);
     let config =
-        Config::parse_resolved(Path::new(&config_path), &text).map_err(WorkerError::Config)?.with_resolved(&resolved);
+        Config::parse_resolved(Path::new(&config_path), &text).map_err(WorkerError::Config)?.into_resolved(&resolved);
     let (fds, region) = channel::split_fds(&entries, fds).map_err(WorkerError::Manifest)?;
     let shared = Region::open(region).map_err(WorkerError::Region)?.leak();
     let log = pitcher::log::build(&config.error_log, config.log_level, "worker").map_err(WorkerError::ErrorLog)?;

@@ -450,17 +450,34 @@ impl Config {
         text: &str,
         locate: &dyn Fn(usize) -> (PathBuf, (usize, usize)),
     ) -> Result<Config, ConfigError> {
-        let err_at = |span: Option<std::ops::Range<usize>>, reason: String| {
-            let (file, line_col) = match span {
-                Some(s) => {
-                    let (f, lc) = locate(s.start);
-                    (f, Some(lc))
-                }
-                None => (path.to_path_buf(), None),
-            };
-            ConfigError { file, line_col, reason }
-        };
+        let err_at = |span, reason| error_at(path, locate, span, reason);
         let file: FileConfig = toml::from_str(text).map_err(|e| err_at(e.span(), e.message().to_string()))?;
+        Config::from_file(path, text, file, locate)
+    }
+
+    /// [`Config::parse_located`] of a text the caller parsed already
+    /// (`doc`, of `text`): the typed configuration is read from that
+    /// parse rather than from a second one.
+    fn parse_document(
+        path: &Path,
+        text: &str,
+        doc: toml_edit::ImDocument<String>,
+        locate: &dyn Fn(usize) -> (PathBuf, (usize, usize)),
+    ) -> Result<Config, ConfigError> {
+        let file = FileConfig::deserialize(toml_edit::de::Deserializer::from(doc))
+            .map_err(|e| error_at(path, locate, e.span(), e.message().to_string()))?;
+        Config::from_file(path, text, file, locate)
+    }
+
+    /// The checks and resolution of a typed file (`text`: what it was
+    /// read from).
+    fn from_file(
+        path: &Path,
+        text: &str,
+        file: FileConfig,
+        locate: &dyn Fn(usize) -> (PathBuf, (usize, usize)),
+    ) -> Result<Config, ConfigError> {
+        let err_at = |span, reason| error_at(path, locate, span, reason);
         let mut config = resolve(path, file).map_err(|(span, reason)| err_at(span, reason))?;
         for m in &mut config.modules {
             m.file = path.to_path_buf();
@@ -482,6 +499,24 @@ impl Config {
 }
 
 type Resolve<T> = Result<T, (Option<std::ops::Range<usize>>, String)>;
+
+/// An error at `span` of a text (`locate` maps its offsets to a file, line
+/// and column); without a span, the error is `path`'s.
+fn error_at(
+    path: &Path,
+    locate: &dyn Fn(usize) -> (PathBuf, (usize, usize)),
+    span: Option<std::ops::Range<usize>>,
+    reason: String,
+) -> ConfigError {
+    let (file, line_col) = match span {
+        Some(s) => {
+            let (f, lc) = locate(s.start);
+            (f, Some(lc))
+        }
+        None => (path.to_path_buf(), None),
+    };
+    ConfigError { file, line_col, reason }
+}
 
 fn ms(v: Option<u64>, default_ms: u64) -> Duration {
     Duration::from_millis(v.unwrap_or(default_ms))
@@ -569,6 +604,8 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
     }
 
     let mut clusters: Vec<ClusterConfig> = Vec::with_capacity(f.clusters.len());
+    // Names seen so far: a hash, not a scan of `clusters` (thousands of them).
+    let mut cluster_seen: std::collections::HashSet<&str> = std::collections::HashSet::with_capacity(f.clusters.len());
     for c in &f.clusters {
         let span = c.span();
         let c = c.get_ref();
@@ -576,7 +613,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         if name.is_empty() {
             return Err((Some(c.name.span()), "cluster name is empty".into()));
         }
-        if clusters.iter().any(|x| x.name == name) {
+        if !cluster_seen.insert(c.name.get_ref().as_str()) {
             return Err((Some(c.name.span()), format!("cluster {name:?} is defined twice")));
         }
         if c.backends.get_ref().is_empty() {

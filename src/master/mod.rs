@@ -835,10 +835,13 @@ impl Master {
         }
         self.listeners = next;
         let workers = config.workers;
-        let resolved_config = config.with_resolved(&resolved);
-        self.resolver.configure(&config, resolved);
-        self.loaded = Arc::new(config);
-        let previous = std::mem::replace(&mut self.config, Arc::new(resolved_config));
+        let loaded = Arc::new(config);
+        // Without backend names the two are the same: one copy, not two.
+        let in_force =
+            if loaded.has_backend_names() { Arc::new(loaded.with_resolved(&resolved)) } else { loaded.clone() };
+        self.resolver.configure(&loaded, resolved);
+        self.loaded = loaded;
+        let previous = std::mem::replace(&mut self.config, in_force);
         self.config_text = text;
         self.tls = tls.listeners;
         self.seq += 1;
