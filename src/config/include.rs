@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use toml_edit::{ImDocument, Item, Value};
 
-use super::{env, line_col, units, Config, ConfigError};
+use super::{env, line_col, units, Config, ConfigError, FileConfig};
 
 /// How deep includes may nest (the main file is depth 0).
 pub const MAX_INCLUDE_DEPTH: usize = 8;
@@ -32,6 +32,9 @@ pub struct Loaded {
     pub config: Config,
     /// The resolved text to send to workers ([`Config::parse_resolved`]).
     pub text: String,
+    /// The parse of `text` before its checks, for workers
+    /// ([`Config::parse_sent`]); `None` if it could not be written.
+    pub form: Option<super::Form>,
     /// Every file read, main file first, in the order they were merged.
     pub files: Vec<PathBuf>,
 }
@@ -73,17 +76,19 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
         let i = starts.iter().rposition(|&s| s <= offset).unwrap_or(0);
         (parts[i].file.clone(), parts[i].locate(offset - starts[i]))
     };
-    let mut config = match loader.main_doc.take() {
-        Some(doc) if parts.len() == 1 => Config::parse_document(path, &resolved, doc, &locate)?,
-        _ => Config::parse_located(path, &resolved, &locate)?,
+    let file = match loader.main_doc.take() {
+        Some(doc) if parts.len() == 1 => FileConfig::read_document(path, doc, &locate)?,
+        _ => FileConfig::read(path, &resolved, &locate)?,
     };
+    let form = serde_json::to_string(&file).ok();
+    let mut config = Config::from_file(path, &resolved, file, &locate)?;
     for m in &mut config.modules {
         if let Some((file, line)) = loader.modules.iter().find(|x| x.0 == m.name).map(|x| (&x.1, x.2)) {
             m.file = file.clone();
             m.line = line;
         }
     }
-    Ok(Loaded { config, text: resolved, files: loader.parts.iter().map(|p| p.file.clone()).collect() })
+    Ok(Loaded { config, text: resolved, form, files: loader.parts.iter().map(|p| p.file.clone()).collect() })
 }
 
 /// A replaced range: where it is in the processed text and in the original.

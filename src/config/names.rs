@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::time::Duration;
 
-use toml::Spanned;
+use super::spanned::Spanned;
 
 use super::{BackendAddr, BackendSpec, Config, NamedBackend, SockAddr};
 

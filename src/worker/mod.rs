@@ -336,12 +336,27 @@ impl Worker {
             match ch.recv::<ToWorker>() {
                 Ok(None) => return,
                 Ok(Some((
-                    ToWorker::Configure { seq, config_path, config_text, listeners, backend_slots, tls, resolved },
+                    ToWorker::Configure {
+                        seq,
+                        config_path,
+                        config_text,
+                        config_form,
+                        listeners,
+                        backend_slots,
+                        tls,
+                        resolved,
+                    },
                     fds,
                 ))) => {
                     let started = Instant::now();
                     let (retired, error) = match self.reconfigure(
-                        &Incoming { path: &config_path, text: &config_text, resolved: &resolved, tls: &tls },
+                        &Incoming {
+                            path: &config_path,
+                            text: &config_text,
+                            form: config_form.as_ref(),
+                            resolved: &resolved,
+                            tls: &tls,
+                        },
                         listeners,
                         backend_slots,
                         fds,
@@ -425,8 +440,8 @@ impl Worker {
         backend_slots: Vec<(String, u32)>,
         fds: Vec<OwnedFd>,
     ) -> Result<crate::proxy::Retired, String> {
-        let Incoming { path, text, resolved, tls } = *served;
-        let config = Config::parse_resolved(std::path::Path::new(path), text).map_err(|e| e.to_string())?;
+        let Incoming { path, text, form, resolved, tls } = *served;
+        let config = Config::parse_sent(std::path::Path::new(path), text, form).map_err(|e| e.to_string())?;
         let config = config.into_resolved(resolved);
         // The region is the one this worker mapped at start; the copy is dropped.
         let (fds, _region) = split_fds(&entries, fds)?;
@@ -545,6 +560,8 @@ impl Worker {
 struct Incoming<'a> {
     path: &'a str,
     text: &'a str,
+    /// The master's parse of `text` (`Config::parse_sent`).
+    form: Option<&'a crate::config::Form>,
     resolved: &'a [crate::config::ResolvedName],
     tls: &'a [crate::tls::ListenerCerts],
 }
