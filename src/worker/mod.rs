@@ -368,8 +368,9 @@ impl Worker {
                     match &error {
                         None => {
                             crate::shm::metrics::here().reload_apply.observe(took.as_micros() as u64);
-                            slog::info!(self.log, "configuration reloaded"; "seq" => seq,
-                                "apply_ms" => format!("{:.1}", took.as_secs_f64() * 1000.0));
+                            // (slog writes the pairs last first: `seq` leads the line.)
+                            slog::info!(self.log, "configuration reloaded";
+                                "apply_ms" => format!("{:.1}", took.as_secs_f64() * 1000.0), "seq" => seq);
                         }
                         Some(e) => slog::error!(self.log, "reload refused"; "seq" => seq, "error" => e),
                     }
