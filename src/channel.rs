@@ -237,6 +237,11 @@ pub enum ToWorker {
         /// (`Config::with_resolved`).
         #[serde(default)]
         resolved: Vec<crate::config::ResolvedName>,
+        /// The master's parse of `config_text` (`Config::parse_sent`): the
+        /// worker reads it instead of parsing the text again, and checks
+        /// it as it would the text.
+        #[serde(default)]
+        config_form: Option<crate::config::Form>,
     },
     /// Files the master opened for the worker (access logs), fds attached
     /// in the order of `paths`; sent before each `Configure` and `Reopen`.

@@ -259,7 +259,7 @@ fn absolute(p: &Path) -> PathBuf {
 /// the certificates of its TLS listeners; also returns the files read and
 /// the warnings (an expired certificate, a name no certificate covers).
 fn load(path: &Path) -> Result<(Served, Vec<PathBuf>, Vec<String>), LoadError> {
-    let pitcher::config::Loaded { config, text, files } = pitcher::config::include::load(path)?;
+    let pitcher::config::Loaded { config, text, form, files } = pitcher::config::include::load(path)?;
     // The routing table is built by every worker; a table that cannot be
     // (regexes too large together) is refused here, with the file.
     pitcher::router::Router::new(&config).map_err(|reason| ConfigError {
@@ -271,7 +271,7 @@ fn load(path: &Path) -> Result<(Served, Vec<PathBuf>, Vec<String>), LoadError> {
     let scratch = Region::create().map_err(LoadError::Region)?;
     pitcher::hooks::validate(&config, scratch.leak())?;
     let tls = pitcher::tls::load(&config, pitcher::tls::certs::now_unix())?;
-    Ok((Served { config, text, tls: tls.listeners }, files, tls.warnings))
+    Ok((Served { config, text, form, tls: tls.listeners }, files, tls.warnings))
 }
 
 /// The master: bind (or receive, after an upgrade), detach, supervise.
@@ -395,16 +395,20 @@ fn worker_main(cli: &Cli) -> Result<ExitCode, MainError> {
         pitcher::log::take_over(&paths, fds).map_err(WorkerError::Files)?;
         first = ch.recv::<ToWorker>();
     }
-    let (config_path, text, entries, slots, tls, resolved, fds) = match first {
+    let (config_path, text, form, entries, slots, tls, resolved, fds) = match first {
         Ok(Some((
-            ToWorker::Configure { config_path, config_text, listeners, backend_slots, tls, resolved, .. },
+            ToWorker::Configure {
+                config_path, config_text, config_form, listeners, backend_slots, tls, resolved, ..
+            },
             fds,
-        ))) => (config_path, config_text, listeners, backend_slots, tls, resolved, fds),
+        ))) => (config_path, config_text, config_form, listeners, backend_slots, tls, resolved, fds),
         other => return Err(WorkerError::NoConfiguration(format!("{other:?}")).into()),
     };
     let _ = ch.set_read_timeout(None);
-    let config =
-        Config::parse_resolved(Path::new(&config_path), &text).map_err(WorkerError::Config)?.with_resolved(&resolved);
+    let config = Config::parse_sent(Path::new(&config_path), &text, form.as_ref())
+        .map_err(WorkerError::Config)?
+        .into_resolved(&resolved);
+    drop((text, form));
     let (fds, region) = channel::split_fds(&entries, fds).map_err(WorkerError::Manifest)?;
     let shared = Region::open(region).map_err(WorkerError::Region)?.leak();
     let log = pitcher::log::build(&config.error_log, config.log_level, "worker").map_err(WorkerError::ErrorLog)?;

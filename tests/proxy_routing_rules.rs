@@ -4,11 +4,14 @@
 //! header, redirect, fixed response, weighted and sticky splits) as the
 //! client and the backend see them; `pitcher -t --routes`; and a
 //! configuration of 10,000 routes and 2,000 clusters that loads, routes and
-//! reloads.
+//! reloads (every worker applies it, and `/metrics` counts the routes past
+//! its table's capacity in `(other)`).
 
 mod common;
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::master::MasterRun;
@@ -401,11 +404,74 @@ fn sample(j: usize, shift: usize, clusters: usize, backends: &[Backend]) -> (Str
     (raw, backends[((j + shift) % clusters) % backends.len()].name().to_string())
 }
 
+/// `[admin]` on a kernel-chosen loopback port.
+const ADMIN: &str = "[admin]\naddress = \"127.0.0.1:0\"";
+
+/// The admin address from `ctl status` (bound to port 0).
+fn admin_addr(m: &MasterRun) -> SocketAddr {
+    let out = m.command(&["ctl", "--json", "status"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    v["data"]["admin"].as_str().unwrap_or_else(|| panic!("no admin address in {v}")).parse().unwrap()
+}
+
+/// `/metrics` as samples: `name{labels}` → value.
+fn metrics(addr: SocketAddr) -> HashMap<String, f64> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n").unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    let (head, body) = all.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head in {all:?}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' ').map(|(k, v)| (k.to_string(), v.parse().unwrap_or(f64::NAN))))
+        .collect()
+}
+
+/// Requests of route series `route` with status class 2xx.
+fn route_2xx(m: &HashMap<String, f64>, route: &str) -> Option<f64> {
+    m.get(&format!("pitcher_route_requests_total{{route=\"{route}\",code=\"2xx\"}}")).copied()
+}
+
+#[test]
+fn route_series_past_the_tables_capacity_count_in_other() {
+    // More routes than the shared region has route series (1,022).
+    let routes = 1_200;
+    let b = Backend::start("b");
+    let mut t = String::new();
+    for j in 0..routes {
+        t.push_str(&format!("[[routes]]\nname = \"r{j}\"\npath_prefix = \"/r{j}/\"\ncluster = \"app\"\n"));
+    }
+    let config = ConfigBuilder::new().top("workers = 2").section(ADMIN).cluster("app", [b.spec()]).section(&t);
+    let m = MasterRun::start(&config);
+    let addr = admin_addr(&m);
+    let before = metrics(addr);
+    let own: Vec<usize> = (0..routes).filter(|j| route_2xx(&before, &format!("r{j}")).is_some()).collect();
+    let in_other = before.get("pitcher_series_in_other{table=\"route\"}").copied().unwrap_or(-1.0);
+    assert!(own.len() <= 1_022, "{} routes have a series of their own", own.len());
+    assert_eq!(own.len() + in_other as usize, routes, "every route has a series or is counted in (other)");
+    assert!(in_other as usize >= routes - 1_022, "{in_other} routes in (other)");
+    let other = (0..routes).find(|j| !own.contains(j)).expect("a route without a series");
+    let listed = own[0];
+    for _ in 0..3 {
+        let r = m.client().request(get("any.example", &format!("/r{other}/x"), "").as_bytes());
+        assert_eq!(r.status, 200, "{}", r.head_str());
+    }
+    let r = m.client().request(get("any.example", &format!("/r{listed}/x"), "").as_bytes());
+    assert_eq!(r.status, 200, "{}", r.head_str());
+    let after = metrics(addr);
+    let other_2xx = |m: &HashMap<String, f64>| route_2xx(m, "(other)").unwrap_or(-1.0);
+    assert_eq!(other_2xx(&after) - other_2xx(&before), 3.0, "the requests of r{other} count in (other)");
+    assert_eq!(route_2xx(&after, &format!("r{listed}")), Some(1.0), "r{listed} counts under its name");
+    assert_eq!(route_2xx(&after, &format!("r{other}")), None, "r{other} has no series of its own");
+}
+
 #[test]
 fn ten_thousand_routes_load_route_and_reload() {
     let (clusters, routes) = (2_000, 10_000);
     let backends: Vec<Backend> = (0..4).map(|i| Backend::start(&format!("b{i}"))).collect();
-    let config = big_config(&backends, clusters, routes, 0);
+    let config = big_config(&backends, clusters, routes, 0).section(ADMIN);
     let mut m = MasterRun::start(&config);
     let out = m.command(&["-t"]);
     assert!(out.status.success(), "{}", out.all());
@@ -426,11 +492,17 @@ fn ten_thousand_routes_load_route_and_reload() {
     };
     check(&m, 0);
     let before = m.expect_status();
-    m.write_config(&big_config(&backends, clusters, routes, 1));
+    m.write_config(&big_config(&backends, clusters, routes, 1).section(ADMIN));
     let out = m.signal_cmd("reload");
     assert!(out.status.success(), "{}", out.all());
     let seq = before.config_seq + 1;
     m.wait_status(Duration::from_secs(30), |s| s.config_seq == seq && s.all_at(seq))
         .unwrap_or_else(|| panic!("the reload was not applied; status {:?}", m.status()));
     check(&m, 1);
+    // Each of the two workers timed its apply of the reload; the routes
+    // past the route series' capacity are counted in (other).
+    let after = metrics(admin_addr(&m));
+    assert_eq!(after.get("pitcher_reload_apply_seconds_count").copied(), Some(2.0));
+    let in_other = after.get("pitcher_series_in_other{table=\"route\"}").copied().unwrap_or(0.0);
+    assert!(in_other as usize >= routes + 1 - 1_022, "{in_other} routes in (other)");
 }

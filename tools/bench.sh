@@ -17,6 +17,13 @@
 #          "accept balance" table: requests each worker served (from an
 #          access log of $pid lines), so how evenly new connections spread.
 #          SCENARIOS=reuseport PROXIES="pitcher_shared pitcher_reuseport"
+#   routes small body, keep-alive, against one Pitcher per count of
+#          ROUTE_COUNTS (default "10 1000 10000") extra routes (see
+#          PITCHER_ROUTES), all up at once and run interleaved: the check
+#          that a request's cost does not grow with the routing table. Adds
+#          a "routes" table: CPU per request for each count side by side and
+#          how far apart they are (the goal: within 5%).
+#          SCENARIOS=routes (PROXIES is then pitcher_r10 pitcher_r1000 ...)
 #
 # For each scenario: a warm-up run per proxy, then ROUNDS rounds in which the
 # proxies run interleaved (A, B, A, B, ...). Each run records req/s, p50/p99
@@ -51,14 +58,16 @@
 #                                 children are accounted too, so
 #                                 PITCHER_ARGS=--foreground measures master
 #                                 + one worker (the config has workers = 1)
+#   ROUTE_COUNTS="10 1000 10000" the extra routes of each Pitcher of the
+#                                 routes scenario
 #   PITCHER_ROUTES=0             extra routes in Pitcher's configuration, in
 #                                 front of the one that serves the load (a
 #                                 third each: exact hosts, "*.suffix" hosts,
 #                                 path prefixes; every tenth with a header
 #                                 condition), to show that the cost of a
 #                                 request does not grow with the table:
-#                                 for n in 10 1000 10000; do PITCHER_ROUTES=$n
-#                                 PROXIES=pitcher SCENARIOS=ka tools/bench.sh; done
+#                                 SCENARIOS=routes runs 10, 1000 and 10000
+#                                 side by side
 #   ORIGIN_CPU=0 WRK_CPU=0 PROXY_CPU=1
 #   OTHER_LOAD_MAX=10            flag runs whose proxy core was busier than
 #                                 the proxy by more than this many percent
@@ -78,6 +87,7 @@ PROXIES=${PROXIES:-"pitcher nginx"}
 PITCHER_ARGS=${PITCHER_ARGS:---single-process}
 PITCHER_MODULES=${PITCHER_MODULES:-}
 PITCHER_ROUTES=${PITCHER_ROUTES:-0}
+ROUTE_COUNTS=${ROUTE_COUNTS:-"10 1000 10000"}
 ORIGIN_CPU=${ORIGIN_CPU:-0}
 WRK_CPU=${WRK_CPU:-0}
 PROXY_CPU=${PROXY_CPU:-1}
@@ -195,12 +205,23 @@ for c in "$ORIGIN_CPU" "$WRK_CPU" "$PROXY_CPU"; do
 done
 CLK_TCK=$(getconf CLK_TCK)
 
-for p in $PROXIES; do
-    [[ $p == pitcher || $p == pitcher_b || $p == nginx || $p == pitcher_shared || $p == pitcher_reuseport ]] ||
-        die "unknown proxy '$p' in PROXIES"
-done
 for s in $SCENARIOS; do
-    [[ $s == ka || $s == close || $s == 64k || $s == reuseport ]] || die "unknown scenario '$s' in SCENARIOS"
+    [[ $s == ka || $s == close || $s == 64k || $s == reuseport || $s == routes ]] ||
+        die "unknown scenario '$s' in SCENARIOS"
+done
+# The routes scenario runs one Pitcher per count of ROUTE_COUNTS, alone.
+if [[ " $SCENARIOS " == *" routes "* ]]; then
+    [[ $SCENARIOS == routes ]] || die "SCENARIOS=routes runs alone (its proxies are its own), not with '$SCENARIOS'"
+    PROXIES=""
+    for n in $ROUTE_COUNTS; do
+        [[ $n =~ ^[0-9]+$ ]] || die "ROUTE_COUNTS must be numbers of routes, not '$n'"
+        PROXIES+="${PROXIES:+ }pitcher_r$n"
+    done
+    [[ -n $PROXIES ]] || die "ROUTE_COUNTS is empty"
+fi
+for p in $PROXIES; do
+    [[ $p == pitcher || $p == pitcher_b || $p == nginx || $p == pitcher_shared || $p == pitcher_reuseport ||
+        $p =~ ^pitcher_r[0-9]+$ ]] || die "unknown proxy '$p' in PROXIES"
 done
 # The two-worker proxies exist for the reuseport scenario, and it for them.
 if [[ " $SCENARIOS " == *" reuseport "* ]]; then
@@ -219,7 +240,8 @@ for v in DURATION WARMUP; do
     [[ ${!v} =~ ^[1-9][0-9]*[smh]?$ ]] || die "$v must be a wrk duration like 10s, not '${!v}'"
 done
 
-if [[ " $PROXIES " == *" pitcher "* || " $PROXIES " == *" pitcher_shared "* || " $PROXIES " == *" pitcher_reuseport "* ]]; then
+if [[ " $PROXIES " == *" pitcher "* || " $PROXIES " == *" pitcher_shared "* || " $PROXIES " == *" pitcher_reuseport "* ||
+    " $PROXIES " == *" pitcher_r"* ]]; then
     # Without PITCHER_BIN the binary is always (re)built — a no-op when it is
     # up to date — so a stale build is never measured by mistake.
     if ((BUILD_PITCHER)); then
@@ -370,9 +392,10 @@ launch_pitcher_shared() { WORKERS=2 REUSEPORT=false launch_pitcher_build pitcher
 launch_pitcher_reuseport() { WORKERS=2 REUSEPORT=true launch_pitcher_build pitcher_reuseport "$PITCHER_BIN" "$REUSEPORT_PORT"; }
 
 # launch_pitcher_build NAME BINARY PORT: one Pitcher build as proxy NAME
-# (WORKERS, REUSEPORT: see launch_pitcher_shared).
+# (WORKERS, REUSEPORT: see launch_pitcher_shared; ROUTES: extra routes,
+# PITCHER_ROUTES by default).
 launch_pitcher_build() {
-    local name=$1 bin=$2 port=$3 workers=${WORKERS:-1} reuseport=${REUSEPORT:-}
+    local name=$1 bin=$2 port=$3 workers=${WORKERS:-1} reuseport=${REUSEPORT:-} routes=${ROUTES:-$PITCHER_ROUTES}
     local dir=$TMP/$name cfg pid
     local -a args
     mkdir -p "$dir"
@@ -395,12 +418,12 @@ backends = ["127.0.0.1:$ORIGIN_PORT"]
 keepalive = 64
 
 EOF
-    # PITCHER_ROUTES routes that the load does not take, but that a lookup
+    # $routes routes that the load does not take, but that a lookup
     # passes by: the load's host (127.0.0.1) is looked up among the exact
     # hosts, then label by label among the suffixes; its paths walk a trie
     # holding every prefix.
     local j
-    for ((j = 0; j < PITCHER_ROUTES; j++)); do
+    for ((j = 0; j < routes; j++)); do
         case $((j % 3)) in
         0) printf '[[routes]]\nhost = "svc%d.example"\npath_prefix = "/v1"\n' "$j" ;;
         1) printf '[[routes]]\nhost = "*.t%d.example"\n' "$j" ;;
@@ -439,7 +462,13 @@ EOF
 }
 
 for p in $PROXIES; do
-    "launch_$p"
+    if [[ $p =~ ^pitcher_r([0-9]+)$ ]]; then
+        # One Pitcher per count of the routes scenario, each on a port of its own.
+        port=$(free_ports 1) || die "could not pick a free port"
+        ROUTES=${BASH_REMATCH[1]} launch_pitcher_build "$p" "$PITCHER_BIN" "$port"
+    else
+        "launch_$p"
+    fi
     check_proxy "$p" "${PROXY_PORT[$p]}"
 done
 
@@ -454,6 +483,7 @@ scenario_title() {
     close) echo "small, Connection: close" ;;
     64k) echo "64 KiB, keep-alive" ;;
     reuseport) echo "small, Connection: close, 2 workers" ;;
+    routes) echo "small, keep-alive, routes" ;;
     esac
 }
 
@@ -560,7 +590,7 @@ done
 echo
 echo "Pitcher benchmark — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo))"
 echo "machine ${BUSY}% busy before the start; wrk -t$THREADS -c$CONNECTIONS -d$DURATION on cpu $WRK_CPU, origin nginx on cpu $ORIGIN_CPU, proxy on cpu $PROXY_CPU; $("$NGINX" -v 2>&1 | sed 's/^nginx version: //')$(
-    [[ " $PROXIES " == *" pitcher "* ]] && printf ', pitcher %s (%s; modules: %s)' "$(git describe --always --dirty 2>/dev/null || echo 'uncommitted')" "$PITCHER_ARGS" "${PITCHER_MODULES:-none}")"
+    [[ " $PROXIES " == *" pitcher"* ]] && printf ', pitcher %s (%s; modules: %s)' "$(git describe --always --dirty 2>/dev/null || echo 'uncommitted')" "$PITCHER_ARGS" "${PITCHER_MODULES:-none}")"
 echo
 echo "| scenario | proxy | req/s | p50 ms | p99 ms | CPU µs/req | errors |"
 echo "|---|---|---:|---:|---:|---:|---|"
@@ -577,6 +607,30 @@ for scen in $SCENARIOS; do
         }' "$RESULTS"
     done
 done
+
+# The routes scenario: CPU per request by size of the routing table, side
+# by side, and how far apart (the goal: within 5% of the smallest table).
+if [[ $SCENARIOS == routes ]]; then
+    echo
+    echo "| extra routes | CPU µs/req (mean) | vs $(set -- $ROUTE_COUNTS; echo "$1") routes | req/s (mean) | disturbed runs |"
+    echo "|---:|---:|---:|---:|---|"
+    awk -F'\t' -v counts="$ROUTE_COUNTS" -v max="$OTHER_LOAD_MAX" '
+    { n[$2]++; cpu[$2] += $7; rps[$2] += $4; flagged[$2] += ($10 > max) }
+    END {
+        k = split(counts, c, " ")
+        base = cpu["pitcher_r" c[1]] / n["pitcher_r" c[1]]
+        lo = hi = base
+        for (i = 1; i <= k; i++) {
+            p = "pitcher_r" c[i]
+            if (!n[p]) continue
+            m = cpu[p] / n[p]
+            if (m < lo) lo = m
+            if (m > hi) hi = m
+            printf "| %d | %.2f | %+.1f%% | %.0f | %d of %d |\n", c[i], m, 100 * (m / base - 1), rps[p] / n[p], flagged[p], n[p]
+        }
+        printf "\nspread of the means: %.1f%% (highest / lowest - 1; the goal: at most 5%%)\n", 100 * (hi / lo - 1)
+    }' "$RESULTS"
+fi
 
 # How evenly the two workers shared new connections, per run.
 if [[ -s $TMP/balance.tsv ]]; then

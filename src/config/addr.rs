@@ -59,6 +59,14 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// As written in the file (read back by `Deserialize`: the form the master
+/// sends its workers, `config::spanned`).
+impl serde::Serialize for ListenAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> Deserialize<'de> for ListenAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -193,6 +201,17 @@ fn valid_host(host: &str) -> Result<(), String> {
         return Err("not an IP address, and a host name does not end in a number".into());
     }
     Ok(())
+}
+
+/// As an entry of `backends` (`"ADDR weight=N"`), which `Deserialize`
+/// reads back to the same entry.
+impl serde::Serialize for BackendEntry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            BackendEntry::Addr(b) => s.collect_str(&format_args!("{} weight={}", b.addr, b.weight)),
+            BackendEntry::Name(n) => s.collect_str(&format_args!("{}:{} weight={}", n.host, n.port, n.weight)),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for BackendEntry {

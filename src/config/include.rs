@@ -14,12 +14,13 @@
 //! level, duplicate clusters and modules across files. Must not: interpret
 //! any other setting (that is [`Config::parse_resolved`]'s job).
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use toml_edit::{ImDocument, Item, Value};
 
-use super::{env, line_col, units, Config, ConfigError};
+use super::{env, line_col, units, Config, ConfigError, FileConfig};
 
 /// How deep includes may nest (the main file is depth 0).
 pub const MAX_INCLUDE_DEPTH: usize = 8;
@@ -31,6 +32,9 @@ pub struct Loaded {
     pub config: Config,
     /// The resolved text to send to workers ([`Config::parse_resolved`]).
     pub text: String,
+    /// The parse of `text` before its checks, for workers
+    /// ([`Config::parse_sent`]); `None` if it could not be written.
+    pub form: Option<super::Form>,
     /// Every file read, main file first, in the order they were merged.
     pub files: Vec<PathBuf>,
 }
@@ -48,7 +52,14 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
 /// Resolves the main file's `text` (read from `path`; includes are
 /// relative to its directory) with this environment.
 pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, ConfigError> {
-    let mut loader = Loader { env, parts: Vec::new(), seen: Vec::new(), clusters: Vec::new(), modules: Vec::new() };
+    let mut loader = Loader {
+        env,
+        parts: Vec::new(),
+        seen: Vec::new(),
+        clusters: HashMap::new(),
+        modules: Vec::new(),
+        main_doc: None,
+    };
     let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     loader.file(path, canonical, text.to_string(), 0, &mut Vec::new())?;
     let mut resolved = String::new();
@@ -65,14 +76,19 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
         let i = starts.iter().rposition(|&s| s <= offset).unwrap_or(0);
         (parts[i].file.clone(), parts[i].locate(offset - starts[i]))
     };
-    let mut config = Config::parse_located(path, &resolved, &locate)?;
+    let file = match loader.main_doc.take() {
+        Some(doc) if parts.len() == 1 => FileConfig::read_document(path, doc, &locate)?,
+        _ => FileConfig::read(path, &resolved, &locate)?,
+    };
+    let form = serde_json::to_string(&file).ok();
+    let mut config = Config::from_file(path, &resolved, file, &locate)?;
     for m in &mut config.modules {
         if let Some((file, line)) = loader.modules.iter().find(|x| x.0 == m.name).map(|x| (&x.1, x.2)) {
             m.file = file.clone();
             m.line = line;
         }
     }
-    Ok(Loaded { config, text: resolved, files: loader.parts.iter().map(|p| p.file.clone()).collect() })
+    Ok(Loaded { config, text: resolved, form, files: loader.parts.iter().map(|p| p.file.clone()).collect() })
 }
 
 /// A replaced range: where it is in the processed text and in the original.
@@ -106,11 +122,16 @@ impl Part {
             }
             original = if p < s.processed.end { s.original.start } else { s.original.end + (p - s.processed.end) };
         }
-        let original = original.min(self.original.len());
-        let line = self.line_starts.partition_point(|&s| s <= original);
-        let start = if line == 0 { 0 } else { self.line_starts[line - 1] };
-        (line + 1, original - start + 1)
+        line_col_in(&self.line_starts, original.min(self.original.len()))
     }
+}
+
+/// Line and column of byte `offset` of a file whose lines after the first
+/// start at `line_starts`.
+fn line_col_in(line_starts: &[usize], offset: usize) -> (usize, usize) {
+    let line = line_starts.partition_point(|&s| s <= offset);
+    let start = if line == 0 { 0 } else { line_starts[line - 1] };
+    (line + 1, offset - start + 1)
 }
 
 type Located<T> = Result<T, (Range<usize>, String)>;
@@ -121,7 +142,10 @@ struct Loader<'a> {
     /// Canonical path of every file read, and where it was named.
     seen: Vec<(PathBuf, PathBuf)>,
     /// Cluster name → (file, line) of its first definition.
-    clusters: Vec<(String, PathBuf, usize)>,
+    clusters: HashMap<String, (PathBuf, usize)>,
+    /// The parse of the main file when the resolved text is that file as
+    /// it is (no include, no `${VAR}`, no unit string): read once, not twice.
+    main_doc: Option<ImDocument<String>>,
     /// Module name → (file, line) of its table.
     modules: Vec<(String, PathBuf, usize)>,
 }
@@ -140,7 +164,7 @@ impl Loader<'_> {
             line_col: span.map(|s| line_col(text, s.start)),
             reason,
         };
-        let doc = ImDocument::parse(text.as_str()).map_err(|e| at(&text, e.span(), e.message().to_string()))?;
+        let doc = ImDocument::parse(text.clone()).map_err(|e| at(&text, e.span(), e.message().to_string()))?;
         let root = doc.as_table();
         if depth > 0 {
             for (key, item) in root.iter() {
@@ -168,7 +192,17 @@ impl Loader<'_> {
             }
             self.walk_item(&text, Some(key), item, &mut edits).map_err(|(s, e)| at(&text, Some(s), e))?;
         }
-        drop(doc);
+        let line_starts: Vec<usize> = text.match_indices('\n').map(|(i, _)| i + 1).collect();
+        // From this parse too: the processed text differs only in values
+        // that are neither cluster names nor module tables' keys.
+        self.names(path, &line_starts, root)?;
+        if depth == 0 && edits.is_empty() {
+            // The main file as it is: its parse serves the typed read too
+            // unless it includes files (then `edits` blanks `include`).
+            self.main_doc = Some(doc);
+        } else {
+            drop(doc);
+        }
         edits.sort_by_key(|e| e.0.start);
         let mut processed = String::with_capacity(text.len());
         let mut splices = Vec::with_capacity(edits.len());
@@ -181,9 +215,7 @@ impl Loader<'_> {
             pos = range.end;
         }
         processed.push_str(&text[pos..]);
-        let line_starts = text.match_indices('\n').map(|(i, _)| i + 1).collect();
         let part = Part { file: path.to_path_buf(), original: text.clone(), line_starts, processed, splices };
-        self.names(&part)?;
         self.parts.push(part);
         self.seen.push((canonical.clone(), path.to_path_buf()));
 
@@ -285,40 +317,51 @@ impl Loader<'_> {
         }
     }
 
-    /// Records the clusters and modules a processed file defines; one
-    /// defined in an earlier file (or earlier in this one) is an error that
-    /// names both places.
-    fn names(&mut self, part: &Part) -> Result<(), ConfigError> {
-        let Ok(doc) = ImDocument::parse(part.processed.as_str()) else { return Ok(()) };
-        let root = doc.as_table();
-        let here =
-            |p: usize, reason: String| ConfigError { file: part.file.clone(), line_col: Some(part.locate(p)), reason };
+    /// Records the clusters and modules a file defines (`root`: its parse,
+    /// `line_starts`: where its lines start); one defined in an earlier
+    /// file (or earlier in this one) is an error that names both places.
+    /// A cluster name is taken with `${VAR}` expanded, as the worker sees
+    /// it.
+    fn names(&mut self, file: &Path, line_starts: &[usize], root: &toml_edit::Table) -> Result<(), ConfigError> {
+        let here = |p: usize, reason: String| ConfigError {
+            file: file.to_path_buf(),
+            line_col: Some(line_col_in(line_starts, p)),
+            reason,
+        };
         let mut clusters: Vec<(String, usize)> = Vec::new();
+        let mut name_of = |v: &Value| {
+            let Value::String(s) = v else { return };
+            let at = v.span().map(|s| s.start).unwrap_or(0);
+            let raw = s.value();
+            // An expansion that fails was reported by `walk_value` already.
+            let name = if raw.contains('$') { env::expand(raw, self.env).unwrap_or_default() } else { raw.clone() };
+            clusters.push((name, at));
+        };
         match root.get("clusters") {
             Some(Item::ArrayOfTables(a)) => {
                 for t in a.iter() {
-                    if let Some(Item::Value(v @ Value::String(s))) = t.get("name") {
-                        clusters.push((s.value().clone(), v.span().map(|s| s.start).unwrap_or(0)));
+                    if let Some(Item::Value(v)) = t.get("name") {
+                        name_of(v);
                     }
                 }
             }
             Some(Item::Value(Value::Array(a))) => {
                 for t in a.iter().filter_map(Value::as_inline_table) {
-                    if let Some(v @ Value::String(s)) = t.get("name") {
-                        clusters.push((s.value().clone(), v.span().map(|s| s.start).unwrap_or(0)));
+                    if let Some(v) = t.get("name") {
+                        name_of(v);
                     }
                 }
             }
             _ => {}
         }
         for (name, at) in clusters {
-            if let Some((_, file, line)) = self.clusters.iter().find(|c| c.0 == name) {
+            if let Some((file, line)) = self.clusters.get(&name) {
                 return Err(here(
                     at,
                     format!("cluster {name:?} is defined twice; the first is at {}:{line}", file.display()),
                 ));
             }
-            self.clusters.push((name, part.file.clone(), part.locate(at).0));
+            self.clusters.insert(name, (file.to_path_buf(), line_col_in(line_starts, at).0));
         }
         if let Some(m) = root.get("modules").and_then(Item::as_table_like) {
             for (name, item) in m.iter() {
@@ -327,16 +370,16 @@ impl Loader<'_> {
                 }
                 let at = m.get_key_value(name).and_then(|(k, _)| k.span()).or_else(|| item.span()).map(|s| s.start);
                 let at = at.unwrap_or(0);
-                if let Some((_, file, line)) = self.modules.iter().find(|x| x.0 == name) {
+                if let Some((_, first, line)) = self.modules.iter().find(|x| x.0 == name) {
                     return Err(here(
                         at,
                         format!(
                             "module {name:?} is configured twice; the first [modules.{name}] is at {}:{line}",
-                            file.display()
+                            first.display()
                         ),
                     ));
                 }
-                self.modules.push((name.to_string(), part.file.clone(), part.locate(at).0));
+                self.modules.push((name.to_string(), file.to_path_buf(), line_col_in(line_starts, at).0));
             }
         }
         Ok(())

@@ -10,6 +10,7 @@ pub mod env;
 pub mod include;
 pub mod names;
 pub mod route;
+pub mod spanned;
 pub mod units;
 pub mod upstream;
 
@@ -17,8 +18,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-use toml::Spanned;
+use serde::{Deserialize, Serialize};
+use spanned::Spanned;
 
 pub use addr::{BackendAddr, BackendEntry, BackendSpec, ListenAddr, NamedBackend, SockAddr};
 pub use include::Loaded;
@@ -58,6 +59,16 @@ pub enum Workers {
     Count(usize),
 }
 
+/// As written: a number or `"auto"`.
+impl Serialize for Workers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Workers::Auto => s.serialize_str("auto"),
+            Workers::Count(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for Workers {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -88,23 +99,37 @@ pub enum LogTarget {
 }
 
 /// The file as written. Every field is documented in `conf/pitcher.toml`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
     workers: Option<Workers>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pid_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     control_socket: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     error_log: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     log_level: Option<Spanned<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     group: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     drain_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     upgrade_protocols: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     upgrade_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     normalize_upstream_path: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     forward_expect: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     tls_ticket_key_rotation_ms: Option<u64>,
     /// Default DNS server of the clusters' backend names (`IP[:PORT]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     resolver: Option<Spanned<String>>,
     #[serde(default)]
     listeners: Vec<FileListener>,
@@ -116,6 +141,7 @@ struct FileConfig {
     timeouts: FileTimeouts,
     #[serde(default)]
     limits: FileLimits,
+    #[serde(skip_serializing_if = "Option::is_none")]
     admin: Option<FileAdmin>,
     /// `[modules]`: an optional `order` list and one table per module.
     #[serde(default)]
@@ -124,80 +150,114 @@ struct FileConfig {
     modules: toml::Table,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileAdmin {
     address: Spanned<ListenAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     client_timeout_ms: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileListener {
     address: Spanned<ListenAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     backlog: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     reuseport: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     tls: Option<Spanned<FileTls>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     redirect_https_port: Option<u16>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileTls {
     certificates: Vec<FileCertificate>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileCertificate {
     cert: PathBuf,
     key: PathBuf,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileCluster {
     name: Spanned<String>,
     backends: Spanned<Vec<Spanned<BackendEntry>>>,
     /// "optional" (default) or "required": must every name resolve at load?
+    #[serde(skip_serializing_if = "Option::is_none")]
     resolve: Option<Spanned<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     resolve_interval_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     resolver: Option<Spanned<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     keepalive: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     keepalive_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     retries: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     retry_budget_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     lb: Option<Spanned<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     hash_key: Option<Spanned<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     slow_start_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     health_check: Option<Spanned<upstream::FileHealthCheck>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     passive: Option<Spanned<upstream::FilePassive>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileTimeouts {
+    #[serde(skip_serializing_if = "Option::is_none")]
     client_header_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     client_body_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     client_body_total_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     client_body_rate_window_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     client_body_min_rate_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     client_write_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     keepalive_idle_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     upstream_connect_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     upstream_read_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     upstream_write_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     tunnel_idle_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     tls_handshake_ms: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileLimits {
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_header_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_headers: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_body_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_connections: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_tls_handshakes: Option<usize>,
 }
 
@@ -443,6 +503,21 @@ impl Config {
         Config::parse_located(path, text, &|offset| (path.to_path_buf(), line_col(text, offset)))
     }
 
+    /// Reads the configuration of a resolved text from the master's parse
+    /// of it ([`Loaded::form`]) instead of parsing the text again, then
+    /// checks it all as [`Config::parse_resolved`] does: the form is only
+    /// a faster way to the same file structure, never trusted more than
+    /// the text. A form that cannot be read (or none) falls back to the
+    /// text.
+    pub fn parse_sent(path: &Path, text: &str, form: Option<&Form>) -> Result<Config, ConfigError> {
+        match form.map(|f| serde_json::from_str::<FileConfig>(f)) {
+            Some(Ok(file)) => {
+                Config::from_file(path, text, file, &|offset| (path.to_path_buf(), line_col(text, offset)))
+            }
+            Some(Err(_)) | None => Config::parse_resolved(path, text),
+        }
+    }
+
     /// The typed parse; `locate` maps an offset in `text` to the file,
     /// line and column it came from.
     fn parse_located(
@@ -450,17 +525,19 @@ impl Config {
         text: &str,
         locate: &dyn Fn(usize) -> (PathBuf, (usize, usize)),
     ) -> Result<Config, ConfigError> {
-        let err_at = |span: Option<std::ops::Range<usize>>, reason: String| {
-            let (file, line_col) = match span {
-                Some(s) => {
-                    let (f, lc) = locate(s.start);
-                    (f, Some(lc))
-                }
-                None => (path.to_path_buf(), None),
-            };
-            ConfigError { file, line_col, reason }
-        };
-        let file: FileConfig = toml::from_str(text).map_err(|e| err_at(e.span(), e.message().to_string()))?;
+        let file = FileConfig::read(path, text, locate)?;
+        Config::from_file(path, text, file, locate)
+    }
+
+    /// The checks and resolution of a typed file (`text`: what it was
+    /// read from).
+    fn from_file(
+        path: &Path,
+        text: &str,
+        file: FileConfig,
+        locate: &dyn Fn(usize) -> (PathBuf, (usize, usize)),
+    ) -> Result<Config, ConfigError> {
+        let err_at = |span, reason| error_at(path, locate, span, reason);
         let mut config = resolve(path, file).map_err(|(span, reason)| err_at(span, reason))?;
         for m in &mut config.modules {
             m.file = path.to_path_buf();
@@ -482,6 +559,53 @@ impl Config {
 }
 
 type Resolve<T> = Result<T, (Option<std::ops::Range<usize>>, String)>;
+
+/// The master's parse of a configuration before its checks, as JSON with
+/// every span kept (`config::spanned`): what it sends its workers beside
+/// the text, so that they do not parse the TOML again. A string inside
+/// the message (a raw JSON value cannot sit in the channel's tagged
+/// messages), decoded apart.
+pub type Form = String;
+
+impl FileConfig {
+    /// The typed parse of `text` (`locate`: see [`Config::parse_located`]).
+    fn read(
+        path: &Path,
+        text: &str,
+        locate: &dyn Fn(usize) -> (PathBuf, (usize, usize)),
+    ) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| error_at(path, locate, e.span(), e.message().to_string()))
+    }
+
+    /// The typed read of a text the caller parsed already (`doc`): from
+    /// that parse rather than a second one.
+    fn read_document(
+        path: &Path,
+        doc: toml_edit::ImDocument<String>,
+        locate: &dyn Fn(usize) -> (PathBuf, (usize, usize)),
+    ) -> Result<FileConfig, ConfigError> {
+        FileConfig::deserialize(toml_edit::de::Deserializer::from(doc))
+            .map_err(|e| error_at(path, locate, e.span(), e.message().to_string()))
+    }
+}
+
+/// An error at `span` of a text (`locate` maps its offsets to a file, line
+/// and column); without a span, the error is `path`'s.
+fn error_at(
+    path: &Path,
+    locate: &dyn Fn(usize) -> (PathBuf, (usize, usize)),
+    span: Option<std::ops::Range<usize>>,
+    reason: String,
+) -> ConfigError {
+    let (file, line_col) = match span {
+        Some(s) => {
+            let (f, lc) = locate(s.start);
+            (f, Some(lc))
+        }
+        None => (path.to_path_buf(), None),
+    };
+    ConfigError { file, line_col, reason }
+}
 
 fn ms(v: Option<u64>, default_ms: u64) -> Duration {
     Duration::from_millis(v.unwrap_or(default_ms))
@@ -569,6 +693,8 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
     }
 
     let mut clusters: Vec<ClusterConfig> = Vec::with_capacity(f.clusters.len());
+    // Names seen so far: a hash, not a scan of `clusters` (thousands of them).
+    let mut cluster_seen: std::collections::HashSet<&str> = std::collections::HashSet::with_capacity(f.clusters.len());
     for c in &f.clusters {
         let span = c.span();
         let c = c.get_ref();
@@ -576,7 +702,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
         if name.is_empty() {
             return Err((Some(c.name.span()), "cluster name is empty".into()));
         }
-        if clusters.iter().any(|x| x.name == name) {
+        if !cluster_seen.insert(c.name.get_ref().as_str()) {
             return Err((Some(c.name.span()), format!("cluster {name:?} is defined twice")));
         }
         if c.backends.get_ref().is_empty() {
@@ -878,6 +1004,46 @@ client_header_ms = 5000
         let e = Config::parse(Path::new("t.toml"), &bad).unwrap_err();
         assert_eq!(e.line_col.unwrap().0, 12, "{e}");
         assert!(e.reason.contains("nope"));
+    }
+
+    #[test]
+    fn the_form_sent_to_workers_gives_the_same_configuration_as_the_text() {
+        let no_env = |_: &str| None;
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/conf");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let l =
+                include::parse(&p, &std::fs::read_to_string(&p).unwrap(), &no_env).unwrap_or_else(|e| panic!("{e}"));
+            let form = l.form.as_ref().expect("a form");
+            let sent = Config::parse_sent(&p, &l.text, Some(form)).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(sent, Config::parse_resolved(&p, &l.text).unwrap(), "{}", p.display());
+            checked += 1;
+        }
+        assert!(checked >= 1, "no example file");
+    }
+
+    #[test]
+    fn a_form_is_checked_like_the_text_and_an_unreadable_one_falls_back_to_it() {
+        let p = Path::new("t.toml");
+        let l = include::parse(p, GOOD, &|_: &str| None).unwrap();
+        let form = l.form.unwrap();
+        // The route's cluster renamed: read, then refused by the same
+        // checks as the text, at its line.
+        let f = form.as_str();
+        let at = f.find(r#""cluster":["#).unwrap_or_else(|| panic!("no route cluster in {f}"));
+        let end = at + f[at..].find(r#""app"]"#).unwrap_or_else(|| panic!("{f}"));
+        let bad = format!("{}\"nope\"]{}", &f[..end], &f[end + 6..]);
+        let e = Config::parse_sent(p, &l.text, Some(&bad)).unwrap_err();
+        assert!(e.reason.contains("nope"), "{e}");
+        assert!(e.line_col.is_some(), "{e}");
+        // Not a form at all, or an unknown key: the text is parsed instead.
+        for junk in [r#"{"bogus":1}"#, "[]"] {
+            assert_eq!(Config::parse_sent(p, &l.text, Some(&junk.to_string())).unwrap(), l.config);
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::time::Duration;
 
-use toml::Spanned;
+use super::spanned::Spanned;
 
 use super::{BackendAddr, BackendSpec, Config, NamedBackend, SockAddr};
 
@@ -47,8 +47,28 @@ impl Config {
     /// earlier name) is not added twice. Names without an entry in
     /// `resolved` add nothing.
     pub fn with_resolved(&self, resolved: &[ResolvedName]) -> Config {
-        let mut out = self.clone();
-        for c in &mut out.clusters {
+        self.clone().into_resolved(resolved)
+    }
+
+    /// [`Config::with_resolved`] without the copy (a worker keeps only
+    /// the configuration with the addresses in: copying ten thousand
+    /// routes to drop them at once is a good part of a reload).
+    pub fn into_resolved(mut self, resolved: &[ResolvedName]) -> Config {
+        self.add_resolved(resolved);
+        self
+    }
+
+    /// Whether any cluster names a backend by DNS name (without one,
+    /// [`Config::with_resolved`] changes nothing).
+    pub fn has_backend_names(&self) -> bool {
+        self.clusters.iter().any(|c| !c.dns.names.is_empty())
+    }
+
+    fn add_resolved(&mut self, resolved: &[ResolvedName]) {
+        if resolved.is_empty() {
+            return;
+        }
+        for c in &mut self.clusters {
             for n in &c.dns.names {
                 let key = n.key();
                 let Some(r) = resolved.iter().find(|r| r.cluster == c.name && r.name == key) else { continue };
@@ -60,7 +80,6 @@ impl Config {
                 }
             }
         }
-        out
     }
 }
 

@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
+use super::spanned::Spanned;
 use serde::Deserialize;
-use toml::Spanned;
 
 /// A compiled regular expression (byte-oriented, linear-time), compared by
 /// its text.
@@ -216,44 +216,52 @@ impl RouteConfig {
 
 /// `header`, `cookie`, `query`: `{ name = "...", value = "..." }` or
 /// `{ name = "...", regex = "..." }` or `{ name = "..." }` (present).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileMatch {
     name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     value: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     regex: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileArm {
     cluster: String,
     weight: u32,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileSticky {
+    #[serde(skip_serializing_if = "Option::is_none")]
     header: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     cookie: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileRedirect {
+    #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<u16>,
     to: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileReturn {
+    #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     body: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     content_type: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileRewrite {
     regex: String,
@@ -262,32 +270,53 @@ pub(super) struct FileRewrite {
 
 /// A `[[routes]]` entry as written. Every key is documented in
 /// `conf/pitcher.toml`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileRoute {
+    #[serde(skip_serializing_if = "Option::is_none")]
     name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     host: Option<Spanned<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     host_regex: Option<Spanned<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     path: Option<Spanned<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     path_prefix: Option<Spanned<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     path_regex: Option<Spanned<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     methods: Option<Spanned<Vec<String>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     header: Option<Spanned<FileMatch>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     cookie: Option<Spanned<FileMatch>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     query: Option<Spanned<FileMatch>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     cluster: Option<Spanned<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     split: Option<Spanned<Vec<FileArm>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     sticky: Option<Spanned<FileSticky>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     redirect: Option<Spanned<FileRedirect>>,
     #[serde(rename = "return")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     respond: Option<Spanned<FileReturn>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     strip_prefix: Option<Spanned<bool>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     replace_prefix: Option<Spanned<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     rewrite: Option<Spanned<FileRewrite>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     host_header: Option<Spanned<String>>,
     /// Modules for this route, in order (default: the global order).
+    #[serde(skip_serializing_if = "Option::is_none")]
     modules: Option<Spanned<Vec<String>>>,
     /// "normal" or "low": low-priority routes are shed first under overload.
+    #[serde(skip_serializing_if = "Option::is_none")]
     priority: Option<Spanned<String>>,
 }
 

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use super::spanned::Spanned;
 use serde::Deserialize;
-use toml::Spanned;
 
 /// How a cluster spreads requests over its backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -96,29 +96,43 @@ impl Default for Passive {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileHealthCheck {
+    #[serde(skip_serializing_if = "Option::is_none")]
     path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     interval_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     rise: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     fall: Option<u32>,
     /// Expected status: a number (200) or a class ("2xx", "3xx").
+    #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<toml::Value>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FilePassive {
+    #[serde(skip_serializing_if = "Option::is_none")]
     consecutive_failures: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     window_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     window_min_requests: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     window_failure_percent: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     ejection_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_ejection_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     max_ejected_percent: Option<u32>,
     /// Any of "connect", "timeout", "5xx".
+    #[serde(skip_serializing_if = "Option::is_none")]
     failure_on: Option<Vec<String>>,
 }
 

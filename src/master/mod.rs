@@ -107,6 +107,8 @@ pub struct Served {
     pub config: Config,
     /// Its resolved text.
     pub text: String,
+    /// The parse of `text`, for the workers (`config::Loaded::form`).
+    pub form: Option<crate::config::Form>,
     /// Parsed certificates and keys of every TLS listener.
     pub tls: Vec<crate::tls::ListenerCerts>,
 }
@@ -200,6 +202,8 @@ pub struct Master {
     /// Backend names: their addresses and their re-resolution.
     resolver: resolver::Resolver,
     config_text: String,
+    /// The parse of `config_text` sent with it.
+    config_form: Option<crate::config::Form>,
     /// Certificates of the TLS listeners, sent with every `Configure`.
     tls: Vec<crate::tls::ListenerCerts>,
     listeners: Vec<Bound>,
@@ -257,7 +261,7 @@ impl Master {
         inherited: Inherited,
     ) -> Result<Master, (io::Error, Log)> {
         let Inherited { shared, admin: admin_fd } = inherited;
-        let Served { config, text: config_text, tls } = served;
+        let Served { config, text: config_text, form: config_form, tls } = served;
         // Backend names are resolved before any worker starts (load time:
         // the loop does not run yet).
         let (resolved, unresolved) = crate::dns::resolve_config(&config, &[], crate::dns::LOOKUP_TIMEOUT);
@@ -312,6 +316,7 @@ impl Master {
             loaded,
             resolver,
             config_text,
+            config_form,
             tls,
             listeners,
             slots: Vec::new(),
@@ -638,6 +643,7 @@ impl Master {
             seq: self.seq,
             config_path: self.args.config_path.to_string_lossy().into_owned(),
             config_text: self.config_text.clone(),
+            config_form: self.config_form.clone(),
             listeners: self.listeners.iter().map(|b| b.entry.clone()).collect(),
             backend_slots: self.backend_slots.entries(),
             tls: self.tls.clone(),
@@ -801,7 +807,7 @@ impl Master {
             return Err(ReloadError::Stopping);
         }
         let path = self.args.config_path.clone();
-        let crate::config::Loaded { config, text, .. } = crate::config::include::load(&path)?;
+        let crate::config::Loaded { config, text, form, .. } = crate::config::include::load(&path)?;
         crate::hooks::validate(&config, self.region.shared())?;
         // Certificates are read before anything changes: a missing file or a
         // key that does not fit refuses the reload, the old ones keep serving.
@@ -836,11 +842,15 @@ impl Master {
         }
         self.listeners = next;
         let workers = config.workers;
-        let resolved_config = config.with_resolved(&resolved);
-        self.resolver.configure(&config, resolved);
-        self.loaded = Arc::new(config);
-        let previous = std::mem::replace(&mut self.config, Arc::new(resolved_config));
+        let loaded = Arc::new(config);
+        // Without backend names the two are the same: one copy, not two.
+        let in_force =
+            if loaded.has_backend_names() { Arc::new(loaded.with_resolved(&resolved)) } else { loaded.clone() };
+        self.resolver.configure(&loaded, resolved);
+        self.loaded = loaded;
+        let previous = std::mem::replace(&mut self.config, in_force);
         self.config_text = text;
+        self.config_form = form;
         self.tls = tls.listeners;
         self.seq += 1;
         self.assign_slots(Some(&previous));

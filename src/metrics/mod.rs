@@ -213,9 +213,11 @@ pub fn render(v: &View<'_>, format: Format) -> String {
 
     // Requests by route.
     let mut routes: Vec<(String, usize)> = vec![(NONE_LABEL.into(), 0)];
+    let mut routes_in_other = 0u64;
     for r in &v.config.routes {
-        if let Some(s) = m.find_series(&hasher, SeriesKind::Route, &r.name) {
-            routes.push((r.name.clone(), s));
+        match m.find_series(&hasher, SeriesKind::Route, &r.name) {
+            Some(s) => routes.push((r.name.clone(), s)),
+            None => routes_in_other += 1,
         }
     }
     routes.push((OTHER_LABEL.into(), MAX_ROUTE_SERIES - 1));
@@ -247,12 +249,21 @@ pub fn render(v: &View<'_>, format: Format) -> String {
 
     // Requests, durations by cluster.
     let mut clusters: Vec<(String, usize)> = vec![(NONE_LABEL.into(), 0)];
+    let mut clusters_in_other = 0u64;
     for c in &v.config.clusters {
-        if let Some(s) = m.find_series(&hasher, SeriesKind::Cluster, &c.name) {
-            clusters.push((c.name.clone(), s));
+        match m.find_series(&hasher, SeriesKind::Cluster, &c.name) {
+            Some(s) => clusters.push((c.name.clone(), s)),
+            None => clusters_in_other += 1,
         }
     }
     clusters.push((OTHER_LABEL.into(), MAX_CLUSTER_SERIES - 1));
+    o.family(
+        "pitcher_series_in_other",
+        Kind::Gauge,
+        "Routes and clusters of the configuration without a series of their own (more names than the shared region has series, or not served yet): their requests count in route=\"(other)\" / cluster=\"(other)\".",
+    );
+    o.sample("pitcher_series_in_other", &[("table", "route")], routes_in_other);
+    o.sample("pitcher_series_in_other", &[("table", "cluster")], clusters_in_other);
     o.family("pitcher_cluster_requests", Kind::Counter, "Requests answered, by cluster and status class.");
     for (name, s) in &clusters {
         for (c, code) in CODES.iter().enumerate() {
@@ -488,6 +499,13 @@ fn processes(o: &mut Out, v: &View<'_>) {
         "When the last reload succeeded (0: never).",
     );
     o.sample("pitcher_last_reload_success_timestamp_seconds", &[], p.last_reload_ok_s.load(Relaxed));
+    o.family(
+        "pitcher_reload_apply_seconds",
+        Kind::Histogram,
+        "How long a worker took to apply a configuration the master sent (parse, validate, build the routes and clusters, swap), one observation per worker and configuration.",
+    );
+    let (b, total) = hist_sum(v.shared.metrics.used_blocks().iter().map(|b| &b.reload_apply));
+    o.histogram("pitcher_reload_apply_seconds", &[], &b, total);
     o.family("pitcher_upgrades", Kind::Counter, "Binary upgrades, by result (failed: rolled back).");
     o.counter("pitcher_upgrades", &[("result", "ok")], p.upgrades_ok.load(Relaxed));
     o.counter("pitcher_upgrades", &[("result", "failed")], p.upgrades_failed.load(Relaxed));

@@ -102,6 +102,14 @@ pub struct AcceptedOn<'a> {
     pub redirect_https: Option<u16>,
 }
 
+/// A configuration snapshot that [`Engine::reconfigure`] replaced: requests
+/// still in flight on it keep it alive; dropping this is the engine's last
+/// hold on it.
+#[must_use = "dropping it frees the old configuration at once"]
+pub struct Retired {
+    _snapshot: Arc<core::Snapshot>,
+}
+
 /// The proxy of one worker: its client sessions, and the `Core` they
 /// share (upstream connections, timers, buffers, the current snapshot).
 pub struct Engine {
@@ -454,7 +462,11 @@ impl Engine {
     /// Serves new requests with `config`; requests in flight keep the
     /// snapshot they have. Idle connections to backends no cluster names
     /// any more are closed.
-    pub fn reconfigure(&mut self, config: Arc<Config>, tls: &[ListenerCerts]) -> Result<(), String> {
+    ///
+    /// Returns the snapshot it replaced, which the caller drops when it
+    /// suits it (after confirming to the master): freeing the routes and
+    /// clusters of a large configuration is no part of applying the new one.
+    pub fn reconfigure(&mut self, config: Arc<Config>, tls: &[ListenerCerts]) -> Result<Retired, String> {
         let core = &mut self.core;
         let buf_size = config.limits.max_header_bytes.max(MIN_BUFFER);
         if buf_size != core.bufs.size() {
@@ -474,7 +486,7 @@ impl Engine {
             }
         }
         let snapshot = Arc::new(Snapshot::build(config, tls, &mut core.backends, &mut core.slots, &core.log)?);
-        core.current.store(snapshot.clone());
+        let old = core.current.swap(snapshot.clone());
         // Connections between requests move to the new snapshot now: each
         // would otherwise keep the one its last request started with until
         // its next request, and idle keep-alive connections that span many
@@ -493,7 +505,7 @@ impl Engine {
         for ui in retired {
             core.drop_idle(ui);
         }
-        Ok(())
+        Ok(Retired { _snapshot: old })
     }
 
     /// Publishes the gauges of this worker (open connections, idle pooled

@@ -16,8 +16,10 @@
 //! it, so a worker, its master and a new binary's master all find the same
 //! slot with no table passed between them. Slot 0 of each table is the
 //! series of requests that had no route (or cluster); the last is shared
-//! by the names that found the table full. Label values therefore come
-//! from the configuration only, never from a request.
+//! by the names that found no free slot among the [`SERIES_PROBES`] they
+//! probe (more names than series: `(other)` on `/metrics`, where the
+//! names in it are counted). Label values therefore come from the
+//! configuration only, never from a request.
 //!
 //! Owns: the layout of the figures, the histogram buckets, finding a
 //! series, and this process's block ([`here`]).
@@ -33,6 +35,12 @@ pub const METRIC_BLOCKS: usize = ACCOUNTED_WORKERS;
 pub const MAX_ROUTE_SERIES: usize = 1024;
 /// Cluster series: slot 0 "no cluster", the last the overflow.
 pub const MAX_CLUSTER_SERIES: usize = 256;
+/// Slots a name probes for its series before it falls back to the
+/// overflow series: a full table (a configuration of more route names than
+/// series) costs each name past its capacity 32 probes, not the whole
+/// table. The price is that a nearly full table sends a few names to the
+/// overflow while a slot is still free.
+pub const SERIES_PROBES: usize = 32;
 /// Status classes counted: 1xx to 5xx.
 pub const STATUS_CLASSES: usize = 5;
 /// Upper bounds of the duration histograms' buckets, in microseconds
@@ -159,6 +167,10 @@ pub struct WorkerMetrics {
     /// Datagrams the `statsd` module could not send (no server, a full
     /// socket buffer): dropped.
     pub statsd_dropped: AtomicU64,
+    /// Configurations the worker applied after its start (reloads, changed
+    /// backend names): from the message's arrival to the new snapshot
+    /// swapped in.
+    pub reload_apply: Histogram,
     /// Requests by route series and status class.
     pub routes: [[AtomicU64; STATUS_CLASSES]; MAX_ROUTE_SERIES],
     /// Figures by cluster series.
@@ -243,7 +255,8 @@ impl MetricsShm {
     }
 
     /// The series of `name`, claiming a slot when it has none (and one is
-    /// free; else the overflow slot). The empty name is slot 0.
+    /// free within [`SERIES_PROBES`] of its hash; else the overflow slot).
+    /// The empty name is slot 0.
     pub fn series(&self, hasher: &KeyHasher, kind: SeriesKind, name: &str) -> usize {
         self.find(hasher, kind, name, true).unwrap_or(self.keys(kind).len() - 1)
     }
@@ -264,7 +277,7 @@ impl MetricsShm {
         let key = h.finish().max(1);
         let usable = keys.len() - 2; // slots 1 ..= len-2
         let start = (key % usable as u64) as usize;
-        for i in 0..usable {
+        for i in 0..usable.min(SERIES_PROBES) {
             let slot = 1 + (start + i) % usable;
             let k = keys[slot].load(Relaxed);
             if k == key {
@@ -314,6 +327,7 @@ impl WorkerMetrics {
             shed: AtomicU64::new(0),
             statsd_sent: AtomicU64::new(0),
             statsd_dropped: AtomicU64::new(0),
+            reload_apply: Histogram::zero(),
             routes: [const { [const { AtomicU64::new(0) }; STATUS_CLASSES] }; MAX_ROUTE_SERIES],
             clusters: [const { ClusterSeries::zero() }; MAX_CLUSTER_SERIES],
         }
@@ -409,12 +423,53 @@ mod tests {
     fn a_full_table_sends_new_names_to_the_overflow_series() {
         let r = Region::create().unwrap();
         let (m, h) = (&r.shared().metrics, r.shared().key_hasher());
-        let mut seen = std::collections::HashSet::new();
-        for i in 0..MAX_CLUSTER_SERIES - 2 {
-            assert!(seen.insert(m.series(&h, SeriesKind::Cluster, &format!("c{i}"))));
+        let overflow = MAX_CLUSTER_SERIES - 1;
+        let mut own = std::collections::HashMap::new();
+        let mut in_other = Vec::new();
+        for i in 0..4 * MAX_CLUSTER_SERIES {
+            let name = format!("c{i}");
+            match m.series(&h, SeriesKind::Cluster, &name) {
+                s if s == overflow => in_other.push(name),
+                s => {
+                    assert!(s > 0 && s < overflow, "{name}: {s}");
+                    assert!(own.insert(s, name).is_none(), "two names share series {s}");
+                }
+            }
         }
-        assert_eq!(m.series(&h, SeriesKind::Cluster, "one-too-many"), MAX_CLUSTER_SERIES - 1);
-        assert_eq!(m.series(&h, SeriesKind::Cluster, "c7"), m.series(&h, SeriesKind::Cluster, "c7"));
+        // Bounded probing leaves a few slots free at most; the names past
+        // the table's capacity all share the overflow.
+        assert!(own.len() > (MAX_CLUSTER_SERIES - 2) * 3 / 4, "{} series taken", own.len());
+        assert!(in_other.len() >= 4 * MAX_CLUSTER_SERIES - (MAX_CLUSTER_SERIES - 2));
+        for (s, name) in &own {
+            assert_eq!(m.series(&h, SeriesKind::Cluster, name), *s, "{name} keeps its series");
+            assert_eq!(m.find_series(&h, SeriesKind::Cluster, name), Some(*s));
+        }
+        for name in &in_other {
+            assert_eq!(m.find_series(&h, SeriesKind::Cluster, name), None, "{name} has no series");
+            assert_eq!(m.series(&h, SeriesKind::Cluster, name), overflow);
+        }
+    }
+
+    #[test]
+    fn a_name_probes_a_bounded_number_of_slots() {
+        // Every slot taken by other keys: a new name gives up after
+        // SERIES_PROBES slots, it does not walk the whole table.
+        let r = Region::create().unwrap();
+        let (m, h) = (&r.shared().metrics, r.shared().key_hasher());
+        for k in &m.route_keys[1..MAX_ROUTE_SERIES - 1] {
+            k.store(u64::MAX, Relaxed);
+        }
+        let mut key = h.clone();
+        key.write(&[SeriesKind::Route as u8]).write(b"late");
+        let key = key.finish().max(1);
+        let usable = MAX_ROUTE_SERIES - 2;
+        let start = (key % usable as u64) as usize;
+        // The slot just past the probed ones is free: unreachable.
+        m.route_keys[1 + (start + SERIES_PROBES) % usable].store(0, Relaxed);
+        assert_eq!(m.series(&h, SeriesKind::Route, "late"), MAX_ROUTE_SERIES - 1);
+        // The last probed slot free: found.
+        m.route_keys[1 + (start + SERIES_PROBES - 1) % usable].store(0, Relaxed);
+        assert_eq!(m.series(&h, SeriesKind::Route, "late"), 1 + (start + SERIES_PROBES - 1) % usable);
     }
 
     #[test]

@@ -336,24 +336,49 @@ impl Worker {
             match ch.recv::<ToWorker>() {
                 Ok(None) => return,
                 Ok(Some((
-                    ToWorker::Configure { seq, config_path, config_text, listeners, backend_slots, tls, resolved },
+                    ToWorker::Configure {
+                        seq,
+                        config_path,
+                        config_text,
+                        config_form,
+                        listeners,
+                        backend_slots,
+                        tls,
+                        resolved,
+                    },
                     fds,
                 ))) => {
-                    let error = self
-                        .reconfigure(
-                            &Incoming { path: &config_path, text: &config_text, resolved: &resolved, tls: &tls },
-                            listeners,
-                            backend_slots,
-                            fds,
-                        )
-                        .err();
+                    let started = Instant::now();
+                    let (retired, error) = match self.reconfigure(
+                        &Incoming {
+                            path: &config_path,
+                            text: &config_text,
+                            form: config_form.as_ref(),
+                            resolved: &resolved,
+                            tls: &tls,
+                        },
+                        listeners,
+                        backend_slots,
+                        fds,
+                    ) {
+                        Ok(r) => (Some(r), None),
+                        Err(e) => (None, Some(e)),
+                    };
+                    let took = started.elapsed();
                     match &error {
-                        None => slog::info!(self.log, "configuration reloaded"; "seq" => seq),
+                        None => {
+                            crate::shm::metrics::here().reload_apply.observe(took.as_micros() as u64);
+                            // (slog writes the pairs last first: `seq` leads the line.)
+                            slog::info!(self.log, "configuration reloaded";
+                                "apply_ms" => format!("{:.1}", took.as_secs_f64() * 1000.0), "seq" => seq);
+                        }
                         Some(e) => slog::error!(self.log, "reload refused"; "seq" => seq, "error" => e),
                     }
                     if let Some(ch) = &self.channel {
                         let _ = ch.send(&ToMaster::Configured { seq, error }, &[]);
                     }
+                    // The old configuration is freed once the master knows.
+                    drop(retired);
                 }
                 Ok(Some((ToWorker::Files { paths }, fds))) => {
                     if let Err(e) = crate::log::take_over(&paths, fds) {
@@ -415,10 +440,10 @@ impl Worker {
         entries: Vec<ListenerEntry>,
         backend_slots: Vec<(String, u32)>,
         fds: Vec<OwnedFd>,
-    ) -> Result<(), String> {
-        let Incoming { path, text, resolved, tls } = *served;
-        let config = Config::parse_resolved(std::path::Path::new(path), text).map_err(|e| e.to_string())?;
-        let config = config.with_resolved(resolved);
+    ) -> Result<crate::proxy::Retired, String> {
+        let Incoming { path, text, form, resolved, tls } = *served;
+        let config = Config::parse_sent(std::path::Path::new(path), text, form).map_err(|e| e.to_string())?;
+        let config = config.into_resolved(resolved);
         // The region is the one this worker mapped at start; the copy is dropped.
         let (fds, _region) = split_fds(&entries, fds)?;
         self.engine.set_slots(&backend_slots);
@@ -536,6 +561,8 @@ impl Worker {
 struct Incoming<'a> {
     path: &'a str,
     text: &'a str,
+    /// The master's parse of `text` (`Config::parse_sent`).
+    form: Option<&'a crate::config::Form>,
     resolved: &'a [crate::config::ResolvedName],
     tls: &'a [crate::tls::ListenerCerts],
 }
