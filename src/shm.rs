@@ -67,7 +67,7 @@ pub const MAX_RATE_PER_SEC: u64 = 10_000_000;
 /// Largest burst a token bucket accepts.
 pub const MAX_BURST: u64 = 10_000_000;
 /// Identifies a Pitcher region and its layout version.
-const MAGIC: u64 = 0x5049_5443_4845_5209; // "PITCHER" + layout 9
+const MAGIC: u64 = 0x5049_5443_4845_520a; // "PITCHER" + layout 10
 /// Seals every region carries: its size can never change.
 const SEALS: SealFlag = SealFlag::from_bits_truncate(
     SealFlag::F_SEAL_SHRINK.bits() | SealFlag::F_SEAL_GROW.bits() | SealFlag::F_SEAL_SEAL.bits(),
@@ -117,6 +117,8 @@ pub struct BackendShm {
     pub fail_5xx: AtomicU64,
     /// Requests sent again to another backend after this one failed them.
     pub retries: AtomicU64,
+    /// The TLS handshake failed (certificate refused, no common protocol).
+    pub fail_tls: AtomicU64,
 }
 
 /// A token bucket shared by all workers (global throttle, quotas).

@@ -27,7 +27,7 @@ pub use route::{
     Action, Condition, HostHeader, HostMatch, PathAction, PathMatch, Pattern, RouteConfig, Source, SplitArm, Sticky,
     ValueMatch,
 };
-pub use upstream::{Balance, HashKey, HealthCheck, Passive};
+pub use upstream::{BackendTls, Balance, HashKey, HealthCheck, Passive};
 
 /// A configuration that was refused, with where and why.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -172,6 +172,7 @@ struct FileCluster {
     slow_start_ms: Option<u64>,
     health_check: Option<Spanned<upstream::FileHealthCheck>>,
     passive: Option<Spanned<upstream::FilePassive>>,
+    tls: Option<Spanned<upstream::FileBackendTls>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -271,6 +272,8 @@ pub struct ClusterConfig {
     /// addresses found are in `backends` once [`Config::with_resolved`]
     /// put them there.
     pub dns: ClusterDns,
+    /// TLS to the backends (`None`: cleartext HTTP).
+    pub tls: Option<BackendTls>,
 }
 
 /// One `[modules.NAME]` table.
@@ -613,6 +616,21 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
             None => Passive::default(),
             Some(p) => upstream::passive(Some(p.get_ref())).map_err(|e| (Some(p.span()), e))?,
         };
+        let tls = match &c.tls {
+            None => None,
+            Some(t) => {
+                let dir = path.parent().unwrap_or(Path::new("/"));
+                let tls = upstream::backend_tls(t.get_ref(), dir).map_err(|e| (Some(t.span()), e))?;
+                let unix = backends.iter().any(|b| matches!(b.addr.0, SockAddr::Unix(_)));
+                if unix && tls.sni.is_none() {
+                    return Err((
+                        Some(t.span()),
+                        format!("cluster {name:?}: TLS to a Unix-socket backend needs tls.sni (the name to verify)"),
+                    ));
+                }
+                Some(tls)
+            }
+        };
         clusters.push(ClusterConfig {
             name,
             backends,
@@ -626,6 +644,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
             health_check,
             passive,
             dns,
+            tls,
         });
     }
 
@@ -878,6 +897,33 @@ client_header_ms = 5000
         let e = Config::parse(Path::new("t.toml"), &bad).unwrap_err();
         assert_eq!(e.line_col.unwrap().0, 12, "{e}");
         assert!(e.reason.contains("nope"));
+    }
+
+    #[test]
+    fn cluster_tls_tables() {
+        let with = |tls: &str| GOOD.replacen("backends = [", &format!("{tls}\nbackends = ["), 1);
+        // The Unix backend needs a name to check.
+        let e = Config::parse(Path::new("/etc/p/t.toml"), &with("tls = {}")).unwrap_err().to_string();
+        assert!(e.contains("needs tls.sni"), "{e}");
+        let c =
+            Config::parse(Path::new("/etc/p/t.toml"), &with("tls = { sni = \"API.internal\", ca_file = \"ca.pem\" }"))
+                .unwrap();
+        let t = c.clusters[0].tls.as_ref().unwrap();
+        assert!(t.verify);
+        assert_eq!(t.sni.as_deref(), Some("api.internal"));
+        assert_eq!(t.ca_file.as_deref(), Some(Path::new("/etc/p/ca.pem")));
+        assert!(
+            !Config::parse(Path::new("t.toml"), &with("tls = { sni = \"a\", verify = false }")).unwrap().clusters[0]
+                .tls
+                .as_ref()
+                .unwrap()
+                .verify
+        );
+        for bad in ["sni = \"10.0.0.1\"", "sni = \"a..b\"", "sni = \"-a.b\"", "ca_file = \"\"", "verify = 1"] {
+            let text = with(&format!("tls = {{ sni = \"x.y\", {bad} }}").replace("sni = \"x.y\", sni", "sni"));
+            assert!(Config::parse(Path::new("t.toml"), &text).is_err(), "{bad}");
+        }
+        assert!(Config::parse(Path::new("t.toml"), GOOD).unwrap().clusters[0].tls.is_none());
     }
 
     #[test]

@@ -107,8 +107,9 @@ pub struct Served {
     pub config: Config,
     /// Its resolved text.
     pub text: String,
-    /// Parsed certificates and keys of every TLS listener.
-    pub tls: Vec<crate::tls::ListenerCerts>,
+    /// Parsed certificates and keys of every TLS listener, and the CA
+    /// certificates of TLS clusters.
+    pub tls: crate::tls::TlsMaterial,
 }
 
 /// A worker process.
@@ -201,7 +202,7 @@ pub struct Master {
     resolver: resolver::Resolver,
     config_text: String,
     /// Certificates of the TLS listeners, sent with every `Configure`.
-    tls: Vec<crate::tls::ListenerCerts>,
+    tls: crate::tls::TlsMaterial,
     listeners: Vec<Bound>,
     slots: Vec<Slot>,
     /// Workers being drained away (after a reload lowered `workers`).
@@ -347,7 +348,7 @@ impl Master {
             return Err((e, m.log));
         }
         m.rotate_ticket_keys();
-        m.health.configure(&m.config, &mut m.backend_slots, m.poll.registry());
+        m.health.configure(&m.config, &m.tls, &mut m.backend_slots, m.poll.registry(), &m.log.logger);
         if let Err(e) = m.write_pid_file().and_then(|()| m.bind_control()) {
             m.cleanup();
             return Err((e, m.log));
@@ -840,10 +841,10 @@ impl Master {
         self.loaded = Arc::new(config);
         let previous = std::mem::replace(&mut self.config, Arc::new(resolved_config));
         self.config_text = text;
-        self.tls = tls.listeners;
+        self.tls = tls.material;
         self.seq += 1;
         self.assign_slots(Some(&previous));
-        self.health.configure(&self.config, &mut self.backend_slots, self.poll.registry());
+        self.health.configure(&self.config, &self.tls, &mut self.backend_slots, self.poll.registry(), &self.log.logger);
         if let Err(e) = self.configure_admin(admin_fd) {
             slog::error!(self.logger(), "admin listener not changed"; "error" => %e);
         }
@@ -882,7 +883,7 @@ impl Master {
         let previous = std::mem::replace(&mut self.config, next);
         self.seq += 1;
         self.assign_slots(Some(&previous));
-        self.health.configure(&self.config, &mut self.backend_slots, self.poll.registry());
+        self.health.configure(&self.config, &self.tls, &mut self.backend_slots, self.poll.registry(), &self.log.logger);
         let msg = self.configure_message();
         for (slot, p) in self.slots.iter().enumerate().filter_map(|(i, s)| Some((i, s.proc.as_ref()?))) {
             let fds = self.message_fds(slot);
