@@ -112,7 +112,7 @@ fn connector(
     material: &TlsMaterial,
     sessions: &Arc<ClientSessionMemoryCache>,
 ) -> Result<Connector, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = super::provider();
     let mut id = DefaultHasher::new();
     (tls.verify, &tls.sni, &tls.ca_file).hash(&mut id);
     let builder = ClientConfig::builder_with_provider(provider.clone())
@@ -370,7 +370,8 @@ impl Read for BackendStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             BackendStream::Plain(s) => s.read(buf),
-            BackendStream::Tls(t) => read_plain(&mut t.conn, &mut t.sock, &mut t.eof, buf).map(|(n, _)| n),
+            // The handshake finished in `connect_step`; nothing to learn.
+            BackendStream::Tls(t) => read_plain(&mut t.conn, &mut t.sock, &mut t.eof, &mut false, buf),
         }
     }
 }

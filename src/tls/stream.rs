@@ -155,9 +155,7 @@ impl TlsStream {
     }
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let (n, finished) = read_plain(&mut self.conn, &mut self.sock, &mut self.eof, buf)?;
-        self.just_finished |= finished;
-        Ok(n)
+        read_plain(&mut self.conn, &mut self.sock, &mut self.eof, &mut self.just_finished, buf)
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
@@ -182,54 +180,56 @@ pub(super) fn flush_records<D>(conn: &mut ConnectionCommon<D>, sock: &mut Stream
 
 /// Reads plaintext into `buf`, reading and processing records from the
 /// socket while rustls has none and the socket has some; `eof` is set when
-/// the socket ended. Returns the bytes read and whether a handshake
-/// finished on the way. Short only when the socket would block or ended.
+/// the socket ended, `finished` as soon as a handshake finished on the way
+/// (whatever the read returns after: often `WouldBlock`, the client's
+/// Finished having come without data). Short only when the socket would
+/// block or ended.
 pub(super) fn read_plain<D>(
     conn: &mut ConnectionCommon<D>,
     sock: &mut Stream,
     eof: &mut bool,
+    finished: &mut bool,
     buf: &mut [u8],
-) -> io::Result<(usize, bool)> {
+) -> io::Result<usize> {
     let mut n = 0;
-    let mut finished = false;
     loop {
         match conn.reader().read(&mut buf[n..]) {
             // close_notify: the end of the plaintext.
-            Ok(0) => return Ok((n, finished)),
+            Ok(0) => return Ok(n),
             Ok(k) => {
                 n += k;
                 if n == buf.len() {
-                    return Ok((n, finished));
+                    return Ok(n);
                 }
                 continue;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             // The socket ended without close_notify: an end all the same
             // (HTTP framing says whether anything was cut short).
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok((n, finished)),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(n),
             Err(e) => return Err(e),
         }
         if *eof {
-            return Ok((n, finished));
+            return Ok(n);
         }
         match conn.read_tls(sock) {
             Ok(0) => *eof = true,
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return if n > 0 { Ok((n, finished)) } else { Err(e) };
+                return if n > 0 { Ok(n) } else { Err(e) };
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
         let was_handshaking = conn.is_handshaking();
         let processed = conn.process_new_packets();
+        *finished |= was_handshaking && !conn.is_handshaking();
         // Handshake answers, or the alert that says why not.
         let flushed = flush_records(conn, sock);
         if let Err(e) = processed {
             return Err(tls_error(e));
         }
         flushed?;
-        finished |= was_handshaking && !conn.is_handshaking();
     }
 }
 
