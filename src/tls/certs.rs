@@ -148,6 +148,12 @@ fn load_trust(config: &Config, out: &mut Loaded) -> Result<(), TlsError> {
                 c.name
             ));
         }
+        if tls.verify && tls.sni.is_none() && !c.dns.names.is_empty() {
+            out.warnings.push(format!(
+                "cluster {:?}: without tls.sni, backends given by DNS name are checked against their IP addresses, not the name",
+                c.name
+            ));
+        }
         let Some(file) = &tls.ca_file else { continue };
         if out.material.trust.iter().any(|t| &t.ca_file == file) {
             continue;
@@ -207,7 +213,7 @@ fn load_pair(cert: &Path, key: &Path) -> Result<(CertKey, x509::CertFacts), TlsE
         PrivateKeyDer::Sec1(k) => (KeyFormat::Sec1, k.secret_sec1_der().to_vec()),
         _ => return Err(TlsError::BadKey { file: key.to_path_buf(), reason: "unknown key encoding".into() }),
     };
-    let signing = rustls::crypto::ring::sign::any_supported_type(&der)
+    let signing = super::signing_key(der.clone_key())
         .map_err(|e| TlsError::BadKey { file: key.to_path_buf(), reason: e.to_string() })?;
     match CertifiedKey::new(chain.clone(), signing).keys_match() {
         Ok(()) => {}

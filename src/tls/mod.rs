@@ -36,6 +36,20 @@ pub use backend::{BackendStream, Connector, Connectors};
 pub use certs::{load, Loaded, TlsError};
 pub use stream::ClientStream;
 
+/// The crypto provider of every rustls configuration (listeners and
+/// backends) and of the master's key checks, in one place: `ring` (see
+/// Cargo.toml and docs/BENCHMARKS.md for why not aws-lc-rs).
+pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A private key as the provider signs with it.
+pub fn signing_key(
+    der: rustls::pki_types::PrivateKeyDer<'static>,
+) -> Result<std::sync::Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+    provider().key_provider.load_private_key(der)
+}
+
 /// Everything of TLS the master reads from files for its workers: the
 /// listeners' certificates and keys, the CAs that backends are checked
 /// against. Travels in `ToWorker::Configure`.
