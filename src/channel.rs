@@ -228,10 +228,11 @@ pub enum ToWorker {
         listeners: Vec<ListenerEntry>,
         /// Each backend address's slot in the shared region.
         backend_slots: Vec<(String, u32)>,
-        /// Certificates and keys of the TLS listeners, parsed by the
-        /// master (workers never read key files).
+        /// Certificates and keys of the TLS listeners and the CA
+        /// certificates of TLS clusters, read by the master (workers never
+        /// read key or CA files).
         #[serde(default)]
-        tls: Vec<crate::tls::ListenerCerts>,
+        tls: crate::tls::TlsMaterial,
         /// The addresses the master found for each backend name; the
         /// worker adds them to the clusters of `config_text`
         /// (`Config::with_resolved`).

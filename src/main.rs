@@ -271,7 +271,7 @@ fn load(path: &Path) -> Result<(Served, Vec<PathBuf>, Vec<String>), LoadError> {
     let scratch = Region::create().map_err(LoadError::Region)?;
     pitcher::hooks::validate(&config, scratch.leak())?;
     let tls = pitcher::tls::load(&config, pitcher::tls::certs::now_unix())?;
-    Ok((Served { config, text, form, tls: tls.listeners }, files, tls.warnings))
+    Ok((Served { config, text, form, tls: tls.material }, files, tls.warnings))
 }
 
 /// The master: bind (or receive, after an upgrade), detach, supervise.

@@ -117,6 +117,8 @@ pub struct BackendShm {
     pub fail_5xx: AtomicU64,
     /// Requests sent again to another backend after this one failed them.
     pub retries: AtomicU64,
+    /// The TLS handshake failed (certificate refused, no common protocol).
+    pub fail_tls: AtomicU64,
 }
 
 /// A token bucket shared by all workers (global throttle, quotas).

@@ -409,6 +409,9 @@ pub enum Outcome {
     Reset,
     /// The backend's response was malformed (treated as a connection error).
     Invalid,
+    /// The TLS handshake with the backend failed: its certificate was
+    /// refused, or no common protocol (treated as a connection error).
+    Tls,
 }
 
 impl Cluster {
@@ -424,6 +427,7 @@ impl Cluster {
             Outcome::ConnectError => (p.on_connect_error, Some(&s.fail_connect)),
             Outcome::Reset => (p.on_connect_error, Some(&s.fail_reset)),
             Outcome::Invalid => (p.on_connect_error, Some(&s.fail_invalid)),
+            Outcome::Tls => (p.on_connect_error, Some(&s.fail_tls)),
             Outcome::Timeout => (p.on_timeout, Some(&s.fail_timeout)),
             Outcome::ServerError => (p.on_5xx, Some(&s.fail_5xx)),
         };
@@ -522,6 +526,7 @@ mod tests {
             health_check: None,
             passive: Passive::default(),
             dns: Default::default(),
+            tls: None,
         }
     }
 

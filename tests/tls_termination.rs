@@ -665,6 +665,45 @@ fn handshakes_over_the_limit_are_refused_and_counted() {
     );
 }
 
+/// Regression (found by `tools/bench.sh` tls_full): a handshake whose last
+/// client flight came alone, without request bytes, was never counted as
+/// finished, so each such connection held a place of `max_tls_handshakes`
+/// for the life of the worker, until every new handshake was refused.
+#[test]
+fn handshakes_finished_without_data_give_their_place_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let a = pki.leaf("a", "a", KeyType::Ecdsa, &["a.test"], None);
+    let backend = Backend::start("app");
+    let p = tls_pitcher(dir.path(), &[a], &backend, "[limits]\nmax_tls_handshakes = 2");
+    // Six connections that finish their handshake, wait (so Pitcher reads
+    // the client's Finished on its own) and close without a request; then
+    // a request must still get a handshake.
+    let script = format!(
+        "import socket, ssl, time\n\
+         ctx = ssl.create_default_context(cafile={ca:?})\n\
+         for i in range(6):\n\
+         \x20   s = ctx.wrap_socket(socket.create_connection(('127.0.0.1', {port})), server_hostname='a.test')\n\
+         \x20   time.sleep(0.1)\n\
+         \x20   s.close()\n\
+         \x20   time.sleep(0.05)\n\
+         s = ctx.wrap_socket(socket.create_connection(('127.0.0.1', {port})), server_hostname='a.test')\n\
+         s.sendall(b'GET /after HTTP/1.1\\r\\nHost: a.test\\r\\nConnection: close\\r\\n\\r\\n')\n\
+         data = b''\n\
+         while True:\n\
+         \x20   chunk = s.recv(65536)\n\
+         \x20   if not chunk: break\n\
+         \x20   data += chunk\n\
+         print(data.decode())\n",
+        ca = pki.ca().display().to_string(),
+        port = p.addr().port()
+    );
+    let (ok, out, err) = run(Command::new("python3").arg("-c").arg(&script));
+    assert!(ok, "python failed: {err}\n{}", p.log());
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}\n{}", p.log());
+    assert!(!p.log().contains("max_tls_handshakes reached"), "{}", p.log());
+}
+
 /// `openssl s_client` sending `request` and reading until the server
 /// closes; returns what it printed (stdout then stderr).
 fn s_client_request(ca: &Path, port: u16, args: &[&str], request: &str) -> String {

@@ -24,6 +24,19 @@
 #          a "routes" table: CPU per request for each count side by side and
 #          how far apart they are (the goal: within 5%).
 #          SCENARIOS=routes (PROXIES is then pitcher_r10 pitcher_r1000 ...)
+#   tls_full    HTTPS, a new connection and a full handshake per request (no
+#          resumption): `openssl s_time -new -tls1_3 -www /`, S_TIME_CLIENTS
+#          of them at once (wrk cannot: it resumes sessions); "CPU µs/req"
+#          is then CPU per handshake (+ its one small request)
+#   tls_resume  HTTPS, a new connection per request resuming the session
+#          (TLS 1.3 ticket): `openssl s_time -reuse -tls1_3 -www /`
+#   tls_ka  HTTPS, small body, keep-alive (wrk over TLS: handshakes only at
+#          its connections' start)
+#          The TLS scenarios give both proxies the same ECDSA P-256
+#          certificate (made with openssl in the temp dir); nginx is limited
+#          to TLS 1.3 (ssl_protocols TLSv1.3), the s_time clients ask for
+#          TLS 1.3, and wrk negotiates it. s_time reports no latency ("-").
+#          SCENARIOS="tls_full tls_resume tls_ka"
 #
 # For each scenario: a warm-up run per proxy, then ROUNDS rounds in which the
 # proxies run interleaved (A, B, A, B, ...). Each run records req/s, p50/p99
@@ -36,6 +49,7 @@
 #
 # Environment:
 #   ROUNDS=2 DURATION=10s WARMUP=3s CONNECTIONS=50 THREADS=1
+#   S_TIME_CLIENTS=4             s_time processes at once (tls_full, tls_resume)
 #   SCENARIOS="ka close 64k"
 #   PROXIES="pitcher nginx"      which proxies to run, in this order;
 #                                 "pitcher_b" is a second Pitcher build
@@ -82,6 +96,7 @@ DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-3s}
 CONNECTIONS=${CONNECTIONS:-50}
 THREADS=${THREADS:-1}
+S_TIME_CLIENTS=${S_TIME_CLIENTS:-4}
 SCENARIOS=${SCENARIOS:-"ka close 64k"}
 PROXIES=${PROXIES:-"pitcher nginx"}
 PITCHER_ARGS=${PITCHER_ARGS:---single-process}
@@ -206,8 +221,8 @@ done
 CLK_TCK=$(getconf CLK_TCK)
 
 for s in $SCENARIOS; do
-    [[ $s == ka || $s == close || $s == 64k || $s == reuseport || $s == routes ]] ||
-        die "unknown scenario '$s' in SCENARIOS"
+    [[ $s == ka || $s == close || $s == 64k || $s == reuseport || $s == routes || $s == tls_full || $s == tls_resume ||
+        $s == tls_ka ]] || die "unknown scenario '$s' in SCENARIOS"
 done
 # The routes scenario runs one Pitcher per count of ROUTE_COUNTS, alone.
 if [[ " $SCENARIOS " == *" routes "* ]]; then
@@ -223,6 +238,16 @@ for p in $PROXIES; do
     [[ $p == pitcher || $p == pitcher_b || $p == nginx || $p == pitcher_shared || $p == pitcher_reuseport ||
         $p =~ ^pitcher_r[0-9]+$ ]] || die "unknown proxy '$p' in PROXIES"
 done
+# The TLS scenarios add an HTTPS listener to pitcher, pitcher_b and nginx.
+TLS_BENCH=0
+[[ " $SCENARIOS " == *" tls_"* ]] && TLS_BENCH=1
+if ((TLS_BENCH)); then
+    for p in $PROXIES; do
+        [[ $p == pitcher || $p == pitcher_b || $p == nginx ]] ||
+            die "the TLS scenarios run against pitcher, pitcher_b and nginx, not '$p'"
+    done
+    command -v openssl >/dev/null || die "openssl is required for the TLS scenarios"
+fi
 # The two-worker proxies exist for the reuseport scenario, and it for them.
 if [[ " $SCENARIOS " == *" reuseport "* ]]; then
     for p in $PROXIES; do
@@ -232,7 +257,7 @@ if [[ " $SCENARIOS " == *" reuseport "* ]]; then
 fi
 
 [[ $PITCHER_ROUTES =~ ^[0-9]+$ ]] || die "PITCHER_ROUTES must be a number of routes, not '$PITCHER_ROUTES'"
-for v in ROUNDS CONNECTIONS THREADS; do
+for v in ROUNDS CONNECTIONS THREADS S_TIME_CLIENTS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
 done
 [[ $OTHER_LOAD_MAX =~ ^[0-9]+$ ]] || die "OTHER_LOAD_MAX must be a number of percent, not '$OTHER_LOAD_MAX'"
@@ -279,8 +304,20 @@ TMP=$(mktemp -d /tmp/pitcher-bench.XXXXXX)
 # nginx workers run as an unprivileged user when started as root: let them
 # into the temp dir to read the static 64 KiB file.
 chmod 755 "$TMP"
-ports=$(free_ports 6) || die "could not pick free ports"
-read -r ORIGIN_PORT NGINX_PORT PITCHER_PORT PITCHER_B_PORT SHARED_PORT REUSEPORT_PORT <<<"$ports"
+ports=$(free_ports 9) || die "could not pick free ports"
+read -r ORIGIN_PORT NGINX_PORT PITCHER_PORT PITCHER_B_PORT SHARED_PORT REUSEPORT_PORT \
+    NGINX_TLS_PORT PITCHER_TLS_PORT PITCHER_B_TLS_PORT <<<"$ports"
+
+# One ECDSA P-256 certificate for every HTTPS listener.
+TLS_CERT=$TMP/tls/cert.pem
+TLS_KEY=$TMP/tls/key.pem
+if ((TLS_BENCH)); then
+    mkdir -p "$TMP/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$TLS_KEY" -out "$TLS_CERT" \
+        -days 2 -subj /CN=localhost -addext subjectAltName=DNS:localhost 2>"$TMP/tls/openssl.log" ||
+        die "openssl could not make the benchmark certificate: $(cat "$TMP/tls/openssl.log")"
+    chmod -R a+rX "$TMP/tls"
+fi
 
 # ------------------------------------------------------------------- origin
 
@@ -348,7 +385,7 @@ check_proxy origin "$ORIGIN_PORT"
 
 # ------------------------------------------------------------------ proxies
 
-declare -A PROXY_PID PROXY_PORT
+declare -A PROXY_PID PROXY_PORT PROXY_TLS_PORT
 
 launch_nginx() {
     local dir=$TMP/nginx
@@ -365,6 +402,15 @@ $(nginx_http_common "$dir")
     }
     server {
         listen 127.0.0.1:$NGINX_PORT backlog=4096;
+$( ((TLS_BENCH)) && cat <<TLS
+        listen 127.0.0.1:$NGINX_TLS_PORT ssl backlog=4096;
+        ssl_certificate $TLS_CERT;
+        ssl_certificate_key $TLS_KEY;
+        ssl_protocols TLSv1.3;
+        # Resumption by tickets (on by default), as Pitcher does; no cache.
+        ssl_session_tickets on;
+TLS
+)
         location / {
             proxy_pass http://origin;
             proxy_http_version 1.1;
@@ -382,10 +428,11 @@ EOF
     start_nginx nginx "$dir" "$PROXY_CPU" "$NGINX_PORT"
     PROXY_PID[nginx]=$REPLY
     PROXY_PORT[nginx]=$NGINX_PORT
+    PROXY_TLS_PORT[nginx]=$NGINX_TLS_PORT
 }
 
-launch_pitcher() { launch_pitcher_build pitcher "$PITCHER_BIN" "$PITCHER_PORT"; }
-launch_pitcher_b() { launch_pitcher_build pitcher_b "$PITCHER_BIN_B" "$PITCHER_B_PORT"; }
+launch_pitcher() { TLS_PORT=$PITCHER_TLS_PORT launch_pitcher_build pitcher "$PITCHER_BIN" "$PITCHER_PORT"; }
+launch_pitcher_b() { TLS_PORT=$PITCHER_B_TLS_PORT launch_pitcher_build pitcher_b "$PITCHER_BIN_B" "$PITCHER_B_PORT"; }
 # Master + 2 workers, one shared socket or one SO_REUSEPORT socket each; an
 # access log of "$pid" lines tells which worker served each request.
 launch_pitcher_shared() { WORKERS=2 REUSEPORT=false launch_pitcher_build pitcher_shared "$PITCHER_BIN" "$SHARED_PORT"; }
@@ -393,9 +440,11 @@ launch_pitcher_reuseport() { WORKERS=2 REUSEPORT=true launch_pitcher_build pitch
 
 # launch_pitcher_build NAME BINARY PORT: one Pitcher build as proxy NAME
 # (WORKERS, REUSEPORT: see launch_pitcher_shared; ROUTES: extra routes,
-# PITCHER_ROUTES by default).
+# PITCHER_ROUTES by default; TLS_PORT: its HTTPS listener in the TLS
+# scenarios).
 launch_pitcher_build() {
     local name=$1 bin=$2 port=$3 workers=${WORKERS:-1} reuseport=${REUSEPORT:-} routes=${ROUTES:-$PITCHER_ROUTES}
+    local tls_port=${TLS_PORT:-}
     local dir=$TMP/$name cfg pid
     local -a args
     mkdir -p "$dir"
@@ -411,6 +460,7 @@ log_level = "warn"
 address = "127.0.0.1:$port"
 backlog = 4096
 $([[ -n $reuseport ]] && echo "reuseport = $reuseport")
+$( ((TLS_BENCH)) && [[ -n $tls_port ]] && printf '\n[[listeners]]\naddress = "127.0.0.1:%s"\nbacklog = 4096\ntls = { certificates = [{ cert = "%s", key = "%s" }] }\n' "$tls_port" "$TLS_CERT" "$TLS_KEY")
 
 [[clusters]]
 name = "origin"
@@ -459,6 +509,15 @@ EOF
     wait_http "$name" "$pid" "$port" "$dir/stderr.log"
     PROXY_PID[$name]=$pid
     PROXY_PORT[$name]=$port
+    PROXY_TLS_PORT[$name]=$tls_port
+}
+
+# check_tls NAME PORT: HTTPS gives the origin's body, over TLS 1.3.
+check_tls() {
+    local name=$1 port=$2 body
+    body=$(curl -sS --max-time 5 --tlsv1.3 --cacert "$TLS_CERT" --resolve "localhost:$port:127.0.0.1" \
+        "https://localhost:$port/") || die "$name: GET https://localhost:$port/ failed"
+    [[ $body == "$SMALL_BODY" ]] || die "$name: GET https / returned '${body:0:200}', expected '$SMALL_BODY'"
 }
 
 for p in $PROXIES; do
@@ -470,6 +529,7 @@ for p in $PROXIES; do
         "launch_$p"
     fi
     check_proxy "$p" "${PROXY_PORT[$p]}"
+    if ((TLS_BENCH)); then check_tls "$p" "${PROXY_TLS_PORT[$p]}"; fi
 done
 
 # --------------------------------------------------------------------- runs
@@ -484,6 +544,9 @@ scenario_title() {
     64k) echo "64 KiB, keep-alive" ;;
     reuseport) echo "small, Connection: close, 2 workers" ;;
     routes) echo "small, keep-alive, routes" ;;
+    tls_full) echo "TLS 1.3 full handshake per request" ;;
+    tls_resume) echo "TLS 1.3 resumed handshake per request" ;;
+    tls_ka) echo "TLS 1.3 small, keep-alive" ;;
     esac
 }
 
@@ -531,14 +594,53 @@ parse_wrk() {
     }' "$1"
 }
 
+# run_s_time SCENARIO PROXY DURATION OUTFILE: S_TIME_CLIENTS `openssl
+# s_time` at once (-new: full handshakes; -reuse: resumed), each fetching
+# / on every connection; writes wrk-like lines parse_wrk reads: the
+# connections made, per second, no latency, and the clients that failed.
+run_s_time() {
+    local scen=$1 proxy=$2 dur=$3 out=$4 secs mode=-new i total=0 failed=0 n
+    secs=${dur%[smh]}
+    [[ $dur == *m ]] && secs=$((secs * 60))
+    [[ $dur == *h ]] && secs=$((secs * 3600))
+    [[ $scen == tls_resume ]] && mode=-reuse
+    local -a pids=()
+    for ((i = 0; i < S_TIME_CLIENTS; i++)); do
+        taskset -c "$WRK_CPU" openssl s_time -connect "127.0.0.1:${PROXY_TLS_PORT[$proxy]}" "$mode" -tls1_3 \
+            -time "$secs" -www / >"$out.$i" 2>&1 &
+        pids+=($!)
+    done
+    for ((i = 0; i < S_TIME_CLIENTS; i++)); do
+        wait "${pids[i]}" || failed=$((failed + 1))
+        # "N connections in T real seconds, B bytes read per connection"
+        n=$(awk '/connections in .* real seconds/ { n = $1; b = $(NF - 4) } END { if (b + 0 >= 22) print n + 0; else print 0 }' "$out.$i")
+        ((n > 0)) || failed=$((failed + 1))
+        total=$((total + n))
+    done
+    {
+        echo "Latency Distribution"
+        echo "  50% 0ms"
+        echo "  99% 0ms"
+        echo "  $total requests in ${secs}s"
+        echo "Requests/sec: $(awk -v n="$total" -v s="$secs" 'BEGIN { printf "%.2f", n / s }')"
+        ((failed == 0)) || echo "Non-2xx or 3xx responses: $failed"
+    } >"$out"
+    alive "${PROXY_PID[$proxy]}" || die "$proxy (pid ${PROXY_PID[$proxy]}) died during the run"
+}
+
 # run_wrk SCENARIO PROXY DURATION OUTFILE
 run_wrk() {
-    local scen=$1 proxy=$2 dur=$3 out=$4 path=/
+    local scen=$1 proxy=$2 dur=$3 out=$4 path=/ scheme=http port=${PROXY_PORT[$2]}
     local -a hdr=()
+    if [[ $scen == tls_full || $scen == tls_resume ]]; then
+        run_s_time "$@"
+        return
+    fi
     [[ $scen == close || $scen == reuseport ]] && hdr=(-H 'Connection: close')
     [[ $scen == 64k ]] && path=/64k
+    [[ $scen == tls_ka ]] && scheme=https port=${PROXY_TLS_PORT[$proxy]}
     if ! taskset -c "$WRK_CPU" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$dur" --latency \
-        "${hdr[@]}" "http://127.0.0.1:${PROXY_PORT[$proxy]}$path" >"$out" 2>&1; then
+        "${hdr[@]}" "$scheme://127.0.0.1:$port$path" >"$out" 2>&1; then
         cat "$out" >&2
         die "wrk failed against $proxy"
     fi
@@ -599,11 +701,15 @@ for scen in $SCENARIOS; do
         awk -F'\t' -v s="$scen" -v p="$p" -v title="$(scenario_title "$scen")" -v max="$OTHER_LOAD_MAX" '
         $1 == s && $2 == p {
             n++; rps += $4; p50 += $5; p99 += $6; cpu += $7; err += $8; flagged += ($10 > max)
-            printf "| %s | %s #%d | %.0f | %.3f | %.3f | %.2f | %s |\n", title, p, $3, $4, $5, $6, $7, $9
+            lat = (s ~ /^tls_(full|resume)$/) ? "-" : ""
+            if (lat == "") printf "| %s | %s #%d | %.0f | %.3f | %.3f | %.2f | %s |\n", title, p, $3, $4, $5, $6, $7, $9
+            else printf "| %s | %s #%d | %.0f | - | - | %.2f | %s |\n", title, p, $3, $4, $7, $9
         }
         END {
-            if (n) printf "| %s | **%s mean** | **%.0f** | **%.3f** | **%.3f** | **%.2f** | %d%s |\n", title, p, rps / n, p50 / n, p99 / n, cpu / n, err,
-                (flagged ? sprintf(" (⚠ %d of %d runs disturbed)", flagged, n) : "")
+            lat = (s ~ /^tls_(full|resume)$/)
+            note = (flagged ? sprintf(" (⚠ %d of %d runs disturbed)", flagged, n) : "")
+            if (n && !lat) printf "| %s | **%s mean** | **%.0f** | **%.3f** | **%.3f** | **%.2f** | %d%s |\n", title, p, rps / n, p50 / n, p99 / n, cpu / n, err, note
+            if (n && lat) printf "| %s | **%s mean** | **%.0f** | - | - | **%.2f** | %d%s |\n", title, p, rps / n, cpu / n, err, note
         }' "$RESULTS"
     done
 done

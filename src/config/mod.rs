@@ -28,7 +28,7 @@ pub use route::{
     Action, Condition, HostHeader, HostMatch, PathAction, PathMatch, Pattern, RouteConfig, Source, SplitArm, Sticky,
     ValueMatch,
 };
-pub use upstream::{Balance, HashKey, HealthCheck, Passive};
+pub use upstream::{BackendTls, Balance, HashKey, HealthCheck, Passive};
 
 /// A configuration that was refused, with where and why.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -215,6 +215,8 @@ struct FileCluster {
     health_check: Option<Spanned<upstream::FileHealthCheck>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     passive: Option<Spanned<upstream::FilePassive>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<Spanned<upstream::FileBackendTls>>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -331,6 +333,8 @@ pub struct ClusterConfig {
     /// addresses found are in `backends` once [`Config::with_resolved`]
     /// put them there.
     pub dns: ClusterDns,
+    /// TLS to the backends (`None`: cleartext HTTP).
+    pub tls: Option<BackendTls>,
 }
 
 /// One `[modules.NAME]` table.
@@ -739,6 +743,21 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
             None => Passive::default(),
             Some(p) => upstream::passive(Some(p.get_ref())).map_err(|e| (Some(p.span()), e))?,
         };
+        let tls = match &c.tls {
+            None => None,
+            Some(t) => {
+                let dir = path.parent().unwrap_or(Path::new("/"));
+                let tls = upstream::backend_tls(t.get_ref(), dir).map_err(|e| (Some(t.span()), e))?;
+                let unix = backends.iter().any(|b| matches!(b.addr.0, SockAddr::Unix(_)));
+                if unix && tls.sni.is_none() {
+                    return Err((
+                        Some(t.span()),
+                        format!("cluster {name:?}: TLS to a Unix-socket backend needs tls.sni (the name to verify)"),
+                    ));
+                }
+                Some(tls)
+            }
+        };
         clusters.push(ClusterConfig {
             name,
             backends,
@@ -752,6 +771,7 @@ fn resolve(path: &Path, f: FileConfig) -> Resolve<Config> {
             health_check,
             passive,
             dns,
+            tls,
         });
     }
 
@@ -1044,6 +1064,33 @@ client_header_ms = 5000
         for junk in [r#"{"bogus":1}"#, "[]"] {
             assert_eq!(Config::parse_sent(p, &l.text, Some(&junk.to_string())).unwrap(), l.config);
         }
+    }
+
+    #[test]
+    fn cluster_tls_tables() {
+        let with = |tls: &str| GOOD.replacen("backends = [", &format!("{tls}\nbackends = ["), 1);
+        // The Unix backend needs a name to check.
+        let e = Config::parse(Path::new("/etc/p/t.toml"), &with("tls = {}")).unwrap_err().to_string();
+        assert!(e.contains("needs tls.sni"), "{e}");
+        let c =
+            Config::parse(Path::new("/etc/p/t.toml"), &with("tls = { sni = \"API.internal\", ca_file = \"ca.pem\" }"))
+                .unwrap();
+        let t = c.clusters[0].tls.as_ref().unwrap();
+        assert!(t.verify);
+        assert_eq!(t.sni.as_deref(), Some("api.internal"));
+        assert_eq!(t.ca_file.as_deref(), Some(Path::new("/etc/p/ca.pem")));
+        assert!(
+            !Config::parse(Path::new("t.toml"), &with("tls = { sni = \"a\", verify = false }")).unwrap().clusters[0]
+                .tls
+                .as_ref()
+                .unwrap()
+                .verify
+        );
+        for bad in ["sni = \"10.0.0.1\"", "sni = \"a..b\"", "sni = \"-a.b\"", "ca_file = \"\"", "verify = 1"] {
+            let text = with(&format!("tls = {{ sni = \"x.y\", {bad} }}").replace("sni = \"x.y\", sni", "sni"));
+            assert!(Config::parse(Path::new("t.toml"), &text).is_err(), "{bad}");
+        }
+        assert!(Config::parse(Path::new("t.toml"), GOOD).unwrap().clusters[0].tls.is_none());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! passive failure detection, slow start and retries. File structs and
 //! their resolved forms; parsing and validation only.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::spanned::Spanned;
@@ -96,6 +97,33 @@ impl Default for Passive {
     }
 }
 
+/// TLS to a cluster's backends (nginx's `proxy_pass https://` with
+/// `proxy_ssl_verify`, `proxy_ssl_name` + `proxy_ssl_server_name`,
+/// `proxy_ssl_trusted_certificate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTls {
+    /// Check the backend's certificate (chain to a trusted root, name,
+    /// validity). `false` accepts any certificate (`-t` warns).
+    pub verify: bool,
+    /// The name sent in SNI and checked against the certificate; `None`:
+    /// the backend's IP address is checked (no SNI is sent for an address).
+    pub sni: Option<String>,
+    /// PEM file of the CAs to trust (read by the master only); `None`: the
+    /// public roots compiled in (Mozilla's, `webpki-roots`).
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileBackendTls {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verify: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sni: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_file: Option<PathBuf>,
+}
+
 #[derive(Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileHealthCheck {
@@ -137,6 +165,32 @@ pub(super) struct FilePassive {
 }
 
 type R<T> = Result<T, String>;
+
+/// A cluster's `tls` table; a relative `ca_file` is taken from `dir` (the
+/// main configuration file's directory).
+pub(super) fn backend_tls(f: &FileBackendTls, dir: &Path) -> R<BackendTls> {
+    if let Some(n) = &f.sni {
+        // A DNS name (RFC 1123 labels); an address is checked without it.
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if n.len() > 253 || !n.split('.').all(label_ok) || n.parse::<std::net::IpAddr>().is_ok() {
+            return Err(format!("tls.sni = {n:?}: expected a DNS name (an IP address is checked without sni)"));
+        }
+    }
+    if f.ca_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+        return Err("tls.ca_file is empty".into());
+    }
+    Ok(BackendTls {
+        verify: f.verify.unwrap_or(true),
+        sni: f.sni.as_ref().map(|n| n.to_ascii_lowercase()),
+        ca_file: f.ca_file.as_ref().map(|p| dir.join(p)),
+    })
+}
 
 pub(super) fn balance(s: Option<&Spanned<String>>) -> Result<Balance, (std::ops::Range<usize>, String)> {
     let Some(s) = s else { return Ok(Balance::RoundRobin) };

@@ -3,7 +3,9 @@
 //! the backend's shared state that every worker reads when it balances.
 //! The master never touches request traffic; a probe is its own small
 //! connection (`GET <path>`, `Connection: close`), driven by the master's
-//! event loop without blocking it.
+//! event loop without blocking it; over TLS for a cluster with `tls`,
+//! checked like the workers' connections (a refused certificate fails the
+//! probe).
 
 use std::io::{Read, Write};
 use std::sync::atomic::Ordering::Relaxed;
@@ -13,8 +15,9 @@ use mio::{Interest, Registry, Token};
 use slog::Logger;
 
 use crate::config::{BackendAddr, Config, HealthCheck};
-use crate::net::Stream;
+use crate::net::Readiness;
 use crate::shm::{now_ms, BackendShm, SlotTable};
+use crate::tls::{BackendStream, Connector, Connectors, TlsMaterial};
 
 /// Probe tokens: `PROBE_BASE + target index` (above any pid-based token).
 pub const PROBE_BASE: usize = 1 << 40;
@@ -22,7 +25,10 @@ pub const PROBE_BASE: usize = 1 << 40;
 const MAX_ANSWER: usize = 1024;
 
 struct Probe {
-    stream: Stream,
+    stream: BackendStream,
+    /// What the socket may do: everything is tried after each event (an
+    /// operation that cannot says so), so this is set before each try.
+    rd: Readiness,
     connected: bool,
     request: Vec<u8>,
     written: usize,
@@ -35,6 +41,8 @@ struct Target {
     addr: BackendAddr,
     shm: &'static BackendShm,
     hc: HealthCheck,
+    /// TLS to this backend (its first checked cluster's `tls`).
+    tls: Option<Connector>,
     next_at: Instant,
     probe: Option<Probe>,
 }
@@ -43,12 +51,27 @@ struct Target {
 #[derive(Default)]
 pub struct Checker {
     targets: Vec<Target>,
+    /// TLS sessions of probes, resumed by the next probe.
+    sessions: Option<std::sync::Arc<rustls::client::ClientSessionMemoryCache>>,
 }
 
 impl Checker {
     /// Rebuilds the targets from a configuration; probes in flight are
     /// dropped (their backends are probed again at once).
-    pub fn configure(&mut self, config: &Config, slots: &mut SlotTable, registry: &Registry) {
+    pub fn configure(
+        &mut self,
+        config: &Config,
+        tls: &TlsMaterial,
+        slots: &mut SlotTable,
+        registry: &Registry,
+        log: &Logger,
+    ) {
+        let sessions = self.sessions.get_or_insert_with(crate::tls::backend::session_cache).clone();
+        // The master checked this material when it loaded it.
+        let connectors = Connectors::build(&config.clusters, tls, &sessions).unwrap_or_else(|e| {
+            slog::error!(log, "health checks of TLS backends: cannot build their TLS settings"; "error" => %e);
+            Connectors::default()
+        });
         // Probes keep their schedule across a reload (no burst of probes).
         let mut next: Vec<(BackendAddr, Instant)> = Vec::new();
         for t in &mut self.targets {
@@ -59,7 +82,7 @@ impl Checker {
         }
         self.targets.clear();
         let now = Instant::now();
-        for c in &config.clusters {
+        for (ci, c) in config.clusters.iter().enumerate() {
             let Some(hc) = &c.health_check else { continue };
             for b in &c.backends {
                 if self.targets.iter().any(|t| t.addr == b.addr) {
@@ -71,6 +94,7 @@ impl Checker {
                     addr: b.addr.clone(),
                     shm: slots.shm(slot),
                     hc: hc.clone(),
+                    tls: connectors.get(ci).cloned(),
                     next_at,
                     probe: None,
                 });
@@ -115,7 +139,7 @@ impl Checker {
                 continue;
             }
             t.next_at = now + t.hc.interval;
-            match Stream::connect(&t.addr) {
+            match BackendStream::connect(&t.addr, t.tls.as_ref()) {
                 Ok(mut stream) => {
                     if let Err(e) =
                         registry.register(&mut stream, Token(PROBE_BASE + i), Interest::READABLE | Interest::WRITABLE)
@@ -135,6 +159,7 @@ impl Checker {
                     .into_bytes();
                     t.probe = Some(Probe {
                         stream,
+                        rd: Readiness::default(),
                         connected: false,
                         request,
                         written: 0,
@@ -156,7 +181,8 @@ impl Checker {
         let Some(t) = self.targets.get_mut(i) else { return };
         let Some(p) = t.probe.as_mut() else { return };
         if !p.connected {
-            match p.stream.connect_result() {
+            p.rd = Readiness { readable: true, writable: true, read_closed: false };
+            match p.stream.connect_step(&mut p.rd) {
                 Ok(true) => p.connected = true,
                 Ok(false) => return,
                 Err(e) => {
@@ -173,6 +199,15 @@ impl Checker {
                     let reason = e.to_string();
                     return self.finish(i, false, &reason, registry, log);
                 }
+            }
+        }
+        // TLS records the socket did not take yet.
+        match p.stream.flush() {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                let reason = e.to_string();
+                return self.finish(i, false, &reason, registry, log);
             }
         }
         let mut buf = [0u8; 512];

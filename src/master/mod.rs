@@ -109,8 +109,9 @@ pub struct Served {
     pub text: String,
     /// The parse of `text`, for the workers (`config::Loaded::form`).
     pub form: Option<crate::config::Form>,
-    /// Parsed certificates and keys of every TLS listener.
-    pub tls: Vec<crate::tls::ListenerCerts>,
+    /// Parsed certificates and keys of every TLS listener, and the CA
+    /// certificates of TLS clusters.
+    pub tls: crate::tls::TlsMaterial,
 }
 
 /// A worker process.
@@ -205,7 +206,7 @@ pub struct Master {
     /// The parse of `config_text` sent with it.
     config_form: Option<crate::config::Form>,
     /// Certificates of the TLS listeners, sent with every `Configure`.
-    tls: Vec<crate::tls::ListenerCerts>,
+    tls: crate::tls::TlsMaterial,
     listeners: Vec<Bound>,
     slots: Vec<Slot>,
     /// Workers being drained away (after a reload lowered `workers`).
@@ -352,7 +353,7 @@ impl Master {
             return Err((e, m.log));
         }
         m.rotate_ticket_keys();
-        m.health.configure(&m.config, &mut m.backend_slots, m.poll.registry());
+        m.health.configure(&m.config, &m.tls, &mut m.backend_slots, m.poll.registry(), &m.log.logger);
         if let Err(e) = m.write_pid_file().and_then(|()| m.bind_control()) {
             m.cleanup();
             return Err((e, m.log));
@@ -851,10 +852,10 @@ impl Master {
         let previous = std::mem::replace(&mut self.config, in_force);
         self.config_text = text;
         self.config_form = form;
-        self.tls = tls.listeners;
+        self.tls = tls.material;
         self.seq += 1;
         self.assign_slots(Some(&previous));
-        self.health.configure(&self.config, &mut self.backend_slots, self.poll.registry());
+        self.health.configure(&self.config, &self.tls, &mut self.backend_slots, self.poll.registry(), &self.log.logger);
         if let Err(e) = self.configure_admin(admin_fd) {
             slog::error!(self.logger(), "admin listener not changed"; "error" => %e);
         }
@@ -893,7 +894,7 @@ impl Master {
         let previous = std::mem::replace(&mut self.config, next);
         self.seq += 1;
         self.assign_slots(Some(&previous));
-        self.health.configure(&self.config, &mut self.backend_slots, self.poll.registry());
+        self.health.configure(&self.config, &self.tls, &mut self.backend_slots, self.poll.registry(), &self.log.logger);
         let msg = self.configure_message();
         for (slot, p) in self.slots.iter().enumerate().filter_map(|(i, s)| Some((i, s.proc.as_ref()?))) {
             let fds = self.message_fds(slot);

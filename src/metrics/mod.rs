@@ -372,6 +372,7 @@ fn backends(o: &mut Out, v: &View<'_>) {
             ("reset", &s.fail_reset),
             ("invalid", &s.fail_invalid),
             ("5xx", &s.fail_5xx),
+            ("tls", &s.fail_tls),
         ] {
             o.counter(
                 "pitcher_backend_failures",

@@ -17,12 +17,13 @@ use crate::buffer::BufPool;
 use crate::config::Config;
 use crate::hooks::modules::Controller;
 use crate::hooks::Modules;
-use crate::net::{Readiness, Stream};
+use crate::net::Readiness;
 use crate::router::Router;
 use crate::shm::metrics::SeriesKind;
 use crate::shm::Shared;
-use crate::tls::{Acceptors, ListenerCerts};
+use crate::tls::{Acceptors, BackendStream, Connectors, TlsMaterial};
 use crate::upstream::{Backends, Cluster, SlotTable};
+use rustls::client::ClientSessionMemoryCache;
 
 use super::timer::{Timed, Timers};
 
@@ -46,6 +47,8 @@ pub struct Snapshot {
     pub cluster_series: Vec<usize>,
     /// The rustls configuration of each TLS listener (its certificates).
     pub tls: Acceptors,
+    /// How to talk TLS to each cluster's backends (`None`: cleartext).
+    pub backend_tls: Connectors,
     /// Listeners that redirect to https: (manifest name, https port).
     pub redirects: Vec<(String, u16)>,
 }
@@ -57,16 +60,19 @@ impl Snapshot {
     }
 
     /// Builds a snapshot, giving its backends ids in the worker's table.
+    /// TLS sessions to backends are kept in `sessions` (the worker's).
     pub fn build(
         config: Arc<Config>,
-        tls: &[ListenerCerts],
+        material: &TlsMaterial,
+        sessions: &Arc<ClientSessionMemoryCache>,
         backends: &mut Backends,
         slots: &mut SlotTable,
         log: &Logger,
     ) -> Result<Snapshot, String> {
         // Tickets stay valid while their key is held: two rotations after
         // it stopped sealing.
-        let tls = Acceptors::build(tls, &slots.shared().tickets, config.tls_ticket_key_rotation * 2)?;
+        let tls = Acceptors::build(&material.listeners, &slots.shared().tickets, config.tls_ticket_key_rotation * 2)?;
+        let backend_tls = Connectors::build(&config.clusters, material, sessions)?;
         let modules = Modules::build(&config, slots.shared(), log)?;
         backends.retire_all();
         let clusters = config.clusters.iter().map(|c| Cluster::new(c, backends, slots)).collect();
@@ -77,7 +83,7 @@ impl Snapshot {
         let redirects =
             config.listeners.iter().filter_map(|l| l.redirect_https_port.map(|p| (l.address.to_string(), p))).collect();
         let router = Router::new(&config)?;
-        Ok(Snapshot { router, clusters, config, modules, route_series, cluster_series, tls, redirects })
+        Ok(Snapshot { router, clusters, config, modules, route_series, cluster_series, tls, backend_tls, redirects })
     }
 }
 
@@ -123,6 +129,9 @@ pub struct Core {
     pub(super) slow_bodies_logged: Instant,
     /// TLS handshakes in progress and the ones that did not finish.
     pub(super) tls: TlsCounts,
+    /// TLS sessions to backends, resumed by the next connection (kept
+    /// across reloads).
+    pub(super) tls_sessions: Arc<ClientSessionMemoryCache>,
 }
 
 /// A worker's TLS handshakes: in progress (limited by
@@ -151,9 +160,13 @@ const TLS_LINES_PER_SECOND: u32 = 10;
 #[derive(Debug)]
 pub struct UpConn {
     pub(super) key: usize,
-    pub(super) stream: Stream,
+    pub(super) stream: BackendStream,
+    /// The TLS settings it was made with (`Connector::id`; 0: cleartext):
+    /// a pooled connection serves only a cluster with the same.
+    pub(super) tls_id: u64,
     pub(super) rd: Readiness,
     pub(super) buf: Option<crate::buffer::Buf>,
+    /// The connect, or the TLS handshake after it, is not done yet.
     pub(super) connecting: bool,
     /// Slab index of the session using it; `None` while pooled.
     pub(super) owner: Option<usize>,

@@ -29,6 +29,7 @@ use crate::http::head::MAX_PARSE_HEADERS;
 use crate::http::write::{self as hw, ConnHeader, OutFraming};
 use crate::http::{Framing, HttpError, Version};
 use crate::shm::metrics::{self, TimeoutKind};
+use crate::tls::backend::ConnectError;
 use crate::upstream::Outcome;
 
 use super::core::Core;
@@ -56,6 +57,10 @@ pub enum Fail {
     Connect(io::Error),
     #[error("connect timed out")]
     ConnectTimeout,
+    /// The TLS handshake failed (certificate refused, no common protocol,
+    /// an alert or a close from the backend).
+    #[error("TLS handshake with backend failed: {0}")]
+    Tls(io::Error),
     #[error("write to backend failed: {0}")]
     UpstreamWrite(io::Error),
     /// EOF or reset before the response head was complete.
@@ -102,20 +107,15 @@ impl Core {
             let mut moved = false;
             let u = &mut self.ups[p.up];
             if u.connecting {
-                if !u.rd.writable && !u.rd.read_closed {
-                    return (State::Proxy(p), Step::Blocked);
-                }
-                match u.stream.connect_result() {
+                // The connect, then (over TLS) the handshake.
+                match u.stream.connect_step(&mut u.rd) {
                     Ok(true) => {
                         u.connecting = false;
-                        u.rd.writable = true;
                         moved = true;
                     }
-                    Ok(false) => {
-                        u.rd.writable = false;
-                        return (State::Proxy(p), Step::Blocked);
-                    }
-                    Err(e) => return self.fail(s, p, Fail::Connect(e)),
+                    Ok(false) => return (State::Proxy(p), Step::Blocked),
+                    Err(ConnectError::Socket(e)) => return self.fail(s, p, Fail::Connect(e)),
+                    Err(ConnectError::Tls(e)) => return self.fail(s, p, Fail::Tls(e)),
                 }
             }
             match self.pump_request(s, &mut p) {
@@ -213,6 +213,13 @@ impl Core {
                     None => &[][..],
                 };
                 if head.is_empty() && body.is_empty() {
+                    // TLS records of what was written that the socket did
+                    // not take yet.
+                    match u.stream.flush() {
+                        Ok(true) => {}
+                        Ok(false) => u.rd.writable = false,
+                        Err(e) => return Err(Fail::UpstreamWrite(e)),
+                    }
                     break;
                 }
                 let r = if body.is_empty() {
@@ -544,9 +551,13 @@ impl Core {
                 self.leave_proxy(s, p, false);
                 return self.refuse(s, e);
             }
-            Fail::Connect(_) | Fail::ConnectTimeout => {
+            Fail::Connect(_) | Fail::ConnectTimeout | Fail::Tls(_) => {
                 slog::warn!(self.req_log(s), "connect to backend failed"; "error" => %f);
-                let outcome = if matches!(f, Fail::ConnectTimeout) { Outcome::Timeout } else { Outcome::ConnectError };
+                let outcome = match f {
+                    Fail::ConnectTimeout => Outcome::Timeout,
+                    Fail::Tls(_) => Outcome::Tls,
+                    _ => Outcome::ConnectError,
+                };
                 self.record_outcome(s, outcome);
                 s.ex.failed += 1;
                 self.count_retry(s);

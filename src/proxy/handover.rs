@@ -22,6 +22,7 @@ use mio::{Interest, Token};
 use crate::channel::{HandedConn, HandedTunnel};
 use crate::config::{BackendAddr, SockAddr};
 use crate::net::{Readiness, Stream};
+use crate::tls::BackendStream;
 
 use super::core::{Core, Snapshot, UpConn};
 use super::guard::guarded;
@@ -62,9 +63,11 @@ impl Core {
         }
         match &s.state {
             State::Head { started: None } => !s.ex.finish_pending,
-            State::Tunnel(t) => {
-                self.ups.get(t.up).is_some_and(|u| !u.connecting && u.buf.as_ref().is_none_or(|b| b.is_empty()))
-            }
+            // A tunnel over TLS to its backend drains like a TLS client.
+            State::Tunnel(t) => self
+                .ups
+                .get(t.up)
+                .is_some_and(|u| !u.connecting && !u.stream.is_tls() && u.buf.as_ref().is_none_or(|b| b.is_empty())),
             _ => false,
         }
     }
@@ -97,7 +100,7 @@ impl Core {
                 client_shut: t.client_shut,
                 up_shut: t.up_shut,
             });
-            upstream = Some(u.stream.into_fd());
+            upstream = Some(u.stream.into_socket().into_fd());
         }
         if let Some(b) = s.inb.take() {
             self.bufs.put(b);
@@ -160,7 +163,8 @@ impl Core {
         let key = token::token(Kind::Upstream, entry.key()).0;
         let mut u = UpConn {
             key,
-            stream,
+            stream: BackendStream::Plain(stream),
+            tls_id: 0,
             rd: Readiness { readable: false, writable: true, read_closed: false },
             buf: Some(self.up_bufs.get()),
             connecting: false,

@@ -70,7 +70,7 @@ use crate::hooks::modules::{Controller, DegradeSettings};
 use crate::hooks::Verdict;
 use crate::net::{Peer, Stream};
 use crate::shm::{metrics, Shared};
-use crate::tls::{ClientStream, ListenerCerts};
+use crate::tls::{ClientStream, TlsMaterial};
 use crate::upstream::{Backends, SlotTable};
 
 pub use self::core::Snapshot;
@@ -127,7 +127,7 @@ impl Engine {
     pub fn new(
         registry: Registry,
         config: Arc<Config>,
-        tls: &[ListenerCerts],
+        tls: &TlsMaterial,
         mut slots: SlotTable,
         place: usize,
         log: Logger,
@@ -135,7 +135,8 @@ impl Engine {
         let buf_size = config.limits.max_header_bytes.max(MIN_BUFFER);
         let mut backends = Backends::default();
         let degrade = DegradeSettings::from_config(&config).map(Controller::new);
-        let snapshot = Snapshot::build(config, tls, &mut backends, &mut slots, &log)?;
+        let tls_sessions = crate::tls::backend::session_cache();
+        let snapshot = Snapshot::build(config, tls, &tls_sessions, &mut backends, &mut slots, &log)?;
         let shared = slots.shared();
         Ok(Engine {
             sessions: Slab::with_capacity(1024),
@@ -162,6 +163,7 @@ impl Engine {
                 slow_bodies: 0,
                 slow_bodies_logged: Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now),
                 tls: TlsCounts::default(),
+                tls_sessions,
             },
             spares: Vec::new(),
             panics: 0,
@@ -466,7 +468,7 @@ impl Engine {
     /// Returns the snapshot it replaced, which the caller drops when it
     /// suits it (after confirming to the master): freeing the routes and
     /// clusters of a large configuration is no part of applying the new one.
-    pub fn reconfigure(&mut self, config: Arc<Config>, tls: &[ListenerCerts]) -> Result<Retired, String> {
+    pub fn reconfigure(&mut self, config: Arc<Config>, tls: &TlsMaterial) -> Result<Retired, String> {
         let core = &mut self.core;
         let buf_size = config.limits.max_header_bytes.max(MIN_BUFFER);
         if buf_size != core.bufs.size() {
@@ -485,7 +487,8 @@ impl Engine {
                 }
             }
         }
-        let snapshot = Arc::new(Snapshot::build(config, tls, &mut core.backends, &mut core.slots, &core.log)?);
+        let snapshot =
+            Arc::new(Snapshot::build(config, tls, &core.tls_sessions, &mut core.backends, &mut core.slots, &core.log)?);
         let old = core.current.swap(snapshot.clone());
         // Connections between requests move to the new snapshot now: each
         // would otherwise keep the one its last request started with until

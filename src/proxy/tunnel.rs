@@ -54,6 +54,14 @@ impl Core {
                     Err(_) => return (State::Tunnel(t), Step::Close),
                 }
             }
+            // TLS records to the backend the socket did not take yet.
+            if u.rd.writable && u.stream.pending() {
+                match u.stream.flush() {
+                    Ok(true) => moved = true,
+                    Ok(false) => u.rd.writable = false,
+                    Err(_) => return (State::Tunnel(t), Step::Close),
+                }
+            }
             if !t.client_eof && s.rd.readable && inb.room() > 0 {
                 match read_into(&mut s.stream, &mut s.rd, inb).inspect(count_received) {
                     Ok(Some(0)) | Err(_) => {
@@ -64,7 +72,7 @@ impl Core {
                     Ok(None) => {}
                 }
             }
-            if t.client_eof && inb.is_empty() && !t.up_shut {
+            if t.client_eof && inb.is_empty() && !u.stream.pending() && !t.up_shut {
                 u.stream.shutdown_write();
                 t.up_shut = true;
                 moved = true;

@@ -17,7 +17,8 @@ use crate::shm::metrics;
 use crate::upstream::Outcome;
 use mio::Interest;
 
-use crate::net::{Readiness, Stream};
+use crate::net::Readiness;
+use crate::tls::BackendStream;
 
 use super::core::{Core, UpConn};
 use super::session::Session;
@@ -67,6 +68,8 @@ impl Core {
         let (_, sid) = token::decode(mio::Token(s.key));
         let cluster = &s.snap.clusters[s.ex.cluster];
         let id = cluster.members[s.ex.backend].id;
+        let tls = s.snap.backend_tls.get(s.ex.cluster);
+        let tls_id = tls.map_or(0, |c| c.id());
         // A pooled connection whose readiness was raised while idle (stray
         // bytes, a FIN) is dropped here in case its event has not been
         // handled yet. No read: the flags say it all.
@@ -77,7 +80,10 @@ impl Core {
             self.drop_idle(ui);
         }
         let backend = self.backends.get_mut(id);
-        if let Some(ui) = backend.idle.pop() {
+        // The newest idle connection made with this cluster's TLS settings
+        // (another cluster may name the same address with other settings).
+        let pooled = backend.idle.iter().rposition(|&ui| self.ups[ui].tls_id == tls_id);
+        if let Some(ui) = pooled.map(|i| backend.idle.remove(i)) {
             let u = &mut self.ups[ui];
             u.owner = Some(sid);
             u.reused = true;
@@ -87,7 +93,7 @@ impl Core {
             metrics::add(&metrics::here().upstream_reuses, 1);
             return Ok(Some(ui));
         }
-        match Stream::connect(&backend.addr) {
+        match BackendStream::connect(&backend.addr, tls) {
             Ok(stream) => {
                 metrics::add(&metrics::here().upstream_connects, 1);
                 let entry = self.ups.vacant_entry();
@@ -95,6 +101,7 @@ impl Core {
                 let mut u = UpConn {
                     key,
                     stream,
+                    tls_id,
                     rd: Readiness::default(),
                     buf: Some(self.up_bufs.get()),
                     connecting: true,
@@ -183,10 +190,14 @@ impl Core {
         }
     }
 
-    /// Closes an upstream connection and forgets it.
+    /// Closes an upstream connection and forgets it (over TLS with a
+    /// close_notify, when the socket takes it).
     pub(super) fn close_upstream(&mut self, ui: usize) {
         if self.ups.contains(ui) {
             let mut u = self.ups.remove(ui);
+            if !u.connecting {
+                u.stream.close_notify();
+            }
             if let Some(buf) = u.buf.take() {
                 self.up_bufs.put(buf);
             }

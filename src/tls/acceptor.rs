@@ -66,7 +66,7 @@ impl Acceptors {
 const ALPN: &[&[u8]] = &[b"http/1.1"];
 
 fn server_config(certs: &[CertKey], ticketer: Arc<SharedTicketer>) -> Result<Arc<ServerConfig>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = super::provider();
     let resolver = SniResolver::new(certs)?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -114,7 +114,7 @@ impl SniResolver {
                 KeyFormat::Pkcs1 => PrivateKeyDer::Pkcs1(PrivatePkcs1KeyDer::from(bytes)),
                 KeyFormat::Sec1 => PrivateKeyDer::Sec1(PrivateSec1KeyDer::from(bytes)),
             };
-            let signing = rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| e.to_string())?;
+            let signing = super::signing_key(der).map_err(|e| e.to_string())?;
             candidates.push(Candidate { names, key: Arc::new(CertifiedKey::new(chain, signing)) });
         }
         if candidates.is_empty() {

@@ -17,7 +17,7 @@ use rustls::sign::CertifiedKey;
 use crate::config::{Config, HostMatch};
 
 use super::x509;
-use super::{CertKey, Der, KeyFormat, ListenerCerts};
+use super::{CertKey, Der, KeyFormat, ListenerCerts, TlsMaterial, TrustAnchors};
 
 /// Why a listener's certificates are refused.
 #[derive(Debug, thiserror::Error)]
@@ -76,19 +76,23 @@ pub enum TlsError {
     },
 }
 
-/// The material of every TLS listener, and what deserves a warning.
+/// The material of every TLS listener and backend CA, and what deserves
+/// a warning.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    /// One entry per TLS listener, in configuration order.
-    pub listeners: Vec<ListenerCerts>,
-    /// Problems that do not refuse the configuration (expiry, names).
+    /// What the workers get.
+    pub material: TlsMaterial,
+    /// Problems that do not refuse the configuration (expiry, names,
+    /// unverified backends).
     pub warnings: Vec<String>,
 }
 
-/// Reads and checks the certificates of every TLS listener of `config`.
-/// `now` (seconds since the epoch) decides what is expired.
+/// Reads and checks the certificates of every TLS listener of `config`
+/// and the CA files of its clusters' `tls`. `now` (seconds since the
+/// epoch) decides what is expired.
 pub fn load(config: &Config, now: i64) -> Result<Loaded, TlsError> {
     let mut out = Loaded::default();
+    load_trust(config, &mut out)?;
     for l in &config.listeners {
         let Some(tls) = &l.tls else { continue };
         let listener = l.address.to_string();
@@ -128,9 +132,51 @@ pub fn load(config: &Config, now: i64) -> Result<Loaded, TlsError> {
                 ));
             }
         }
-        out.listeners.push(ListenerCerts { listener, certificates });
+        out.material.listeners.push(ListenerCerts { listener, certificates });
     }
     Ok(out)
+}
+
+/// The CA files of the clusters that talk TLS to their backends, each read
+/// once; a cluster that does not verify is a warning.
+fn load_trust(config: &Config, out: &mut Loaded) -> Result<(), TlsError> {
+    for c in &config.clusters {
+        let Some(tls) = &c.tls else { continue };
+        if !tls.verify {
+            out.warnings.push(format!(
+                "cluster {:?}: tls.verify = false: backend certificates are not checked (anyone on the path can pose as a backend)",
+                c.name
+            ));
+        }
+        if tls.verify && tls.sni.is_none() && !c.dns.names.is_empty() {
+            out.warnings.push(format!(
+                "cluster {:?}: without tls.sni, backends given by DNS name are checked against their IP addresses, not the name",
+                c.name
+            ));
+        }
+        let Some(file) = &tls.ca_file else { continue };
+        if out.material.trust.iter().any(|t| &t.ca_file == file) {
+            continue;
+        }
+        let text = read(file)?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&text)
+            .collect::<Result<_, _>>()
+            .map_err(|e| TlsError::Pem { file: file.clone(), reason: e.to_string() })?;
+        if certs.is_empty() {
+            return Err(TlsError::NoCertificate { file: file.clone() });
+        }
+        let mut store = rustls::RootCertStore::empty();
+        for cert in &certs {
+            store.add(cert.clone()).map_err(|e| TlsError::BadCertificate {
+                file: file.clone(),
+                reason: format!("not usable as a trust anchor: {e}"),
+            })?;
+        }
+        out.material
+            .trust
+            .push(TrustAnchors { ca_file: file.clone(), certs: certs.into_iter().map(|c| Der(c.to_vec())).collect() });
+    }
+    Ok(())
 }
 
 /// Seconds since the epoch now.
@@ -167,7 +213,7 @@ fn load_pair(cert: &Path, key: &Path) -> Result<(CertKey, x509::CertFacts), TlsE
         PrivateKeyDer::Sec1(k) => (KeyFormat::Sec1, k.secret_sec1_der().to_vec()),
         _ => return Err(TlsError::BadKey { file: key.to_path_buf(), reason: "unknown key encoding".into() }),
     };
-    let signing = rustls::crypto::ring::sign::any_supported_type(&der)
+    let signing = super::signing_key(der.clone_key())
         .map_err(|e| TlsError::BadKey { file: key.to_path_buf(), reason: e.to_string() })?;
     match CertifiedKey::new(chain.clone(), signing).keys_match() {
         Ok(()) => {}

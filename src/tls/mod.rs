@@ -14,10 +14,14 @@
 //! * [`tickets`]: session tickets sealed with keys the master keeps in the
 //!   shared region, so a client resumes on any worker of any generation.
 //! * [`x509`]: the DNS names and expiry read from a certificate.
+//! * [`backend`]: TLS to backends: a worker's rustls `ClientConfig` per
+//!   cluster ([`Connectors`]) and [`BackendStream`], a backend connection
+//!   in cleartext or TLS behind one type, driven like [`ClientStream`].
 //!
 //! Must not: block, know HTTP, or read files in a worker.
 
 pub mod acceptor;
+pub mod backend;
 pub mod certs;
 pub mod stream;
 pub mod tickets;
@@ -28,8 +32,43 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use acceptor::Acceptors;
+pub use backend::{BackendStream, Connector, Connectors};
 pub use certs::{load, Loaded, TlsError};
 pub use stream::ClientStream;
+
+/// The crypto provider of every rustls configuration (listeners and
+/// backends) and of the master's key checks, in one place: `ring` (see
+/// Cargo.toml and docs/BENCHMARKS.md for why not aws-lc-rs).
+pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A private key as the provider signs with it.
+pub fn signing_key(
+    der: rustls::pki_types::PrivateKeyDer<'static>,
+) -> Result<std::sync::Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+    provider().key_provider.load_private_key(der)
+}
+
+/// Everything of TLS the master reads from files for its workers: the
+/// listeners' certificates and keys, the CAs that backends are checked
+/// against. Travels in `ToWorker::Configure`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsMaterial {
+    /// One entry per TLS listener, in configuration order.
+    pub listeners: Vec<ListenerCerts>,
+    /// The certificates of each `ca_file` that a cluster's `tls` names.
+    pub trust: Vec<TrustAnchors>,
+}
+
+/// The CA certificates of one `ca_file`, as read by the master.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustAnchors {
+    /// The file as configured (how clusters name it; workers never open it).
+    pub ca_file: std::path::PathBuf,
+    /// Its certificates, DER.
+    pub certs: Vec<Der>,
+}
 
 /// The certificates of one TLS listener, as parsed by the master.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

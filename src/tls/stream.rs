@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
-use rustls::{ServerConfig, ServerConnection};
+use rustls::{ConnectionCommon, ServerConfig, ServerConnection};
 
 use crate::net::Stream;
 
@@ -49,7 +49,7 @@ pub struct TlsStream {
 const TLS13_IANA: &[&str] = &["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"];
 
 /// Why a TLS connection could not start or go on.
-fn tls_error(e: rustls::Error) -> io::Error {
+pub(super) fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
@@ -151,74 +151,105 @@ impl ClientStream {
 
 impl TlsStream {
     fn flush(&mut self) -> io::Result<bool> {
-        while self.conn.wants_write() {
-            match self.conn.write_tls(&mut self.sock) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(true)
+        flush_records(&mut self.conn, &mut self.sock)
     }
 
-    /// Reads plaintext into `buf`, reading and processing records from the
-    /// socket while rustls has none and the socket has some.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut n = 0;
-        loop {
-            match self.conn.reader().read(&mut buf[n..]) {
-                // close_notify: the end of the plaintext.
-                Ok(0) => return Ok(n),
-                Ok(k) => {
-                    n += k;
-                    if n == buf.len() {
-                        return Ok(n);
-                    }
-                    continue;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // The socket ended without close_notify: an end all the same
-                // (HTTP framing says whether anything was cut short).
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(n),
-                Err(e) => return Err(e),
-            }
-            if self.eof {
-                return Ok(n);
-            }
-            match self.conn.read_tls(&mut self.sock) {
-                Ok(0) => self.eof = true,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return if n > 0 { Ok(n) } else { Err(e) };
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-            let was_handshaking = self.conn.is_handshaking();
-            let processed = self.conn.process_new_packets();
-            // Handshake answers, or the alert that says why not.
-            let flushed = self.flush();
-            if let Err(e) = processed {
-                return Err(tls_error(e));
-            }
-            flushed?;
-            if was_handshaking && !self.conn.is_handshaking() {
-                self.just_finished = true;
-            }
-        }
+        read_plain(&mut self.conn, &mut self.sock, &mut self.eof, &mut self.just_finished, buf)
     }
 
-    /// Queues `bufs` as plaintext after sending what was queued before.
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        if !self.flush()? {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let n = self.conn.writer().write_vectored(bufs)?;
-        self.flush()?;
-        Ok(n)
+        write_plain(&mut self.conn, &mut self.sock, bufs)
     }
+}
+
+/// Sends the records rustls has queued: `Ok(true)` when none is left,
+/// `Ok(false)` when the socket would block. (Either side of TLS.)
+pub(super) fn flush_records<D>(conn: &mut ConnectionCommon<D>, sock: &mut Stream) -> io::Result<bool> {
+    while conn.wants_write() {
+        match conn.write_tls(sock) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Reads plaintext into `buf`, reading and processing records from the
+/// socket while rustls has none and the socket has some; `eof` is set when
+/// the socket ended, `finished` as soon as a handshake finished on the way
+/// (whatever the read returns after: often `WouldBlock`, the client's
+/// Finished having come without data). Short only when the socket would
+/// block or ended.
+pub(super) fn read_plain<D>(
+    conn: &mut ConnectionCommon<D>,
+    sock: &mut Stream,
+    eof: &mut bool,
+    finished: &mut bool,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let mut n = 0;
+    loop {
+        match conn.reader().read(&mut buf[n..]) {
+            // close_notify: the end of the plaintext.
+            Ok(0) => return Ok(n),
+            Ok(k) => {
+                n += k;
+                if n == buf.len() {
+                    return Ok(n);
+                }
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // The socket ended without close_notify: an end all the same
+            // (HTTP framing says whether anything was cut short).
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(n),
+            Err(e) => return Err(e),
+        }
+        if *eof {
+            return Ok(n);
+        }
+        match conn.read_tls(sock) {
+            Ok(0) => *eof = true,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return if n > 0 { Ok(n) } else { Err(e) };
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        let was_handshaking = conn.is_handshaking();
+        let processed = conn.process_new_packets();
+        *finished |= was_handshaking && !conn.is_handshaking();
+        // Handshake answers, or the alert that says why not.
+        let flushed = flush_records(conn, sock);
+        if let Err(e) = processed {
+            return Err(tls_error(e));
+        }
+        flushed?;
+    }
+}
+
+/// Queues `bufs` as plaintext after sending what was queued before, then
+/// sends what the socket takes. `WouldBlock` when earlier records are
+/// still queued (or rustls' buffer is full).
+pub(super) fn write_plain<D>(
+    conn: &mut ConnectionCommon<D>,
+    sock: &mut Stream,
+    bufs: &[IoSlice<'_>],
+) -> io::Result<usize> {
+    if !flush_records(conn, sock)? {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    let n = conn.writer().write_vectored(bufs)?;
+    if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    flush_records(conn, sock)?;
+    Ok(n)
 }
 
 impl Read for ClientStream {

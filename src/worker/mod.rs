@@ -56,8 +56,8 @@ pub struct WorkerInit {
     /// This worker's place among the master's workers (0 in
     /// `--single-process`): its index in the shared per-worker tables.
     pub place: usize,
-    /// Certificates of the TLS listeners (parsed by the master).
-    pub tls: Vec<crate::tls::ListenerCerts>,
+    /// Certificates of the TLS listeners and CAs of TLS clusters (read by the master).
+    pub tls: crate::tls::TlsMaterial,
 }
 
 struct ListenerSlot {
@@ -564,7 +564,7 @@ struct Incoming<'a> {
     /// The master's parse of `text` (`Config::parse_sent`).
     form: Option<&'a crate::config::Form>,
     resolved: &'a [crate::config::ResolvedName],
-    tls: &'a [crate::tls::ListenerCerts],
+    tls: &'a crate::tls::TlsMaterial,
 }
 
 /// Registers a listening socket received (or bound) for this worker.
