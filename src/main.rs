@@ -414,9 +414,6 @@ fn worker_main(cli: &Cli) -> Result<ExitCode, MainError> {
     }
     let _ = cli;
     let (stop, quit) = worker_signals().map_err(WorkerError::Signals)?;
-    // Fleet limits: their lease threads run here, beside the one worker.
-    let mut fleet = pitcher::fleet::Leasers::default();
-    fleet.configure(&config, shared, &log.logger);
     let init = pitcher::worker::WorkerInit {
         config: Arc::new(config),
         listeners: entries.into_iter().zip(fds).collect(),
@@ -503,7 +500,8 @@ fn single_process(served: Served) -> Result<ExitCode, MainError> {
     // No master rotates the session-ticket key: one for the process's life.
     let period = config.tls_ticket_key_rotation.as_millis() as u64;
     pitcher::tls::tickets::rotate_if_due(&shared.tickets, pitcher::shm::now_ms(), period);
-    // Fleet limits: their lease threads run here, beside the one worker.
+    // No master: the fleet limits' lease threads run here, beside the
+    // one worker.
     let mut fleet = pitcher::fleet::Leasers::default();
     fleet.configure(&config, shared, &log.logger);
     let init = pitcher::worker::WorkerInit {
