@@ -435,3 +435,36 @@ fn a_tenants_quota_holds_across_instances_and_idle_tenants_leave_redis() {
     assert!(keys_in_use > 0, "the tenants' counters are in Redis under load: {report}");
     assert!(emptied, "idle tenants must cost Redis nothing: {report}");
 }
+
+#[test]
+fn a_slow_redis_times_out_into_the_local_share_and_fleet_mode_returns_by_itself() {
+    let _g = serial();
+    let redis = Redis::start();
+    let be = Backend::start("a");
+    let builder = ConfigBuilder::new()
+        .cluster("app", [be.spec()])
+        .route(None, "/", "app")
+        .section(ADMIN)
+        .section(&format!("{}redis_timeout_ms = 20\n", throttle_table(&redis)));
+    let m = MasterRun::start(&builder);
+    let admin = admin_addr(&m);
+    let up = || metric(admin, "pitcher_fleet_redis_up", &["module=\"throttle\""]);
+    let pace = Pace::start(m.addr(), 200, &[]);
+    assert!(wait_until(Duration::from_secs(5), || up() == 1.0), "fleet mode at first: {}", m.log());
+    // Redis holds every command for 1.5 s: round trips time out.
+    assert_eq!(redis.command(&["CLIENT", "PAUSE", "1500", "ALL"]).expect("CLIENT PAUSE"), "+OK");
+    let fell = wait_until(Duration::from_secs(3), || up() == 0.0);
+    let back = wait_until(Duration::from_secs(10), || up() == 1.0);
+    let pace = pace.finish();
+    let errors = pace.errors();
+    let seen = pace.between(Instant::now() - Duration::from_secs(60), Instant::now());
+    let errs = metric(admin, "pitcher_fleet_redis_errors_total", &["module=\"throttle\""]);
+    let fallbacks = metric(admin, "pitcher_fleet_fallbacks_total", &["module=\"throttle\""]);
+    let report = format!(
+        "fell back {fell}, back {back}; {errs} Redis errors, {fallbacks} fallbacks; {seen:?}; errors {errors:?}"
+    );
+    eprintln!("fleet slow redis: {report}");
+    assert!(fell && back, "{report}");
+    assert!(errs >= 1.0 && fallbacks >= 1.0, "{report}");
+    assert!(errors.is_empty() && seen.keys().all(|&s| s == 200 || s == 429), "{report}");
+}

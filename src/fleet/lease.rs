@@ -108,7 +108,8 @@ impl Bucket {
             ewma: 0.0,
             history: VecDeque::new(),
             fleet: None,
-            idle: 0,
+            // Idle until its first window with requests.
+            idle: IDLE_WINDOWS,
             prefetched: 0,
             exhausted: u64::MAX,
         }

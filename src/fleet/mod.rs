@@ -163,6 +163,19 @@ pub fn split(table: &toml::Table) -> Result<(Scope, toml::Table), String> {
     }
 }
 
+/// A module's own settings error, with the fleet keys named among those
+/// accepted (the module's parser knows only its own).
+pub fn mention_keys(e: crate::hooks::SettingsError) -> crate::hooks::SettingsError {
+    match e {
+        crate::hooks::SettingsError::Table { message } if message.starts_with("unknown field") => {
+            crate::hooks::SettingsError::Table {
+                message: format!("{message}, or one of the fleet keys {FLEET_KEYS:?}"),
+            }
+        }
+        other => other,
+    }
+}
+
 /// Decides one request of a fleet-scoped limiter slot: a token of the
 /// lease that covers `now`, or, when none does (Redis unreachable, or the
 /// key is new to the lease thread), the slot's local bucket at the
