@@ -410,11 +410,13 @@ start_redis() {
     die "redis-server did not start; $(cat "$TMP/redis.log")"
 }
 
-# redis_calls: commands Redis has served (INFO commandstats), the INFO
-# commands themselves left out.
+# redis_calls: "COMMANDS ROUND_TRIPS" Redis has served (INFO commandstats:
+# every command, those the lease script runs included, the INFO commands
+# themselves left out; round trips are the EVALSHA calls).
 redis_calls() {
-    redis-cli -s "$REDIS_SOCK" info commandstats |
-        awk -F'[=,:]' '/^cmdstat_/ && $1 != "cmdstat_info" { n += $3 } END { print n + 0 }'
+    redis-cli -s "$REDIS_SOCK" info commandstats | tr -d '\r' |
+        awk -F'[=,:]' '/^cmdstat_/ && $1 != "cmdstat_info" { n += $3 } $1 == "cmdstat_evalsha" { e = $3 }
+            END { print n + 0, e + 0 }'
 }
 
 # launch_pitcher_build NAME BINARY PORT: one Pitcher build as proxy NAME
@@ -578,15 +580,16 @@ for scen in $SCENARIOS; do
         for p in $PROXIES; do
             out=$TMP/wrk-$scen-$p-$r.txt
             [[ $scen == reuseport ]] && sleep 0.3 && : >"$TMP/$p/access.log"
-            [[ $p == pitcher_throttle_fleet ]] && redis0=$(redis_calls)
+            [[ $p == pitcher_throttle_fleet ]] && read -r redis0 trips0 < <(redis_calls)
             c0=$(core_busy_ticks "$PROXY_CPU")
             t0=$(cpu_ticks "${PROXY_PID[$p]}")
             run_wrk "$scen" "$p" "$DURATION" "$out"
             t1=$(cpu_ticks "${PROXY_PID[$p]}")
             c1=$(core_busy_ticks "$PROXY_CPU")
             if [[ $p == pitcher_throttle_fleet ]]; then
-                redis1=$(redis_calls)
-                printf '%s\t%s\t%s\t%s\n' "$scen" "$r" "$((redis1 - redis0))" "$out" >>"$TMP/redis.tsv"
+                read -r redis1 trips1 < <(redis_calls)
+                printf '%s\t%s\t%s\t%s\t%s\n' "$scen" "$r" "$((redis1 - redis0))" "$((trips1 - trips0))" "$out" \
+                    >>"$TMP/redis.tsv"
             fi
             if [[ $scen == reuseport ]]; then
                 printf '%s\t%s\t%s\n' "$p" "$r" "$(accept_balance "$p")" >>"$TMP/balance.tsv"
@@ -639,13 +642,13 @@ done
 # Redis commands against requests, per fleet-throttle run.
 if [[ -s $TMP/redis.tsv ]]; then
     echo
-    echo "| fleet throttle | run | requests/s | Redis commands/s | requests per Redis command |"
-    echo "|---|---:|---:|---:|---:|"
-    while IFS=$'\t' read -r scen r calls out; do
+    echo "| fleet throttle | run | requests/s | Redis commands/s | lease round trips/s | requests per Redis command |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    while IFS=$'\t' read -r scen r calls trips out; do
         IFS=$'\t' read -r reqs rps _ < <(parse_wrk "$out")
-        awk -v t="$(scenario_title "$scen")" -v r="$r" -v c="$calls" -v n="$reqs" -v rps="$rps" -v d="$DURATION" '
-            BEGIN { secs = d + 0; if (d ~ /m$/) secs *= 60; cps = c / secs
-                    printf "| %s | #%s | %.0f | %.1f | %.0f |\n", t, r, rps, cps, (c > 0 ? n / c : 0) }'
+        awk -v t="$(scenario_title "$scen")" -v r="$r" -v c="$calls" -v e="$trips" -v n="$reqs" -v rps="$rps" -v d="$DURATION" '
+            BEGIN { secs = d + 0; if (d ~ /m$/) secs *= 60
+                    printf "| %s | #%s | %.0f | %.1f | %.1f | %.0f |\n", t, r, rps, c / secs, e / secs, (c > 0 ? n / c : 0) }'
     done <"$TMP/redis.tsv"
 fi
 

@@ -39,6 +39,10 @@ pub const RETRY: Duration = Duration::from_millis(500);
 /// clocks differ by a second, short enough that an idle key costs nothing.
 const KEY_TTL_MS: u64 = 4 * WINDOW_MS + 2_000;
 
+/// Most a lease asks for beyond the expected demand, as a factor, while
+/// the fleet's window has room to spare.
+pub const HEADROOM: f64 = 4.0;
+
 /// Tokens of window `k` for `rate_per_sec`: the rate spread over the
 /// windows so that every second (and every run of windows) holds exactly
 /// `rate_per_sec`, however it divides.
@@ -47,30 +51,42 @@ pub fn window_cap(rate_per_sec: u64, k: u64) -> u64 {
     (upto(k + 1) - upto(k)) as u64
 }
 
-/// Tokens to take ahead for the next window: the host's expected demand,
-/// but no more than its share of the window when the fleet asks more than
-/// the window holds (`share`: this host's demand and the fleet's, in the
-/// same earlier window).
+/// Tokens to take ahead for the next window, from the host's expected
+/// demand and `share` (this host's demand and the fleet's in the same
+/// earlier window): when the fleet asked more than a window holds, the
+/// host's share of the window (no more than its demand); when the window
+/// has room to spare, the demand with a headroom of half the spare spread
+/// by demand (at most [`HEADROOM`] times the demand), so that a burst between
+/// two looks of the thread (or a thread kept off its core for a while) is
+/// not refused while the fleet has tokens; without news of the fleet, the
+/// demand and a half.
 pub fn prefetch_size(expected: f64, cap: u64, share: Option<(u64, u64)>) -> u64 {
-    let mut ask = expected.ceil().max(1.0) as u64;
-    if let Some((mine, fleet)) = share {
-        if fleet > cap && fleet > 0 {
-            let fair = (cap as f64 * mine as f64 / fleet as f64).ceil().max(1.0) as u64;
-            ask = ask.min(fair);
+    let expected = expected.max(1.0);
+    let ask = match share {
+        Some((mine, fleet)) if fleet > cap => (cap as f64 * mine as f64 / fleet as f64).min(expected),
+        // Half the spare (the rest stays for top-ups), rounded down so
+        // that the hosts' asks still fit in the window.
+        Some((_, fleet)) if fleet > 0 => {
+            let spare = cap as f64 / fleet as f64 - 1.0;
+            (expected * (1.0 + spare / 2.0).min(HEADROOM)).floor().max(expected)
         }
-    }
-    ask.min(cap.max(1))
+        _ => expected * 1.5,
+    };
+    (ask.ceil().max(1.0) as u64).min(cap.max(1))
 }
 
 /// Tokens to add to a running lease that has `left`, with `rest_ms` of
-/// its window to go and an expected demand of `per_ms`: `None` while it
-/// holds at least half of what the rest of the window should need.
-pub fn top_up_size(left: u64, per_ms: f64, rest_ms: u64, demand_now: bool) -> Option<u64> {
+/// its window to go, an expected demand of `per_ms`, and `room` tokens
+/// left in the fleet's window at the last look: `None` while the lease
+/// holds at least half of what the rest of the window should need. With
+/// plenty of room (twice the headroom), the need times [`HEADROOM`].
+pub fn top_up_size(left: u64, per_ms: f64, rest_ms: u64, demand_now: bool, room: u64) -> Option<u64> {
     let need = per_ms * rest_ms as f64;
     if (left as f64) * 2.0 >= need && !(left == 0 && demand_now) {
         return None;
     }
-    Some((need.ceil() as u64).saturating_sub(left).max(1))
+    let want = if room as f64 >= 2.0 * HEADROOM * need { HEADROOM * need } else { need };
+    Some((want.ceil() as u64).saturating_sub(left).max(1))
 }
 
 /// What the thread keeps of one bucket.
@@ -96,6 +112,9 @@ struct Bucket {
     prefetched: u64,
     /// A window whose counter Redis said is used up.
     exhausted: u64,
+    /// Tokens the fleet's windows had left at their last grant, by the
+    /// window's parity (the current and the next): (window, tokens).
+    room: [(u64, u64); 2],
 }
 
 impl Bucket {
@@ -112,6 +131,7 @@ impl Bucket {
             idle: IDLE_WINDOWS,
             prefetched: 0,
             exhausted: u64::MAX,
+            room: [(u64::MAX, 0); 2],
         }
     }
 
@@ -216,9 +236,13 @@ impl Leaser<'_> {
                 let rest = WINDOW_MS - phase;
                 let left = self.shared.leases[b.slot].left(start);
                 let size = match left {
-                    None if now_demand > 0 || b.ewma > 0.0 => Some((per_ms * rest as f64).ceil().max(1.0) as u64),
+                    None if now_demand > 0 || b.ewma > 0.0 => Some((2.0 * per_ms * rest as f64).ceil().max(1.0) as u64),
                     None => None,
-                    Some(left) => top_up_size(left, per_ms, rest, now_demand > 0),
+                    Some(left) => {
+                        let (w, room) = b.room[(k % 2) as usize];
+                        let room = if w == k { room } else { 0 };
+                        top_up_size(left, per_ms, rest, now_demand > 0, room)
+                    }
                 };
                 if let Some(tokens) = size {
                     asks.push(Ask {
@@ -257,12 +281,15 @@ impl Leaser<'_> {
     }
 
     fn apply(&mut self, p: &Planned, g: Grant, k: u64) {
-        self.shared.leases[p.slot].grant(p.from_ms, p.from_ms + WINDOW_MS, g.tokens);
-        self.counters.tokens_granted.fetch_add(g.tokens, Relaxed);
         let Some(b) = self.buckets.get_mut(&p.slot) else { return };
+        // Plenty of room: twice the headroom of what the host expects.
+        let overdraft = g.left as f64 >= 2.0 * HEADROOM * b.ewma.max(1.0);
+        self.shared.leases[p.slot].grant(p.from_ms, p.from_ms + WINDOW_MS, g.tokens, overdraft);
+        self.counters.tokens_granted.fetch_add(g.tokens, Relaxed);
         if g.left == 0 {
             b.exhausted = p.window;
         }
+        b.room[(p.window % 2) as usize] = (p.window, g.left);
         if p.prefetch {
             b.prefetched = p.window;
             b.fleet = Some((k.saturating_sub(2), g.fleet_demand));
@@ -382,22 +409,30 @@ mod tests {
 
     #[test]
     fn a_prefetch_asks_the_expected_demand_or_the_hosts_share_when_the_fleet_asks_more() {
-        assert_eq!(prefetch_size(12.2, 30, None), 13);
-        assert_eq!(prefetch_size(0.0, 30, None), 1, "at least one token");
+        assert_eq!(prefetch_size(12.2, 30, None), 19, "no news of the fleet: the demand and a half");
+        assert_eq!(prefetch_size(0.0, 30, None), 2, "at least one token and a half");
         assert_eq!(prefetch_size(80.0, 30, None), 30, "never more than the window");
         // 80/10/10 of a fleet demand of 60 for 30 tokens: 24, 3, 3.
         assert_eq!(prefetch_size(48.0, 30, Some((48, 60))), 24);
         assert_eq!(prefetch_size(6.0, 30, Some((6, 60))), 3);
-        // The fleet asks less than the window holds: the demand.
-        assert_eq!(prefetch_size(6.0, 30, Some((6, 20))), 6);
+        assert_eq!(prefetch_size(2.0, 30, Some((6, 60))), 2, "no more than the demand");
+        // The fleet asks less than the window holds: the demand and the
+        // spare spread by demand, at most twice the demand.
+        assert_eq!(prefetch_size(6.0, 30, Some((6, 20))), 7);
+        // 2 of a fleet demand of 6 for 10 tokens: 2 each (the spare stays
+        // for top-ups).
+        assert_eq!(prefetch_size(2.0, 10, Some((2, 6))), 2);
+        assert_eq!(prefetch_size(6.0, 1_000, Some((6, 20))), 24, "at most four times");
     }
 
     #[test]
     fn a_lease_is_topped_up_when_it_holds_less_than_half_the_rest_of_its_need() {
         // 0.3 requests per ms, 50 ms left: 15 needed.
-        assert_eq!(top_up_size(10, 0.3, 50, true), None);
-        assert_eq!(top_up_size(7, 0.3, 50, true), Some(8));
-        assert_eq!(top_up_size(0, 0.0, 50, true), Some(1), "an empty lease with demand");
-        assert_eq!(top_up_size(0, 0.0, 50, false), None);
+        assert_eq!(top_up_size(10, 0.3, 50, true, 0), None);
+        assert_eq!(top_up_size(7, 0.3, 50, true, 20), Some(8));
+        assert_eq!(top_up_size(7, 0.3, 50, true, 60), Some(8), "room for less than twice the headroom");
+        assert_eq!(top_up_size(7, 0.3, 50, true, 120), Some(53), "room for four times the need");
+        assert_eq!(top_up_size(0, 0.0, 50, true, 0), Some(1), "an empty lease with demand");
+        assert_eq!(top_up_size(0, 0.0, 50, false, 0), None);
     }
 }

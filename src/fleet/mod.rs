@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::shm::fleet::{FLEET_QUOTA, FLEET_THROTTLE};
+use crate::shm::fleet::{Take, FLEET_QUOTA, FLEET_THROTTLE};
 use crate::shm::Shared;
 
 /// Length of a lease window: Redis counts the tokens of each window of
@@ -177,22 +177,23 @@ pub fn mention_keys(e: crate::hooks::SettingsError) -> crate::hooks::SettingsErr
 }
 
 /// Decides one request of a fleet-scoped limiter slot: a token of the
-/// lease that covers `now`, or, when none does (Redis unreachable, or the
-/// key is new to the lease thread), the slot's local bucket at the
-/// fallback rate. Counts the decision.
+/// lease that covers `now`; or, when none does (Redis unreachable, or the
+/// key is new to the lease thread) or it is empty while the fleet's window
+/// had plenty of room (a burst faster than the top-ups), the slot's local
+/// bucket at the fallback rate. Counts the decision.
 #[inline]
 pub fn admit(shared: &Shared, module: usize, slot: usize, fallback_rate_per_sec: u64, burst: u64, now: u64) -> bool {
     let l = &shared.limiters[slot];
     match shared.leases[slot].take(now) {
-        Some(true) => {
+        Take::Token => {
             l.admitted.fetch_add(1, Relaxed);
             true
         }
-        Some(false) => {
+        Take::Empty => {
             l.rejected.fetch_add(1, Relaxed);
             false
         }
-        None => {
+        Take::Overdraft | Take::NoLease => {
             let ok = l.try_take(fallback_rate_per_sec, burst, now);
             let f = &shared.fleet[module];
             if ok { &f.local_admitted } else { &f.local_rejected }.fetch_add(1, Relaxed);
@@ -389,7 +390,7 @@ mod tests {
         assert_eq!(s.fleet[FLEET_THROTTLE].local_admitted.load(Relaxed), 2);
         assert_eq!(s.fleet[FLEET_THROTTLE].local_rejected.load(Relaxed), 1);
         // A lease of 3 for this window: its tokens, then refusals.
-        s.leases[0].grant(5_000, 5_100, 3);
+        s.leases[0].grant(5_000, 5_100, 3, false);
         let leased: Vec<bool> = (0..4).map(|_| admit(s, FLEET_THROTTLE, 0, 1, 2, 5_010)).collect();
         assert_eq!(leased, [true, true, true, false]);
         assert_eq!(s.limiters[0].admitted.load(Relaxed), 2 + 3);

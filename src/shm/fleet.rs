@@ -37,6 +37,23 @@ pub struct LeaseWindow {
     pub until_ms: AtomicU64,
     /// Tokens left.
     pub tokens: AtomicU64,
+    /// 1: the fleet's window had plenty of tokens left at the last grant,
+    /// so a request finding this lease empty goes to the local share
+    /// (until the next top-up) instead of being refused.
+    pub overdraft: AtomicU32,
+}
+
+/// What a request found in the leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    /// A token of the lease.
+    Token,
+    /// The lease is empty and the fleet's window is (nearly) used up: refuse.
+    Empty,
+    /// The lease is empty but the fleet's window had room: the local share decides.
+    Overdraft,
+    /// No lease covers the time: the local share decides.
+    NoLease,
 }
 
 /// The leases and the key of one limiter slot.
@@ -73,18 +90,19 @@ pub struct FleetShm {
 }
 
 impl LeaseShm {
-    /// Takes a token from the lease whose window holds `now`: `None` when
-    /// no lease covers `now` (the caller uses its local share), else
-    /// whether a token was left.
+    /// Takes a token from the lease whose window holds `now`.
     #[inline]
-    pub fn take(&self, now: u64) -> Option<bool> {
+    pub fn take(&self, now: u64) -> Take {
         for w in &self.windows {
             let until = w.until_ms.load(Acquire);
             if now < until && now >= w.from_ms.load(Relaxed) {
-                return Some(w.tokens.fetch_update(Relaxed, Relaxed, |t| t.checked_sub(1)).is_ok());
+                if w.tokens.fetch_update(Relaxed, Relaxed, |t| t.checked_sub(1)).is_ok() {
+                    return Take::Token;
+                }
+                return if w.overdraft.load(Relaxed) == 1 { Take::Overdraft } else { Take::Empty };
             }
         }
-        None
+        Take::NoLease
     }
 
     /// Tokens left in the lease of the window that starts at `from_ms`
@@ -97,19 +115,22 @@ impl LeaseShm {
     }
 
     /// Writes the lease of the window `from_ms..until_ms` with `tokens`, or
-    /// adds them to it when it is there already. The lease replaced is the
-    /// one whose window ended first (the thread writes only the current
-    /// and the next window, so that one is over).
-    pub fn grant(&self, from_ms: u64, until_ms: u64, tokens: u64) {
+    /// adds them to it when it is there already; `overdraft`: the fleet's
+    /// window has room to spare (see [`LeaseWindow::overdraft`]). The lease
+    /// replaced is the one whose window ended first (the thread writes only
+    /// the current and the next window, so that one is over).
+    pub fn grant(&self, from_ms: u64, until_ms: u64, tokens: u64, overdraft: bool) {
         if let Some(w) =
             self.windows.iter().find(|w| w.until_ms.load(Acquire) == until_ms && w.from_ms.load(Relaxed) == from_ms)
         {
             w.tokens.fetch_add(tokens, Relaxed);
+            w.overdraft.store(u32::from(overdraft), Relaxed);
             return;
         }
         let w = self.windows.iter().min_by_key(|w| w.until_ms.load(Relaxed)).expect("two windows");
         w.until_ms.store(0, Release);
         w.tokens.store(tokens, Relaxed);
+        w.overdraft.store(u32::from(overdraft), Relaxed);
         w.from_ms.store(from_ms, Relaxed);
         w.until_ms.store(until_ms, Release);
     }
@@ -164,32 +185,38 @@ impl LeaseShm {
 
 #[cfg(test)]
 mod tests {
+    use super::Take::{Empty, NoLease, Overdraft, Token};
     use crate::shm::Region;
 
     #[test]
     fn a_lease_admits_its_tokens_in_its_window_only() {
         let r = Region::create().unwrap();
         let l = &r.shared().leases[3];
-        assert_eq!(l.take(1_000), None, "no lease yet");
-        l.grant(1_000, 1_100, 2);
-        assert_eq!(l.take(999), None);
-        assert_eq!(l.take(1_000), Some(true));
-        assert_eq!(l.take(1_050), Some(true));
-        assert_eq!(l.take(1_060), Some(false), "two tokens only");
-        l.grant(1_000, 1_100, 1);
-        assert_eq!(l.take(1_099), Some(true), "a top-up adds to the window");
-        assert_eq!(l.take(1_100), None, "the window is over");
+        assert_eq!(l.take(1_000), NoLease, "no lease yet");
+        l.grant(1_000, 1_100, 2, false);
+        assert_eq!(l.take(999), NoLease);
+        assert_eq!(l.take(1_000), Token);
+        assert_eq!(l.take(1_050), Token);
+        assert_eq!(l.take(1_060), Empty, "two tokens only");
+        l.grant(1_000, 1_100, 1, false);
+        assert_eq!(l.take(1_099), Token, "a top-up adds to the window");
+        assert_eq!(l.take(1_100), NoLease, "the window is over");
         // The next window while the current one runs; then the one after
         // replaces the oldest.
-        l.grant(1_100, 1_200, 5);
+        l.grant(1_100, 1_200, 5, false);
         assert_eq!(l.left(1_100), Some(5));
-        l.grant(1_200, 1_300, 7);
+        l.grant(1_200, 1_300, 7, false);
         assert_eq!(l.left(1_000), None, "replaced");
         assert_eq!((l.left(1_100), l.left(1_200)), (Some(5), Some(7)));
-        assert_eq!(l.take(1_150), Some(true));
+        assert_eq!(l.take(1_150), Token);
         assert_eq!(l.left(1_100), Some(4));
+        // Empty, with room in the fleet's window: the local share decides.
+        while l.take(1_150) == Token {}
+        assert_eq!(l.take(1_150), Empty);
+        l.grant(1_100, 1_200, 0, true);
+        assert_eq!(l.take(1_150), Overdraft);
         l.clear();
-        assert_eq!(l.take(1_250), None);
+        assert_eq!(l.take(1_250), NoLease);
     }
 
     #[test]
