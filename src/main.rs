@@ -504,6 +504,10 @@ fn single_process(served: Served) -> Result<ExitCode, MainError> {
     // No master rotates the session-ticket key: one for the process's life.
     let period = config.tls_ticket_key_rotation.as_millis() as u64;
     pitcher::tls::tickets::rotate_if_due(&shared.tickets, pitcher::shm::now_ms(), period);
+    // No master: the fleet limits' lease threads run here, beside the
+    // one worker.
+    let mut fleet = pitcher::fleet::Leasers::default();
+    fleet.configure(&config, shared, &log.logger);
     let init = pitcher::worker::WorkerInit {
         config: Arc::new(config),
         listeners,
@@ -516,7 +520,9 @@ fn single_process(served: Served) -> Result<ExitCode, MainError> {
         place: 0,
         tls,
     };
-    if let Err(e) = pitcher::worker::run(init) {
+    let result = pitcher::worker::run(init);
+    fleet.stop();
+    if let Err(e) = result {
         slog::crit!(log.logger, "worker failed"; "error" => %e);
         return Err(MainError::WorkerFailed(e));
     }

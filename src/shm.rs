@@ -22,7 +22,8 @@
 //!
 //! Owns: the region's layout, creating, sealing and mapping it, worker
 //! places, the key hash, the shared clock, the table of backend slots
-//! ([`SlotTable`]), the TLS session-ticket keys ([`TicketKeys`]).
+//! ([`SlotTable`]), the TLS session-ticket keys ([`TicketKeys`]), the
+//! fleet limits' leases ([`LeaseShm`]).
 //! Must not: hold policy (what counts as a failure lives in `health`).
 
 use std::io;
@@ -35,8 +36,10 @@ use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::mman::{mmap, MapFlags, ProtFlags};
 
+pub mod fleet;
 pub mod metrics;
 mod slots;
+pub use fleet::{FleetShm, LeaseShm};
 pub use metrics::MetricsShm;
 mod tickets;
 pub use slots::SlotTable;
@@ -214,6 +217,10 @@ pub struct Shared {
     pub limiters: [LimiterShm; MAX_LIMITERS],
     /// Counters of the quota's key table.
     pub quota: QuotaShm,
+    /// Fleet leases (tokens taken from Redis) and keys, by limiter slot.
+    pub leases: [LeaseShm; MAX_LIMITERS],
+    /// Counters of the fleet limits, by module ([`fleet::FLEET_THROTTLE`], [`fleet::FLEET_QUOTA`]).
+    pub fleet: [FleetShm; fleet::FLEET_MODULES],
     /// Module switches, by registry index.
     pub modules: [ModuleShm; MAX_MODULES],
     /// Published load, by worker place.

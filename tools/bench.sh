@@ -38,6 +38,16 @@
 #          TLS 1.3, and wrk negotiates it. s_time reports no latency ("-").
 #          SCENARIOS="tls_full tls_resume tls_ka"
 #
+# Fleet throttle (issue 16): the same Pitcher build with the throttle on,
+# its rate far above the load (nothing refused), once per host
+# (pitcher_throttle_local) and once with scope = "fleet" leasing from a
+# redis-server this script starts on a Unix socket
+# (pitcher_throttle_fleet). Adds a table of the Redis commands per second
+# (INFO commandstats before and after each run) against the requests per
+# second. The CPU per request compares the two (the lease thread is in the
+# measured process):
+#          SCENARIOS=ka PROXIES="pitcher_throttle_local pitcher_throttle_fleet"
+#
 # For each scenario: a warm-up run per proxy, then ROUNDS rounds in which the
 # proxies run interleaved (A, B, A, B, ...). Each run records req/s, p50/p99
 # latency, the errors wrk saw, and the CPU time the proxy spent per request:
@@ -205,6 +215,9 @@ install_missing() {
     command -v wrk >/dev/null || pkgs+=(wrk)
     command -v curl >/dev/null || pkgs+=(curl)
     command -v taskset >/dev/null || pkgs+=(util-linux)
+    if [[ " $PROXIES " == *" pitcher_throttle_fleet "* ]]; then
+        command -v redis-server >/dev/null || pkgs+=(redis-server)
+    fi
     ((${#pkgs[@]})) || return 0
     log "installing ${pkgs[*]} with apt-get"
     apt-get update -qq || die "apt-get update failed"
@@ -236,7 +249,8 @@ if [[ " $SCENARIOS " == *" routes "* ]]; then
 fi
 for p in $PROXIES; do
     [[ $p == pitcher || $p == pitcher_b || $p == nginx || $p == pitcher_shared || $p == pitcher_reuseport ||
-        $p =~ ^pitcher_r[0-9]+$ ]] || die "unknown proxy '$p' in PROXIES"
+        $p == pitcher_throttle_local || $p == pitcher_throttle_fleet || $p =~ ^pitcher_r[0-9]+$ ]] ||
+        die "unknown proxy '$p' in PROXIES"
 done
 # The TLS scenarios add an HTTPS listener to pitcher, pitcher_b and nginx.
 TLS_BENCH=0
@@ -266,7 +280,7 @@ for v in DURATION WARMUP; do
 done
 
 if [[ " $PROXIES " == *" pitcher "* || " $PROXIES " == *" pitcher_shared "* || " $PROXIES " == *" pitcher_reuseport "* ||
-    " $PROXIES " == *" pitcher_r"* ]]; then
+    " $PROXIES " == *" pitcher_r"* || " $PROXIES " == *" pitcher_throttle_"* ]]; then
     # Without PITCHER_BIN the binary is always (re)built — a no-op when it is
     # up to date — so a stale build is never measured by mistake.
     if ((BUILD_PITCHER)); then
@@ -304,9 +318,9 @@ TMP=$(mktemp -d /tmp/pitcher-bench.XXXXXX)
 # nginx workers run as an unprivileged user when started as root: let them
 # into the temp dir to read the static 64 KiB file.
 chmod 755 "$TMP"
-ports=$(free_ports 9) || die "could not pick free ports"
+ports=$(free_ports 11) || die "could not pick free ports"
 read -r ORIGIN_PORT NGINX_PORT PITCHER_PORT PITCHER_B_PORT SHARED_PORT REUSEPORT_PORT \
-    NGINX_TLS_PORT PITCHER_TLS_PORT PITCHER_B_TLS_PORT <<<"$ports"
+    NGINX_TLS_PORT PITCHER_TLS_PORT PITCHER_B_TLS_PORT THROTTLE_LOCAL_PORT THROTTLE_FLEET_PORT <<<"$ports"
 
 # One ECDSA P-256 certificate for every HTTPS listener.
 TLS_CERT=$TMP/tls/cert.pem
@@ -437,6 +451,40 @@ launch_pitcher_b() { TLS_PORT=$PITCHER_B_TLS_PORT launch_pitcher_build pitcher_b
 # access log of "$pid" lines tells which worker served each request.
 launch_pitcher_shared() { WORKERS=2 REUSEPORT=false launch_pitcher_build pitcher_shared "$PITCHER_BIN" "$SHARED_PORT"; }
 launch_pitcher_reuseport() { WORKERS=2 REUSEPORT=true launch_pitcher_build pitcher_reuseport "$PITCHER_BIN" "$REUSEPORT_PORT"; }
+# The throttle per host, or fleet-wide through Redis (rate far above the load).
+launch_pitcher_throttle_local() {
+    THROTTLE=host launch_pitcher_build pitcher_throttle_local "$PITCHER_BIN" "$THROTTLE_LOCAL_PORT"
+}
+launch_pitcher_throttle_fleet() {
+    start_redis
+    THROTTLE=fleet launch_pitcher_build pitcher_throttle_fleet "$PITCHER_BIN" "$THROTTLE_FLEET_PORT"
+}
+
+# start_redis: a redis-server without persistence on $TMP/redis.sock, on
+# the origin's core (it serves Pitcher's lease thread, not the load).
+REDIS_SOCK=""
+start_redis() {
+    [[ -z $REDIS_SOCK ]] || return 0
+    REDIS_SOCK=$TMP/redis.sock
+    taskset -c "$ORIGIN_CPU" redis-server --port 0 --unixsocket "$REDIS_SOCK" --unixsocketperm 700 --save '' \
+        --appendonly no >"$TMP/redis.log" 2>&1 &
+    STARTED_PIDS+=("$!")
+    local i
+    for ((i = 0; i < 100; i++)); do
+        [[ $(redis-cli -s "$REDIS_SOCK" ping 2>/dev/null) == PONG ]] && return 0
+        sleep 0.1
+    done
+    die "redis-server did not start; $(cat "$TMP/redis.log")"
+}
+
+# redis_calls: "COMMANDS ROUND_TRIPS" Redis has served (INFO commandstats:
+# every command, those the lease script runs included, the INFO commands
+# themselves left out; round trips are the EVALSHA calls).
+redis_calls() {
+    redis-cli -s "$REDIS_SOCK" info commandstats | tr -d '\r' |
+        awk -F'[=,:]' '/^cmdstat_/ && $1 != "cmdstat_info" { n += $3 } $1 == "cmdstat_evalsha" { e = $3 }
+            END { print n + 0, e + 0 }'
+}
 
 # launch_pitcher_build NAME BINARY PORT: one Pitcher build as proxy NAME
 # (WORKERS, REUSEPORT: see launch_pitcher_shared; ROUTES: extra routes,
@@ -492,6 +540,11 @@ EOF
         *) die "unknown module '$m' in PITCHER_MODULES (access_log, headers, throttle)" ;;
         esac
     done
+    case ${THROTTLE:-} in
+    host) printf '\n[modules.throttle]\nrate_per_sec = 10000000\nburst = 10000000\n' >>"$cfg" ;;
+    fleet) printf '\n[modules.throttle]\nrate_per_sec = 10000000\nburst = 10000000\nscope = "fleet"\nredis = "unix:%s"\nfallback_rate_per_sec = 10000000\n' \
+        "$REDIS_SOCK" >>"$cfg" ;;
+    esac
     if [[ -n $reuseport ]]; then
         # shellcheck disable=SC2016 # $pid is Pitcher's variable
         printf '\n[modules.access_log]\npath = "%s/access.log"\nformat = "custom"\ncustom = "$pid"\n' "$dir" >>"$cfg"
@@ -657,11 +710,17 @@ for scen in $SCENARIOS; do
         for p in $PROXIES; do
             out=$TMP/wrk-$scen-$p-$r.txt
             [[ $scen == reuseport ]] && sleep 0.3 && : >"$TMP/$p/access.log"
+            [[ $p == pitcher_throttle_fleet ]] && read -r redis0 trips0 < <(redis_calls)
             c0=$(core_busy_ticks "$PROXY_CPU")
             t0=$(cpu_ticks "${PROXY_PID[$p]}")
             run_wrk "$scen" "$p" "$DURATION" "$out"
             t1=$(cpu_ticks "${PROXY_PID[$p]}")
             c1=$(core_busy_ticks "$PROXY_CPU")
+            if [[ $p == pitcher_throttle_fleet ]]; then
+                read -r redis1 trips1 < <(redis_calls)
+                printf '%s\t%s\t%s\t%s\t%s\n' "$scen" "$r" "$((redis1 - redis0))" "$((trips1 - trips0))" "$out" \
+                    >>"$TMP/redis.tsv"
+            fi
             if [[ $scen == reuseport ]]; then
                 printf '%s\t%s\t%s\n' "$p" "$r" "$(accept_balance "$p")" >>"$TMP/balance.tsv"
             fi
@@ -736,6 +795,35 @@ if [[ $SCENARIOS == routes ]]; then
         }
         printf "\nspread of the means: %.1f%% (highest / lowest - 1; the goal: at most 5%%)\n", 100 * (hi / lo - 1)
     }' "$RESULTS"
+fi
+
+# Redis commands against requests, per fleet-throttle run.
+if [[ -s $TMP/redis.tsv ]]; then
+    echo
+    echo "| fleet throttle | run | requests/s | Redis commands/s | lease round trips/s | requests per Redis command |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    while IFS=$'\t' read -r scen r calls trips out; do
+        IFS=$'\t' read -r reqs rps _ < <(parse_wrk "$out")
+        awk -v t="$(scenario_title "$scen")" -v r="$r" -v c="$calls" -v e="$trips" -v n="$reqs" -v rps="$rps" -v d="$DURATION" '
+            BEGIN { secs = d + 0; if (d ~ /m$/) secs *= 60
+                    printf "| %s | #%s | %.0f | %.1f | %.1f | %.0f |\n", t, r, rps, c / secs, e / secs, (c > 0 ? n / c : 0) }'
+    done <"$TMP/redis.tsv"
+fi
+
+# The fleet throttle relative to the local one, from the means.
+if [[ " $PROXIES " == *" pitcher_throttle_local "* && " $PROXIES " == *" pitcher_throttle_fleet "* ]]; then
+    echo
+    echo "| scenario | fleet/local req/s | fleet/local CPU per request |"
+    echo "|---|---:|---:|"
+    for scen in $SCENARIOS; do
+        awk -F'\t' -v s="$scen" -v title="$(scenario_title "$scen")" '
+        $1 == s { n[$2]++; rps[$2] += $4; cpu[$2] += $7 }
+        END {
+            a = "pitcher_throttle_local"; b = "pitcher_throttle_fleet"
+            if (n[a] && n[b] && rps[a] > 0 && cpu[a] > 0)
+                printf "| %s | %.3fx | %.3fx |\n", title, (rps[b] / n[b]) / (rps[a] / n[a]), (cpu[b] / n[b]) / (cpu[a] / n[a])
+        }' "$RESULTS"
+    done
 fi
 
 # How evenly the two workers shared new connections, per run.

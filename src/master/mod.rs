@@ -1,7 +1,9 @@
 //! The master process: owns the listening sockets, the pid file and the
 //! control socket, starts and supervises the workers, reloads the
 //! configuration into them and hands everything to a new binary on
-//! upgrade. It never touches request traffic.
+//! upgrade. It never touches request traffic. Fleet-scoped limits have
+//! a lease thread here (`crate::fleet`), started and stopped with the
+//! configuration, that takes tokens from Redis into the shared region.
 //!
 //! One `mio` loop watches: a self-pipe woken by signals (the handlers only
 //! set flags), the control socket, each worker's channel, the resolver
@@ -238,6 +240,8 @@ pub struct Master {
     region: Region,
     backend_slots: SlotTable,
     health: health::Checker,
+    /// Lease threads of the fleet-scoped limits (tokens from Redis).
+    fleet: crate::fleet::Leasers,
     state: State,
     /// When draining workers are killed anyway.
     quit_deadline: Option<Instant>,
@@ -339,6 +343,7 @@ impl Master {
             region,
             backend_slots: slots,
             health: health::Checker::default(),
+            fleet: crate::fleet::Leasers::default(),
             state: State::Running,
             quit_deadline: None,
             places_swept: Instant::now(),
@@ -354,6 +359,7 @@ impl Master {
         }
         m.rotate_ticket_keys();
         m.health.configure(&m.config, &m.tls, &mut m.backend_slots, m.poll.registry(), &m.log.logger);
+        m.fleet.configure(&m.config, m.region.shared(), &m.log.logger);
         if let Err(e) = m.write_pid_file().and_then(|()| m.bind_control()) {
             m.cleanup();
             return Err((e, m.log));
@@ -856,6 +862,7 @@ impl Master {
         self.seq += 1;
         self.assign_slots(Some(&previous));
         self.health.configure(&self.config, &self.tls, &mut self.backend_slots, self.poll.registry(), &self.log.logger);
+        self.fleet.configure(&self.config, self.region.shared(), &self.log.logger);
         if let Err(e) = self.configure_admin(admin_fd) {
             slog::error!(self.logger(), "admin listener not changed"; "error" => %e);
         }

@@ -433,6 +433,70 @@ fn backends(o: &mut Out, v: &View<'_>) {
     }
 }
 
+/// The fleet limits' figures (`scope = "fleet"`), by module: whether
+/// Redis is reached, fallbacks to the local share, round trips, tokens.
+fn fleet(o: &mut Out, v: &View<'_>) {
+    let plans = crate::fleet::plans(v.config);
+    if plans.is_empty() {
+        return;
+    }
+    let each = |o: &mut Out, name: &str, kind: Kind, help: &str, get: &dyn Fn(&crate::shm::FleetShm) -> u64| {
+        o.family(name, kind, help);
+        for p in &plans {
+            let f = &v.shared.fleet[p.kind.counters()];
+            match kind {
+                Kind::Counter => o.counter(name, &[("module", p.kind.name())], get(f)),
+                _ => o.sample(name, &[("module", p.kind.name())], get(f)),
+            }
+        }
+    };
+    each(
+        o,
+        "pitcher_fleet_redis_up",
+        Kind::Gauge,
+        "1 while the fleet limit's lease thread reaches Redis (fleet mode), 0 while it uses the local share.",
+        &|f| u64::from(f.redis_up.load(Relaxed)),
+    );
+    each(
+        o,
+        "pitcher_fleet_fallbacks",
+        Kind::Counter,
+        "Times the fleet limit fell back to this host's local share (Redis unreachable, slow or failing).",
+        &|f| f.fallbacks.load(Relaxed),
+    );
+    each(
+        o,
+        "pitcher_fleet_redis_errors",
+        Kind::Counter,
+        "Connections and round trips to Redis that failed or timed out.",
+        &|f| f.redis_errors.load(Relaxed),
+    );
+    each(
+        o,
+        "pitcher_fleet_round_trips",
+        Kind::Counter,
+        "Round trips to Redis that returned leases (one per tick at most, for every bucket).",
+        &|f| f.round_trips.load(Relaxed),
+    );
+    each(o, "pitcher_fleet_tokens_granted", Kind::Counter, "Tokens Redis granted this host in leases.", &|f| {
+        f.tokens_granted.load(Relaxed)
+    });
+    o.family("pitcher_fleet_local_requests", Kind::Counter, "Requests decided by the local share because no lease covered them (Redis unreachable, or a key new to the lease thread).");
+    for p in &plans {
+        let f = &v.shared.fleet[p.kind.counters()];
+        o.counter(
+            "pitcher_fleet_local_requests",
+            &[("module", p.kind.name()), ("result", "admitted")],
+            f.local_admitted.load(Relaxed),
+        );
+        o.counter(
+            "pitcher_fleet_local_requests",
+            &[("module", p.kind.name()), ("result", "rejected")],
+            f.local_rejected.load(Relaxed),
+        );
+    }
+}
+
 /// The modules' figures: throttle and quota decisions, degrade levels,
 /// access-log lines, run-time switches.
 fn modules(o: &mut Out, v: &View<'_>, blocks: &[WorkerMetrics]) {
@@ -451,6 +515,7 @@ fn modules(o: &mut Out, v: &View<'_>, blocks: &[WorkerMetrics]) {
     o.counter("pitcher_quota_reclaimed_slots", &[], q.reclaimed.load(Relaxed));
     o.family("pitcher_quota_key_slots", Kind::Gauge, "Quota key slots in shared memory.");
     o.sample("pitcher_quota_key_slots", &[], MAX_QUOTA_KEYS);
+    fleet(o, v);
     o.family(
         "pitcher_degrade_level",
         Kind::Gauge,

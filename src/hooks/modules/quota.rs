@@ -22,6 +22,13 @@
 //! max_keys = 1024             # slots for keys (1 to 4094)
 //! key_idle_ms = 60000         # a slot idle this long can go to a new key
 //! ```
+//!
+//! With `scope = "fleet"` (and `redis`, `fallback_rate_per_sec`), each
+//! key's `rate_per_sec` holds for every host sharing the Redis: workers
+//! admit from the key's lease (`crate::fleet`), taken by the master's
+//! lease thread for the keys that have requests, and from the key's local
+//! bucket at `fallback_rate_per_sec` when no lease covers the time (Redis
+//! unreachable, or the key's first requests). `concurrency` stays per host.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -29,8 +36,10 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::config::ModuleConfig;
+use crate::fleet::{self, Scope};
 use crate::hooks::{Build, Ctx, Finished, Module, Point, Response, SettingsError, Verdict};
 use crate::http::RequestHead;
+use crate::shm::fleet::FLEET_QUOTA;
 use crate::shm::{now_ms, KeyHasher, Shared, MAX_BURST, MAX_QUOTA_KEYS, MAX_RATE_PER_SEC, QUOTA_OVERFLOW_SLOT};
 
 /// Largest `concurrency` accepted.
@@ -92,10 +101,13 @@ struct Quota {
     key: Key,
     /// The region's key hash with this module's prefix already written.
     hasher: KeyHasher,
+    /// `Some(fallback_rate_per_sec)` with `scope = "fleet"`.
+    fleet_fallback: Option<u64>,
 }
 
 pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, SettingsError> {
-    let s: Settings = super::settings(&c.settings)?;
+    let (scope, table) = fleet::split(&c.settings).map_err(SettingsError::from)?;
+    let s: Settings = super::settings(&table).map_err(fleet::mention_keys)?;
     let key = match s.key.as_str() {
         "route" => Key::Route,
         k if k.starts_with("header:") && k.len() > 7 => Key::Header(k[7..].to_string()),
@@ -113,9 +125,16 @@ pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, SettingsErr
     if !(MIN_KEY_IDLE_MS..=MAX_KEY_IDLE_MS).contains(&s.key_idle_ms) {
         return Err(format!("key_idle_ms = {}: expected {MIN_KEY_IDLE_MS} to {MAX_KEY_IDLE_MS}", s.key_idle_ms).into());
     }
+    let fleet_fallback = match scope {
+        Scope::Host => None,
+        Scope::Fleet(_) if s.rate_per_sec == 0 => {
+            return Err("scope = \"fleet\" needs a rate_per_sec (the fleet-wide rate of each key)".into())
+        }
+        Scope::Fleet(f) => Some(f.fallback_rate_per_sec),
+    };
     let mut hasher = b.shared.key_hasher();
     hasher.write(b"quota\0");
-    Ok(Arc::new(Quota { s, key, hasher }))
+    Ok(Arc::new(Quota { s, key, hasher, fleet_fallback }))
 }
 
 /// Slots probed for a key before it falls back to the overflow slot.
@@ -133,7 +152,9 @@ const PROBES: usize = 32;
 /// own key there), unless the table changed between their looks: then the
 /// key may hold two slots for a while, and the one not found first goes
 /// idle and is taken over.
-fn find_slot(shared: &Shared, fp: u64, max_keys: usize, idle_ms: u64, now: u64) -> Option<usize> {
+/// A slot claimed by a key gets the key's bytes published for the fleet
+/// lease thread (and its old key's leases dropped).
+fn find_slot(shared: &Shared, fp: u64, key: &[u8], max_keys: usize, idle_ms: u64, now: u64) -> Option<usize> {
     let n_slots = max_keys.clamp(1, MAX_QUOTA_KEYS) as u64;
     let start = fp % n_slots;
     let mut candidate = None;
@@ -166,6 +187,8 @@ fn find_slot(shared: &Shared, fp: u64, max_keys: usize, idle_ms: u64, now: u64) 
             } else {
                 l.used_ms.store(now, Relaxed);
             }
+            shared.leases[i].clear();
+            shared.leases[i].set_key(key);
             Some(i)
         }
         Err(x) if x == fp => Some(i),
@@ -186,7 +209,7 @@ impl Quota {
         // A slot taken over by another key between finding it and entering
         // it is not ours: leave it and look again (a few times at most).
         for _ in 0..4 {
-            let n = match find_slot(shared, fp, self.s.max_keys, self.s.key_idle_ms, now) {
+            let n = match find_slot(shared, fp, key, self.s.max_keys, self.s.key_idle_ms, now) {
                 Some(n) => n,
                 None => {
                     shared.quota.overflow.fetch_add(1, Relaxed);
@@ -203,7 +226,12 @@ impl Quota {
                 }
                 continue;
             }
-            if self.s.rate_per_sec > 0 && !l.try_take(self.s.rate_per_sec, self.s.burst, now) {
+            let admitted = match self.fleet_fallback {
+                _ if self.s.rate_per_sec == 0 => true,
+                None => l.try_take(self.s.rate_per_sec, self.s.burst, now),
+                Some(fallback) => fleet::admit(shared, FLEET_QUOTA, n, fallback, self.s.burst, now),
+            };
+            if !admitted {
                 if before.is_some() {
                     shared.limiter_leave(n, ctx.worker);
                 }
@@ -271,22 +299,22 @@ mod tests {
         let mut t = 10_000;
         let mut overflow = 0;
         for k in 0..500 {
-            if find_slot(s, fp(s, &format!("flood-{k}")), max_keys, idle, t).is_none() {
+            if find_slot(s, fp(s, &format!("flood-{k}")), b"", max_keys, idle, t).is_none() {
                 overflow += 1;
             }
         }
         assert!(overflow >= 500 - 16, "{overflow} overflowed");
-        assert_eq!(find_slot(s, fp(s, "tenant"), max_keys, idle, t), None, "every slot is busy");
+        assert_eq!(find_slot(s, fp(s, "tenant"), b"tenant", max_keys, idle, t), None, "every slot is busy");
         // A slot with a request in flight is never taken over.
         let pinned = (1..=16).find(|&i| s.limiters[i].key.load(Relaxed) != 0).unwrap();
         s.limiter_enter(pinned, 0);
         t += idle;
-        let mine = find_slot(s, fp(s, "tenant"), max_keys, idle, t).expect("an idle slot");
+        let mine = find_slot(s, fp(s, "tenant"), b"tenant", max_keys, idle, t).expect("an idle slot");
         assert_ne!(mine, pinned);
         assert_eq!(s.limiters[mine].key.load(Relaxed), fp(s, "tenant"));
-        assert_eq!(find_slot(s, fp(s, "tenant"), max_keys, idle, t), Some(mine), "found again");
+        assert_eq!(find_slot(s, fp(s, "tenant"), b"tenant", max_keys, idle, t), Some(mine), "found again");
         assert_eq!(s.quota.reclaimed.load(Relaxed), 1);
-        let other = find_slot(s, fp(s, "other"), max_keys, idle, t).expect("another idle slot");
+        let other = find_slot(s, fp(s, "other"), b"other", max_keys, idle, t).expect("another idle slot");
         assert_ne!(other, mine);
         assert!((1..=16).contains(&other) && (1..=16).contains(&mine));
     }
@@ -295,10 +323,10 @@ mod tests {
     fn a_reclaimed_slot_starts_with_a_full_bucket() {
         let r = Region::create().unwrap();
         let s = r.shared();
-        let a = find_slot(s, fp(s, "a"), 1, 100, 1_000).unwrap();
+        let a = find_slot(s, fp(s, "a"), b"a", 1, 100, 1_000).unwrap();
         while s.limiters[a].try_take(1, 3, 1_000) {}
-        assert_eq!(find_slot(s, fp(s, "b"), 1, 100, 1_050), None, "a is not idle yet");
-        let b = find_slot(s, fp(s, "b"), 1, 100, 1_100).unwrap();
+        assert_eq!(find_slot(s, fp(s, "b"), b"b", 1, 100, 1_050), None, "a is not idle yet");
+        let b = find_slot(s, fp(s, "b"), b"b", 1, 100, 1_100).unwrap();
         assert_eq!(a, b);
         let taken = (0..10).filter(|_| s.limiters[b].try_take(1, 3, 1_100)).count();
         assert_eq!(taken, 3, "b's own burst, not a's empty bucket");

@@ -2,6 +2,11 @@
 //! workers: one token bucket in shared memory, refilled from the shared
 //! clock, taken with compare-and-swap. Over the limit: 503 (or the
 //! configured status, e.g. 429) with `Retry-After`.
+//!
+//! With `scope = "fleet"` the rate holds for every host sharing a Redis:
+//! workers admit from the lease the master's lease thread took for the
+//! current window (`crate::fleet`), and from the local bucket at
+//! `fallback_rate_per_sec` when no lease covers the time.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -9,8 +14,10 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::config::ModuleConfig;
+use crate::fleet::{self, Scope};
 use crate::hooks::{Build, Ctx, Module, Point, Response, SettingsError, Verdict};
 use crate::http::RequestHead;
+use crate::shm::fleet::FLEET_THROTTLE;
 use crate::shm::{now_ms, MAX_BURST, MAX_RATE_PER_SEC};
 
 /// Longest `retry_after_secs` accepted (a day).
@@ -22,9 +29,10 @@ pub const SLOT: usize = 0;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Settings {
-    /// Requests per second, all workers together.
+    /// Requests per second, all workers together (all hosts together with
+    /// `scope = "fleet"`).
     rate_per_sec: u64,
-    /// Requests admitted at once above the rate.
+    /// Requests admitted at once above the rate (of the local bucket).
     #[serde(default = "default_burst")]
     burst: u64,
     /// Status of a refused request.
@@ -48,10 +56,13 @@ fn default_retry_after() -> u64 {
 struct Throttle {
     s: Settings,
     retry_after: String,
+    /// `Some(fallback_rate_per_sec)` with `scope = "fleet"`.
+    fleet_fallback: Option<u64>,
 }
 
 pub fn build(c: &ModuleConfig, _: &Build) -> Result<Arc<dyn Module>, SettingsError> {
-    let s: Settings = super::settings(&c.settings)?;
+    let (scope, table) = fleet::split(&c.settings).map_err(SettingsError::from)?;
+    let s: Settings = super::settings(&table).map_err(fleet::mention_keys)?;
     if s.rate_per_sec == 0 {
         return Err("rate_per_sec must be at least 1".into());
     }
@@ -61,7 +72,11 @@ pub fn build(c: &ModuleConfig, _: &Build) -> Result<Arc<dyn Module>, SettingsErr
     super::at_most("rate_per_sec", s.rate_per_sec, MAX_RATE_PER_SEC)?;
     super::at_most("burst", s.burst, MAX_BURST)?;
     super::at_most("retry_after_secs", s.retry_after_secs, MAX_RETRY_AFTER_SECS)?;
-    Ok(Arc::new(Throttle { retry_after: s.retry_after_secs.to_string(), s }))
+    let fleet_fallback = match scope {
+        Scope::Host => None,
+        Scope::Fleet(f) => Some(f.fallback_rate_per_sec),
+    };
+    Ok(Arc::new(Throttle { retry_after: s.retry_after_secs.to_string(), s, fleet_fallback }))
 }
 
 impl Module for Throttle {
@@ -71,7 +86,11 @@ impl Module for Throttle {
 
     fn before_cluster(&self, _req: &mut RequestHead, ctx: &mut Ctx<'_>) -> Verdict {
         let l = &ctx.shared.limiters[SLOT];
-        if l.try_take(self.s.rate_per_sec, self.s.burst, now_ms()) {
+        let admitted = match self.fleet_fallback {
+            None => l.try_take(self.s.rate_per_sec, self.s.burst, now_ms()),
+            Some(fallback) => fleet::admit(ctx.shared, FLEET_THROTTLE, SLOT, fallback, self.s.burst, now_ms()),
+        };
+        if admitted {
             return Verdict::Continue;
         }
         if l.rejected.load(Relaxed) % 1000 == 1 {
