@@ -79,7 +79,7 @@ fn count(m: &MasterRun, what: &str) -> usize {
 
 #[test]
 fn init_script_and_debian_maintainer_script_are_posix_sh() {
-    for f in ["pitcher.init", "debian/postinst"] {
+    for f in ["pitcher.init", "debian/postinst", "debian/prerm", "debian/postrm"] {
         let out = Command::new("sh").arg("-n").arg(packaging(f)).output().expect("sh -n");
         assert!(out.status.success(), "{f}: {out:?}");
     }

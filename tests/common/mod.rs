@@ -14,6 +14,7 @@ pub mod http;
 pub mod master;
 pub mod pitcher;
 pub mod scripted;
+pub mod system;
 pub mod upstream;
 
 use std::net::{SocketAddr, TcpListener};
