@@ -11,6 +11,9 @@
 #   ka     small body, keep-alive client connections
 #   close  small body, every request on a new connection (Connection: close)
 #   64k    64 KiB body, keep-alive
+#   64kclose  64 KiB body, Connection: close
+#   1m     1 MiB body, keep-alive
+#   1mclose   1 MiB body, Connection: close
 #   reuseport  small body, Connection: close, against Pitcher with 2 workers:
 #          one listening socket shared by both (PROXIES pitcher_shared) or
 #          one SO_REUSEPORT socket per worker (pitcher_reuseport). Adds an
@@ -88,6 +91,7 @@ NGINX=/usr/sbin/nginx
 # The small body every scenario but 64k fetches (same bytes from all hops).
 SMALL_BODY='Hello from the origin!'
 LARGE_SIZE=65536
+HUGE_SIZE=1048576
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -152,6 +156,10 @@ check_proxy() {
         "http://127.0.0.1:$port/64k") || die "$name: GET /64k failed"
     [[ $size == "$LARGE_SIZE" ]] ||
         die "$name: GET /64k returned $size bytes, expected $LARGE_SIZE"
+    size=$(curl -sS --max-time 5 -o /dev/null -w '%{size_download}' \
+        "http://127.0.0.1:$port/1m") || die "$name: GET /1m failed"
+    [[ $size == "$HUGE_SIZE" ]] ||
+        die "$name: GET /1m returned $size bytes, expected $HUGE_SIZE"
 }
 
 cleanup() {
@@ -200,7 +208,7 @@ for p in $PROXIES; do
         die "unknown proxy '$p' in PROXIES"
 done
 for s in $SCENARIOS; do
-    [[ $s == ka || $s == close || $s == 64k || $s == reuseport ]] || die "unknown scenario '$s' in SCENARIOS"
+    [[ $s == ka || $s == close || $s == 64k || $s == 64kclose || $s == 1m || $s == 1mclose || $s == reuseport ]] || die "unknown scenario '$s' in SCENARIOS"
 done
 # The two-worker proxies exist for the reuseport scenario, and it for them.
 if [[ " $SCENARIOS " == *" reuseport "* ]]; then
@@ -304,6 +312,7 @@ start_nginx() {
 ORIGIN_DIR=$TMP/origin
 mkdir -p "$ORIGIN_DIR/www"
 head -c "$LARGE_SIZE" /dev/zero | tr '\0' 'x' >"$ORIGIN_DIR/www/64k"
+head -c "$HUGE_SIZE" /dev/zero | tr '\0' 'y' >"$ORIGIN_DIR/www/1m"
 chmod -R a+rX "$ORIGIN_DIR/www"
 {
     nginx_common "$ORIGIN_DIR"
@@ -316,6 +325,7 @@ $(nginx_http_common "$ORIGIN_DIR")
         root $ORIGIN_DIR/www;
         location / { return 200 "$SMALL_BODY"; }
         location = /64k { }
+        location = /1m { }
     }
 }
 EOF
@@ -453,6 +463,9 @@ scenario_title() {
     ka) echo "small, keep-alive" ;;
     close) echo "small, Connection: close" ;;
     64k) echo "64 KiB, keep-alive" ;;
+    64kclose) echo "64 KiB, Connection: close" ;;
+    1m) echo "1 MiB, keep-alive" ;;
+    1mclose) echo "1 MiB, Connection: close" ;;
     reuseport) echo "small, Connection: close, 2 workers" ;;
     esac
 }
@@ -505,8 +518,9 @@ parse_wrk() {
 run_wrk() {
     local scen=$1 proxy=$2 dur=$3 out=$4 path=/
     local -a hdr=()
-    [[ $scen == close || $scen == reuseport ]] && hdr=(-H 'Connection: close')
-    [[ $scen == 64k ]] && path=/64k
+    [[ $scen == close || $scen == reuseport || $scen == *close ]] && hdr=(-H 'Connection: close')
+    [[ $scen == 64k* ]] && path=/64k
+    [[ $scen == 1m* ]] && path=/1m
     if ! taskset -c "$WRK_CPU" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$dur" --latency \
         "${hdr[@]}" "http://127.0.0.1:${PROXY_PORT[$proxy]}$path" >"$out" 2>&1; then
         cat "$out" >&2

@@ -302,8 +302,19 @@ pub(super) fn count_received(n: &Option<usize>) {
 /// `Ok(None)` would block. A short read marks the socket drained, which is
 /// safe with edge-triggered epoll because EPOLLRDHUP reports a close.
 pub(super) fn read_into<S: Read>(stream: &mut S, rd: &mut Readiness, buf: &mut Buf) -> io::Result<Option<usize>> {
+    read_at_most(stream, rd, buf, usize::MAX)
+}
+
+/// [`read_into`], reading at most `max` bytes.
+pub(super) fn read_at_most<S: Read>(
+    stream: &mut S,
+    rd: &mut Readiness,
+    buf: &mut Buf,
+    max: usize,
+) -> io::Result<Option<usize>> {
     let spare = buf.spare();
-    let want = spare.len();
+    let want = spare.len().min(max);
+    let spare = &mut spare[..want];
     if want == 0 {
         return Ok(None);
     }

@@ -39,6 +39,7 @@ use crate::http::write as hw;
 use crate::http::RequestHead;
 
 use super::exchange::{Body, Exchange};
+use super::splice::Pipe;
 
 /// Where a session is, with what is valid there.
 #[derive(Debug)]
@@ -128,6 +129,9 @@ pub struct Proxying {
     pub(super) continue_sent: bool,
     /// The pace of a request body still to come (`None`: no body to wait for).
     pub(super) body_pace: Option<BodyPace>,
+    /// The response body goes through this pipe by `splice(2)` (taken
+    /// from the worker's pool, given back by `leave_proxy`).
+    pub(super) pipe: Option<Pipe>,
 }
 
 /// How fast a request body arrives: its deadline (`client_body_total_ms`)
@@ -180,6 +184,7 @@ impl Proxying {
             interim_bytes: 0,
             continue_sent: false,
             body_pace: None,
+            pipe: None,
         }
     }
 
@@ -187,6 +192,11 @@ impl Proxying {
     pub(super) fn queue_head(&mut self, req: &RequestHead, client: Option<IpAddr>, scheme: hw::Scheme, upgrade: bool) {
         hw::request_head(&mut self.up_out, req, client, scheme, upgrade);
         self.up_head_len = self.up_out.len();
+    }
+
+    /// Response body bytes in the pipe, not yet written to the client.
+    pub(super) fn piped(&self) -> usize {
+        self.pipe.as_ref().map_or(0, |p| p.len)
     }
 
     /// The whole request (head and body) has reached the backend.
