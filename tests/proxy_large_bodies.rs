@@ -177,3 +177,28 @@ fn backend_closing_mid_body_truncates_the_response() {
     be.set_handler(|_| Reply::ok("fine"));
     assert_ok_body(&get_once(p.addr(), "h", "/"), b"fine");
 }
+
+/// No pipe to be had (the fd limit; here a test build's fault injection):
+/// the body goes through the buffers, whole, and the connections stay
+/// usable.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn without_a_pipe_a_large_body_is_copied_whole() {
+    let be = Backend::with_handler("be", |req| Reply::ok(pattern_bytes(0, size_of(req.path()))));
+    let p = single(&be.spec(), "");
+    let mut c = p.client();
+    for _ in 0..2 {
+        let r = c.request(&request_bytes(
+            "GET",
+            "h",
+            &format!("/get/{}", 3 * MIB),
+            &[("X-Pitcher-Test-No-Pipe", "1")],
+            b"",
+        ));
+        assert_eq!(r.status, 200, "{}", r.head_str());
+        assert!(r.body == pattern_bytes(0, 3 * MIB), "body bytes differ ({} bytes)", r.body.len());
+        let r = c.get("h", &format!("/get/{MIB}"));
+        assert!(r.body == pattern_bytes(0, MIB), "spliced body after a copied one differs");
+    }
+    assert_eq!(be.connections(), 1, "the backend connection was not reused");
+}

@@ -289,14 +289,27 @@ impl Core {
         loop {
             // A large body of known length: through a pipe (see `splice`),
             // once what was read with the head has been written.
-            let splicing = p.pipe.is_some() || self.splice_wanted(s, p);
+            let mut splicing = p.pipe.is_some() || (!p.no_pipe && self.splice_wanted(s, p));
             if p.pipe.is_none()
                 && splicing
                 && self.ups[p.up].buf.as_ref().is_some_and(|b| b.is_empty())
                 && !s.out_pending()
             {
-                // No pipe to be had (fd limit): the body is copied instead.
-                p.pipe = self.pipes.get().ok();
+                let got = self.pipes.get();
+                // Tests of the fallback: a request header makes it fail.
+                #[cfg(feature = "fault-injection")]
+                let got = match s.req.head.get("x-pitcher-test-no-pipe") {
+                    Some(_) => Err(io::Error::other("fault injection: X-Pitcher-Test-No-Pipe")),
+                    None => got,
+                };
+                match got {
+                    Ok(pipe) => p.pipe = Some(pipe),
+                    // No pipe to be had (fd limit): the body is copied.
+                    Err(_) => {
+                        p.no_pipe = true;
+                        splicing = false;
+                    }
+                }
             }
             if p.pipe.is_some() {
                 if !self.splice_body(s, p)? {

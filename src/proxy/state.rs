@@ -132,6 +132,8 @@ pub struct Proxying {
     /// The response body goes through this pipe by `splice(2)` (taken
     /// from the worker's pool, given back by `leave_proxy`).
     pub(super) pipe: Option<Pipe>,
+    /// No pipe could be opened for this body: it goes through the buffer.
+    pub(super) no_pipe: bool,
 }
 
 /// How fast a request body arrives: its deadline (`client_body_total_ms`)
@@ -185,6 +187,7 @@ impl Proxying {
             continue_sent: false,
             body_pace: None,
             pipe: None,
+            no_pipe: false,
         }
     }
 
