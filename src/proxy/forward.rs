@@ -554,7 +554,8 @@ impl Core {
     fn splice_wanted(&self, s: &Session, p: &Proxying) -> bool {
         p.resp_head_done
             && p.resp_mode == RespMode::Pass
-            && matches!(p.resp_body, Body::Length(n) if n.saturating_sub(p.resp_ready as u64) >= SPLICE_MIN_BYTES)
+            // (Body bytes not yet read: those read are scanned at once.)
+            && matches!(p.resp_body, Body::Length(n) if n >= SPLICE_MIN_BYTES)
             && !p.resp_eof
             && s.stream.plain_fd().is_some()
     }
