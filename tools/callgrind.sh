@@ -47,8 +47,9 @@ for ((j = 0; j < ${ROUTES:-0}; j++)); do
   printf 'cluster = "o"\n'
 done >> $D/p.toml
 printf '[[routes]]\npath_prefix = "/"\ncluster = "o"\n' >> $D/p.toml
-# refused: a route whose quota module (1 request/s) answers 503.
-printf '[[routes]]\nname = "refused"\npath_prefix = "/refused"\ncluster = "o"\nmodules = ["quota"]\n[modules.quota]\nkey = "route"\nrate_per_sec = 1\nburst = 1\nconcurrency = 0\nstatus = 503\n' >> $D/p.toml
+# refused: a route whose quota module (1 request/s) answers 503 (only
+# then: the modules would run on the other scenarios' route too).
+[ $SCEN = refused ] && printf '[[routes]]\nname = "refused"\npath_prefix = "/refused"\ncluster = "o"\nmodules = ["quota"]\n[modules.quota]\nkey = "route"\nrate_per_sec = 1\nburst = 1\nconcurrency = 0\nstatus = 503\n' >> $D/p.toml
 run() { # $1 duration or "none"
   valgrind --tool=callgrind --callgrind-out-file=$D/cg.out.%p $BIN --single-process -c $D/p.toml 2>$D/vg.err & local VP=$!
   for i in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:$PP/ && break; sleep 0.2; done

@@ -27,13 +27,18 @@ name = "o"
 backends = ["127.0.0.1:$OP"]
 keepalive = 64
 [[routes]]
+path_prefix = "/"
+cluster = "o"
+T
+# refused: a route whose quota module (1 request/s) answers 503 (only
+# then: the module would run on the other scenarios' route too).
+if [[ $SCEN == refused ]]; then
+    cat >>"$D/p.toml" <<T
+[[routes]]
 name = "refused"
 path_prefix = "/refused"
 cluster = "o"
 modules = ["quota"]
-[[routes]]
-path_prefix = "/"
-cluster = "o"
 [modules.quota]
 key = "route"
 rate_per_sec = 1
@@ -41,6 +46,7 @@ burst = 1
 concurrency = 0
 status = 503
 T
+fi
 "$BIN" --single-process -c "$D/p.toml" 2>"$D/p.err" &
 PID=$!
 trap 'kill -TERM $PID $NG 2>/dev/null; wait $PID $NG 2>/dev/null; rm -rf "$D"' EXIT
