@@ -5,7 +5,7 @@
 //! pool ([`Pipes`]): a pipe is two fds, too many to keep one per session.
 //!
 //! Used only where nothing needs to see the bytes (see
-//! `Core::splice_eligible`): a plain-text client, a response passed as it
+//! `Core::splice_wanted`): a plain-text client, a response passed as it
 //! is (`RespMode::Pass`) with a known length of at least
 //! [`SPLICE_MIN_BYTES`] left once the head and the bytes already read are
 //! written. Modules see heads only, never bodies.
