@@ -349,11 +349,11 @@ impl Core {
                 }
                 // Interim heads count against the response head limit.
                 let head_room = ubuf.capacity().saturating_sub(p.interim_bytes);
-                match s.resp.parse(ubuf.data(), MAX_PARSE_HEADERS) {
+                match p.resp.parse(ubuf.data(), MAX_PARSE_HEADERS) {
                     Ok(Some(n)) if n > head_room => return Err(Fail::TooManyInterim),
                     Ok(Some(n)) => {
                         ubuf.consume(n);
-                        if s.resp.status < 200 && s.resp.status != 101 {
+                        if p.resp.status < 200 && p.resp.status != 101 {
                             p.interim += 1;
                             p.interim_bytes += n;
                             if p.interim > MAX_INTERIM_RESPONSES {
@@ -417,16 +417,16 @@ impl Core {
     /// A response head arrived: decide the framing towards the client and
     /// queue the head. `Some`: the session leaves `Proxy`.
     fn response_head(&mut self, s: &mut Session, p: &mut Proxying) -> Result<Option<Switch>, Fail> {
-        let status = s.resp.status;
+        let status = p.resp.status;
         let client_v11 = s.req.version() == Version::Http11;
         // Validated whatever the status: a head with conflicting framing is
         // never forwarded (see `ResponseHead::framing`).
-        let framing = s.resp.framing(s.ex.head_request).map_err(|_| Fail::BadResponse)?;
+        let framing = p.resp.framing(s.ex.head_request).map_err(|_| Fail::BadResponse)?;
         if status == 101 {
             if !s.ex.upgrade {
                 return Err(Fail::BadResponse);
             }
-            hw::response_head(&mut s.out, &s.resp, OutFraming::None, ConnHeader::Upgrade);
+            hw::response_head(&mut s.out, &p.resp, OutFraming::None, ConnHeader::Upgrade);
             p.resp_head_done = true;
             s.ex.status = 101;
             return Ok(Some(Switch::Upgrade));
@@ -435,13 +435,13 @@ impl Core {
             // Interim responses (100 Continue, 103) go to HTTP/1.1 clients;
             // a 100 only if Pitcher did not send its own.
             if client_v11 && !(status == 100 && p.continue_sent) {
-                hw::response_head(&mut s.out, &s.resp, OutFraming::None, ConnHeader::Default);
+                hw::response_head(&mut s.out, &p.resp, OutFraming::None, ConnHeader::Default);
             }
             return Ok(None);
         }
         self.record_outcome(s, if status >= 500 { Outcome::ServerError } else { Outcome::Success });
         s.ex.status = status;
-        match self.hook_response(s) {
+        match self.hook_response(s, &mut p.resp) {
             Verdict::Continue => {}
             // A module closed the connection.
             Verdict::Close => return Err(Fail::ClientGone),
@@ -468,7 +468,7 @@ impl Core {
             }
         };
         s.ex.client_keep = keep;
-        p.upstream_keep = s.resp.keep_alive() && framing != Framing::Close;
+        p.upstream_keep = p.resp.keep_alive() && framing != Framing::Close;
         p.resp_mode = mode;
         p.resp_body = Body::from_framing(framing);
         let conn = match (keep, client_v11) {
@@ -476,7 +476,7 @@ impl Core {
             (true, true) => ConnHeader::Default,
             (true, false) => ConnHeader::KeepAlive,
         };
-        hw::response_head(&mut s.out, &s.resp, out, conn);
+        hw::response_head(&mut s.out, &p.resp, out, conn);
         p.resp_head_done = true;
         Ok(None)
     }

@@ -21,7 +21,7 @@ use slog::Logger;
 use crate::buffer::Buf;
 use crate::hooks::{Response, Vars};
 use crate::http::write::{self as hw, ConnHeader};
-use crate::http::{RequestHead, ResponseHead};
+use crate::http::RequestHead;
 use crate::net::{Peer, Readiness};
 use crate::shm::metrics::{self, TimeoutKind};
 use crate::tls::ClientStream;
@@ -50,7 +50,6 @@ pub struct Session {
     pub(super) out_pos: usize,
     pub state: State,
     pub(super) req: RequestHead,
-    pub(super) resp: ResponseHead,
     /// The current (or last) request: what it is, where it went, how it ended.
     pub(super) ex: Exchange,
     pub(super) timed: Timed,
@@ -115,7 +114,6 @@ impl Session {
             out_pos: 0,
             state: State::Head { started: None },
             req: spare.req,
-            resp: spare.resp,
             ex: spare.ex,
             timed: Timed::default(),
             requests: 0,
@@ -147,13 +145,11 @@ impl Session {
         let mut sp = Spare {
             out: std::mem::take(&mut self.out),
             req: std::mem::take(&mut self.req),
-            resp: std::mem::take(&mut self.resp),
             ex: Exchange::default(),
             vars: std::mem::take(&mut self.vars),
             spare_proxy: self.spare_proxy.take(),
         };
         sp.req.clear();
-        sp.resp.head.clear();
         sp.vars.clear();
         sp
     }
@@ -164,7 +160,6 @@ impl Session {
         if let Some(sp) = sp {
             self.out = sp.out;
             self.req = sp.req;
-            self.resp = sp.resp;
             self.vars = sp.vars;
             self.spare_proxy = sp.spare_proxy;
         }
@@ -178,19 +173,12 @@ impl Session {
     /// The socket of a session that moves to another process, and its
     /// allocations for the next session.
     pub(super) fn into_parts(self) -> (ClientStream, Spare) {
-        let mut sp = Spare {
-            out: self.out,
-            req: self.req,
-            resp: self.resp,
-            ex: self.ex,
-            vars: self.vars,
-            spare_proxy: self.spare_proxy,
-        };
+        let mut sp =
+            Spare { out: self.out, req: self.req, ex: self.ex, vars: self.vars, spare_proxy: self.spare_proxy };
         sp.out.clear();
         // The head, its normalised path, and where the scan of a head
         // still arriving stood.
         sp.req.clear();
-        sp.resp.head.clear();
         sp.ex.reset();
         sp.vars.clear();
         (self.stream, sp)
@@ -285,7 +273,6 @@ impl Session {
 pub struct Spare {
     out: Vec<u8>,
     req: RequestHead,
-    resp: ResponseHead,
     ex: Exchange,
     vars: Vars,
     spare_proxy: Option<Box<Proxying>>,

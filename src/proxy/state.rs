@@ -36,7 +36,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use crate::http::write as hw;
-use crate::http::RequestHead;
+use crate::http::{RequestHead, ResponseHead};
 
 use super::exchange::{Body, Exchange};
 use super::splice::Pipe;
@@ -107,6 +107,9 @@ pub struct Proxying {
     /// A byte of the body (data or framing) went to the backend: the
     /// request can not be replayed.
     pub(super) body_out: bool,
+    /// The backend's response head (here, not in the session: an idle
+    /// connection does not carry it; its allocation stays with this box).
+    pub(super) resp: ResponseHead,
     pub(super) resp_head_done: bool,
     pub(super) resp_body: Body,
     pub(super) resp_mode: RespMode,
@@ -157,22 +160,25 @@ impl Proxying {
         match spare {
             Some(mut p) => {
                 let up_out = std::mem::take(&mut p.up_out);
-                *p = Proxying::fresh(up, up_out);
+                let mut resp = std::mem::take(&mut p.resp);
+                resp.head.clear();
+                *p = Proxying::fresh(up, up_out, resp);
                 p
             }
-            None => Box::new(Proxying::fresh(up, Vec::new())),
+            None => Box::new(Proxying::fresh(up, Vec::new(), ResponseHead::default())),
         }
     }
 
     /// An exchange over connection `up`; `up_out` is an empty allocation
-    /// for the request head.
-    fn fresh(up: usize, up_out: Vec<u8>) -> Proxying {
+    /// for the request head, `resp` an empty response head.
+    fn fresh(up: usize, up_out: Vec<u8>, resp: ResponseHead) -> Proxying {
         Proxying {
             up,
             up_out,
             up_out_pos: 0,
             up_head_len: 0,
             body_out: false,
+            resp,
             resp_head_done: false,
             resp_body: Body::None,
             resp_mode: RespMode::Pass,
