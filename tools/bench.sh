@@ -11,6 +11,26 @@
 #   ka     small body, keep-alive client connections
 #   close  small body, every request on a new connection (Connection: close)
 #   64k    64 KiB body, keep-alive
+#   64kclose  64 KiB body, Connection: close
+#   1m     1 MiB body, keep-alive
+#   1mclose   1 MiB body, Connection: close
+#   refused  every request refused with a 503 by a module (Pitcher: the
+#          quota module, rate 1/s; nginx: limit_req, 1r/s, not logged):
+#          what a refusal costs, against "ka" (a proxied request)
+#   calm   small body, keep-alive, at a fixed rate of ADMIT_RATE/4 through
+#          the throttle (Pitcher: degrade + throttle modules at
+#          ADMIT_RATE, burst a tenth of it; nginx: limit_req at
+#          ADMIT_RATE, the same burst, nodelay): the
+#          unloaded latency of the overload scenario
+#   overload  the same at 2 x ADMIT_RATE: half refused (503), the p99 of
+#          all answers against calm's
+#          (refused, calm, overload run on a second instance of each proxy
+#          with these limits; a fixed rate is wrk with tools/lib/rate.lua:
+#          RATE_CONNECTIONS connections, each waiting between its
+#          requests; the achieved rate is what the req/s column shows)
+#   idle10k  IDLE_CONNECTIONS (10,000) idle keep-alive connections, each
+#          opened after the previous one's response (tools/idle_conns.py):
+#          RSS growth per connection of the proxy's processes
 #   reuseport  small body, Connection: close, against Pitcher with 2 workers:
 #          one listening socket shared by both (PROXIES pitcher_shared) or
 #          one SO_REUSEPORT socket per worker (pitcher_reuseport). Adds an
@@ -60,7 +80,16 @@
 # Environment:
 #   ROUNDS=2 DURATION=10s WARMUP=3s CONNECTIONS=50 THREADS=1
 #   S_TIME_CLIENTS=4             s_time processes at once (tls_full, tls_resume)
-#   SCENARIOS="ka close 64k"
+#   SCENARIOS="ka close 64k"     ALL=1: every scenario but reuseport
+#   ADMIT_RATE                   requests/s the throttle admits (default:
+#                                 a quarter of a 3 s closed-loop probe of
+#                                 the first proxy, small keep-alive: wrk
+#                                 and the origin share a core, and the
+#                                 fixed-rate wrk offers well below the
+#                                 closed-loop rate, so 2 x ADMIT_RATE must
+#                                 stay within what it can offer)
+#   RATE_CONNECTIONS=100         connections of the fixed-rate scenarios
+#   IDLE_CONNECTIONS=10000
 #   PROXIES="pitcher nginx"      which proxies to run, in this order;
 #                                 "pitcher_b" is a second Pitcher build
 #                                 (PITCHER_BIN_B), for before/after A/B runs;
@@ -108,6 +137,10 @@ CONNECTIONS=${CONNECTIONS:-50}
 THREADS=${THREADS:-1}
 S_TIME_CLIENTS=${S_TIME_CLIENTS:-4}
 SCENARIOS=${SCENARIOS:-"ka close 64k"}
+[[ ${ALL:-0} == 1 ]] && SCENARIOS="ka close 64k 64kclose 1m 1mclose refused calm overload idle10k"
+ADMIT_RATE=${ADMIT_RATE:-}
+RATE_CONNECTIONS=${RATE_CONNECTIONS:-100}
+IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-10000}
 PROXIES=${PROXIES:-"pitcher nginx"}
 PITCHER_ARGS=${PITCHER_ARGS:---single-process}
 PITCHER_MODULES=${PITCHER_MODULES:-}
@@ -123,6 +156,7 @@ NGINX=/usr/sbin/nginx
 # The small body every scenario but 64k fetches (same bytes from all hops).
 SMALL_BODY='Hello from the origin!'
 LARGE_SIZE=65536
+HUGE_SIZE=1048576
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -187,6 +221,10 @@ check_proxy() {
         "http://127.0.0.1:$port/64k") || die "$name: GET /64k failed"
     [[ $size == "$LARGE_SIZE" ]] ||
         die "$name: GET /64k returned $size bytes, expected $LARGE_SIZE"
+    size=$(curl -sS --max-time 5 -o /dev/null -w '%{size_download}' \
+        "http://127.0.0.1:$port/1m") || die "$name: GET /1m failed"
+    [[ $size == "$HUGE_SIZE" ]] ||
+        die "$name: GET /1m returned $size bytes, expected $HUGE_SIZE"
 }
 
 cleanup() {
@@ -234,8 +272,8 @@ done
 CLK_TCK=$(getconf CLK_TCK)
 
 for s in $SCENARIOS; do
-    [[ $s == ka || $s == close || $s == 64k || $s == reuseport || $s == routes || $s == tls_full || $s == tls_resume ||
-        $s == tls_ka ]] || die "unknown scenario '$s' in SCENARIOS"
+    [[ " ka close 64k 64kclose 1m 1mclose refused calm overload idle10k reuseport routes tls_full tls_resume tls_ka " == *" $s "* ]] ||
+        die "unknown scenario '$s' in SCENARIOS"
 done
 # The routes scenario runs one Pitcher per count of ROUTE_COUNTS, alone.
 if [[ " $SCENARIOS " == *" routes "* ]]; then
@@ -262,6 +300,14 @@ if ((TLS_BENCH)); then
     done
     command -v openssl >/dev/null || die "openssl is required for the TLS scenarios"
 fi
+# The limited instances exist for Pitcher builds and nginx.
+if [[ " $SCENARIOS " == *" refused "* || " $SCENARIOS " == *" calm "* || " $SCENARIOS " == *" overload "* ]]; then
+    for p in $PROXIES; do
+        [[ $p == pitcher || $p == pitcher_b || $p == nginx ]] ||
+            die "the refused, calm and overload scenarios run against pitcher, pitcher_b and nginx, not '$p'"
+    done
+fi
+[[ -z $ADMIT_RATE || $ADMIT_RATE =~ ^[1-9][0-9]*$ ]] || die "ADMIT_RATE must be a rate in requests/s, not '$ADMIT_RATE'"
 # The two-worker proxies exist for the reuseport scenario, and it for them.
 if [[ " $SCENARIOS " == *" reuseport "* ]]; then
     for p in $PROXIES; do
@@ -271,7 +317,7 @@ if [[ " $SCENARIOS " == *" reuseport "* ]]; then
 fi
 
 [[ $PITCHER_ROUTES =~ ^[0-9]+$ ]] || die "PITCHER_ROUTES must be a number of routes, not '$PITCHER_ROUTES'"
-for v in ROUNDS CONNECTIONS THREADS S_TIME_CLIENTS; do
+for v in ROUNDS CONNECTIONS THREADS S_TIME_CLIENTS RATE_CONNECTIONS IDLE_CONNECTIONS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
 done
 [[ $OTHER_LOAD_MAX =~ ^[0-9]+$ ]] || die "OTHER_LOAD_MAX must be a number of percent, not '$OTHER_LOAD_MAX'"
@@ -318,10 +364,10 @@ TMP=$(mktemp -d /tmp/pitcher-bench.XXXXXX)
 # nginx workers run as an unprivileged user when started as root: let them
 # into the temp dir to read the static 64 KiB file.
 chmod 755 "$TMP"
-ports=$(free_ports 11) || die "could not pick free ports"
+ports=$(free_ports 14) || die "could not pick free ports"
 read -r ORIGIN_PORT NGINX_PORT PITCHER_PORT PITCHER_B_PORT SHARED_PORT REUSEPORT_PORT \
-    NGINX_TLS_PORT PITCHER_TLS_PORT PITCHER_B_TLS_PORT THROTTLE_LOCAL_PORT THROTTLE_FLEET_PORT <<<"$ports"
-
+    NGINX_TLS_PORT PITCHER_TLS_PORT PITCHER_B_TLS_PORT THROTTLE_LOCAL_PORT THROTTLE_FLEET_PORT \
+    NGINX_LIM_PORT PITCHER_LIM_PORT PITCHER_B_LIM_PORT <<<"$ports"
 # One ECDSA P-256 certificate for every HTTPS listener.
 TLS_CERT=$TMP/tls/cert.pem
 TLS_KEY=$TMP/tls/key.pem
@@ -331,6 +377,12 @@ if ((TLS_BENCH)); then
         -days 2 -subj /CN=localhost -addext subjectAltName=DNS:localhost 2>"$TMP/tls/openssl.log" ||
         die "openssl could not make the benchmark certificate: $(cat "$TMP/tls/openssl.log")"
     chmod -R a+rX "$TMP/tls"
+fi
+# 10,000 idle client connections need as many fds in the proxy (and the
+# client): raise the soft limit to the hard one.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [[ " $SCENARIOS " == *" idle10k "* ]] && (($(ulimit -n) < IDLE_CONNECTIONS + 200)); then
+    die "idle10k needs ulimit -n >= $((IDLE_CONNECTIONS + 200)) (hard limit $(ulimit -Hn)); set IDLE_CONNECTIONS lower"
 fi
 
 # ------------------------------------------------------------------- origin
@@ -343,7 +395,8 @@ worker_processes 1;
 daemon off;
 pid $1/nginx.pid;
 error_log $1/error.log warn;
-events { worker_connections 4096; }
+worker_rlimit_nofile $(ulimit -n);
+events { worker_connections $(($(ulimit -n) - 100)); }
 EOF
 }
 nginx_http_common() {
@@ -377,6 +430,7 @@ start_nginx() {
 ORIGIN_DIR=$TMP/origin
 mkdir -p "$ORIGIN_DIR/www"
 head -c "$LARGE_SIZE" /dev/zero | tr '\0' 'x' >"$ORIGIN_DIR/www/64k"
+head -c "$HUGE_SIZE" /dev/zero | tr '\0' 'y' >"$ORIGIN_DIR/www/1m"
 chmod -R a+rX "$ORIGIN_DIR/www"
 {
     nginx_common "$ORIGIN_DIR"
@@ -389,6 +443,7 @@ $(nginx_http_common "$ORIGIN_DIR")
         root $ORIGIN_DIR/www;
         location / { return 200 "$SMALL_BODY"; }
         location = /64k { }
+        location = /1m { }
     }
 }
 EOF
@@ -401,23 +456,43 @@ check_proxy origin "$ORIGIN_PORT"
 
 declare -A PROXY_PID PROXY_PORT PROXY_TLS_PORT
 
-launch_nginx() {
-    local dir=$TMP/nginx
+launch_nginx() { TLS_PORT=$NGINX_TLS_PORT launch_nginx_as nginx "$NGINX_PORT"; }
+# The same with the limits of the refused/calm/overload scenarios.
+launch_nginx_lim() { LIMIT_RATE=$ADMIT_RATE launch_nginx_as nginx_lim "$NGINX_LIM_PORT"; }
+
+# launch_nginx_as NAME PORT: the nginx proxy (LIMIT_RATE: with limit_req
+# locations /ovl at that rate and /refused at 1r/s; TLS_PORT: its HTTPS
+# listener in the TLS scenarios).
+launch_nginx_as() {
+    local name=$1 port=$2 rate=${LIMIT_RATE:-} dir=$TMP/$1 limits="" lim_locations="" tls_port=${TLS_PORT:-}
     mkdir -p "$dir"
+    if [[ -n $rate ]]; then
+        limits="
+    limit_req_zone \$binary_remote_addr zone=ovl:1m rate=${rate}r/s;
+    limit_req_zone \$binary_remote_addr zone=refused:1m rate=1r/s;
+    # (one client address here: the key makes the limit global.)
+    limit_req_status 503;
+    # Refusals are not logged (Pitcher does not log them either).
+    limit_req_log_level info;"
+        lim_locations="
+        location /ovl { limit_req zone=ovl burst=$((rate / 10 + 1)) nodelay; proxy_pass http://origin; }
+        location /refused { limit_req zone=refused; proxy_pass http://origin; }"
+    fi
     {
         nginx_common "$dir"
         cat <<EOF
 http {
 $(nginx_http_common "$dir")
+$limits
     upstream origin {
         server 127.0.0.1:$ORIGIN_PORT;
         keepalive 64;
         keepalive_requests 1000000;
     }
     server {
-        listen 127.0.0.1:$NGINX_PORT backlog=4096;
-$( ((TLS_BENCH)) && cat <<TLS
-        listen 127.0.0.1:$NGINX_TLS_PORT ssl backlog=4096;
+        listen 127.0.0.1:$port backlog=4096;
+$( ((TLS_BENCH)) && [[ -n $tls_port ]] && cat <<TLS
+        listen 127.0.0.1:$tls_port ssl backlog=4096;
         ssl_certificate $TLS_CERT;
         ssl_certificate_key $TLS_KEY;
         ssl_protocols TLSv1.3;
@@ -425,28 +500,28 @@ $( ((TLS_BENCH)) && cat <<TLS
         ssl_session_tickets on;
 TLS
 )
-        location / {
-            proxy_pass http://origin;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            # Hold a 64 KiB response in memory (16 x 8k) and never spill a
-            # response to a temp file: a streaming proxy does not either.
-            proxy_buffers 16 8k;
-            proxy_max_temp_file_size 0;
-        }
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        # Hold a 64 KiB response in memory (16 x 8k) and never spill a
+        # response to a temp file: a streaming proxy does not either.
+        proxy_buffers 16 8k;
+        proxy_max_temp_file_size 0;
+        location / { proxy_pass http://origin; }$lim_locations
     }
 }
 EOF
     } >"$dir/nginx.conf"
-    log "starting nginx proxy on 127.0.0.1:$NGINX_PORT (cpu $PROXY_CPU)"
-    start_nginx nginx "$dir" "$PROXY_CPU" "$NGINX_PORT"
-    PROXY_PID[nginx]=$REPLY
-    PROXY_PORT[nginx]=$NGINX_PORT
-    PROXY_TLS_PORT[nginx]=$NGINX_TLS_PORT
+    log "starting $name proxy on 127.0.0.1:$port (cpu $PROXY_CPU)"
+    start_nginx "$name" "$dir" "$PROXY_CPU" "$port"
+    PROXY_PID[$name]=$REPLY
+    PROXY_PORT[$name]=$port
+    PROXY_TLS_PORT[$name]=$tls_port
 }
 
 launch_pitcher() { TLS_PORT=$PITCHER_TLS_PORT launch_pitcher_build pitcher "$PITCHER_BIN" "$PITCHER_PORT"; }
 launch_pitcher_b() { TLS_PORT=$PITCHER_B_TLS_PORT launch_pitcher_build pitcher_b "$PITCHER_BIN_B" "$PITCHER_B_PORT"; }
+launch_pitcher_lim() { LIMIT_RATE=$ADMIT_RATE launch_pitcher_build pitcher_lim "$PITCHER_BIN" "$PITCHER_LIM_PORT"; }
+launch_pitcher_b_lim() { LIMIT_RATE=$ADMIT_RATE launch_pitcher_build pitcher_b_lim "$PITCHER_BIN_B" "$PITCHER_B_LIM_PORT"; }
 # Master + 2 workers, one shared socket or one SO_REUSEPORT socket each; an
 # access log of "$pid" lines tells which worker served each request.
 launch_pitcher_shared() { WORKERS=2 REUSEPORT=false launch_pitcher_build pitcher_shared "$PITCHER_BIN" "$SHARED_PORT"; }
@@ -489,7 +564,8 @@ redis_calls() {
 # launch_pitcher_build NAME BINARY PORT: one Pitcher build as proxy NAME
 # (WORKERS, REUSEPORT: see launch_pitcher_shared; ROUTES: extra routes,
 # PITCHER_ROUTES by default; TLS_PORT: its HTTPS listener in the TLS
-# scenarios).
+# scenarios; LIMIT_RATE: with routes /ovl through degrade + throttle at
+# that rate and /refused through a quota of 1/s, both answering 503).
 launch_pitcher_build() {
     local name=$1 bin=$2 port=$3 workers=${WORKERS:-1} reuseport=${REUSEPORT:-} routes=${ROUTES:-$PITCHER_ROUTES}
     local tls_port=${TLS_PORT:-}
@@ -530,7 +606,41 @@ EOF
         if ((j % 10 == 1)); then printf 'header = { name = "X-Tenant" }\n'; fi
         printf 'cluster = "origin"\n\n'
     done >>"$cfg"
+    if [[ -n ${LIMIT_RATE:-} ]]; then
+        cat >>"$cfg" <<EOF
+[[routes]]
+name = "ovl"
+path_prefix = "/ovl"
+cluster = "origin"
+modules = ["degrade", "throttle"]
+
+[[routes]]
+name = "refused"
+path_prefix = "/refused"
+cluster = "origin"
+modules = ["quota"]
+
+EOF
+    fi
     printf '[[routes]]\npath_prefix = "/"\ncluster = "origin"\n' >>"$cfg"
+    if [[ -n ${LIMIT_RATE:-} ]]; then
+        cat >>"$cfg" <<EOF
+
+[modules.degrade]
+
+[modules.throttle]
+rate_per_sec = $LIMIT_RATE
+burst = $((LIMIT_RATE / 10 + 1))
+status = 503
+
+[modules.quota]
+key = "route"
+rate_per_sec = 1
+burst = 1
+concurrency = 0
+status = 503
+EOF
+    fi
     local m
     for m in ${PITCHER_MODULES//,/ }; do
         case $m in
@@ -585,6 +695,49 @@ for p in $PROXIES; do
     if ((TLS_BENCH)); then check_tls "$p" "${PROXY_TLS_PORT[$p]}"; fi
 done
 
+# target PROXY SCENARIO: the instance of PROXY a scenario runs against
+# (refused, calm, overload: the one with the limits).
+target() {
+    case $2 in
+    refused | calm | overload) echo "${1}_lim" ;;
+    *) echo "$1" ;;
+    esac
+}
+
+# ensure_limited: the instances with limits are up (started when the first
+# scenario that needs them comes, once ADMIT_RATE is known).
+ensure_limited() {
+    local p t rps first=${PROXIES%% *}
+    if [[ -z $ADMIT_RATE ]]; then
+        log "capacity probe: $first, small keep-alive, closed loop, 3 s"
+        taskset -c "$WRK_CPU" wrk -t"$THREADS" -c"$CONNECTIONS" -d3s \
+            "http://127.0.0.1:${PROXY_PORT[$first]}/" >"$TMP/probe.txt" 2>&1 || die "capacity probe failed"
+        rps=$(awk '$1 == "Requests/sec:" { printf "%d", $2 }' "$TMP/probe.txt")
+        ((rps > 1)) || die "capacity probe: no requests"
+        ADMIT_RATE=$((rps / 4))
+        log "ADMIT_RATE=$ADMIT_RATE req/s (a quarter of the probe's $rps)"
+    fi
+    for p in $PROXIES; do
+        t=$(target "$p" overload)
+        [[ -n ${PROXY_PID[$t]:-} ]] && continue
+        "launch_$t"
+        # The burst of one admits the first request.
+        curl -sS --max-time 5 -o /dev/null "http://127.0.0.1:${PROXY_PORT[$t]}/refused" || die "$t: GET /refused failed"
+        [[ $(curl -sS --max-time 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PROXY_PORT[$t]}/refused") == 503 ]] ||
+            die "$t: /refused is not refused"
+    done
+}
+
+# rss_kib PID: VmRSS summed over PID and its descendants, in KiB.
+rss_kib() {
+    local total=0 pid kib
+    while read -r pid; do
+        kib=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null) || continue
+        total=$((total + ${kib:-0}))
+    done < <(proc_tree "$1")
+    echo "$total"
+}
+
 # --------------------------------------------------------------------- runs
 
 RESULTS=$TMP/results.tsv
@@ -595,11 +748,18 @@ scenario_title() {
     ka) echo "small, keep-alive" ;;
     close) echo "small, Connection: close" ;;
     64k) echo "64 KiB, keep-alive" ;;
+    64kclose) echo "64 KiB, Connection: close" ;;
+    1m) echo "1 MiB, keep-alive" ;;
+    1mclose) echo "1 MiB, Connection: close" ;;
     reuseport) echo "small, Connection: close, 2 workers" ;;
     routes) echo "small, keep-alive, routes" ;;
     tls_full) echo "TLS 1.3 full handshake per request" ;;
     tls_resume) echo "TLS 1.3 resumed handshake per request" ;;
     tls_ka) echo "TLS 1.3 small, keep-alive" ;;
+    refused) echo "refused (503 by a module)" ;;
+    calm) echo "throttled, ADMIT_RATE/4 offered" ;;
+    overload) echo "throttled, 2 x ADMIT_RATE offered" ;;
+    idle10k) echo "$IDLE_CONNECTIONS idle keep-alive connections" ;;
     esac
 }
 
@@ -681,18 +841,33 @@ run_s_time() {
     alive "${PROXY_PID[$proxy]}" || die "$proxy (pid ${PROXY_PID[$proxy]}) died during the run"
 }
 
-# run_wrk SCENARIO PROXY DURATION OUTFILE
+# run_wrk SCENARIO PROXY DURATION OUTFILE (PROXY: the instance, see target)
 run_wrk() {
-    local scen=$1 proxy=$2 dur=$3 out=$4 path=/ scheme=http port=${PROXY_PORT[$2]}
-    local -a hdr=()
+    local scen=$1 proxy=$2 dur=$3 out=$4 path=/ conns=$CONNECTIONS rate
+    local -a hdr=() script=()
+    local scheme=http port=${PROXY_PORT[$2]}
     if [[ $scen == tls_full || $scen == tls_resume ]]; then
         run_s_time "$@"
         return
     fi
-    [[ $scen == close || $scen == reuseport ]] && hdr=(-H 'Connection: close')
-    [[ $scen == 64k ]] && path=/64k
     [[ $scen == tls_ka ]] && scheme=https port=${PROXY_TLS_PORT[$proxy]}
-    if ! taskset -c "$WRK_CPU" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$dur" --latency \
+    case $scen in *close | reuseport) hdr=(-H 'Connection: close') ;; esac
+    case $scen in
+    64k*) path=/64k ;;
+    1m*) path=/1m ;;
+    refused) path=/refused ;;
+    calm | overload) path=/ovl ;;
+    esac
+    if [[ $scen == calm || $scen == overload ]]; then
+        rate=$((ADMIT_RATE / 4))
+        [[ $scen == overload ]] && rate=$((2 * ADMIT_RATE))
+        ((rate > 0)) || rate=1
+        conns=$RATE_CONNECTIONS
+        script=(-s "$ROOT/tools/lib/rate.lua")
+        BENCH_INTERVAL_MS=$(awk -v c="$conns" -v r="$rate" 'BEGIN { printf "%.3f", c * 1000 / r }')
+        export BENCH_INTERVAL_MS
+    fi
+    if ! taskset -c "$WRK_CPU" wrk -t"$THREADS" -c"$conns" -d"$dur" --latency "${script[@]}" \
         "${hdr[@]}" "$scheme://127.0.0.1:$port$path" >"$out" 2>&1; then
         cat "$out" >&2
         die "wrk failed against $proxy"
@@ -702,25 +877,44 @@ run_wrk() {
 
 log "settings: rounds=$ROUNDS duration=$DURATION warmup=$WARMUP connections=$CONNECTIONS threads=$THREADS"
 for scen in $SCENARIOS; do
+    if [[ $scen == refused || $scen == calm || $scen == overload ]]; then
+        ensure_limited
+    fi
+    if [[ $scen == idle10k ]]; then
+        # One measurement per proxy: RSS growth per idle connection.
+        for p in $PROXIES; do
+            log "$(scenario_title "$scen"): $p"
+            read -r held before after per_conn < <(python3 "$ROOT/tools/idle_conns.py" \
+                "${PROXY_PORT[$p]}" "$IDLE_CONNECTIONS" "${PROXY_PID[$p]}") ||
+                die "$p: tools/idle_conns.py failed"
+            alive "${PROXY_PID[$p]}" || die "$p (pid ${PROXY_PID[$p]}) died with $IDLE_CONNECTIONS idle connections"
+            log "$(scenario_title "$scen"): $p: $held connections, RSS $before -> $after KiB, $per_conn bytes per connection"
+            printf '%s\t%s\t%s\t\t\t\t\t0\t%s\t0\t%s\n' "$scen" "$p" 1 \
+                "$held held, RSS $((before / 1024)) -> $((after / 1024)) MiB" "$per_conn" >>"$RESULTS"
+        done
+        continue
+    fi
     for p in $PROXIES; do
         log "$(scenario_title "$scen"): warm-up $p ($WARMUP)"
-        run_wrk "$scen" "$p" "$WARMUP" "$TMP/wrk-$scen-$p-warmup.txt"
+        run_wrk "$scen" "$(target "$p" "$scen")" "$WARMUP" "$TMP/wrk-$scen-$p-warmup.txt"
     done
     for ((r = 1; r <= ROUNDS; r++)); do
         for p in $PROXIES; do
+            t=$(target "$p" "$scen")
             out=$TMP/wrk-$scen-$p-$r.txt
             [[ $scen == reuseport ]] && sleep 0.3 && : >"$TMP/$p/access.log"
             [[ $p == pitcher_throttle_fleet ]] && read -r redis0 trips0 < <(redis_calls)
             c0=$(core_busy_ticks "$PROXY_CPU")
-            t0=$(cpu_ticks "${PROXY_PID[$p]}")
-            run_wrk "$scen" "$p" "$DURATION" "$out"
-            t1=$(cpu_ticks "${PROXY_PID[$p]}")
+            t0=$(cpu_ticks "${PROXY_PID[$t]}")
+            run_wrk "$scen" "$t" "$DURATION" "$out"
+            t1=$(cpu_ticks "${PROXY_PID[$t]}")
             c1=$(core_busy_ticks "$PROXY_CPU")
             if [[ $p == pitcher_throttle_fleet ]]; then
                 read -r redis1 trips1 < <(redis_calls)
                 printf '%s\t%s\t%s\t%s\t%s\n' "$scen" "$r" "$((redis1 - redis0))" "$((trips1 - trips0))" "$out" \
                     >>"$TMP/redis.tsv"
             fi
+            rss=$(rss_kib "${PROXY_PID[$t]}")
             if [[ $scen == reuseport ]]; then
                 printf '%s\t%s\t%s\n' "$p" "$r" "$(accept_balance "$p")" >>"$TMP/balance.tsv"
             fi
@@ -739,8 +933,8 @@ for scen in $SCENARIOS; do
                 log "WARNING: cpu $PROXY_CPU was ${other}% busy with other work during this run"
                 detail+=" (⚠ cpu $PROXY_CPU ${other}% busy with other work)"
             fi
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
-                "$scen" "$p" "$r" "$rps" "$p50" "$p99" "$cpu" "$nerr" "$detail" "$other" >>"$RESULTS"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+                "$scen" "$p" "$r" "$rps" "$p50" "$p99" "$cpu" "$nerr" "$detail" "$other" "$rss" >>"$RESULTS"
             log "$(scenario_title "$scen"): $p round $r: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, $cpu µs/req CPU, other work on cpu $PROXY_CPU ${other}%, errors: $detail"
         done
     done
@@ -753,26 +947,59 @@ echo "Pitcher benchmark — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(
 echo "machine ${BUSY}% busy before the start; wrk -t$THREADS -c$CONNECTIONS -d$DURATION on cpu $WRK_CPU, origin nginx on cpu $ORIGIN_CPU, proxy on cpu $PROXY_CPU; $("$NGINX" -v 2>&1 | sed 's/^nginx version: //')$(
     [[ " $PROXIES " == *" pitcher"* ]] && printf ', pitcher %s (%s; modules: %s)' "$(git describe --always --dirty 2>/dev/null || echo 'uncommitted')" "$PITCHER_ARGS" "${PITCHER_MODULES:-none}")"
 echo
-echo "| scenario | proxy | req/s | p50 ms | p99 ms | CPU µs/req | errors |"
-echo "|---|---|---:|---:|---:|---:|---|"
+echo "ADMIT_RATE=${ADMIT_RATE:-unused} req/s; means of $ROUNDS rounds (each run: stderr). RSS: the proxy's processes after the run;"
+echo "idle: growth per connection. vs nginx: CPU per request (idle: bytes per connection) over nginx's."
+echo
+echo "| scenario | proxy | req/s | p50 ms | p99 ms | CPU µs/req | RSS | vs nginx | errors, notes |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---|"
 for scen in $SCENARIOS; do
-    for p in $PROXIES; do
-        awk -F'\t' -v s="$scen" -v p="$p" -v title="$(scenario_title "$scen")" -v max="$OTHER_LOAD_MAX" '
-        $1 == s && $2 == p {
-            n++; rps += $4; p50 += $5; p99 += $6; cpu += $7; err += $8; flagged += ($10 > max)
-            lat = (s ~ /^tls_(full|resume)$/) ? "-" : ""
-            if (lat == "") printf "| %s | %s #%d | %.0f | %.3f | %.3f | %.2f | %s |\n", title, p, $3, $4, $5, $6, $7, $9
-            else printf "| %s | %s #%d | %.0f | - | - | %.2f | %s |\n", title, p, $3, $4, $7, $9
+    awk -F'\t' -v s="$scen" -v plist="$PROXIES" -v title="$(scenario_title "$scen")" -v max="$OTHER_LOAD_MAX" '
+    $1 == s {
+        p = $2; n[p]++; rps[p] += $4; p50[p] += $5; p99[p] += $6; cpu[p] += $7; err[p] += $8
+        flagged[p] += ($10 > max); rss[p] += $11; note[p] = $9
+    }
+    END {
+        np = split(plist, ps, " ")
+        for (k = 1; k <= np; k++) {
+            p = ps[k]; if (!n[p]) continue
+            if (s == "idle10k") {
+                ratio = (n["nginx"] && rss["nginx"] > 0) ? sprintf("%.2fx", rss[p] / rss["nginx"]) : "—"
+                printf "| %s | %s | — | — | — | — | %.0f B/conn | %s | %s |\n", title, p, rss[p] / n[p], ratio, note[p]
+                continue
+            }
+            ratio = (n["nginx"] && cpu["nginx"] > 0) ? sprintf("%.2fx", (cpu[p] / n[p]) / (cpu["nginx"] / n["nginx"])) : "—"
+            notes = note[p]; sub(/ *\(⚠[^)]*\)/, "", notes)
+            if (flagged[p]) notes = notes sprintf(" ⚠ %d of %d runs disturbed", flagged[p], n[p])
+            if (s ~ /^tls_(full|resume)$/) {
+                # openssl s_time reports no latency.
+                printf "| %s | %s | %.0f | - | - | %.2f | %.1f MiB | %s | %s |\n", title, p,
+                    rps[p] / n[p], cpu[p] / n[p], rss[p] / n[p] / 1024, ratio, notes
+                continue
+            }
+            printf "| %s | %s | %.0f | %.3f | %.3f | %.2f | %.1f MiB | %s | %s |\n", title, p,
+                rps[p] / n[p], p50[p] / n[p], p99[p] / n[p], cpu[p] / n[p], rss[p] / n[p] / 1024, ratio, notes
         }
-        END {
-            lat = (s ~ /^tls_(full|resume)$/)
-            note = (flagged ? sprintf(" (⚠ %d of %d runs disturbed)", flagged, n) : "")
-            if (n && !lat) printf "| %s | **%s mean** | **%.0f** | **%.3f** | **%.3f** | **%.2f** | %d%s |\n", title, p, rps / n, p50 / n, p99 / n, cpu / n, err, note
-            if (n && lat) printf "| %s | **%s mean** | **%.0f** | - | - | **%.2f** | %d%s |\n", title, p, rps / n, cpu / n, err, note
-        }' "$RESULTS"
-    done
+    }' "$RESULTS"
 done
 
+# What a refusal costs against a proxied request, and the overload p99
+# against the calm one (when those scenarios ran).
+awk -F'\t' -v plist="$PROXIES" '
+    { k = $1 SUBSEP $2; n[k]++; cpu[k] += $7; p99[k] += $6 }
+    END {
+        np = split(plist, ps, " ")
+        for (i = 1; i <= np; i++) {
+            p = ps[i]
+            if (n["refused", p] && n["ka", p] && cpu["ka", p] > 0)
+                printf "\n%s: a refused request (503) costs %.0f%% of the CPU of a proxied one (refused / small keep-alive)", p,
+                    100 * (cpu["refused", p] / n["refused", p]) / (cpu["ka", p] / n["ka", p])
+            if (n["overload", p] && n["calm", p] && p99["calm", p] > 0)
+                printf "\n%s: p99 under overload is %.2fx the calm p99 (all answers, 503s included)", p,
+                    (p99["overload", p] / n["overload", p]) / (p99["calm", p] / n["calm", p])
+        }
+        print ""
+    }' "$RESULTS"
+echo
 # The routes scenario: CPU per request by size of the routing table, side
 # by side, and how far apart (the goal: within 5% of the smallest table).
 if [[ $SCENARIOS == routes ]]; then
@@ -849,23 +1076,6 @@ if [[ " $PROXIES " == *" pitcher "* && " $PROXIES " == *" pitcher_b "* ]]; then
                 printf "| %s | %.3fx | %.3fx |\n", title,
                     (rps["pitcher_b"] / n["pitcher_b"]) / (rps["pitcher"] / n["pitcher"]),
                     (cpu["pitcher_b"] / n["pitcher_b"]) / (cpu["pitcher"] / n["pitcher"])
-        }' "$RESULTS"
-    done
-fi
-
-# Pitcher relative to nginx, from the means (only when both ran).
-if [[ " $PROXIES " == *" pitcher "* && " $PROXIES " == *" nginx "* ]]; then
-    echo
-    echo "| scenario | pitcher/nginx req/s | pitcher/nginx CPU per request |"
-    echo "|---|---:|---:|"
-    for scen in $SCENARIOS; do
-        awk -F'\t' -v s="$scen" -v title="$(scenario_title "$scen")" '
-        $1 == s { n[$2]++; rps[$2] += $4; cpu[$2] += $7 }
-        END {
-            if (n["pitcher"] && n["nginx"] && rps["nginx"] > 0 && cpu["nginx"] > 0)
-                printf "| %s | %.2fx | %.2fx |\n", title,
-                    (rps["pitcher"] / n["pitcher"]) / (rps["nginx"] / n["nginx"]),
-                    (cpu["pitcher"] / n["pitcher"]) / (cpu["nginx"] / n["nginx"])
         }' "$RESULTS"
     done
 fi

@@ -9,7 +9,8 @@
 # not see kernel time: syscalls and wake-ups are bench.sh's job).
 #
 # SCENARIO: ka (small body, keep-alive; default), close (Connection: close),
-# 64k (64 KiB body, keep-alive). DURATION: wrk's -d (default 5s).
+# 64k (64 KiB body, keep-alive), refused (every request answered 503 by the
+# quota module). DURATION: wrk's -d (default 5s).
 # The figure is (instructions of a run under load − instructions of a run
 # that served one request) / requests, so start-up and shutdown cancel out.
 # Needs valgrind, wrk, nginx (origin), curl, python3; KEEP=1 keeps the
@@ -46,6 +47,9 @@ for ((j = 0; j < ${ROUTES:-0}; j++)); do
   printf 'cluster = "o"\n'
 done >> $D/p.toml
 printf '[[routes]]\npath_prefix = "/"\ncluster = "o"\n' >> $D/p.toml
+# refused: a route whose quota module (1 request/s) answers 503 (only
+# then: the modules would run on the other scenarios' route too).
+[ $SCEN = refused ] && printf '[[routes]]\nname = "refused"\npath_prefix = "/refused"\ncluster = "o"\nmodules = ["quota"]\n[modules.quota]\nkey = "route"\nrate_per_sec = 1\nburst = 1\nconcurrency = 0\nstatus = 503\n' >> $D/p.toml
 run() { # $1 duration or "none"
   valgrind --tool=callgrind --callgrind-out-file=$D/cg.out.%p $BIN --single-process -c $D/p.toml 2>$D/vg.err & local VP=$!
   for i in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:$PP/ && break; sleep 0.2; done
@@ -53,6 +57,7 @@ run() { # $1 duration or "none"
   if [ "$1" != none ]; then
     local path=/ hdr=()
     [ $SCEN = 64k ] && path=/64k
+    [ $SCEN = refused ] && path=/refused
     [ $SCEN = close ] && hdr=(-H "Connection: close")
     n=$(wrk -t1 -c10 -d$1 "${hdr[@]}" http://127.0.0.1:$PP$path | awk '/requests in/ {print $1}')
     n=$((n+1))

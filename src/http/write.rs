@@ -246,7 +246,8 @@ pub fn local_response(out: &mut Vec<u8>, status: u16, extra: &[u8], conn: ConnHe
 
 /// Writes a complete response made by a module: its header fields and
 /// body (Pitcher's short text body for the status when `body` is empty).
-/// Returns the body bytes written.
+/// Returns the body bytes written. Written straight into `out` (no
+/// allocation: a refusal under overload is this path).
 pub fn module_response(
     out: &mut Vec<u8>,
     status: u16,
@@ -255,33 +256,39 @@ pub fn module_response(
     conn: ConnHeader,
     head_request: bool,
 ) -> usize {
-    let mut extra = Vec::new();
-    for (n, v) in headers {
-        extra.extend_from_slice(n.as_bytes());
-        extra.extend_from_slice(b": ");
-        extra.extend_from_slice(v.as_bytes());
-        extra.extend_from_slice(b"\r\n");
-    }
-    if body.is_empty() {
-        return local_response(out, status, &extra, conn, head_request);
-    }
+    let reason = reason(status);
     out.extend_from_slice(b"HTTP/1.1 ");
     push_num(out, status as u64);
     out.push(b' ');
-    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\nServer: pitcher\r\n");
-    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-type")) {
+    // Pitcher's own text body is text/plain; a module's body is unless
+    // the module says otherwise.
+    if body.is_empty() || !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-type")) {
         out.extend_from_slice(b"Content-Type: text/plain\r\n");
     }
-    out.extend_from_slice(&extra);
-    push_framing(out, OutFraming::Length(body.len() as u64));
+    for (n, v) in headers {
+        out.extend_from_slice(n.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let body_len = if body.is_empty() { 3 + 1 + reason.len() + 1 } else { body.len() };
+    push_framing(out, OutFraming::Length(body_len as u64));
     push_conn(out, conn);
     out.extend_from_slice(b"\r\n");
     if head_request {
         return 0;
     }
-    out.extend_from_slice(body);
-    body.len()
+    if body.is_empty() {
+        push_num(out, status as u64);
+        out.push(b' ');
+        out.extend_from_slice(reason.as_bytes());
+        out.push(b'\n');
+    } else {
+        out.extend_from_slice(body);
+    }
+    body_len
 }
 
 /// The head of a chunk of `n` bytes in a re-framed body.
@@ -293,6 +300,32 @@ pub fn chunk_head(out: &mut Vec<u8>, n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn module_responses_are_written_whole() {
+        let h = |n: &str, v: &str| (n.to_string(), v.to_string());
+        // No body: Pitcher's text body, the module's fields after its own.
+        let mut out = Vec::new();
+        let n = module_response(&mut out, 503, &[h("Retry-After", "1")], b"", ConnHeader::Default, false);
+        let mut want = Vec::new();
+        local_response(&mut want, 503, b"Retry-After: 1\r\n", ConnHeader::Default, false);
+        assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&want));
+        assert_eq!(n, "503 Service Unavailable\n".len());
+        // A body: its length; text/plain unless the module names a type.
+        let mut out = Vec::new();
+        let n = module_response(&mut out, 200, &[h("content-type", "a/b")], b"hello", ConnHeader::Close, false);
+        assert_eq!(n, 5);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "HTTP/1.1 200 OK\r\nServer: pitcher\r\ncontent-type: a/b\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+        );
+        let mut out = Vec::new();
+        assert_eq!(module_response(&mut out, 429, &[], b"slow", ConnHeader::Default, true), 0);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "HTTP/1.1 429 Too Many Requests\r\nServer: pitcher\r\nContent-Type: text/plain\r\nContent-Length: 4\r\n\r\n"
+        );
+    }
 
     #[test]
     fn request_head_rewrites_hop_by_hop_and_forwarding() {

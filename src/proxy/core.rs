@@ -116,6 +116,8 @@ pub struct Core {
     /// Read buffers of upstream connections: larger, so that a response
     /// body moves in fewer, larger reads and writes.
     pub(super) up_bufs: BufPool,
+    /// Pipes for spliced response bodies (see `splice`).
+    pub(super) pipes: super::splice::Pipes,
     pub(super) now: Instant,
     pub(super) log: Logger,
     /// Answer with `Connection: close` and stop keeping connections.

@@ -7,7 +7,11 @@
 //! buffer to the backend socket and response bytes from the upstream read
 //! buffer to the client socket, behind the head in one `writev`. (The one
 //! exception: small pieces of a re-framed chunked request body are copied
-//! behind their size line, so tiny chunks do not cost a write each.)
+//! behind their size line, so tiny chunks do not cost a write each.) A
+//! large response body of known length to a cleartext client does not
+//! even enter user space: it is spliced through a pipe (`splice`), and the
+//! backend is read in small reads until its head is complete so that the
+//! body is still in the socket then.
 //!
 //! What reaches a backend is re-framed by Pitcher: its own Content-Length,
 //! or its own chunk size lines with the client's extensions and trailers
@@ -34,12 +38,18 @@ use crate::upstream::Outcome;
 
 use super::core::Core;
 use super::exchange::Body;
-use super::session::{count_received, read_into, Session};
+use super::session::{count_received, read_at_most, read_into, Session};
+use super::splice::{socket_empty, Filled, SPLICE_MIN_BYTES};
 use super::state::{BodyPace, Next, Proxying, RespMode, State, Step, Tunnel};
 
 /// Chunk data pieces up to this size are copied into the outgoing buffer
 /// with their framing rather than written from the read buffer on their own.
 const COPIED_CHUNK_DATA: usize = 1024;
+/// The most read from a backend at a time until its response head is
+/// complete, when the body may be spliced: enough for a head and a small
+/// body in one read, little enough that a large body is left in the
+/// socket for `splice` (bytes read into the buffer are copied twice).
+const HEAD_READ: usize = 4096;
 /// Re-framed request bytes queued for a backend before more client input
 /// is taken (backpressure for chunked bodies).
 const MAX_PENDING_FRAMED: usize = 16 * 1024;
@@ -284,12 +294,46 @@ impl Core {
     fn pump_response(&mut self, s: &mut Session, p: &mut Proxying) -> Result<Pumped, Fail> {
         let mut moved = false;
         loop {
+            // A large body of known length: through a pipe (see `splice`),
+            // once what was read with the head has been written.
+            let mut splicing = p.pipe.is_some() || (!p.no_pipe && self.splice_wanted(s, p));
+            if p.pipe.is_none()
+                && splicing
+                && self.ups[p.up].buf.as_ref().is_some_and(|b| b.is_empty())
+                && !s.out_pending()
+            {
+                let got = self.pipes.get();
+                // Tests of the fallback: a request header makes it fail.
+                #[cfg(feature = "fault-injection")]
+                let got = match s.req.head.get("x-pitcher-test-no-pipe") {
+                    Some(_) => Err(io::Error::other("fault injection: X-Pitcher-Test-No-Pipe")),
+                    None => got,
+                };
+                match got {
+                    Ok(pipe) => p.pipe = Some(pipe),
+                    // No pipe to be had (fd limit): the body is copied.
+                    Err(_) => {
+                        p.no_pipe = true;
+                        splicing = false;
+                    }
+                }
+            }
+            if p.pipe.is_some() {
+                if !self.splice_body(s, p)? {
+                    break;
+                }
+                moved = true;
+                continue;
+            }
             let mut step = false;
             let u = &mut self.ups[p.up];
             let Some(ubuf) = u.buf.as_mut() else { return Err(Fail::UpstreamClosed) };
             // Read when there is room (bounded: a slow client stops us here).
-            if !p.resp_eof && u.rd.readable && ubuf.room() > 0 {
-                match read_into(&mut u.stream, &mut u.rd, ubuf) {
+            // Until the head is complete, a connection whose body may be
+            // spliced reads little, so that the body stays in the socket.
+            let max = if !p.resp_head_done && s.stream.plain_fd().is_some() { HEAD_READ } else { usize::MAX };
+            if !splicing && !p.resp_eof && u.rd.readable && ubuf.room() > 0 {
+                match read_at_most(&mut u.stream, &mut u.rd, ubuf, max) {
                     Ok(Some(0)) => {
                         p.resp_eof = true;
                         step = true;
@@ -312,11 +356,11 @@ impl Core {
                 }
                 // Interim heads count against the response head limit.
                 let head_room = ubuf.capacity().saturating_sub(p.interim_bytes);
-                match s.resp.parse(ubuf.data(), MAX_PARSE_HEADERS) {
+                match p.resp.parse(ubuf.data(), MAX_PARSE_HEADERS) {
                     Ok(Some(n)) if n > head_room => return Err(Fail::TooManyInterim),
                     Ok(Some(n)) => {
                         ubuf.consume(n);
-                        if s.resp.status < 200 && s.resp.status != 101 {
+                        if p.resp.status < 200 && p.resp.status != 101 {
                             p.interim += 1;
                             p.interim_bytes += n;
                             if p.interim > MAX_INTERIM_RESPONSES {
@@ -368,7 +412,7 @@ impl Core {
                 }
             } else {
                 let buffered = self.ups[p.up].buf.as_ref().map_or(0, |b| b.len());
-                let pending = if p.resp_mode == RespMode::Decode { buffered } else { p.resp_ready };
+                let pending = if p.resp_mode == RespMode::Decode { buffered } else { p.resp_ready + p.piped() };
                 if pending == 0 {
                     return Err(Fail::Truncated);
                 }
@@ -380,16 +424,16 @@ impl Core {
     /// A response head arrived: decide the framing towards the client and
     /// queue the head. `Some`: the session leaves `Proxy`.
     fn response_head(&mut self, s: &mut Session, p: &mut Proxying) -> Result<Option<Switch>, Fail> {
-        let status = s.resp.status;
+        let status = p.resp.status;
         let client_v11 = s.req.version() == Version::Http11;
         // Validated whatever the status: a head with conflicting framing is
         // never forwarded (see `ResponseHead::framing`).
-        let framing = s.resp.framing(s.ex.head_request).map_err(|_| Fail::BadResponse)?;
+        let framing = p.resp.framing(s.ex.head_request).map_err(|_| Fail::BadResponse)?;
         if status == 101 {
             if !s.ex.upgrade {
                 return Err(Fail::BadResponse);
             }
-            hw::response_head(&mut s.out, &s.resp, OutFraming::None, ConnHeader::Upgrade);
+            hw::response_head(&mut s.out, &p.resp, OutFraming::None, ConnHeader::Upgrade);
             p.resp_head_done = true;
             s.ex.status = 101;
             return Ok(Some(Switch::Upgrade));
@@ -398,13 +442,13 @@ impl Core {
             // Interim responses (100 Continue, 103) go to HTTP/1.1 clients;
             // a 100 only if Pitcher did not send its own.
             if client_v11 && !(status == 100 && p.continue_sent) {
-                hw::response_head(&mut s.out, &s.resp, OutFraming::None, ConnHeader::Default);
+                hw::response_head(&mut s.out, &p.resp, OutFraming::None, ConnHeader::Default);
             }
             return Ok(None);
         }
         self.record_outcome(s, if status >= 500 { Outcome::ServerError } else { Outcome::Success });
         s.ex.status = status;
-        match self.hook_response(s) {
+        match self.hook_response(s, &mut p.resp) {
             Verdict::Continue => {}
             // A module closed the connection.
             Verdict::Close => return Err(Fail::ClientGone),
@@ -431,7 +475,7 @@ impl Core {
             }
         };
         s.ex.client_keep = keep;
-        p.upstream_keep = s.resp.keep_alive() && framing != Framing::Close;
+        p.upstream_keep = p.resp.keep_alive() && framing != Framing::Close;
         p.resp_mode = mode;
         p.resp_body = Body::from_framing(framing);
         let conn = match (keep, client_v11) {
@@ -439,7 +483,7 @@ impl Core {
             (true, true) => ConnHeader::Default,
             (true, false) => ConnHeader::KeepAlive,
         };
-        hw::response_head(&mut s.out, &s.resp, out, conn);
+        hw::response_head(&mut s.out, &p.resp, out, conn);
         p.resp_head_done = true;
         Ok(None)
     }
@@ -507,13 +551,98 @@ impl Core {
             (Body::Close, _) => p.resp_eof && self.ups[p.up].buf.as_ref().is_none_or(|b| b.is_empty()),
             (b, _) => b.complete(),
         };
-        body_done && p.resp_ready == 0
+        body_done && p.resp_ready == 0 && p.piped() == 0
+    }
+
+    /// The rest of the response body is to go through a pipe (once what
+    /// was read with the head is written; nothing more is read into the
+    /// buffer meanwhile): nothing needs to see its bytes (modules see
+    /// heads only), its length is known and large, the client is not TLS.
+    fn splice_wanted(&self, s: &Session, p: &Proxying) -> bool {
+        p.resp_head_done
+            && p.resp_mode == RespMode::Pass
+            // (Body bytes not yet read: those read are scanned at once.)
+            && matches!(p.resp_body, Body::Length(n) if n >= SPLICE_MIN_BYTES)
+            && !p.resp_eof
+            && s.stream.plain_fd().is_some()
+    }
+
+    /// Moves response body bytes backend → pipe → client while any can
+    /// move. Whether any did; the end of the body, an early EOF and a
+    /// blocked client are seen by the caller as with the buffered path.
+    fn splice_body(&mut self, s: &mut Session, p: &mut Proxying) -> Result<bool, Fail> {
+        let Some(pipe) = p.pipe.as_mut() else { return Ok(false) };
+        let u = &mut self.ups[p.up];
+        let mut moved = false;
+        loop {
+            let mut step = false;
+            let left = match p.resp_body {
+                Body::Length(n) => usize::try_from(n).unwrap_or(usize::MAX),
+                _ => 0,
+            };
+            if left > 0 && !p.resp_eof && u.rd.readable {
+                match pipe.fill(&u.stream, left) {
+                    Ok(Filled::Bytes(n)) => {
+                        if let Body::Length(l) = &mut p.resp_body {
+                            *l -= n as u64;
+                            // The body is in: the connection is reusable
+                            // if nothing follows it (as a short read
+                            // tells on the buffered path).
+                            if *l == 0 && socket_empty(&u.stream) {
+                                u.rd.drained();
+                            }
+                        }
+                        step = true;
+                    }
+                    Ok(Filled::Eof) => {
+                        p.resp_eof = true;
+                        step = true;
+                    }
+                    Ok(Filled::Drained) => u.rd.drained(),
+                    // The client has to take some first.
+                    Ok(Filled::Full) => {}
+                    Err(_) => {
+                        p.resp_eof = true;
+                        p.resp_reset = true;
+                        step = true;
+                    }
+                }
+            }
+            if pipe.len > 0 && s.rd.writable {
+                if !s.nodelay {
+                    s.stream.set_nodelay();
+                    s.nodelay = true;
+                }
+                let Some(fd) = s.stream.plain_fd() else { return Err(Fail::ClientGone) };
+                match pipe.drain(fd) {
+                    Ok(Some(n)) => {
+                        s.writes += 1;
+                        s.progressed = true;
+                        s.ex.bytes_out += n as u64;
+                        metrics::add(&metrics::here().bytes_sent, n as u64);
+                        step = true;
+                    }
+                    Ok(None) => {
+                        s.rd.writable = false;
+                        s.write_blocked = true;
+                    }
+                    Err(_) => return Err(Fail::ClientGone),
+                }
+            }
+            if !step {
+                return Ok(moved);
+            }
+            moved = true;
+        }
     }
 
     /// Leaves `Proxy` without a tunnel: the backend connection goes back
     /// to its pool when `reusable`, else it is closed; the session keeps
     /// the head's allocation.
-    pub(super) fn leave_proxy(&mut self, s: &mut Session, p: Box<Proxying>, reusable: bool) {
+    pub(super) fn leave_proxy(&mut self, s: &mut Session, mut p: Box<Proxying>, reusable: bool) {
+        if let Some(pipe) = p.pipe.take() {
+            self.pipes.put(pipe);
+        }
         self.release_upstream(s, p.up, reusable);
         s.spare_proxy = Some(p.recycle());
     }
@@ -675,7 +804,7 @@ impl Core {
             }
             return t.upstream_read;
         }
-        if s.out_pending() || p.resp_ready > 0 || !s.rd.writable {
+        if s.out_pending() || p.resp_ready > 0 || p.piped() > 0 || !s.rd.writable {
             t.client_write
         } else {
             t.upstream_read

@@ -10,7 +10,7 @@ use crate::shm::metrics;
 use std::time::Instant;
 
 use crate::hooks::{Connection, Ctx, Finished, Module, Point, Vars, Verdict};
-use crate::http::Version;
+use crate::http::{ResponseHead, Version};
 use crate::net::Peer;
 
 use super::core::{Core, Snapshot};
@@ -124,7 +124,7 @@ impl Core {
 
     /// BACKEND_RESPONSE: handlers may rewrite the response head, answer
     /// instead of the backend, or close.
-    pub(super) fn hook_response(&mut self, s: &mut Session) -> Verdict {
+    pub(super) fn hook_response(&mut self, s: &mut Session, resp: &mut ResponseHead) -> Verdict {
         if s.snap.modules.pipeline_for(s.ex.route).at(Point::BackendResponse).is_empty() {
             return Verdict::Continue;
         }
@@ -134,7 +134,6 @@ impl Core {
         let list = snap.modules.pipeline_for(s.ex.route).at(Point::BackendResponse);
         let point = Point::BackendResponse;
         let mut run = Run { snap: &snap, point, list, peer: s.peer, vars: &mut s.vars, request: Some(at) };
-        let resp = &mut s.resp;
         self.run_point(&mut run, |m, ctx| m.backend_response(resp, ctx))
     }
 

@@ -47,6 +47,7 @@ mod hooks;
 mod keys;
 mod request;
 mod session;
+mod splice;
 mod state;
 mod timer;
 pub mod token;
@@ -156,6 +157,7 @@ impl Engine {
                 timers: Timers::default(),
                 bufs: BufPool::new(buf_size, POOLED_BUFFERS),
                 up_bufs: BufPool::new(buf_size.max(UPSTREAM_BUFFER), POOLED_BUFFERS),
+                pipes: splice::Pipes::default(),
                 now: Instant::now(),
                 log,
                 draining: false,

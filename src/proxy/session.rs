@@ -21,7 +21,7 @@ use slog::Logger;
 use crate::buffer::Buf;
 use crate::hooks::{Response, Vars};
 use crate::http::write::{self as hw, ConnHeader};
-use crate::http::{RequestHead, ResponseHead};
+use crate::http::RequestHead;
 use crate::net::{Peer, Readiness};
 use crate::shm::metrics::{self, TimeoutKind};
 use crate::tls::ClientStream;
@@ -50,7 +50,6 @@ pub struct Session {
     pub(super) out_pos: usize,
     pub state: State,
     pub(super) req: RequestHead,
-    pub(super) resp: ResponseHead,
     /// The current (or last) request: what it is, where it went, how it ended.
     pub(super) ex: Exchange,
     pub(super) timed: Timed,
@@ -115,7 +114,6 @@ impl Session {
             out_pos: 0,
             state: State::Head { started: None },
             req: spare.req,
-            resp: spare.resp,
             ex: spare.ex,
             timed: Timed::default(),
             requests: 0,
@@ -147,13 +145,11 @@ impl Session {
         let mut sp = Spare {
             out: std::mem::take(&mut self.out),
             req: std::mem::take(&mut self.req),
-            resp: std::mem::take(&mut self.resp),
             ex: Exchange::default(),
             vars: std::mem::take(&mut self.vars),
             spare_proxy: self.spare_proxy.take(),
         };
         sp.req.clear();
-        sp.resp.head.clear();
         sp.vars.clear();
         sp
     }
@@ -164,7 +160,6 @@ impl Session {
         if let Some(sp) = sp {
             self.out = sp.out;
             self.req = sp.req;
-            self.resp = sp.resp;
             self.vars = sp.vars;
             self.spare_proxy = sp.spare_proxy;
         }
@@ -178,19 +173,12 @@ impl Session {
     /// The socket of a session that moves to another process, and its
     /// allocations for the next session.
     pub(super) fn into_parts(self) -> (ClientStream, Spare) {
-        let mut sp = Spare {
-            out: self.out,
-            req: self.req,
-            resp: self.resp,
-            ex: self.ex,
-            vars: self.vars,
-            spare_proxy: self.spare_proxy,
-        };
+        let mut sp =
+            Spare { out: self.out, req: self.req, ex: self.ex, vars: self.vars, spare_proxy: self.spare_proxy };
         sp.out.clear();
         // The head, its normalised path, and where the scan of a head
         // still arriving stood.
         sp.req.clear();
-        sp.resp.head.clear();
         sp.ex.reset();
         sp.vars.clear();
         (self.stream, sp)
@@ -285,7 +273,6 @@ impl Session {
 pub struct Spare {
     out: Vec<u8>,
     req: RequestHead,
-    resp: ResponseHead,
     ex: Exchange,
     vars: Vars,
     spare_proxy: Option<Box<Proxying>>,
@@ -302,8 +289,19 @@ pub(super) fn count_received(n: &Option<usize>) {
 /// `Ok(None)` would block. A short read marks the socket drained, which is
 /// safe with edge-triggered epoll because EPOLLRDHUP reports a close.
 pub(super) fn read_into<S: Read>(stream: &mut S, rd: &mut Readiness, buf: &mut Buf) -> io::Result<Option<usize>> {
+    read_at_most(stream, rd, buf, usize::MAX)
+}
+
+/// [`read_into`], reading at most `max` bytes.
+pub(super) fn read_at_most<S: Read>(
+    stream: &mut S,
+    rd: &mut Readiness,
+    buf: &mut Buf,
+    max: usize,
+) -> io::Result<Option<usize>> {
     let spare = buf.spare();
-    let want = spare.len();
+    let want = spare.len().min(max);
+    let spare = &mut spare[..want];
     if want == 0 {
         return Ok(None);
     }

@@ -36,9 +36,10 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use crate::http::write as hw;
-use crate::http::RequestHead;
+use crate::http::{RequestHead, ResponseHead};
 
 use super::exchange::{Body, Exchange};
+use super::splice::Pipe;
 
 /// Where a session is, with what is valid there.
 #[derive(Debug)]
@@ -106,6 +107,9 @@ pub struct Proxying {
     /// A byte of the body (data or framing) went to the backend: the
     /// request can not be replayed.
     pub(super) body_out: bool,
+    /// The backend's response head (here, not in the session: an idle
+    /// connection does not carry it; its allocation stays with this box).
+    pub(super) resp: ResponseHead,
     pub(super) resp_head_done: bool,
     pub(super) resp_body: Body,
     pub(super) resp_mode: RespMode,
@@ -128,6 +132,11 @@ pub struct Proxying {
     pub(super) continue_sent: bool,
     /// The pace of a request body still to come (`None`: no body to wait for).
     pub(super) body_pace: Option<BodyPace>,
+    /// The response body goes through this pipe by `splice(2)` (taken
+    /// from the worker's pool, given back by `leave_proxy`).
+    pub(super) pipe: Option<Pipe>,
+    /// No pipe could be opened for this body: it goes through the buffer.
+    pub(super) no_pipe: bool,
 }
 
 /// How fast a request body arrives: its deadline (`client_body_total_ms`)
@@ -151,22 +160,25 @@ impl Proxying {
         match spare {
             Some(mut p) => {
                 let up_out = std::mem::take(&mut p.up_out);
-                *p = Proxying::fresh(up, up_out);
+                let mut resp = std::mem::take(&mut p.resp);
+                resp.head.clear();
+                *p = Proxying::fresh(up, up_out, resp);
                 p
             }
-            None => Box::new(Proxying::fresh(up, Vec::new())),
+            None => Box::new(Proxying::fresh(up, Vec::new(), ResponseHead::default())),
         }
     }
 
     /// An exchange over connection `up`; `up_out` is an empty allocation
-    /// for the request head.
-    fn fresh(up: usize, up_out: Vec<u8>) -> Proxying {
+    /// for the request head, `resp` an empty response head.
+    fn fresh(up: usize, up_out: Vec<u8>, resp: ResponseHead) -> Proxying {
         Proxying {
             up,
             up_out,
             up_out_pos: 0,
             up_head_len: 0,
             body_out: false,
+            resp,
             resp_head_done: false,
             resp_body: Body::None,
             resp_mode: RespMode::Pass,
@@ -180,6 +192,8 @@ impl Proxying {
             interim_bytes: 0,
             continue_sent: false,
             body_pace: None,
+            pipe: None,
+            no_pipe: false,
         }
     }
 
@@ -187,6 +201,11 @@ impl Proxying {
     pub(super) fn queue_head(&mut self, req: &RequestHead, client: Option<IpAddr>, scheme: hw::Scheme, upgrade: bool) {
         hw::request_head(&mut self.up_out, req, client, scheme, upgrade);
         self.up_head_len = self.up_out.len();
+    }
+
+    /// Response body bytes in the pipe, not yet written to the client.
+    pub(super) fn piped(&self) -> usize {
+        self.pipe.as_ref().map_or(0, |p| p.len)
     }
 
     /// The whole request (head and body) has reached the backend.

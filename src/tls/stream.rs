@@ -60,6 +60,15 @@ impl ClientStream {
         Ok(ClientStream::Tls(Box::new(TlsStream { sock, conn, eof: false, just_finished: false })))
     }
 
+    /// The socket of a cleartext connection, for system calls that move
+    /// bytes without reading them (`splice`); `None` under TLS.
+    pub fn plain_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match self {
+            ClientStream::Plain(s) => Some(std::os::fd::AsFd::as_fd(s)),
+            ClientStream::Tls(_) => None,
+        }
+    }
+
     /// TLS is terminated on this connection.
     pub fn is_tls(&self) -> bool {
         matches!(self, ClientStream::Tls(_))
