@@ -40,8 +40,13 @@ fn serial() -> MutexGuard<'static, ()> {
 
 /// The fleet-wide rate of the throttle tests.
 const RATE: u64 = 300;
-/// The window the admitted total is measured over.
-const WINDOW: Duration = Duration::from_secs(5);
+/// The window the admitted total is measured over: 5 s in the suite
+/// (bounded for CI); `PITCHER_TEST_FLEET_WINDOW_S=20` runs issue 16's own
+/// 20 s check.
+fn window() -> Duration {
+    let secs = std::env::var("PITCHER_TEST_FLEET_WINDOW_S").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    Duration::from_secs(secs)
+}
 /// Time for the hosts to learn their load before a measurement.
 const WARM_UP: Duration = Duration::from_millis(1500);
 
@@ -273,7 +278,7 @@ fn measure(masters: &[MasterRun], rates: [u64; 3]) -> (Vec<BTreeMap<u16, u64>>, 
     let paces: Vec<Pace> = masters.iter().zip(rates).map(|(m, r)| Pace::start(m.addr(), r, &[])).collect();
     thread::sleep(WARM_UP);
     let from = Instant::now();
-    thread::sleep(WINDOW);
+    thread::sleep(window());
     let to = Instant::now();
     let paces: Vec<Pace> = paces.into_iter().map(Pace::finish).collect();
     let seen = paces.iter().map(|p| p.between(from, to)).collect();
@@ -290,7 +295,7 @@ fn three_instances_admit_the_fleet_rate_however_the_load_is_split() {
     let local = || -> f64 {
         admins.iter().map(|&a| metric(a, "pitcher_fleet_local_requests_total", &["result=\"admitted\""])).sum()
     };
-    let window = WINDOW.as_secs_f64();
+    let window = window().as_secs_f64();
     let mut reports = Vec::new();
     for (name, rates) in [("even", [200, 200, 200]), ("80/10/10", [480, 60, 60]), ("all on one", [600, 0, 0])] {
         let local_before = local();
@@ -411,7 +416,7 @@ fn a_tenants_quota_holds_across_instances_and_idle_tenants_leave_redis() {
     let b: Vec<Pace> = masters.iter().map(|m| Pace::start(m.addr(), 20, &[("X-Tenant", "tenant-b")])).collect();
     thread::sleep(WARM_UP);
     let from = Instant::now();
-    thread::sleep(WINDOW);
+    thread::sleep(window());
     let to = Instant::now();
     let keys_in_use = redis.dbsize();
     let a: Vec<Pace> = a.into_iter().map(Pace::finish).collect();
@@ -434,7 +439,7 @@ fn a_tenants_quota_holds_across_instances_and_idle_tenants_leave_redis() {
     );
     eprintln!("fleet quota: {report}");
     assert!(errors.is_empty(), "{report}");
-    let expected = 100.0 * WINDOW.as_secs_f64();
+    let expected = 100.0 * window().as_secs_f64();
     assert!(
         (a_ok as f64 - expected).abs() <= expected * 0.10,
         "tenant A: {a_ok} admitted, not {expected} ±10 %: {report}"

@@ -196,6 +196,34 @@ fn verified_backend_is_reused_and_sees_its_sni_name() {
 }
 
 #[test]
+fn large_bodies_from_a_tls_backend_are_decrypted_not_spliced() {
+    // A cleartext client and a body far above the splice threshold: the
+    // splice path (socket to pipe to socket) must not take a TLS backend's
+    // records, which only rustls can turn into the body.
+    let dir = new_dir();
+    let d = dir.path();
+    let ca = make_ca(d, "ca");
+    let origin = Origin::start(d, "o", &make_leaf(d, "leaf", Some("ca"), NAME), "ok");
+    let p = ConfigBuilder::new()
+        .cluster_with("app", [origin.spec()], &tls_table(Some(NAME), Some(&ca), true))
+        .route(None, "/", "app")
+        .start();
+    let pattern: Vec<u8> = (0..=255u8).collect();
+    let mut c = p.client();
+    for n in [1 << 20, 3 << 20, 100_000] {
+        let r = c.get("app.example", &format!("/big/{n}"));
+        assert_eq!(r.status, 200, "{}", r.head_str());
+        assert_eq!(r.body.len(), n, "the whole body");
+        let bad = r.body.iter().enumerate().position(|(i, &b)| b != pattern[i % 256]);
+        assert_eq!(bad, None, "the body as the backend sent it, decrypted");
+    }
+    // The backend connection stayed usable: one connection for all.
+    let r = c.get("app.example", "/after");
+    assert_eq!(r.status, 200, "{}", r.head_str());
+    assert_eq!(origin.events("conn").len(), 1, "{:?}", origin.events("conn"));
+}
+
+#[test]
 fn new_backend_connections_resume_the_tls_session() {
     let dir = new_dir();
     let d = dir.path();

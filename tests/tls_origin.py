@@ -5,7 +5,8 @@ on 127.0.0.1, a kernel-picked port printed on the first line of stdout.
 Each connection gets an id; the events file gets one line per event:
   conn ID sni=NAME reused=True|False version=TLSv1.3
   req ID METHOD PATH user-agent=UA
-Every request is answered 200 with the body "conn=ID sni=NAME path=PATH",
+Every request is answered 200 with the body "conn=ID sni=NAME path=PATH"
+(GET /big/N: N bytes of the pattern 0..255 repeated),
 keep-alive, unless --mode says otherwise:
   ok          as above
   garbage     bytes that are not a TLS record, written under TLS, then close
@@ -108,6 +109,18 @@ def serve(raw, conn_id):
             if opts.mode == "close_body":
                 s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
                 return
+            if path.startswith("/big/"):
+                # N bytes of a repeating pattern (a body large enough for
+                # the proxy's splice path, which must not take TLS bytes).
+                n_big = int(path[len("/big/"):])
+                pattern = bytes(range(256)) * 256
+                s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % n_big)
+                left = n_big
+                while left > 0:
+                    piece = pattern[: min(left, len(pattern))]
+                    s.sendall(piece)
+                    left -= len(piece)
+                continue
             body = f"conn={conn_id} sni={name} path={path}".encode()
             s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     except (ssl.SSLError, OSError) as e:

@@ -331,7 +331,11 @@ impl Core {
             // Read when there is room (bounded: a slow client stops us here).
             // Until the head is complete, a connection whose body may be
             // spliced reads little, so that the body stays in the socket.
-            let max = if !p.resp_head_done && s.stream.plain_fd().is_some() { HEAD_READ } else { usize::MAX };
+            let max = if !p.resp_head_done && s.stream.plain_fd().is_some() && !u.stream.is_tls() {
+                HEAD_READ
+            } else {
+                usize::MAX
+            };
             if !splicing && !p.resp_eof && u.rd.readable && ubuf.room() > 0 {
                 match read_at_most(&mut u.stream, &mut u.rd, ubuf, max) {
                     Ok(Some(0)) => {
@@ -557,7 +561,8 @@ impl Core {
     /// The rest of the response body is to go through a pipe (once what
     /// was read with the head is written; nothing more is read into the
     /// buffer meanwhile): nothing needs to see its bytes (modules see
-    /// heads only), its length is known and large, the client is not TLS.
+    /// heads only), its length is known and large, neither the client nor
+    /// the backend speaks TLS.
     fn splice_wanted(&self, s: &Session, p: &Proxying) -> bool {
         p.resp_head_done
             && p.resp_mode == RespMode::Pass
@@ -565,6 +570,7 @@ impl Core {
             && matches!(p.resp_body, Body::Length(n) if n >= SPLICE_MIN_BYTES)
             && !p.resp_eof
             && s.stream.plain_fd().is_some()
+            && self.ups[p.up].stream.plain_fd().is_some()
     }
 
     /// Moves response body bytes backend → pipe → client while any can
@@ -580,15 +586,17 @@ impl Core {
                 Body::Length(n) => usize::try_from(n).unwrap_or(usize::MAX),
                 _ => 0,
             };
+            // (Only a cleartext backend gets a pipe: see splice_wanted.)
+            let Some(ufd) = u.stream.plain_fd() else { return Err(Fail::UpstreamClosed) };
             if left > 0 && !p.resp_eof && u.rd.readable {
-                match pipe.fill(&u.stream, left) {
+                match pipe.fill(ufd, left) {
                     Ok(Filled::Bytes(n)) => {
                         if let Body::Length(l) = &mut p.resp_body {
                             *l -= n as u64;
                             // The body is in: the connection is reusable
                             // if nothing follows it (as a short read
                             // tells on the buffered path).
-                            if *l == 0 && socket_empty(&u.stream) {
+                            if *l == 0 && socket_empty(ufd) {
                                 u.rd.drained();
                             }
                         }

@@ -235,6 +235,16 @@ impl BackendStream {
         matches!(self, BackendStream::Tls(_))
     }
 
+    /// The socket of a cleartext connection, for system calls that move
+    /// bytes without reading them (`splice`); `None` under TLS, whose
+    /// records must be decrypted.
+    pub fn plain_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match self {
+            BackendStream::Plain(s) => Some(std::os::fd::AsFd::as_fd(s)),
+            BackendStream::Tls(_) => None,
+        }
+    }
+
     /// Goes on connecting after an event: `Ok(true)` once connected (and
     /// the TLS handshake done), `Ok(false)` while waiting on the socket.
     /// `rd` is the socket's readiness (cleared where an operation blocked).
