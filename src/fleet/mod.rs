@@ -37,7 +37,7 @@ pub const MAX_REDIS_TIMEOUT_MS: u64 = 80;
 /// Default prefix of the Redis keys.
 pub const DEFAULT_KEY_PREFIX: &str = "pitcher";
 /// The keys of a module table that belong to the fleet scope.
-const FLEET_KEYS: [&str; 5] = ["scope", "redis", "fallback_rate_per_sec", "redis_timeout_ms", "redis_key_prefix"];
+pub const FLEET_KEYS: [&str; 5] = ["scope", "redis", "fallback_rate_per_sec", "redis_timeout_ms", "redis_key_prefix"];
 
 /// Where Redis is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,19 +160,6 @@ pub fn split(table: &toml::Table) -> Result<(Scope, toml::Table), String> {
             ))
         }
         other => Err(format!("scope = {other:?}: expected \"host\" or \"fleet\"")),
-    }
-}
-
-/// A module's own settings error, with the fleet keys named among those
-/// accepted (the module's parser knows only its own).
-pub fn mention_keys(e: crate::hooks::SettingsError) -> crate::hooks::SettingsError {
-    match e {
-        crate::hooks::SettingsError::Table { message } if message.starts_with("unknown field") => {
-            crate::hooks::SettingsError::Table {
-                message: format!("{message}, or one of the fleet keys {FLEET_KEYS:?}"),
-            }
-        }
-        other => other,
     }
 }
 

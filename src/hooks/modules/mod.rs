@@ -42,3 +42,14 @@ pub(crate) fn at_most(name: &'static str, value: u64, max: u64) -> Result<(), Se
     }
     Ok(())
 }
+
+/// A fleet-capable module's own settings error, with the fleet keys named
+/// among those accepted (the module's parser knows only its own).
+pub(crate) fn mention_fleet_keys(e: SettingsError) -> SettingsError {
+    match e {
+        SettingsError::Table { message } if message.starts_with("unknown field") => SettingsError::Table {
+            message: format!("{message}, or one of the fleet keys {:?}", crate::fleet::FLEET_KEYS),
+        },
+        other => other,
+    }
+}

@@ -107,7 +107,7 @@ struct Quota {
 
 pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, SettingsError> {
     let (scope, table) = fleet::split(&c.settings).map_err(SettingsError::from)?;
-    let s: Settings = super::settings(&table).map_err(fleet::mention_keys)?;
+    let s: Settings = super::settings(&table).map_err(super::mention_fleet_keys)?;
     let key = match s.key.as_str() {
         "route" => Key::Route,
         k if k.starts_with("header:") && k.len() > 7 => Key::Header(k[7..].to_string()),

@@ -62,7 +62,7 @@ struct Throttle {
 
 pub fn build(c: &ModuleConfig, _: &Build) -> Result<Arc<dyn Module>, SettingsError> {
     let (scope, table) = fleet::split(&c.settings).map_err(SettingsError::from)?;
-    let s: Settings = super::settings(&table).map_err(fleet::mention_keys)?;
+    let s: Settings = super::settings(&table).map_err(super::mention_fleet_keys)?;
     if s.rate_per_sec == 0 {
         return Err("rate_per_sec must be at least 1".into());
     }
