@@ -176,13 +176,14 @@ impl Core {
             let mut progress = false;
             // Take newly read body bytes.
             if let Some(inb) = s.inb.as_mut() {
-                match &mut s.ex.req_body {
+                let ex = &mut *s.ex;
+                match &mut ex.req_body {
                     Body::Chunked(sc) => {
                         // Small pieces of data are copied behind their size
                         // line, so a body of tiny chunks costs a write per
                         // read, not one per chunk; larger ones are written
                         // from the read buffer. `up_out` stays bounded.
-                        while s.ex.req_ready == 0
+                        while ex.req_ready == 0
                             && !sc.is_done()
                             && !inb.is_empty()
                             && p.up_out.len() - p.up_out_pos < MAX_PENDING_FRAMED
@@ -204,13 +205,13 @@ impl Core {
                                 p.up_out.extend_from_slice(&inb.data()[..d]);
                                 inb.consume(d);
                             } else {
-                                s.ex.req_ready = d;
+                                ex.req_ready = d;
                             }
                         }
                     }
                     body => {
-                        if !body.complete() && inb.len() > s.ex.req_ready {
-                            s.ex.req_ready += body.scan(&inb.data()[s.ex.req_ready..]).map_err(Fail::RequestBody)?;
+                        if !body.complete() && inb.len() > ex.req_ready {
+                            ex.req_ready += body.scan(&inb.data()[ex.req_ready..]).map_err(Fail::RequestBody)?;
                         }
                     }
                 }

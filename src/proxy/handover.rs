@@ -62,7 +62,7 @@ impl Core {
             return false;
         }
         match &s.state {
-            State::Head { started: None } => !s.ex.finish_pending,
+            State::Head { started: None } => !s.finish_pending(),
             // A tunnel over TLS to its backend drains like a TLS client.
             State::Tunnel(t) => self
                 .ups

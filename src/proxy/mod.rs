@@ -189,7 +189,7 @@ impl Engine {
 
     /// Requests in flight (started, REQUEST_FINISH not run yet).
     pub fn in_flight(&self) -> u32 {
-        self.sessions.iter().filter(|(_, s)| s.ex.finish_pending).count() as u32
+        self.sessions.iter().filter(|(_, s)| s.finish_pending()).count() as u32
     }
 
     /// The loop's clock: set once per turn, read by every step.
@@ -329,6 +329,9 @@ impl Engine {
     /// session when `f` says so, or when it panics.
     fn serve(&mut self, idx: usize, f: impl FnOnce(&mut Core, &mut Session) -> bool) {
         let Some(s) = self.sessions.get_mut(idx) else { return };
+        if s.parked {
+            s.unpark(self.spares.pop());
+        }
         let core = &mut self.core;
         match guarded(|| f(core, s)) {
             Ok(true) => {}
@@ -350,7 +353,7 @@ impl Engine {
         slog::error!(self.core.log, "panic while handling a connection; closing it"; "panic" => %p.message,
             "location" => %p.location, "peer" => peer, "panics_total" => self.panics);
         if let Some(s) = self.sessions.get_mut(idx) {
-            if s.ex.finish_pending {
+            if s.finish_pending() {
                 s.ex.status = 500;
             }
         }
@@ -375,6 +378,10 @@ impl Engine {
             return;
         }
         let mut s = self.sessions.remove(idx);
+        if s.parked {
+            // FINISH modules may read the request's state (empty).
+            s.unpark(self.spares.pop());
+        }
         if s.stream.handshaking() || s.stream.take_handshake_done() {
             self.core.tls.handshaking = self.core.tls.handshaking.saturating_sub(1);
         } else if s.stream.is_tls() {
@@ -396,8 +403,7 @@ impl Engine {
         }
         // Dropping the stream closes the fd, which also removes it from the
         // epoll set; the session's allocations serve the next connection
-        // (a parked one has none).
-        if !s.parked && self.spares.len() < POOLED_BUFFERS && !self.core.handing_over {
+        if self.spares.len() < POOLED_BUFFERS && !self.core.handing_over {
             self.spares.push(s.into_spare());
         }
     }
@@ -435,7 +441,10 @@ impl Engine {
         let ids: Vec<usize> = self.sessions.iter().filter(|(_, s)| self.core.movable(s)).map(|(i, _)| i).collect();
         let mut out = Vec::with_capacity(ids.len());
         for idx in ids {
-            let s = self.sessions.remove(idx);
+            let mut s = self.sessions.remove(idx);
+            if s.parked {
+                s.unpark(self.spares.pop());
+            }
             let (d, spare) = self.core.detach(s);
             if self.spares.len() < POOLED_BUFFERS && !self.core.handing_over {
                 self.spares.push(spare);
@@ -497,7 +506,7 @@ impl Engine {
         // its next request, and idle keep-alive connections that span many
         // reloads would keep as many old configurations alive.
         for (_, s) in self.sessions.iter_mut() {
-            if matches!(s.state, State::Head { .. }) && !s.ex.finish_pending {
+            if matches!(s.state, State::Head { .. }) && !s.finish_pending() {
                 s.snap = snapshot.clone();
             }
         }

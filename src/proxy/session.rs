@@ -49,9 +49,11 @@ pub struct Session {
     pub(super) out: Vec<u8>,
     pub(super) out_pos: usize,
     pub state: State,
-    pub(super) req: RequestHead,
-    /// The current (or last) request: what it is, where it went, how it ended.
-    pub(super) ex: Exchange,
+    /// The request head (held while not parked).
+    pub(super) req: Held<RequestHead>,
+    /// The current (or last) request: what it is, where it went, how it
+    /// ended (held while not parked).
+    pub(super) ex: Held<Exchange>,
     pub(super) timed: Timed,
     pub(super) requests: u64,
     /// The configuration the current request started with (for a
@@ -113,8 +115,8 @@ impl Session {
             out: spare.out,
             out_pos: 0,
             state: State::Head { started: None },
-            req: spare.req,
-            ex: spare.ex,
+            req: Held(Some(spare.req)),
+            ex: Held(Some(spare.ex)),
             timed: Timed::default(),
             requests: 0,
             snap,
@@ -144,12 +146,13 @@ impl Session {
         self.log = None;
         let mut sp = Spare {
             out: std::mem::take(&mut self.out),
-            req: std::mem::take(&mut self.req),
-            ex: Exchange::default(),
+            req: self.req.0.take().unwrap_or_default(),
+            ex: self.ex.0.take().unwrap_or_default(),
             vars: std::mem::take(&mut self.vars),
             spare_proxy: self.spare_proxy.take(),
         };
         sp.req.clear();
+        sp.ex.reset();
         sp.vars.clear();
         sp
     }
@@ -157,12 +160,18 @@ impl Session {
     /// Takes allocations for the next request (a pooled set, or new ones).
     pub(super) fn unpark(&mut self, sp: Option<Spare>) {
         self.parked = false;
-        if let Some(sp) = sp {
-            self.out = sp.out;
-            self.req = sp.req;
-            self.vars = sp.vars;
-            self.spare_proxy = sp.spare_proxy;
-        }
+        let sp = sp.unwrap_or_default();
+        self.out = sp.out;
+        self.req.0 = Some(sp.req);
+        self.ex.0 = Some(sp.ex);
+        self.vars = sp.vars;
+        self.spare_proxy = sp.spare_proxy;
+    }
+
+    /// A request has started and its REQUEST_FINISH hooks have not run
+    /// (never for a parked session).
+    pub(super) fn finish_pending(&self) -> bool {
+        self.ex.0.as_ref().is_some_and(|e| e.finish_pending)
     }
 
     /// The allocations of a closing session, for the next one.
@@ -173,8 +182,13 @@ impl Session {
     /// The socket of a session that moves to another process, and its
     /// allocations for the next session.
     pub(super) fn into_parts(self) -> (ClientStream, Spare) {
-        let mut sp =
-            Spare { out: self.out, req: self.req, ex: self.ex, vars: self.vars, spare_proxy: self.spare_proxy };
+        let mut sp = Spare {
+            out: self.out,
+            req: self.req.0.unwrap_or_default(),
+            ex: self.ex.0.unwrap_or_default(),
+            vars: self.vars,
+            spare_proxy: self.spare_proxy,
+        };
         sp.out.clear();
         // The head, its normalised path, and where the scan of a head
         // still arriving stood.
@@ -272,8 +286,8 @@ impl Session {
 #[derive(Debug, Default)]
 pub struct Spare {
     out: Vec<u8>,
-    req: RequestHead,
-    ex: Exchange,
+    req: Box<RequestHead>,
+    ex: Box<Exchange>,
     vars: Vars,
     spare_proxy: Option<Box<Proxying>>,
 }
@@ -444,5 +458,28 @@ impl Core {
             State::Tunnel(t) => self.release_upstream(s, t.up, false),
             _ => {}
         }
+    }
+}
+
+/// A per-request part of a session, in an allocation of its own that an
+/// idle session hands to the engine's pool with the rest of its request's
+/// allocations (see `Session::parked`): 8 bytes of an idle connection, not
+/// the whole structure. Read as the value it holds; the engine takes a
+/// parked session's parts back before it steps, times out or closes the
+/// session, so an empty one is never read (if it were, the panic is the
+/// session's, caught and counted like any other).
+#[derive(Debug)]
+pub(super) struct Held<T>(pub(super) Option<Box<T>>);
+
+impl<T> std::ops::Deref for Held<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.0.as_deref().expect("a parked session's request state was read")
+    }
+}
+
+impl<T> std::ops::DerefMut for Held<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.0.as_deref_mut().expect("a parked session's request state was written")
     }
 }
