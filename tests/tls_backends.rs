@@ -17,15 +17,11 @@ use std::time::Duration;
 
 use common::master::MasterRun;
 use common::pitcher::new_dir;
+use common::pitcher::openssl;
 use common::*;
 
 /// The name the origins' certificates are issued for.
 const NAME: &str = "api.internal";
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 /// A CA (ECDSA P-256) `<name>.pem`/`<name>.key` in `dir`.
 fn make_ca(dir: &Path, name: &str) -> PathBuf {
@@ -161,6 +157,24 @@ fn tls_table(sni: Option<&str>, ca: Option<&Path>, verify: bool) -> String {
     format!("tls = {{ {} }}", keys.join(", "))
 }
 
+/// A test CA in `d` and an origin whose certificate for [`NAME`] it
+/// signed: (the CA's PEM, the origin).
+fn signed_origin(d: &Path) -> (PathBuf, Origin) {
+    let ca = make_ca(d, "ca");
+    (ca, Origin::start(d, "o", &make_leaf(d, "leaf", Some("ca"), NAME), "ok"))
+}
+
+/// [`signed_origin`] and a Pitcher that proxies `/` to it over TLS,
+/// verifying its certificate against the CA and [`NAME`].
+fn verified_origin_and_proxy(d: &Path) -> (Origin, Pitcher) {
+    let (ca, origin) = signed_origin(d);
+    let p = ConfigBuilder::new()
+        .cluster_with("app", [origin.spec()], &tls_table(Some(NAME), Some(&ca), true))
+        .route(None, "/", "app")
+        .start();
+    (origin, p)
+}
+
 fn get(addr: SocketAddr, path: &str) -> Response {
     let mut c = Client::connect(addr);
     c.get("app.example", path)
@@ -169,13 +183,7 @@ fn get(addr: SocketAddr, path: &str) -> Response {
 #[test]
 fn verified_backend_is_reused_and_sees_its_sni_name() {
     let dir = new_dir();
-    let d = dir.path();
-    let ca = make_ca(d, "ca");
-    let origin = Origin::start(d, "o", &make_leaf(d, "leaf", Some("ca"), NAME), "ok");
-    let p = ConfigBuilder::new()
-        .cluster_with("app", [origin.spec()], &tls_table(Some(NAME), Some(&ca), true))
-        .route(None, "/", "app")
-        .start();
+    let (origin, p) = verified_origin_and_proxy(dir.path());
     // Several requests on one client connection, then on new ones: one
     // backend TLS connection carries them all.
     let mut c = p.client();
@@ -201,13 +209,7 @@ fn large_bodies_from_a_tls_backend_are_decrypted_not_spliced() {
     // splice path (socket to pipe to socket) must not take a TLS backend's
     // records, which only rustls can turn into the body.
     let dir = new_dir();
-    let d = dir.path();
-    let ca = make_ca(d, "ca");
-    let origin = Origin::start(d, "o", &make_leaf(d, "leaf", Some("ca"), NAME), "ok");
-    let p = ConfigBuilder::new()
-        .cluster_with("app", [origin.spec()], &tls_table(Some(NAME), Some(&ca), true))
-        .route(None, "/", "app")
-        .start();
+    let (origin, p) = verified_origin_and_proxy(dir.path());
     let pattern: Vec<u8> = (0..=255u8).collect();
     let mut c = p.client();
     for n in [1 << 20, 3 << 20, 100_000] {
@@ -227,8 +229,7 @@ fn large_bodies_from_a_tls_backend_are_decrypted_not_spliced() {
 fn new_backend_connections_resume_the_tls_session() {
     let dir = new_dir();
     let d = dir.path();
-    let ca = make_ca(d, "ca");
-    let origin = Origin::start(d, "o", &make_leaf(d, "leaf", Some("ca"), NAME), "ok");
+    let (ca, origin) = signed_origin(d);
     // keepalive = 0: no pooled connection, a new one per request.
     let tls = tls_table(Some(NAME), Some(&ca), true);
     let p = ConfigBuilder::new()
@@ -250,8 +251,7 @@ fn new_backend_connections_resume_the_tls_session() {
 fn wrong_name_is_refused_with_502() {
     let dir = new_dir();
     let d = dir.path();
-    let ca = make_ca(d, "ca");
-    let origin = Origin::start(d, "o", &make_leaf(d, "leaf", Some("ca"), NAME), "ok");
+    let (ca, origin) = signed_origin(d);
     let p = ConfigBuilder::new()
         .cluster_with("app", [origin.spec()], &tls_table(Some("other.internal"), Some(&ca), true))
         .route(None, "/", "app")
@@ -386,13 +386,7 @@ fn check_names_an_unreadable_ca_file() {
 #[test]
 fn tunnel_after_101_over_backend_tls() {
     let dir = new_dir();
-    let d = dir.path();
-    let ca = make_ca(d, "ca");
-    let origin = Origin::start(d, "o", &make_leaf(d, "leaf", Some("ca"), NAME), "ok");
-    let p = ConfigBuilder::new()
-        .cluster_with("app", [origin.spec()], &tls_table(Some(NAME), Some(&ca), true))
-        .route(None, "/", "app")
-        .start();
+    let (_origin, p) = verified_origin_and_proxy(dir.path());
     let mut c = p.client();
     c.send(b"GET /ws HTTP/1.1\r\nHost: app.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
     let r = c.read_head();

@@ -17,6 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::master::MasterRun;
+use common::pitcher::openssl;
 use common::*;
 
 /// Longest any client command may run.
@@ -33,11 +34,6 @@ enum KeyType {
 /// `openssl ca` (which, unlike `openssl x509`, takes explicit dates).
 struct Pki {
     dir: PathBuf,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 impl Pki {

@@ -11,15 +11,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::pitcher::openssl;
 use common::*;
 
 /// The longest the scan may take (it takes about 40 s here).
 const SCAN_LIMIT: Duration = Duration::from_secs(300);
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 /// A self-signed certificate for `localhost`: `<file>.pem`, `<file>.key`.
 fn self_signed(dir: &Path, file: &str, newkey: &[&str]) -> String {

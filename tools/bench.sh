@@ -991,15 +991,13 @@ awk -F'\t' -v plist="$PROXIES" '
         for (i = 1; i <= np; i++) {
             p = ps[i]
             if (n["refused", p] && n["ka", p] && cpu["ka", p] > 0)
-                printf "\n%s: a refused request (503) costs %.0f%% of the CPU of a proxied one (refused / small keep-alive)", p,
+                printf "\n%s: a refused request (503) costs %.0f%% of the CPU of a proxied one (refused / small keep-alive)\n", p,
                     100 * (cpu["refused", p] / n["refused", p]) / (cpu["ka", p] / n["ka", p])
             if (n["overload", p] && n["calm", p] && p99["calm", p] > 0)
-                printf "\n%s: p99 under overload is %.2fx the calm p99 (all answers, 503s included)", p,
+                printf "\n%s: p99 under overload is %.2fx the calm p99 (all answers, 503s included)\n", p,
                     (p99["overload", p] / n["overload", p]) / (p99["calm", p] / n["calm", p])
         }
-        print ""
     }' "$RESULTS"
-echo
 # The routes scenario: CPU per request by size of the routing table, side
 # by side, and how far apart (the goal: within 5% of the smallest table).
 if [[ $SCENARIOS == routes ]]; then
@@ -1037,20 +1035,26 @@ if [[ -s $TMP/redis.tsv ]]; then
     done <"$TMP/redis.tsv"
 fi
 
-# The fleet throttle relative to the local one, from the means.
-if [[ " $PROXIES " == *" pitcher_throttle_local "* && " $PROXIES " == *" pitcher_throttle_fleet "* ]]; then
+# ratio_table A B LABEL: per scenario, B's mean req/s and CPU per request
+# over A's (both must have run).
+ratio_table() {
+    local a=$1 b=$2 label=$3 scen
     echo
-    echo "| scenario | fleet/local req/s | fleet/local CPU per request |"
+    echo "| scenario | $label req/s | $label CPU per request |"
     echo "|---|---:|---:|"
     for scen in $SCENARIOS; do
-        awk -F'\t' -v s="$scen" -v title="$(scenario_title "$scen")" '
+        awk -F'\t' -v s="$scen" -v title="$(scenario_title "$scen")" -v a="$a" -v b="$b" '
         $1 == s { n[$2]++; rps[$2] += $4; cpu[$2] += $7 }
         END {
-            a = "pitcher_throttle_local"; b = "pitcher_throttle_fleet"
             if (n[a] && n[b] && rps[a] > 0 && cpu[a] > 0)
                 printf "| %s | %.3fx | %.3fx |\n", title, (rps[b] / n[b]) / (rps[a] / n[a]), (cpu[b] / n[b]) / (cpu[a] / n[a])
         }' "$RESULTS"
     done
+}
+
+# The fleet throttle relative to the local one, from the means.
+if [[ " $PROXIES " == *" pitcher_throttle_local "* && " $PROXIES " == *" pitcher_throttle_fleet "* ]]; then
+    ratio_table pitcher_throttle_local pitcher_throttle_fleet fleet/local
 fi
 
 # How evenly the two workers shared new connections, per run.
@@ -1065,17 +1069,5 @@ fi
 if [[ " $PROXIES " == *" pitcher "* && " $PROXIES " == *" pitcher_b "* ]]; then
     echo
     echo "pitcher_b = $PITCHER_BIN_B"
-    echo
-    echo "| scenario | pitcher_b/pitcher req/s | pitcher_b/pitcher CPU per request |"
-    echo "|---|---:|---:|"
-    for scen in $SCENARIOS; do
-        awk -F'\t' -v s="$scen" -v title="$(scenario_title "$scen")" '
-        $1 == s { n[$2]++; rps[$2] += $4; cpu[$2] += $7 }
-        END {
-            if (n["pitcher"] && n["pitcher_b"] && rps["pitcher"] > 0 && cpu["pitcher"] > 0)
-                printf "| %s | %.3fx | %.3fx |\n", title,
-                    (rps["pitcher_b"] / n["pitcher_b"]) / (rps["pitcher"] / n["pitcher"]),
-                    (cpu["pitcher_b"] / n["pitcher_b"]) / (cpu["pitcher"] / n["pitcher"])
-        }' "$RESULTS"
-    done
+    ratio_table pitcher pitcher_b pitcher_b/pitcher
 fi

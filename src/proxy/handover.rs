@@ -74,9 +74,8 @@ impl Core {
 
     /// Takes session `s` (already out of the slab) apart: its sockets
     /// leave the poller, a tunnel's backend connection leaves the backend's
-    /// counts, buffers go back to the pools. Returns the connection and the
-    /// session's allocations for the next one.
-    pub(super) fn detach(&mut self, mut s: Session) -> (Detached, Spare) {
+    /// counts, buffers go back to the pools. Returns the connection.
+    pub(super) fn detach(&mut self, mut s: Session) -> Detached {
         let _ = self.registry.deregister(&mut s.stream);
         let idle = s.timed.deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(self.now));
         let mut tunnel = None;
@@ -111,8 +110,8 @@ impl Core {
             idle_ms: idle.as_millis().try_into().unwrap_or(u64::MAX),
             tunnel,
         };
-        let (stream, spare) = s.into_parts();
-        (Detached { state, client: stream.into_socket().into_fd(), upstream }, spare)
+        let (stream, _) = s.into_parts();
+        Detached { state, client: stream.into_socket().into_fd(), upstream }
     }
 
     /// Rebuilds a connection handed over by a worker of another

@@ -139,9 +139,10 @@ impl Core {
 
     /// REQUEST_FINISH, once per exchange that was started.
     pub(super) fn hook_request_finish(&mut self, s: &mut Session) {
-        if !std::mem::take(&mut s.ex.finish_pending) {
+        if !s.finish_pending() {
             return;
         }
+        s.ex.finish_pending = false;
         // The loop's clock (read once per turn, as nginx's cached time):
         // no clock read per request for the figures.
         count_finished(s, self.now);

@@ -266,9 +266,6 @@ impl Engine {
     /// request's allocations back from the pool first, and gives them back
     /// when it is idle again.
     pub fn client_event(&mut self, idx: usize, ev: &mio::event::Event) {
-        if let Some(s) = self.sessions.get_mut(idx).filter(|s| s.parked) {
-            s.unpark(self.spares.pop());
-        }
         self.serve(idx, |core, s| {
             s.rd.update(ev);
             core.drive(s)
@@ -325,8 +322,9 @@ impl Engine {
         }
     }
 
-    /// Runs `f` (state steps, a timeout) on session `idx`; closes the
-    /// session when `f` says so, or when it panics.
+    /// Runs `f` (state steps, a timeout) on session `idx`, a parked one
+    /// first taking its request's allocations back from the pool; closes
+    /// the session when `f` says so, or when it panics.
     fn serve(&mut self, idx: usize, f: impl FnOnce(&mut Core, &mut Session) -> bool) {
         let Some(s) = self.sessions.get_mut(idx) else { return };
         if s.parked {
@@ -377,18 +375,16 @@ impl Engine {
         if !self.sessions.contains(idx) {
             return;
         }
+        // A parked session is closed as it is: no request is owed its
+        // hooks, and FINISH modules see only the connection.
         let mut s = self.sessions.remove(idx);
-        if s.parked {
-            // FINISH modules may read the request's state (empty).
-            s.unpark(self.spares.pop());
-        }
         if s.stream.handshaking() || s.stream.take_handshake_done() {
             self.core.tls.handshaking = self.core.tls.handshaking.saturating_sub(1);
         } else if s.stream.is_tls() {
             // close_notify, if the socket takes it now.
             s.stream.shutdown_write();
         }
-        if s.ex.finish_pending && s.ex.status == 0 {
+        if s.finish_pending() && s.ex.status == 0 {
             s.ex.status = 499; // The client went away before a response (nginx's 499).
         }
         let core = &mut self.core;
@@ -402,9 +398,9 @@ impl Engine {
             self.core.bufs.put(b);
         }
         // Dropping the stream closes the fd, which also removes it from the
-        // epoll set; the session's allocations serve the next connection
+        // epoll set; the session's allocations serve the next connection.
         if self.spares.len() < POOLED_BUFFERS && !self.core.handing_over {
-            self.spares.push(s.into_spare());
+            self.spares.extend(s.into_spare());
         }
     }
 
@@ -441,15 +437,9 @@ impl Engine {
         let ids: Vec<usize> = self.sessions.iter().filter(|(_, s)| self.core.movable(s)).map(|(i, _)| i).collect();
         let mut out = Vec::with_capacity(ids.len());
         for idx in ids {
-            let mut s = self.sessions.remove(idx);
-            if s.parked {
-                s.unpark(self.spares.pop());
-            }
-            let (d, spare) = self.core.detach(s);
-            if self.spares.len() < POOLED_BUFFERS && !self.core.handing_over {
-                self.spares.push(spare);
-            }
-            out.push(d);
+            // (Its allocations are freed, not pooled: the worker is
+            // handing its load over.)
+            out.push(self.core.detach(self.sessions.remove(idx)));
         }
         out
     }

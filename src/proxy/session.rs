@@ -174,28 +174,24 @@ impl Session {
         self.ex.0.as_ref().is_some_and(|e| e.finish_pending)
     }
 
-    /// The allocations of a closing session, for the next one.
-    pub(super) fn into_spare(self) -> Spare {
+    /// The allocations of a closing session, for the next one (none for
+    /// a parked session: they are in the pool already).
+    pub(super) fn into_spare(self) -> Option<Spare> {
         self.into_parts().1
     }
 
     /// The socket of a session that moves to another process, and its
-    /// allocations for the next session.
-    pub(super) fn into_parts(self) -> (ClientStream, Spare) {
-        let mut sp = Spare {
-            out: self.out,
-            req: self.req.0.unwrap_or_default(),
-            ex: self.ex.0.unwrap_or_default(),
-            vars: self.vars,
-            spare_proxy: self.spare_proxy,
-        };
+    /// allocations for the next session (see [`Session::into_spare`]).
+    pub(super) fn into_parts(self) -> (ClientStream, Option<Spare>) {
+        let (Some(req), Some(ex)) = (self.req.0, self.ex.0) else { return (self.stream, None) };
+        let mut sp = Spare { out: self.out, req, ex, vars: self.vars, spare_proxy: self.spare_proxy };
         sp.out.clear();
         // The head, its normalised path, and where the scan of a head
         // still arriving stood.
         sp.req.clear();
         sp.ex.reset();
         sp.vars.clear();
-        (self.stream, sp)
+        (self.stream, Some(sp))
     }
 
     pub(super) fn has_input(&self) -> bool {
@@ -465,9 +461,10 @@ impl Core {
 /// idle session hands to the engine's pool with the rest of its request's
 /// allocations (see `Session::parked`): 8 bytes of an idle connection, not
 /// the whole structure. Read as the value it holds; the engine takes a
-/// parked session's parts back before it steps, times out or closes the
-/// session, so an empty one is never read (if it were, the panic is the
-/// session's, caught and counted like any other).
+/// parked session's parts back before it steps it or times it out
+/// (`Engine::serve`), and closing or moving a parked session reads none,
+/// so an empty one is never read (if it were, the panic is the session's,
+/// caught and counted like any other).
 #[derive(Debug)]
 pub(super) struct Held<T>(pub(super) Option<Box<T>>);
 

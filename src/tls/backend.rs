@@ -404,23 +404,24 @@ impl Write for BackendStream {
     }
 }
 
+impl BackendStream {
+    /// The socket under TLS or not (what the poller watches).
+    fn socket_mut(&mut self) -> &mut Stream {
+        match self {
+            BackendStream::Plain(s) => s,
+            BackendStream::Tls(x) => &mut x.sock,
+        }
+    }
+}
+
 impl Source for BackendStream {
     fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
-        match self {
-            BackendStream::Plain(s) => s.register(r, t, i),
-            BackendStream::Tls(x) => x.sock.register(r, t, i),
-        }
+        self.socket_mut().register(r, t, i)
     }
     fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
-        match self {
-            BackendStream::Plain(s) => s.reregister(r, t, i),
-            BackendStream::Tls(x) => x.sock.reregister(r, t, i),
-        }
+        self.socket_mut().reregister(r, t, i)
     }
     fn deregister(&mut self, r: &Registry) -> io::Result<()> {
-        match self {
-            BackendStream::Plain(s) => s.deregister(r),
-            BackendStream::Tls(x) => x.sock.deregister(r),
-        }
+        self.socket_mut().deregister(r)
     }
 }

@@ -288,23 +288,24 @@ impl Write for ClientStream {
     }
 }
 
+impl ClientStream {
+    /// The socket under TLS or not (what the poller watches).
+    fn socket_mut(&mut self) -> &mut Stream {
+        match self {
+            ClientStream::Plain(s) => s,
+            ClientStream::Tls(x) => &mut x.sock,
+        }
+    }
+}
+
 impl Source for ClientStream {
     fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
-        match self {
-            ClientStream::Plain(s) => s.register(r, t, i),
-            ClientStream::Tls(x) => x.sock.register(r, t, i),
-        }
+        self.socket_mut().register(r, t, i)
     }
     fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
-        match self {
-            ClientStream::Plain(s) => s.reregister(r, t, i),
-            ClientStream::Tls(x) => x.sock.reregister(r, t, i),
-        }
+        self.socket_mut().reregister(r, t, i)
     }
     fn deregister(&mut self, r: &Registry) -> io::Result<()> {
-        match self {
-            ClientStream::Plain(s) => s.deregister(r),
-            ClientStream::Tls(x) => x.sock.deregister(r),
-        }
+        self.socket_mut().deregister(r)
     }
 }

@@ -388,16 +388,23 @@ impl RunOutput {
 
 /// Runs `pitcher <args>` to completion (killed by pid after `timeout`).
 pub fn run_pitcher(args: &[&str], timeout: Duration) -> RunOutput {
+    run_command(Command::new(PITCHER).args(args), timeout)
+}
+
+/// Runs `cmd` (stdin from /dev/null) to completion, its output in files
+/// (not pipes: a command that starts a daemon must not leave it holding a
+/// pipe this process waits on); killed by pid, and a panic, after
+/// `timeout`.
+pub fn run_command(cmd: &mut Command, timeout: Duration) -> RunOutput {
     let dir = new_dir();
     let out_path = dir.path().join("out");
     let err_path = dir.path().join("err");
-    let mut child = Command::new(PITCHER)
-        .args(args)
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(File::create(&out_path).expect("create out"))
         .stderr(File::create(&err_path).expect("create err"))
         .spawn()
-        .unwrap_or_else(|e| panic!("spawn {PITCHER}: {e}"));
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(st) = child.try_wait().expect("try_wait") {
@@ -407,7 +414,7 @@ pub fn run_pitcher(args: &[&str], timeout: Duration) -> RunOutput {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "pitcher {args:?} did not finish within {timeout:?}; stdout:\n{}\nstderr:\n{}",
+                "{cmd:?} did not finish within {timeout:?}; stdout:\n{}\nstderr:\n{}",
                 std::fs::read_to_string(&out_path).unwrap_or_default(),
                 std::fs::read_to_string(&err_path).unwrap_or_default()
             );
@@ -419,6 +426,13 @@ pub fn run_pitcher(args: &[&str], timeout: Duration) -> RunOutput {
         stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
         stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
     }
+}
+
+/// Runs `openssl <args>` in `dir` (test certificates and keys); panics
+/// with its stderr if it fails.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Builds a typical configuration: one TCP listener, clusters, routes, and

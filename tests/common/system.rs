@@ -8,9 +8,8 @@
 //! init script's `start`, `salt-call` running it) must not leave the
 //! daemon holding a pipe this process waits on.
 
-use std::fs::File;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::master::{alive, processes_naming, Status};
@@ -33,38 +32,11 @@ impl Ran {
     }
 }
 
-/// Runs `cmd` (stdin from /dev/null) to completion; kills it by pid and
-/// panics after `timeout`.
+/// Runs `cmd` to completion ([`super::pitcher::run_command`]): its exit
+/// code and output.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Ran {
-    let dir = super::pitcher::new_dir();
-    let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(File::create(&out_path).expect("create out"))
-        .stderr(File::create(&err_path).expect("create err"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} did not finish within {timeout:?}; stdout:\n{}\nstderr:\n{}",
-                std::fs::read_to_string(&out_path).unwrap_or_default(),
-                std::fs::read_to_string(&err_path).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Ran {
-        code: status.code().unwrap_or(-1),
-        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
-        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
-    }
+    let out = super::pitcher::run_command(cmd, timeout);
+    Ran { code: out.status.code().unwrap_or(-1), stdout: out.stdout, stderr: out.stderr }
 }
 
 /// [`run`] of `program args...`.
