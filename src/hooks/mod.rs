@@ -176,13 +176,19 @@ pub enum Verdict {
     /// Go on with the next handler, then the core.
     Continue,
     /// Answer the request with this response; no backend sees it (at
-    /// BACKEND_RESPONSE: the backend's response is dropped).
-    Respond(Response),
+    /// BACKEND_RESPONSE: the backend's response is dropped). Shared, so
+    /// that a module that gives the same answer again and again (a
+    /// refusal) builds it once and hands out clones of the `Arc`: nothing
+    /// is allocated per answer. A response made for one request is
+    /// `Response::new(..).into()`.
+    Respond(Arc<Response>),
     /// Close the client connection.
     Close,
 }
 
-/// A response made by a module.
+/// A response made by a module. Build the ones a module gives often (a
+/// refusal) once, when the module is built, and answer with a clone of the
+/// `Arc` ([`Verdict::Respond`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     /// Status code.
