@@ -70,7 +70,7 @@ impl Module for DenyPath {
             return Verdict::Continue;
         }
         slog::debug!(ctx.log, "deny_path: refused"; "path" => %String::from_utf8_lossy(req.path()));
-        Verdict::Respond(Response::new(403).header(&self.header, "denied").body("forbidden by deny_path\n"))
+        Verdict::Respond(Response::new(403).header(&self.header, "denied").body("forbidden by deny_path\n").into())
     }
 
     /// Runs on the backend's response head, before it goes to the client.

@@ -176,13 +176,19 @@ pub enum Verdict {
     /// Go on with the next handler, then the core.
     Continue,
     /// Answer the request with this response; no backend sees it (at
-    /// BACKEND_RESPONSE: the backend's response is dropped).
-    Respond(Response),
+    /// BACKEND_RESPONSE: the backend's response is dropped). Shared, so
+    /// that a module that gives the same answer again and again (a
+    /// refusal) builds it once and hands out clones of the `Arc`: nothing
+    /// is allocated per answer. A response made for one request is
+    /// `Response::new(..).into()`.
+    Respond(Arc<Response>),
     /// Close the client connection.
     Close,
 }
 
-/// A response made by a module.
+/// A response made by a module. Build the ones a module gives often (a
+/// refusal) once, when the module is built, and answer with a clone of the
+/// `Arc` ([`Verdict::Respond`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     /// Status code.
@@ -329,17 +335,30 @@ pub struct Finished<'a> {
     pub upstream_time: Option<Duration>,
     /// The backend that served it, if any.
     pub backend: Option<&'a str>,
-    /// The `User-Agent` header (empty when none).
-    pub user_agent: &'a [u8],
-    /// The `Referer` header (empty when none).
-    pub referer: &'a [u8],
-    /// The request's X-Request-Id (Pitcher's, or the client's).
-    pub request_id: &'a [u8],
     /// Every field of the request head, as forwarded (`$http_NAME`).
     pub headers: &'a crate::http::head::Head,
     /// Over TLS: the protocol version (`TLSv1.3`) and the cipher suite's
     /// IANA name (`TLS_AES_128_GCM_SHA256`); `None` in cleartext.
     pub tls: Option<(&'static str, &'static str)>,
+}
+
+impl Finished<'_> {
+    /// The `User-Agent` header (empty when none). Looked up when asked:
+    /// most modules never ask, and a refusal should not pay for it.
+    pub fn user_agent(&self) -> &[u8] {
+        self.headers.get("user-agent").unwrap_or(b"")
+    }
+
+    /// The `Referer` header (empty when none).
+    pub fn referer(&self) -> &[u8] {
+        self.headers.get("referer").unwrap_or(b"")
+    }
+
+    /// The request's X-Request-Id (Pitcher's, or the client's; empty when
+    /// none).
+    pub fn request_id(&self) -> &[u8] {
+        self.headers.get("x-request-id").unwrap_or(b"")
+    }
 }
 
 /// A client connection, for ACCEPT and FINISH.

@@ -99,7 +99,7 @@ enum Switch {
     /// 101: the connection becomes a tunnel.
     Upgrade,
     /// A BACKEND_RESPONSE module answers instead of the backend.
-    Answer(Response),
+    Answer(std::sync::Arc<Response>),
 }
 
 /// What pumping the response did.

@@ -165,9 +165,6 @@ impl Core {
             duration: s.ex.started.map_or_else(Default::default, |t| now.saturating_duration_since(t)),
             upstream_time: s.ex.upstream_started.map(|t| now.saturating_duration_since(t)),
             backend,
-            user_agent: s.req.head.get("user-agent").unwrap_or(b""),
-            referer: s.req.head.get("referer").unwrap_or(b""),
-            request_id: s.req.head.get("x-request-id").unwrap_or(b""),
             headers: &s.req.head,
             tls: s.stream.tls_params(),
         };

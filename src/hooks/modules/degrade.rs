@@ -111,13 +111,14 @@ impl DegradeSettings {
 }
 
 struct Degrade {
-    status: u16,
+    /// The answer to a shed request, built once.
+    refusal: Arc<Response>,
 }
 
 pub fn build(c: &ModuleConfig, _: &Build) -> Result<Arc<dyn Module>, SettingsError> {
     let s: DegradeSettings = super::settings(&c.settings)?;
     s.check()?;
-    Ok(Arc::new(Degrade { status: s.status }))
+    Ok(Arc::new(Degrade { refusal: Arc::new(Response::new(s.status).header("Retry-After", "1")) }))
 }
 
 impl Module for Degrade {
@@ -128,7 +129,7 @@ impl Module for Degrade {
     fn before_cluster(&self, _req: &mut RequestHead, ctx: &mut Ctx<'_>) -> Verdict {
         if ctx.load_level >= 2 && ctx.route.is_some_and(|r| r.low_priority) {
             crate::shm::metrics::add(&crate::shm::metrics::here().shed, 1);
-            return Verdict::Respond(Response::new(self.status).header("Retry-After", "1"));
+            return Verdict::Respond(self.refusal.clone());
         }
         Verdict::Continue
     }

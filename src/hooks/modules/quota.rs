@@ -103,6 +103,8 @@ struct Quota {
     hasher: KeyHasher,
     /// `Some(fallback_rate_per_sec)` with `scope = "fleet"`.
     fleet_fallback: Option<u64>,
+    /// The answer to a refused request, built once.
+    refusal: Arc<Response>,
 }
 
 pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, SettingsError> {
@@ -134,7 +136,8 @@ pub fn build(c: &ModuleConfig, b: &Build) -> Result<Arc<dyn Module>, SettingsErr
     };
     let mut hasher = b.shared.key_hasher();
     hasher.write(b"quota\0");
-    Ok(Arc::new(Quota { s, key, hasher, fleet_fallback }))
+    let refusal = Arc::new(Response::new(s.status).header("Retry-After", "1"));
+    Ok(Arc::new(Quota { s, key, hasher, fleet_fallback, refusal }))
 }
 
 /// Slots probed for a key before it falls back to the overflow slot.
@@ -255,7 +258,7 @@ impl Quota {
     }
 
     fn refuse(&self) -> Verdict {
-        Verdict::Respond(Response::new(self.s.status).header("Retry-After", "1"))
+        Verdict::Respond(self.refusal.clone())
     }
 }
 

@@ -55,7 +55,8 @@ fn default_retry_after() -> u64 {
 
 struct Throttle {
     s: Settings,
-    retry_after: String,
+    /// The answer to a refused request (with its `Retry-After`), built once.
+    refusal: Arc<Response>,
     /// `Some(fallback_rate_per_sec)` with `scope = "fleet"`.
     fleet_fallback: Option<u64>,
 }
@@ -76,7 +77,8 @@ pub fn build(c: &ModuleConfig, _: &Build) -> Result<Arc<dyn Module>, SettingsErr
         Scope::Host => None,
         Scope::Fleet(f) => Some(f.fallback_rate_per_sec),
     };
-    Ok(Arc::new(Throttle { retry_after: s.retry_after_secs.to_string(), s, fleet_fallback }))
+    let refusal = Arc::new(Response::new(s.status).header("Retry-After", &s.retry_after_secs.to_string()));
+    Ok(Arc::new(Throttle { s, refusal, fleet_fallback }))
 }
 
 impl Module for Throttle {
@@ -96,6 +98,6 @@ impl Module for Throttle {
         if l.rejected.load(Relaxed) % 1000 == 1 {
             slog::info!(ctx.log, "throttling"; "rate_per_sec" => self.s.rate_per_sec, "rejected" => l.rejected.load(Relaxed));
         }
-        Verdict::Respond(Response::new(self.s.status).header("Retry-After", &self.retry_after))
+        Verdict::Respond(self.refusal.clone())
     }
 }

@@ -236,9 +236,9 @@ fn json_line(o: &mut String, clock: &Clock, d: &Finished<'_>, ctx: &Ctx<'_>) {
         None => o.push_str("null"),
     }
     o.push_str(",\"user_agent\":");
-    json_str(o, d.user_agent);
+    json_str(o, d.user_agent());
     o.push_str(",\"request_id\":");
-    json_str(o, d.request_id);
+    json_str(o, d.request_id());
     o.push('}');
 }
 
@@ -289,9 +289,9 @@ fn combined_line(o: &mut String, clock: &Clock, d: &Finished<'_>, ctx: &Ctx<'_>)
     o.push_str("] \"");
     request(o, d);
     let _ = write!(o, "\" {} {} \"", d.status, d.bytes);
-    esc(o, d.referer);
+    esc(o, d.referer());
     o.push_str("\" \"");
-    esc(o, d.user_agent);
+    esc(o, d.user_agent());
     o.push('"');
 }
 
@@ -329,9 +329,9 @@ fn var(o: &mut String, v: Var, clock: &Clock, d: &Finished<'_>, ctx: &Ctx<'_>) {
             Some(t) => seconds(o, t),
             None => o.push('-'),
         },
-        Var::HttpUserAgent => esc(o, d.user_agent),
-        Var::HttpReferer => esc(o, d.referer),
-        Var::RequestId => esc(o, d.request_id),
+        Var::HttpUserAgent => esc(o, d.user_agent()),
+        Var::HttpReferer => esc(o, d.referer()),
+        Var::RequestId => esc(o, d.request_id()),
         Var::Route => o.push_str(ctx.route.map_or("-", |r| r.name.as_str())),
         Var::Pid => {
             use std::fmt::Write;

@@ -82,8 +82,8 @@ impl AccessRecord {
         set(&mut self.backend, d.backend.unwrap_or("").as_bytes());
         self.upstream_ns = d.upstream_time.map(|t| t.as_nanos() as u64);
         set(&mut self.route, ctx.route.map_or("", |r| r.name.as_str()).as_bytes());
-        set(&mut self.user_agent, d.user_agent);
-        set(&mut self.request_id, d.request_id);
+        set(&mut self.user_agent, d.user_agent());
+        set(&mut self.request_id, d.request_id());
     }
 
     /// The record as the JSON access log would have written it.
