@@ -11,9 +11,13 @@
 # 4 keep-alive connections (curl's --parallel would open more; a tiny
 # Python client keeps exactly 4). Needs valgrind, nginx (origin), python3.
 # MODULES="access_log headers throttle" chooses the modules (empty: none).
+# REFUSED=1: the route has the quota module at 1 request/s, so (after the
+# first) every request is answered 503 by the module: allocations per
+# refusal (MODULES defaults to none then).
 set -euo pipefail
 BIN=$(realpath "$1") N=${2:-2000}
-MODULES=${MODULES-"access_log headers throttle"}
+REFUSED=${REFUSED:-0}
+if [[ $REFUSED == 1 ]]; then MODULES=${MODULES-""}; else MODULES=${MODULES-"access_log headers throttle"}; fi
 D=$(mktemp -d /tmp/allocs.XXXX); chmod 755 "$D"
 trap 'kill ${NG:-} 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$D"' EXIT
 . "$(dirname "$0")/lib/origin.sh"
@@ -35,6 +39,9 @@ keepalive = 64
 path_prefix = "/"
 cluster = "o"
 T
+if [[ $REFUSED == 1 ]]; then
+    printf 'modules = ["quota"]\n[modules.quota]\nkey = "route"\nrate_per_sec = 1\nburst = 1\nconcurrency = 0\nstatus = 503\n' >>"$D/p.toml"
+fi
 for m in $MODULES; do
     case $m in
     access_log) printf '\n[modules.access_log]\npath = "%s/access.log"\nformat = "json"\n' "$D" >>"$D/p.toml" ;;
@@ -46,9 +53,9 @@ done
 "$BIN" -t -c "$D/p.toml" >/dev/null || { echo "pitcher -t refused $D/p.toml" >&2; exit 1; }
 # N requests over 4 keep-alive connections, each response read whole.
 client() {
-    python3 - "$PP" "$1" <<'PY'
+    python3 - "$PP" "$1" "$REFUSED" <<'PY'
 import socket, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
+port, n, refused = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(min(4, n))]
 req = b"GET /x HTTP/1.1\r\nHost: bench\r\nUser-Agent: allocs\r\n\r\n"
 for i in range(n):
@@ -61,7 +68,7 @@ for i in range(n):
     length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
     while len(body) < length:
         body += c.recv(65536)
-    assert head.startswith(b"HTTP/1.1 200"), head
+    assert head.startswith(b"HTTP/1.1 200") or (refused and head.startswith(b"HTTP/1.1 503")), head
 PY
 }
 run() { # $1 requests
@@ -75,4 +82,4 @@ run() { # $1 requests
 }
 b1=$(run 1)
 bn=$(run "$N")
-echo "$(basename "$BIN") modules=[$MODULES]: requests=$N blocks(1)=$b1 blocks($N)=$bn allocations/request=$(python3 -c "print(round(($bn-$b1)/($N-1), 3))")"
+echo "$(basename "$BIN") modules=[$MODULES]$( ((REFUSED)) && echo ' refused by quota'): requests=$N blocks(1)=$b1 blocks($N)=$bn allocations/request=$(python3 -c "print(round(($bn-$b1)/($N-1), 3))")"

@@ -23,11 +23,13 @@
 #          ADMIT_RATE, the same burst, nodelay): the
 #          unloaded latency of the overload scenario
 #   overload  the same at 2 x ADMIT_RATE: half refused (503), the p99 of
-#          all answers against calm's
+#          all answers and of the admitted ones against calm's
 #          (refused, calm, overload run on a second instance of each proxy
 #          with these limits; a fixed rate is wrk with tools/lib/rate.lua:
-#          RATE_CONNECTIONS connections, each waiting between its
-#          requests; the achieved rate is what the req/s column shows)
+#          RATE_CONNECTIONS connections, one per wrk thread, each on a
+#          schedule of its own; the achieved rate is what the req/s
+#          column shows; rate.lua times every answer and reports the
+#          admitted ones' p50/p99 apart from the 503s, in the notes)
 #   idle10k  IDLE_CONNECTIONS (10,000) idle keep-alive connections, each
 #          opened after the previous one's response (tools/idle_conns.py):
 #          RSS growth per connection of the proxy's processes
@@ -88,7 +90,10 @@
 #                                 fixed-rate wrk offers well below the
 #                                 closed-loop rate, so 2 x ADMIT_RATE must
 #                                 stay within what it can offer)
-#   RATE_CONNECTIONS=100         connections of the fixed-rate scenarios
+#   RATE_CONNECTIONS=32          connections of the fixed-rate scenarios
+#                                 (one wrk thread each: 100 threads kept
+#                                 wrk's core saturated and put its own
+#                                 queueing into the overload p99)
 #   IDLE_CONNECTIONS=10000
 #   PROXIES="pitcher nginx"      which proxies to run, in this order;
 #                                 "pitcher_b" is a second Pitcher build
@@ -139,7 +144,7 @@ S_TIME_CLIENTS=${S_TIME_CLIENTS:-4}
 SCENARIOS=${SCENARIOS:-"ka close 64k"}
 [[ ${ALL:-0} == 1 ]] && SCENARIOS="ka close 64k 64kclose 1m 1mclose refused calm overload idle10k"
 ADMIT_RATE=${ADMIT_RATE:-}
-RATE_CONNECTIONS=${RATE_CONNECTIONS:-100}
+RATE_CONNECTIONS=${RATE_CONNECTIONS:-32}
 IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-10000}
 PROXIES=${PROXIES:-"pitcher nginx"}
 PITCHER_ARGS=${PITCHER_ARGS:---single-process}
@@ -796,6 +801,9 @@ parse_wrk() {
         for (i = 3; i < NF; i += 2) if ($(i + 1) > 0) { sock[$i] = $(i + 1); nsock += $(i + 1) }
     }
     /Non-2xx or 3xx responses:/ { non2xx = $NF }
+    # tools/lib/rate.lua: latency of the admitted answers apart from the
+    # refused ones (the percentiles of wrk mix both).
+    $1 == "split:"              { ap50 = $4; ap99 = $5; split_seen = 1 }
     END {
         detail = ""
         if (non2xx > 0) detail = "non-2xx/3xx " non2xx
@@ -803,7 +811,8 @@ parse_wrk() {
         for (k = 1; k <= 4; k++) if (kinds[k] in sock)
             detail = detail (detail == "" ? "" : ", ") kinds[k] " " sock[kinds[k]]
         if (reqs == "" || rps == "") { print "parse error" > "/dev/stderr"; exit 1 }
-        printf "%d\t%.2f\t%.3f\t%.3f\t%d\t%s\n", reqs, rps, p50, p99, non2xx + nsock, (detail == "" ? "0" : detail)
+        if (!split_seen) { ap50 = "-"; ap99 = "-" }
+        printf "%d\t%.2f\t%.3f\t%.3f\t%d\t%s\t%s\t%s\n", reqs, rps, p50, p99, non2xx + nsock, ap50, ap99, (detail == "" ? "0" : detail)
     }' "$1"
 }
 
@@ -845,7 +854,7 @@ run_s_time() {
 run_wrk() {
     local scen=$1 proxy=$2 dur=$3 out=$4 path=/ conns=$CONNECTIONS rate
     local -a hdr=() script=()
-    local scheme=http port=${PROXY_PORT[$2]}
+    local scheme=http port=${PROXY_PORT[$2]} threads=$THREADS
     if [[ $scen == tls_full || $scen == tls_resume ]]; then
         run_s_time "$@"
         return
@@ -864,10 +873,12 @@ run_wrk() {
         ((rate > 0)) || rate=1
         conns=$RATE_CONNECTIONS
         script=(-s "$ROOT/tools/lib/rate.lua")
+        # One connection per thread: rate.lua times each answer itself.
+        threads=$conns
         BENCH_INTERVAL_MS=$(awk -v c="$conns" -v r="$rate" 'BEGIN { printf "%.3f", c * 1000 / r }')
         export BENCH_INTERVAL_MS
     fi
-    if ! taskset -c "$WRK_CPU" wrk -t"$THREADS" -c"$conns" -d"$dur" --latency "${script[@]}" \
+    if ! taskset -c "$WRK_CPU" wrk -t"$threads" -c"$conns" -d"$dur" --latency "${script[@]}" \
         "${hdr[@]}" "$scheme://127.0.0.1:$port$path" >"$out" 2>&1; then
         cat "$out" >&2
         die "wrk failed against $proxy"
@@ -918,7 +929,7 @@ for scen in $SCENARIOS; do
             if [[ $scen == reuseport ]]; then
                 printf '%s\t%s\t%s\n' "$p" "$r" "$(accept_balance "$p")" >>"$TMP/balance.tsv"
             fi
-            IFS=$'\t' read -r reqs rps p50 p99 nerr detail < <(parse_wrk "$out") ||
+            IFS=$'\t' read -r reqs rps p50 p99 nerr ap50 ap99 detail < <(parse_wrk "$out") ||
                 die "could not parse wrk output $out"
             ((reqs > 0)) || die "$p completed no request in $(scenario_title "$scen")"
             read -r cpu other < <(awk -v t=$((t1 - t0)) -v c=$((c1 - c0)) \
@@ -933,8 +944,8 @@ for scen in $SCENARIOS; do
                 log "WARNING: cpu $PROXY_CPU was ${other}% busy with other work during this run"
                 detail+=" (⚠ cpu $PROXY_CPU ${other}% busy with other work)"
             fi
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
-                "$scen" "$p" "$r" "$rps" "$p50" "$p99" "$cpu" "$nerr" "$detail" "$other" "$rss" >>"$RESULTS"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+                "$scen" "$p" "$r" "$rps" "$p50" "$p99" "$cpu" "$nerr" "$detail" "$other" "$rss" "$ap50" "$ap99" >>"$RESULTS"
             log "$(scenario_title "$scen"): $p round $r: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, $cpu µs/req CPU, other work on cpu $PROXY_CPU ${other}%, errors: $detail"
         done
     done
@@ -957,6 +968,7 @@ for scen in $SCENARIOS; do
     $1 == s {
         p = $2; n[p]++; rps[p] += $4; p50[p] += $5; p99[p] += $6; cpu[p] += $7; err[p] += $8
         flagged[p] += ($10 > max); rss[p] += $11; note[p] = $9
+        if ($13 != "" && $13 != "-") { na[p]++; ap50[p] += $12; ap99[p] += $13 }
     }
     END {
         np = split(plist, ps, " ")
@@ -969,6 +981,7 @@ for scen in $SCENARIOS; do
             }
             ratio = (n["nginx"] && cpu["nginx"] > 0) ? sprintf("%.2fx", (cpu[p] / n[p]) / (cpu["nginx"] / n["nginx"])) : "—"
             notes = note[p]; sub(/ *\(⚠[^)]*\)/, "", notes)
+            if (na[p]) notes = notes sprintf("; admitted only: p50 %.3f, p99 %.3f ms", ap50[p] / na[p], ap99[p] / na[p])
             if (flagged[p]) notes = notes sprintf(" ⚠ %d of %d runs disturbed", flagged[p], n[p])
             if (s ~ /^tls_(full|resume)$/) {
                 # openssl s_time reports no latency.
@@ -986,6 +999,7 @@ done
 # against the calm one (when those scenarios ran).
 awk -F'\t' -v plist="$PROXIES" '
     { k = $1 SUBSEP $2; n[k]++; cpu[k] += $7; p99[k] += $6 }
+    $13 != "" && $13 != "-" { na[k]++; ap99[k] += $13 }
     END {
         np = split(plist, ps, " ")
         for (i = 1; i <= np; i++) {
@@ -996,6 +1010,9 @@ awk -F'\t' -v plist="$PROXIES" '
             if (n["overload", p] && n["calm", p] && p99["calm", p] > 0)
                 printf "\n%s: p99 under overload is %.2fx the calm p99 (all answers, 503s included)\n", p,
                     (p99["overload", p] / n["overload", p]) / (p99["calm", p] / n["calm", p])
+            if (na["overload", p] && na["calm", p] && ap99["calm", p] > 0)
+                printf "%s: p99 of the admitted requests under overload is %.2fx their calm p99 (503s left out)\n", p,
+                    (ap99["overload", p] / na["overload", p]) / (ap99["calm", p] / na["calm", p])
         }
     }' "$RESULTS"
 # The routes scenario: CPU per request by size of the routing table, side
