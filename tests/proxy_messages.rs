@@ -333,3 +333,65 @@ fn host_header_and_target_are_passed_through_unchanged() {
     assert_eq!(got.method, "GET");
     assert_eq!(got.version, "HTTP/1.1");
 }
+
+/// A client that asks for the connection to close gets every byte of the
+/// response, then the end of the stream. Pitcher writes such a response's
+/// last bytes with `MSG_MORE` so that its FIN leaves in the same segment;
+/// that must never hold bytes back or lose them, however the response
+/// ends: one write, many writes to a slow reader (chunked, not spliced),
+/// a spliced body, no body (HEAD), HTTP/1.0, and a client that breaks its
+/// own `Connection: close` by sending another request at once.
+#[test]
+fn a_client_that_asks_to_close_gets_the_whole_response_then_eof() {
+    let big = pseudo_random_bytes(2 * MIB, 7);
+    let served = big.clone();
+    let be = Backend::with_handler("be", move |req| match req.path() {
+        "/small" => Reply::ok("small"),
+        "/chunked" => Reply::chunked(200, served.chunks(65536).map(<[u8]>::to_vec).collect()),
+        _ => Reply::ok(served.clone()),
+    });
+    let p = single(&be);
+    let close = [("Connection", "close")];
+
+    for (method, path, want) in [
+        ("GET", "/small", &b"small"[..]),
+        ("GET", "/chunked", &big[..]),
+        ("GET", "/length", &big[..]),
+        ("HEAD", "/small", b""),
+    ] {
+        let mut c = Client::connect(p.addr());
+        let r = c.request(&request_bytes(method, "h", path, &close, b""));
+        assert_eq!(r.status, 200, "{method} {path}: {}", r.status_line());
+        assert!(r.says_close(), "{method} {path}: no Connection: close in {:?}", r.headers);
+        assert!(r.body == want, "{method} {path}: {} bytes, want {}", r.body.len(), want.len());
+        assert_eq!(c.read_to_eof().expect("read to EOF"), b"", "{method} {path}: bytes after the response");
+    }
+
+    // A slow reader: the proxy's writes block, and the last one is made
+    // once the client has read room free.
+    let mut c = Client::connect(p.addr());
+    c.send(&request_bytes("GET", "h", "/chunked", &close, b""));
+    let mut r = c.read_head();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    c.read_body(&mut r);
+    assert!(r.body == big, "slow reader: {} bytes, want {}", r.body.len(), big.len());
+    assert_eq!(c.read_to_eof().expect("read to EOF"), b"", "slow reader: bytes after the response");
+
+    // HTTP/1.0 without keep-alive closes too.
+    let mut c = Client::connect(p.addr());
+    c.send(b"GET /small HTTP/1.0\r\nHost: h\r\n\r\n");
+    let r = c.read_response();
+    assert_ok_body(&r, b"small");
+    assert_eq!(c.read_to_eof().expect("read to EOF"), b"", "HTTP/1.0: bytes after the response");
+
+    // Another request behind `Connection: close`, in the same packet: the
+    // first is answered whole, the second dropped (not a reset that would
+    // destroy the answer on its way).
+    let mut c = Client::connect(p.addr());
+    let mut two = request_bytes("GET", "h", "/small", &close, b"");
+    two.extend_from_slice(&get_request("h", "/small"));
+    c.send(&two);
+    let r = c.read_response();
+    assert_ok_body(&r, b"small");
+    assert_eq!(c.read_to_eof().expect("read to EOF"), b"", "pipelined after close: bytes after the response");
+}

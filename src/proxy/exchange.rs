@@ -79,6 +79,9 @@ pub struct Exchange {
     pub upgrade: bool,
     /// The client connection may serve another request.
     pub client_keep: bool,
+    /// The client asked for the connection to close after this request
+    /// (`Connection: close`, or HTTP/1.0 without keep-alive).
+    pub client_closes: bool,
     /// The request body's framing, as read from the client so far.
     pub req_body: Body,
     /// Scanned request body bytes at the front of the client buffer.

@@ -103,7 +103,8 @@ impl Core {
         s.ex.finish_pending = true;
         self.count_request();
         s.ex.head_request = s.req.is_head();
-        s.ex.client_keep = s.req.keep_alive() && !self.closing(s);
+        s.ex.client_closes = !s.req.keep_alive();
+        s.ex.client_keep = !s.ex.client_closes && !self.closing(s);
         s.ex.req_body = Body::from_framing(s.req.framing());
         // RFC 9110 §10.1.1: Pitcher answers `Expect: 100-continue` itself
         // (the backend sees it only if configured). An HTTP/1.0 request's

@@ -217,6 +217,12 @@ impl Session {
     /// Writes `out` then `body` to the client until done or blocked;
     /// returns (all bytes written, body bytes written).
     pub(super) fn write_client(&mut self, body: &[u8]) -> io::Result<(usize, usize)> {
+        self.write_client_then(body, false)
+    }
+
+    /// [`Session::write_client`]; `closes`: these are the last bytes of
+    /// the connection (see `ClientStream::write_before_close`).
+    pub(super) fn write_client_then(&mut self, body: &[u8], closes: bool) -> io::Result<(usize, usize)> {
         let mut total = 0;
         let mut written_body = 0;
         while self.rd.writable {
@@ -231,7 +237,9 @@ impl Session {
                 self.nodelay = true;
             }
             self.writes += 1;
-            let r = if head.is_empty() {
+            let r = if closes {
+                self.stream.write_before_close(&[IoSlice::new(head), IoSlice::new(rest)])
+            } else if head.is_empty() {
                 self.stream.write(rest)
             } else if rest.is_empty() {
                 self.stream.write(head)
