@@ -394,4 +394,28 @@ fn a_client_that_asks_to_close_gets_the_whole_response_then_eof() {
     let r = c.read_response();
     assert_ok_body(&r, b"small");
     assert_eq!(c.read_to_eof().expect("read to EOF"), b"", "pipelined after close: bytes after the response");
+
+    // An answer Pitcher makes itself (a module's refusal here) goes the
+    // same way: whole, then EOF.
+    let limited = ConfigBuilder::new()
+        .cluster("app", [be.spec()])
+        .route(None, "/", "app")
+        .section("[modules.throttle]\nrate_per_sec = 1\nburst = 1\nstatus = 429\nretry_after_secs = 9\n")
+        .start();
+    let mut refused = 0;
+    for i in 0..4 {
+        let mut c = Client::connect(limited.addr());
+        let r = c.request(&request_bytes("GET", "h", "/small", &close, b""));
+        assert!(r.says_close(), "request {i}: no Connection: close in {:?}", r.headers);
+        match r.status {
+            200 => assert_ok_body(&r, b"small"),
+            429 => {
+                refused += 1;
+                assert_eq!(r.header("retry-after"), Some("9"), "request {i}: {:?}", r.headers);
+            }
+            s => panic!("request {i}: status {s}"),
+        }
+        assert_eq!(c.read_to_eof().expect("read to EOF"), b"", "request {i}: bytes after the response");
+    }
+    assert!(refused >= 2, "the throttle (1/s, burst 1) refused {refused} of 4 requests");
 }
