@@ -68,6 +68,22 @@ impl Stream {
         }
     }
 
+    /// Writes `bufs` when the connection is closed right after them. On a
+    /// TCP socket the write says `MSG_MORE`: the kernel holds the last
+    /// partial segment until the close, whose FIN then leaves in that same
+    /// segment (`tcp_send_fin` tacks it on an unsent one), one segment and
+    /// one ACK less per connection. A Unix socket writes as usual.
+    pub fn write_before_close(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => {
+                // nix names no MSG_MORE; the kernel's value is libc's.
+                let flags = socket::MsgFlags::from_bits_retain(libc::MSG_MORE) | socket::MsgFlags::MSG_NOSIGNAL;
+                socket::sendmsg::<()>(s.as_raw_fd(), bufs, &[], flags, None).map_err(io::Error::from)
+            }
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+
     /// The socket itself, to hand to another process. Deregister it from
     /// the poller first: an epoll registration lasts as long as the open
     /// socket, which outlives this process's fd.

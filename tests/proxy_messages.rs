@@ -419,3 +419,36 @@ fn a_client_that_asks_to_close_gets_the_whole_response_then_eof() {
     }
     assert!(refused >= 2, "the throttle (1/s, burst 1) refused {refused} of 4 requests");
 }
+
+/// An interim response (103 Early Hints) to a client that asked to close
+/// is not the end of the connection: it reaches the client while the
+/// backend still works on the final response, not held back until that
+/// one is written.
+#[test]
+fn an_interim_response_to_a_client_that_asks_to_close_is_not_held_back() {
+    use std::io::Write;
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+    let (go, wait) = mpsc::channel::<()>();
+    let wait = Mutex::new(wait);
+    let be = ScriptedBackend::start(move |mut s, _| {
+        if read_head_exact(&mut s).ok().flatten().is_none() {
+            return;
+        }
+        let _ = s.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n");
+        // The final answer only once the client has seen the 103.
+        let _ = wait.lock().unwrap().recv_timeout(IO_TIMEOUT);
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal");
+    });
+    let p = ConfigBuilder::new().cluster("app", [be.spec()]).route(None, "/", "app").start();
+    let mut s = std::net::TcpStream::connect(p.addr()).expect("connect");
+    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    s.write_all(&request_bytes("GET", "h", "/", &[("Connection", "close")], b"")).expect("send");
+    let hint = read_head_exact(&mut s).expect("read the 103").expect("closed before the 103");
+    assert!(hint.starts_with(b"HTTP/1.1 103 "), "{}", String::from_utf8_lossy(&hint));
+    go.send(()).expect("backend gone");
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut s, &mut rest).expect("read to EOF");
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 200 ") && rest.ends_with("\r\n\r\nfinal"), "{rest}");
+}

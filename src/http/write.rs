@@ -360,6 +360,8 @@ pub fn chunk_head(out: &mut Vec<u8>, n: usize) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn ipv4_in_dotted_decimal_as_display_writes_it() {
         for ip in ["0.0.0.0", "127.0.0.1", "10.20.30.40", "255.255.255.255", "1.100.9.99", "192.168.0.200"] {
@@ -371,8 +373,6 @@ mod tests {
         super::push_ip(&mut out, Some("::1".parse().unwrap()));
         assert_eq!(out, b"::1");
     }
-
-    use super::*;
 
     #[test]
     fn module_responses_are_written_whole() {

@@ -519,18 +519,9 @@ impl Core {
                     &ubuf.data()[..d]
                 }
             };
-            // The response's last bytes on a connection that closes after
-            // it, at the client's request: its FIN may leave with them.
-            // Only when the client asked for the close: it then sends
-            // nothing more, and nothing unread can turn the close into a
-            // reset that would destroy bytes still held (a keep-alive
-            // client that the proxy closes may have pipelined more).
-            let closes = !s.ex.client_keep
-                && s.ex.client_closes
-                && p.resp_mode == RespMode::Pass
-                && p.resp_body.complete()
-                && p.piped() == 0;
-            let (total, n) = s.write_client_then(body, closes).map_err(|_| Fail::ClientGone)?;
+            // Every byte of the response is in hand: this write may end it.
+            let ends = p.resp_head_done && p.resp_mode == RespMode::Pass && p.resp_body.complete() && p.piped() == 0;
+            let (total, n) = s.write_client_then(body, ends).map_err(|_| Fail::ClientGone)?;
             if total == 0 {
                 return Ok(moved);
             }

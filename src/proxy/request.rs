@@ -319,11 +319,10 @@ impl Core {
         (State::Local { keep }, Step::Again)
     }
 
-    /// `Local`: writes the response, then ends the exchange. To a client
-    /// that asked for the close, the FIN leaves with the answer's last
-    /// bytes (see `ClientStream::write_before_close`).
+    /// `Local`: writes the response (all of it is in `out`), then ends the
+    /// exchange.
     pub(super) fn step_local(&mut self, s: &mut Session, keep: bool) -> Next {
-        if s.write_client_then(&[], !keep && s.ex.client_closes).is_err() {
+        if s.write_client_then(&[], true).is_err() {
             return (State::Closed, Step::Close);
         }
         if s.out_pending() {

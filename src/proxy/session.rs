@@ -220,9 +220,15 @@ impl Session {
         self.write_client_then(body, false)
     }
 
-    /// [`Session::write_client`]; `closes`: these are the last bytes of
-    /// the connection (see `ClientStream::write_before_close`).
-    pub(super) fn write_client_then(&mut self, body: &[u8], closes: bool) -> io::Result<(usize, usize)> {
+    /// [`Session::write_client`]; `ends_response`: `out` and `body` end the
+    /// final response. When the client asked for the connection to close
+    /// after it, they are its last bytes, and the FIN leaves with them
+    /// (`ClientStream::write_before_close`). Only then: a client that asked
+    /// sends nothing more, so nothing unread can turn the close into a
+    /// reset that would destroy bytes still held (a keep-alive client that
+    /// the proxy closes may have pipelined another request).
+    pub(super) fn write_client_then(&mut self, body: &[u8], ends_response: bool) -> io::Result<(usize, usize)> {
+        let closes = ends_response && self.ex.client_closes && !self.ex.client_keep;
         let mut total = 0;
         let mut written_body = 0;
         while self.rd.writable {

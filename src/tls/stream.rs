@@ -21,7 +21,6 @@ use std::sync::Arc;
 
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
-use nix::sys::socket::{sendmsg, MsgFlags};
 use rustls::{ConnectionCommon, ServerConfig, ServerConnection};
 
 use crate::net::Stream;
@@ -70,21 +69,12 @@ impl ClientStream {
         }
     }
 
-    /// Writes `bufs` when the connection is closed right after them (the
-    /// last bytes of a response with `Connection: close`). On a cleartext
-    /// TCP socket the write says `MSG_MORE`: the kernel holds the last
-    /// partial segment until the close, whose FIN then leaves in that same
-    /// segment (`tcp_send_fin` tacks it on an unsent one), one segment and
-    /// one ACK less per connection. Other sockets write as usual.
+    /// Writes `bufs` when the connection is closed right after them: see
+    /// `net::Stream::write_before_close` (cleartext); TLS writes as usual.
     pub fn write_before_close(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        use std::os::fd::AsRawFd;
         match self {
-            ClientStream::Plain(Stream::Tcp(s)) => {
-                // nix names no MSG_MORE; the kernel's value is libc's.
-                let flags = MsgFlags::from_bits_retain(libc::MSG_MORE) | MsgFlags::MSG_NOSIGNAL;
-                sendmsg::<()>(s.as_raw_fd(), bufs, &[], flags, None).map_err(io::Error::from)
-            }
-            _ => self.write_vectored(bufs),
+            ClientStream::Plain(s) => s.write_before_close(bufs),
+            ClientStream::Tls(_) => self.write_vectored(bufs),
         }
     }
 
