@@ -366,6 +366,17 @@ pub enum Handoff {
         listeners: Vec<ListenerEntry>,
         /// Each backend address's slot in the shared region.
         backend_slots: Vec<(String, u32)>,
+        /// The old master adopts a new master that goes on in a child of
+        /// the process it started (`Forked`). Absent from an old master of
+        /// an earlier version, which does not: its new master does not fork.
+        #[serde(default)]
+        fork_ok: bool,
+    },
+    /// New to old, first of all when `fork_ok`: the new master goes on in
+    /// this child of the process the old master started, which exits.
+    Forked {
+        /// The new master's pid from now on.
+        pid: u32,
     },
     /// New to old: workers are accepting; the old generation may go.
     Ready {
@@ -700,6 +711,19 @@ mod tests {
         drop(d);
         let e = c.recv::<Blob>().unwrap_err();
         assert!(matches!(e, ChannelError::Closed) && e.kind() == io::ErrorKind::UnexpectedEof, "{e}");
+    }
+
+    #[test]
+    fn an_old_master_that_does_not_say_fork_ok_gets_a_new_master_that_does_not_fork() {
+        // The listeners message of a master from before `Forked` existed.
+        let old = r#"{"type":"listeners","listeners":[],"backend_slots":[]}"#;
+        let Handoff::Listeners { fork_ok, .. } = serde_json::from_str(old).unwrap() else { panic!("listeners") };
+        assert!(!fork_ok);
+        let now =
+            serde_json::to_string(&Handoff::Listeners { listeners: vec![], backend_slots: vec![], fork_ok: true })
+                .unwrap();
+        let Handoff::Listeners { fork_ok, .. } = serde_json::from_str(&now).unwrap() else { panic!("listeners") };
+        assert!(fork_ok);
     }
 
     #[test]

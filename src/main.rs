@@ -109,6 +109,8 @@ enum MainError {
     PidFile(std::io::Error),
     #[error("cannot receive the listeners from the old master: {0}")]
     Handover(std::io::Error),
+    #[error("cannot go on in a child after the startup: {0}")]
+    LeaveStartup(std::io::Error),
     #[error("cannot listen on {address}: {source}")]
     Listen { address: String, source: std::io::Error },
     #[error(
@@ -285,10 +287,12 @@ fn master_main(cli: &Cli, path: PathBuf, served: Served) -> Result<ExitCode, Mai
     let mut inherited = Vec::new();
     let mut shared = None;
     let mut admin_fd = None;
+    let mut fork_ok = false;
     if let Some(ch) = &handover {
         let r = Handover::receive(ch).map_err(MainError::Handover)?;
         inherited = r.listeners;
         shared = Some((r.region, r.backend_slots));
+        fork_ok = r.fork_ok;
     }
     let mut listeners = Vec::new();
     for l in &config.listeners {
@@ -335,6 +339,11 @@ fn master_main(cli: &Cli, path: PathBuf, served: Served) -> Result<ExitCode, Mai
     if !cli.foreground && handover.is_none() {
         // Before any thread exists (the log thread starts below).
         notifier = daemon::detach().map_err(MainError::Daemonize)?;
+    }
+    if let Some(ch) = handover.as_ref().filter(|_| fork_ok) {
+        // Like the detaching forks above: the master goes on without the
+        // startup's pages. Still before any thread exists.
+        daemon::leave_startup(ch).map_err(MainError::LeaveStartup)?;
     }
     let log = pitcher::log::build(&config.error_log, config.log_level, "master")
         .map_err(MainError::ErrorLog)

@@ -242,3 +242,100 @@ fn failed_upgrades_roll_back_without_losing_a_request_and_a_good_upgrade_then_su
     assert_eq!(m.expect_status().master_pid, new);
     assert_eq!(m.family().len(), 3, "{:?}", m.family());
 }
+
+/// `new_master_pid` of the first master log line containing `what`.
+fn logged_new_master(log: &str, what: &str) -> Option<u32> {
+    let line = log.lines().find(|l| l.contains(what))?;
+    line.split("new_master_pid: ").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// `RssFile` of a process, in KiB: the pages of files (the binary, libc)
+/// it has mapped.
+fn rss_file_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssFile:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no RssFile for pid {pid}"))
+}
+
+/// The new master of an upgrade goes on in a child of the process the old
+/// master started (so that it does not keep the startup's pages mapped),
+/// and the old master adopts that child: it sees it die at once and rolls
+/// back, with no request lost; a good upgrade then succeeds, and its master
+/// maps fewer file pages than one that kept its startup.
+#[test]
+fn a_new_master_killed_after_it_left_its_first_process_is_rolled_back_at_once() {
+    let a = backend("A");
+    let b = backend("B");
+    // Far beyond the test: the rollback must come from the death itself.
+    let mut m = MasterRun::start(&config(&a, &b, "a", &["upgrade_timeout_ms = 60000"]));
+    let master = m.pid().expect("pid file");
+    let workers = m.expect_status().worker_pids();
+    let load = Load::start(load_spec(&m));
+    assert!(load.wait_progress(200, Duration::from_secs(10)), "the load runs: {:?}", load.stats().failures());
+
+    // The new master holds its rolling start before its first worker.
+    let hold = m.dir().join("fault-upgrade-hold");
+    std::fs::write(&hold, b"").expect("hold file");
+    m.install_binary();
+    send_signal(master, "USR2");
+    // (The control socket is the new master's while it starts.)
+    assert!(
+        common::wait_until(Duration::from_secs(10), || m.log().contains("goes on in a child")),
+        "the new master forks:\n{}",
+        m.log()
+    );
+    let log = m.log();
+    let first = logged_new_master(&log, "upgrade started").expect("the old master logs the process it started");
+    let new = logged_new_master(&log, "goes on in a child").expect("and the child it goes on in");
+    assert_ne!(first, new, "the new master is a child of the process the old master started");
+    assert!(wait_gone(first, Duration::from_secs(2)), "the first process exits and is reaped: {}", cmdline(first));
+    assert_eq!(parent_of(new), Some(master), "the old master adopted the new one");
+    assert!(cmdline(new).contains(" -c "), "the new master: {}", cmdline(new));
+
+    let t0 = Instant::now();
+    send_signal(new, "KILL");
+    assert!(
+        common::wait_until(Duration::from_secs(3), || m.log().contains("upgrade failed; rolled back")),
+        "the old master notices its new master's death:\n{}",
+        m.log()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3), "at once, not at the timeout");
+    let log = m.log();
+    let failed = log.lines().find(|l| l.contains("upgrade failed; rolled back")).unwrap_or_default();
+    assert!(failed.contains("killed by SIGKILL"), "the reason is the death: {failed}");
+    assert!(wait_gone(new, Duration::from_secs(2)), "the killed new master is reaped, not a zombie");
+    assert_eq!(m.pid(), Some(master), "the pid file is restored");
+    let st = m.expect_status();
+    assert_eq!((st.master_pid, st.upgrade_pid), (master, None), "{st:?}");
+    assert_eq!(st.worker_pids(), workers, "the old workers never stopped");
+    assert_eq!(body_of_new_request(&m), "ok from A");
+
+    // A good upgrade now.
+    std::fs::remove_file(&hold).expect("remove the hold");
+    m.install_binary();
+    // The first master (started in the foreground, it never forked) maps
+    // its startup's pages; the new one only what it has run since.
+    let old_pages = rss_file_kib(master);
+    let out = m.signal_cmd("upgrade");
+    let new = check_new_master(&mut m, &out, master);
+    let new_pages = rss_file_kib(new);
+    eprintln!("file pages mapped: first master {old_pages} KiB, new master {new_pages} KiB");
+    assert!(
+        new_pages * 10 < old_pages * 9,
+        "the new master maps {new_pages} KiB of file pages, the first one {old_pages} KiB"
+    );
+    assert!(wait_gone(master, Duration::from_secs(5)), "the old master exits");
+    assert!(load.wait_progress(200, Duration::from_secs(10)));
+    let report = load.finish();
+    eprintln!("killed new master: load: {}", report.summary());
+    assert!(
+        report.failures.is_empty(),
+        "{} failed requests; {}\nfirst failures:\n{}",
+        report.failures.len(),
+        report.summary(),
+        report.failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+    );
+}

@@ -8,7 +8,8 @@ connection per request), samples every process of
 the instance (every process whose command line names the test's
 configuration file) every 10 ms, and upgrades the binary UPGRADES times (a
 fresh copy renamed over the master's path, then ``pitcher -s upgrade``).
-Prints, as markdown: steady and peak RSS and PSS summed over the instance,
+Prints, as markdown: for each upgrade, the steady RSS just before it and
+the peak RSS and PSS summed over the instance (with their ratio to it),
 the most processes seen at once, wrk's totals and errors, the connections
 handed over and closed (``ctl status``), and the backend connections opened
 during each upgrade (the new generation's pools start empty).
@@ -155,7 +156,7 @@ def main():
             if st.returncode == 0 and all(w.get("ready") for w in json.loads(st.stdout)["data"]["workers"]):
                 break
             time.sleep(0.1)
-        duration = 4 + 3 * UPGRADES
+        duration = 4 + 4 * UPGRADES
         wrk = subprocess.Popen(
             ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{duration}s", f"http://127.0.0.1:{pport}/"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -168,13 +169,23 @@ def main():
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             procs.append(closing)
         time.sleep(1.0)
-        steady = []
-        end = time.time() + 1.5
-        while time.time() < end:
-            steady.append(sample(conf)[0])
-            time.sleep(SAMPLE)
+
+        def steady_now(seconds):
+            """The instance's mean (processes, RSS, PSS) over `seconds`."""
+            got = []
+            end = time.time() + seconds
+            while time.time() < end:
+                got.append(sample(conf)[0])
+                time.sleep(SAMPLE)
+            return tuple(sum(s[k] for s in got) // len(got) for k in range(3))
+
+        first = steady_now(1.5)
         rows = []
         for i in range(UPGRADES):
+            # Each upgrade is measured against the instance it starts from
+            # (the first master runs in the foreground and keeps its
+            # startup's pages; the masters of later generations do not).
+            base = steady_now(0.5) if i else first
             new = os.path.join(tmp, ".pitcher.new")
             shutil.copy2(BIN, new)
             os.rename(new, exe)
@@ -202,24 +213,23 @@ def main():
             out = up.communicate()[0].strip()
             st = json.loads(pitcher(conf, "ctl", "--json", "status").stdout)["data"]["handover"]
             prev = st.get("previous_generation") or {}
-            rows.append((i + 1, peak, at_peak, time.time() - t0, out, st.get("received"), prev.get("handed_over"),
+            rows.append((i + 1, base, peak, at_peak, time.time() - t0, out, st.get("received"), prev.get("handed_over"),
                          prev.get("closed"), len(opened)))
             time.sleep(1.0)
         wrk_out = wrk.communicate(timeout=duration + 30)[0]
         close_out = closing.communicate(timeout=duration + 30)[0] if closing else ""
-        n = len(steady)
-        base = tuple(sum(s[k] for s in steady) // n for k in range(3))
         print(f"binary: {BIN}; workers = {WORKERS}; wrk -t{THREADS} -c{CONNECTIONS} keep-alive"
               f" + wrk -c{CLOSE} Connection: close\n")
         per = ", ".join(f"{name} {m[0] / 1024:.1f}" for name, m in roles(conf))
-        print(f"steady: {base[0]} processes, RSS {base[1] / 1024:.1f} MiB, PSS {base[2] / 1024:.1f} MiB "
-              f"(RSS MiB per process: {per})\n")
-        print("| upgrade | peak processes | peak RSS (x steady) | peak PSS (x steady) | took | received by new | "
-              "handed over by old | closed by old | backend connections opened | at the peak (RSS MiB) |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-        for i, peak, at_peak, took, out, received, handed, closed, opened in rows:
+        print(f"steady before the first upgrade: {first[0]} processes, RSS {first[1] / 1024:.1f} MiB, "
+              f"PSS {first[2] / 1024:.1f} MiB; at the end (RSS MiB per process): {per}\n")
+        print("| upgrade | steady RSS before | peak processes | peak RSS (x steady) | peak PSS (x steady) | took | "
+              "received by new | handed over by old | closed by old | backend connections opened | "
+              "at the peak (RSS MiB) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for i, base, peak, at_peak, took, out, received, handed, closed, opened in rows:
             ok = "" if "upgrade complete" in out else f" ({out})"
-            print(f"| {i}{ok} | {peak[0]} | {peak[1] / 1024:.1f} MiB ({peak[1] / base[1]:.2f}x) | "
+            print(f"| {i}{ok} | {base[1] / 1024:.1f} MiB | {peak[0]} | {peak[1] / 1024:.1f} MiB ({peak[1] / base[1]:.2f}x) | "
                   f"{peak[2] / 1024:.1f} MiB ({peak[2] / base[2]:.2f}x) | {took:.2f} s | {received} | {handed} | "
                   f"{closed} | {opened} | {', '.join(f'{n} {m[0] / 1024:.1f}' for n, m in at_peak)} |")
         for name, out in (("keep-alive", wrk_out), ("close", close_out)):

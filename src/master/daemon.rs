@@ -3,12 +3,21 @@
 //! reports that it started (or why it could not), prints that, and exits
 //! with the matching status. `systemd`'s `Type=forking` and `start-stop-
 //! daemon` both rely on that exit status.
+//!
+//! The forks also leave behind the pages the startup touched (the
+//! configuration parser, the route compiler, certificate loading): a child
+//! does not inherit the page-table entries of its parent's file mappings,
+//! so the master that supervises for months maps only what it runs. A new
+//! master started by a binary upgrade does not detach, and forks once for
+//! the same reason ([`leave_startup`]).
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
 use nix::unistd::{fork, setsid, ForkResult};
+
+use crate::channel::{Channel, Handoff};
 
 /// The detached master's line back to the waiting parent.
 pub struct Notifier(Option<UnixStream>);
@@ -78,4 +87,32 @@ pub fn detach() -> std::io::Result<Notifier> {
         }
     }
     Ok(Notifier(Some(child_end)))
+}
+
+/// New master of a binary upgrade, once its configuration is loaded and
+/// the listening sockets received: goes on in a child, so as not to keep
+/// the startup's pages mapped (7.2 MiB of RSS instead of a detached
+/// master's 4.9). The child says `Forked` with its pid to the old master
+/// (a child subreaper: the child becomes its child when this process
+/// exits), then this process exits 0; it exits 1 if the child died first.
+/// Returns in the child only. Must be called while the process has a
+/// single thread.
+pub fn leave_startup(chan: &Channel) -> std::io::Result<()> {
+    let (mut waiting, mut child_end) = UnixStream::pair()?;
+    // SAFETY: the process is single-threaded here (as for `detach`: no log
+    // thread yet), so the child is a complete copy of it; the parent only
+    // waits on a socket and exits without running destructors (the pid
+    // file's lock and every fd stay with the child).
+    match unsafe { fork() }? {
+        ForkResult::Parent { .. } => {
+            drop(child_end);
+            let mut msg = Vec::new();
+            let _ = waiting.read_to_end(&mut msg);
+            std::process::exit(if msg == b"ok" { 0 } else { 1 })
+        }
+        ForkResult::Child => {}
+    }
+    drop(waiting);
+    chan.send(&Handoff::Forked { pid: std::process::id() }, &[]).map_err(std::io::Error::other)?;
+    child_end.write_all(b"ok")
 }

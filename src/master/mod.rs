@@ -742,7 +742,8 @@ impl Master {
                 }
                 other => format!("{other:?}"),
             };
-            if self.upgrade_child_exited(pid, &how) {
+            let clean = matches!(status, WaitStatus::Exited(_, 0));
+            if self.upgrade_child_exited(pid, &how, clean) {
                 continue;
             }
             // What it sent before exiting (connections it handed over, its

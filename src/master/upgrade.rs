@@ -10,7 +10,10 @@
 //! pid file and control socket are put back.
 //!
 //! New master: takes the listening sockets from the channel instead of
-//! binding them, starts its workers, and reports ready once all are.
+//! binding them, goes on in a child of the process the old master started
+//! (`Forked`; see `daemon::leave_startup`: the old master is a child
+//! subreaper and adopts it), starts its workers, and reports ready once all
+//! are.
 //!
 //! Rolling start and connection hand-over: the new master starts its
 //! workers one at a time. Each time one is accepting, it asks the old
@@ -56,6 +59,12 @@ const ROLLING_STEP_WAIT: Duration = Duration::from_secs(1);
 /// start during a rolling upgrade.
 #[cfg(feature = "fault-injection")]
 pub const FAIL_WORKER_FILE: &str = "fault-upgrade-worker";
+
+/// Test builds (`fault-injection` feature): while a file of this name sits
+/// beside the configuration file, a new master holds its rolling start
+/// before its first worker.
+#[cfg(feature = "fault-injection")]
+pub const HOLD_ROLLING_FILE: &str = "fault-upgrade-hold";
 
 /// The old master's channel to the new one once the upgrade is over (the
 /// new generation takes this one's connections), or after the new one
@@ -188,7 +197,17 @@ impl Master {
             fds.push(a.fd.as_raw_fd());
             fds.extend(region);
         }
-        let msg = Handoff::Listeners { listeners: entries, backend_slots: self.backend_slots.entries() };
+        // The new master leaves the process we start for a child of it
+        // (see `daemon::leave_startup`); that child must become ours, to
+        // be reaped, watched and killed on rollback like the first.
+        let fork_ok = match nix::sys::prctl::set_child_subreaper(true) {
+            Ok(()) => true,
+            Err(e) => {
+                slog::warn!(self.logger(), "cannot become a child subreaper; the new master will not fork"; "error" => %e);
+                false
+            }
+        };
+        let msg = Handoff::Listeners { listeners: entries, backend_slots: self.backend_slots.entries(), fork_ok };
         let sent = mine.send(&msg, &fds);
         mine.set_nonblocking(true)?;
         self.poll.registry().register(&mut SourceFd(&mine.raw_fd()), UPGRADE, Interest::READABLE)?;
@@ -208,6 +227,13 @@ impl Master {
             let Some(u) = &self.upgrade else { return };
             match u.chan.recv::<Handoff>() {
                 Ok(None) => return,
+                Ok(Some((Handoff::Forked { pid }, _))) => {
+                    slog::info!(self.logger(), "the new master goes on in a child of its first process"; "new_master_pid" => pid);
+                    if let Some(u) = self.upgrade.as_mut() {
+                        u.pid = Pid::from_raw(pid as i32);
+                    }
+                    self.report_generation();
+                }
                 Ok(Some((Handoff::Ready { pid }, _))) => return self.upgrade_succeeded(pid),
                 Ok(Some((Handoff::Retire { keep, accepting }, _))) => {
                     if let Some(u) = self.upgrade.as_mut() {
@@ -299,12 +325,21 @@ impl Master {
     }
 
     /// SIGCHLD for the new master while the upgrade is pending.
-    pub(super) fn upgrade_child_exited(&mut self, pid: Pid, how: &str) -> bool {
+    /// `clean`: it exited with status 0.
+    pub(super) fn upgrade_child_exited(&mut self, pid: Pid, how: &str, clean: bool) -> bool {
+        if self.upgrade.as_ref().is_none_or(|u| u.pid != pid) {
+            return false;
+        }
+        if clean {
+            // The new master's first process exits 0 once its child has
+            // said `Forked` (the message is in the channel before the
+            // exit): read it before judging.
+            self.upgrade_event();
+        }
         if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) {
             self.rollback(format!("the new master exited ({how})"));
-            return true;
         }
-        false
+        true
     }
 
     fn upgrade_succeeded(&mut self, pid: u32) {
@@ -404,6 +439,10 @@ impl Master {
     /// accepts, `Ready`: the old generation hands over the rest and goes.
     pub(super) fn handover_tick(&mut self) {
         if !self.rolling() || self.state != State::Running {
+            return;
+        }
+        #[cfg(feature = "fault-injection")]
+        if self.args.config_path.parent().is_some_and(|d| d.join(HOLD_ROLLING_FILE).exists()) {
             return;
         }
         let n = self.slots.len();
@@ -659,12 +698,12 @@ impl Handover {
     pub fn receive(chan: &Channel) -> std::io::Result<Received> {
         chan.set_read_timeout(Some(HANDOFF_WAIT))?;
         let (msg, fds) = chan.recv::<Handoff>()?.ok_or_else(|| std::io::Error::other("no hand-over message"))?;
-        let Handoff::Listeners { listeners, backend_slots } = msg else {
+        let Handoff::Listeners { listeners, backend_slots, fork_ok } = msg else {
             return Err(std::io::Error::other("unexpected hand-over message"));
         };
         let (fds, region) = split_fds(&listeners, fds).map_err(std::io::Error::other)?;
         let region = Region::open(region)?;
-        Ok(Received { listeners: listeners.into_iter().zip(fds).collect(), region, backend_slots })
+        Ok(Received { listeners: listeners.into_iter().zip(fds).collect(), region, backend_slots, fork_ok })
     }
 }
 
@@ -676,4 +715,6 @@ pub struct Received {
     pub region: Region,
     /// The old master's backend slots.
     pub backend_slots: Vec<(String, u32)>,
+    /// The old master adopts a new master that forks (`Handoff::Forked`).
+    pub fork_ok: bool,
 }
