@@ -401,7 +401,6 @@ impl Master {
     /// serves traffic, since it is read from the shared region.
     fn upstreams(&self) -> (String, serde_json::Value) {
         use std::sync::atomic::Ordering::Relaxed;
-        let now = crate::shm::now_ms();
         let mut rows = Vec::new();
         let mut text = format!(
             "{:<16} {:<28} {:>6} {:<10} {:>10} {:>6} {:>7} {:>10} {:>9} {:>7}\n",
@@ -410,7 +409,12 @@ impl Master {
         for c in &self.config.clusters {
             for b in &c.backends {
                 let Some(s) = self.backend_slots.peek(&b.addr) else { continue };
-                let ejected_ms = s.ejected_until_ms.load(Relaxed).saturating_sub(now);
+                // The clock is read after the deadline: read before, a
+                // deadline that a worker sets in between would show more
+                // than the ejection's length.
+                let until = s.ejected_until_ms.load(Relaxed);
+                let now = crate::shm::now_ms();
+                let ejected_ms = until.saturating_sub(now);
                 let (state, progress) = crate::upstream::backend_state(s, c.slow_start.as_millis() as u64, now);
                 let ramp = (progress * 100.0) as u64;
                 let row = serde_json::json!({
