@@ -339,3 +339,48 @@ fn a_new_master_killed_after_it_left_its_first_process_is_rolled_back_at_once() 
         report.failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
     );
 }
+
+/// A process a test started: killed and reaped by its pid however the
+/// test ends.
+struct Victim(std::process::Child);
+
+impl Drop for Victim {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A new "master" that names, as the child it goes on in, a process that
+/// is not its child: the old master rolls back and does not adopt (nor, on
+/// rollback, kill) that process.
+#[test]
+fn a_new_master_naming_a_pid_that_is_not_its_child_is_rolled_back_and_that_process_is_left_alone() {
+    let a = backend("A");
+    let b = backend("B");
+    let m = MasterRun::start(&config(&a, &b, "a", &["upgrade_timeout_ms = 60000"]));
+    let master = m.pid().expect("pid file");
+    let workers = m.expect_status().worker_pids();
+    let victim = Victim(std::process::Command::new("sleep").arg("60").spawn().expect("sleep"));
+    let victim_pid = victim.0.id();
+    // Takes the listeners, then claims the victim.
+    m.install_script(&format!(
+        "#!/usr/bin/env python3\n\
+         import os, socket, time\n\
+         s = socket.socket(fileno=int(os.environ['PITCHER_UPGRADE_FD']))\n\
+         s.recvmsg(65536, socket.CMSG_SPACE(4 * 256))\n\
+         s.send(b'{{\"type\":\"forked\",\"pid\":{victim_pid}}}')\n\
+         time.sleep(60)\n"
+    ));
+    let t0 = Instant::now();
+    let out = m.signal_cmd("upgrade");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.stderr.contains(&format!("named pid {victim_pid} as its child")), "{out:?}\n{}", m.log());
+    assert!(t0.elapsed() < Duration::from_secs(5), "at once, not at the timeout: {:?}", t0.elapsed());
+    assert!(alive(victim_pid), "the named process is not killed");
+    assert_eq!(m.pid(), Some(master), "the pid file is restored");
+    let st = m.expect_status();
+    assert_eq!((st.master_pid, st.upgrade_pid), (master, None), "{st:?}");
+    assert_eq!(st.worker_pids(), workers);
+    assert_eq!(body_of_new_request(&m), "ok from A");
+}

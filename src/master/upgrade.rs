@@ -128,6 +128,13 @@ pub struct Upgrade {
     accepting: usize,
 }
 
+/// The parent of a live process, from `/proc/PID/stat`.
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// `<pid_file>.oldbin`.
 pub fn oldbin(pid_file: &Path) -> PathBuf {
     let mut s = pid_file.as_os_str().to_owned();
@@ -228,6 +235,15 @@ impl Master {
             match u.chan.recv::<Handoff>() {
                 Ok(None) => return,
                 Ok(Some((Handoff::Forked { pid }, _))) => {
+                    // Only a child of the process we started (or, once that
+                    // one exited, ours): a pid we will kill on rollback.
+                    let first = u.pid.as_raw() as u32;
+                    let parent = parent_pid(pid);
+                    if !(parent == Some(first) || parent == Some(std::process::id())) {
+                        return self.rollback(format!(
+                            "the new master named pid {pid} as its child, whose parent is {parent:?}"
+                        ));
+                    }
                     slog::info!(self.logger(), "the new master goes on in a child of its first process"; "new_master_pid" => pid);
                     if let Some(u) = self.upgrade.as_mut() {
                         u.pid = Pid::from_raw(pid as i32);
