@@ -201,12 +201,6 @@ fn reloads_and_binary_upgrades_under_load_lose_no_request_and_keep_the_sockets()
     assert!(st.all_ready() && st.worker_pids().iter().all(|&p| alive(p)), "{st:?}");
     let report = load.finish();
     eprintln!("reuseport: load over 5 reloads and 2 upgrades: {}", report.summary());
-    assert!(
-        report.failures.is_empty(),
-        "{} failed requests; {}\nfirst failures:\n{}",
-        report.failures.len(),
-        report.summary(),
-        report.failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
-    );
+    report.assert_no_failures();
     assert!(report.ok >= 1000, "too little load to mean anything: {}", report.summary());
 }

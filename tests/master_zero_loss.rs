@@ -56,6 +56,20 @@ fn body_of_new_request(m: &MasterRun) -> String {
     r.body_str()
 }
 
+/// After a failed upgrade: the same master (pid file restored, no
+/// `.oldbin`, control socket its own) and the same workers serve on.
+#[track_caller]
+fn assert_rolled_back(m: &MasterRun, master: u32, workers: &[u32], what: &str) {
+    assert_eq!(m.pid(), Some(master), "{what}: the pid file is restored");
+    assert!(!m.oldbin().exists(), "{what}: no .oldbin left");
+    let st = m.expect_status();
+    assert_eq!(st.master_pid, master, "{what}: {st:?}");
+    assert_eq!(st.upgrade_pid, None, "{what}: {st:?}");
+    assert_eq!(st.worker_pids(), workers, "{what}: the workers were not touched");
+    assert!(st.all_ready());
+    assert_eq!(body_of_new_request(m), "ok from A", "{what}");
+}
+
 /// After a successful upgrade: the pid file and the status name the new
 /// master, all its workers are ready and are its children.
 fn check_new_master(m: &mut MasterRun, out: &RunOutput, old: u32) -> u32 {
@@ -128,13 +142,7 @@ fn zero_failed_requests_under_load_across_20_reloads_and_5_binary_upgrades() {
         "zero-loss: 20 reloads in {reloads_took:.1?}, 5 upgrades in {upgrades_took:.1?}; load: {}",
         report.summary()
     );
-    assert!(
-        report.failures.is_empty(),
-        "{} failed requests; {}\nfirst failures:\n{}",
-        report.failures.len(),
-        report.summary(),
-        report.failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
-    );
+    report.assert_no_failures();
     assert!(report.ok >= 3000, "too little load to mean anything: {}", report.summary());
     assert!(report.bodies.contains_key("ok from A") && report.bodies.contains_key("ok from B"));
 
@@ -159,16 +167,7 @@ fn failed_upgrades_roll_back_without_losing_a_request_and_a_good_upgrade_then_su
     assert!(load.wait_progress(200, Duration::from_secs(10)), "the load runs: {:?}", load.stats().failures());
 
     // The same master and workers serve on after each failure.
-    let unchanged = |m: &MasterRun, what: &str| {
-        assert_eq!(m.pid(), Some(master), "{what}: the pid file is restored");
-        assert!(!m.oldbin().exists(), "{what}: no .oldbin left");
-        let st = m.expect_status();
-        assert_eq!(st.master_pid, master, "{what}: {st:?}");
-        assert_eq!(st.upgrade_pid, None, "{what}: {st:?}");
-        assert_eq!(st.worker_pids(), workers, "{what}: the workers were not touched");
-        assert!(st.all_ready());
-        assert_eq!(body_of_new_request(m), "ok from A", "{what}");
-    };
+    let unchanged = |m: &MasterRun, what: &str| assert_rolled_back(m, master, &workers, what);
 
     // 1. A "binary" that exits at once, with `-s upgrade`.
     m.install_script("#!/bin/sh\nexit 3\n");
@@ -232,13 +231,7 @@ fn failed_upgrades_roll_back_without_losing_a_request_and_a_good_upgrade_then_su
     assert!(load.wait_progress(200, Duration::from_secs(10)));
     let report = load.finish();
     eprintln!("rollback: load: {}", report.summary());
-    assert!(
-        report.failures.is_empty(),
-        "{} failed requests; {}\nfirst failures:\n{}",
-        report.failures.len(),
-        report.summary(),
-        report.failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
-    );
+    report.assert_no_failures();
     assert_eq!(m.expect_status().master_pid, new);
     assert_eq!(m.family().len(), 3, "{:?}", m.family());
 }
@@ -252,12 +245,7 @@ fn logged_new_master(log: &str, what: &str) -> Option<u32> {
 /// `RssFile` of a process, in KiB: the pages of files (the binary, libc)
 /// it has mapped.
 fn rss_file_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssFile:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no RssFile for pid {pid}"))
+    status_kib(pid, "RssFile").unwrap_or_else(|| panic!("no RssFile for pid {pid}"))
 }
 
 /// The new master of an upgrade goes on in a child of the process the old
@@ -307,11 +295,7 @@ fn a_new_master_killed_after_it_left_its_first_process_is_rolled_back_at_once() 
     let failed = log.lines().find(|l| l.contains("upgrade failed; rolled back")).unwrap_or_default();
     assert!(failed.contains("killed by SIGKILL"), "the reason is the death: {failed}");
     assert!(wait_gone(new, Duration::from_secs(2)), "the killed new master is reaped, not a zombie");
-    assert_eq!(m.pid(), Some(master), "the pid file is restored");
-    let st = m.expect_status();
-    assert_eq!((st.master_pid, st.upgrade_pid), (master, None), "{st:?}");
-    assert_eq!(st.worker_pids(), workers, "the old workers never stopped");
-    assert_eq!(body_of_new_request(&m), "ok from A");
+    assert_rolled_back(&m, master, &workers, "new master killed");
 
     // A good upgrade now.
     std::fs::remove_file(&hold).expect("remove the hold");
@@ -331,13 +315,7 @@ fn a_new_master_killed_after_it_left_its_first_process_is_rolled_back_at_once() 
     assert!(load.wait_progress(200, Duration::from_secs(10)));
     let report = load.finish();
     eprintln!("killed new master: load: {}", report.summary());
-    assert!(
-        report.failures.is_empty(),
-        "{} failed requests; {}\nfirst failures:\n{}",
-        report.failures.len(),
-        report.summary(),
-        report.failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
-    );
+    report.assert_no_failures();
 }
 
 /// A process a test started: killed and reaped by its pid however the
@@ -378,9 +356,5 @@ fn a_new_master_naming_a_pid_that_is_not_its_child_is_rolled_back_and_that_proce
     assert!(out.stderr.contains(&format!("named pid {victim_pid} as its child")), "{out:?}\n{}", m.log());
     assert!(t0.elapsed() < Duration::from_secs(5), "at once, not at the timeout: {:?}", t0.elapsed());
     assert!(alive(victim_pid), "the named process is not killed");
-    assert_eq!(m.pid(), Some(master), "the pid file is restored");
-    let st = m.expect_status();
-    assert_eq!((st.master_pid, st.upgrade_pid), (master, None), "{st:?}");
-    assert_eq!(st.worker_pids(), workers);
-    assert_eq!(body_of_new_request(&m), "ok from A");
+    assert_rolled_back(&m, master, &workers, "a stranger's pid named");
 }

@@ -204,13 +204,7 @@ fn an_address_added_then_one_removed_by_dns_moves_requests_with_zero_failures() 
     assert!(text.contains("pitcher_backend_dns_lookups_total{result=\"changed\"} 2\n"), "two changes: {text}");
 
     let report = load.finish();
-    assert!(
-        report.failures.is_empty(),
-        "{} failed requests; {}\nfirst failures:\n{}",
-        report.failures.len(),
-        report.summary(),
-        report.failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
-    );
+    report.assert_no_failures();
     assert!(report.bodies.contains_key("ok from A") && report.bodies.contains_key("ok from B"), "{report:?}");
     assert!(m.log().contains("backend name resolved to new addresses"), "{}", m.log());
 }

@@ -80,7 +80,8 @@ pub struct Exchange {
     /// The client connection may serve another request.
     pub client_keep: bool,
     /// The client asked for the connection to close after this request
-    /// (`Connection: close`, or HTTP/1.0 without keep-alive).
+    /// (`Connection: close`, or HTTP/1.0 without keep-alive); then
+    /// `client_keep` is false from the start and stays so.
     pub client_closes: bool,
     /// The request body's framing, as read from the client so far.
     pub req_body: Body,

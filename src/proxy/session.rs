@@ -228,7 +228,7 @@ impl Session {
     /// reset that would destroy bytes still held (a keep-alive client that
     /// the proxy closes may have pipelined another request).
     pub(super) fn write_client_then(&mut self, body: &[u8], ends_response: bool) -> io::Result<(usize, usize)> {
-        let closes = ends_response && self.ex.client_closes && !self.ex.client_keep;
+        let closes = ends_response && self.ex.client_closes;
         let mut total = 0;
         let mut written_body = 0;
         while self.rd.writable {

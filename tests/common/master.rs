@@ -595,6 +595,19 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
+    /// Panics, with the summary and the first 20 failures, unless every
+    /// request succeeded.
+    #[track_caller]
+    pub fn assert_no_failures(&self) {
+        assert!(
+            self.failures.is_empty(),
+            "{} failed requests; {}\nfirst failures:\n{}",
+            self.failures.len(),
+            self.summary(),
+            self.failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+        );
+    }
+
     pub fn rate(&self) -> f64 {
         (self.ok + self.failures.len() as u64) as f64 / self.elapsed.as_secs_f64().max(0.001)
     }
